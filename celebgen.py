@@ -1,0 +1,910 @@
+"""
+CelebGen: a rectified-flow diffusion transformer (DiT) that learns to draw CelebA faces, in one file.
+
+Read it top to bottom: the sections follow the data's path. An image x1 and Gaussian noise x0 are blended
+into x_t = t*x1 + (1-t)*x0; a DiT (patches + RoPE attention + AdaIN-Zero time conditioning) looks at x_t
+and predicts the clean image; that prediction is turned into a velocity and compared with the true
+velocity x1 - x0. Sampling integrates that velocity from pure noise (t=0) to an image (t=1).
+
+Commands (all from this folder):
+    # CPU quickstart: procedurally drawn toy faces, no download, a few minutes on a laptop
+    python celebgen.py train --exp_name quickstart --dataset toy --model tiny --image_size 32 \\
+        --lr 1e-3 --warmup_steps 100 --max_steps 1500
+    python celebgen.py sample --exp_name quickstart --num_samples 64
+    # CelebA 64x64 on one GPU, then on every GPU of this machine (one process per GPU, DDP over NCCL)
+    python celebgen.py train --exp_name celeba64 --data_root ./data
+    python celebgen.py train --exp_name celeba64 --data_root ./data --nproc 8
+    # several machines: torchrun starts the processes and this file joins their group
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+        celebgen.py train --exp_name celeba64 --data_root ./data
+    # continue an interrupted run exactly where its last checkpoint left it
+    python celebgen.py train --exp_name celeba64 --resume
+
+Sections:
+    1. RoPE              2D rotary position angles, and the time features from the same frequency bank
+    2. AdaIN-Zero block  attention + MLP, modulated by time, the identity at initialisation
+    3. DiT               patchify -> blocks -> final AdaIN-Zero layer -> unpatchify, predicts x1
+    4. Data              CelebA in the layouts people have, and offline toy faces
+    5. Loss              interpolation, x-prediction -> velocity, the v-loss
+    6. Sampler           Euler (and Heun) from noise to image
+    7. Trainer           reproducible examples, DDP across processes, EMA, TensorBoard
+    8. Experiments       experiments/{exp_name}/{checkpoints,logs,samples}, atomic checkpoints, resume
+    9. CLI               argparse subcommands `train` and `sample`
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import socket
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+
+class UserError(Exception):
+    """Bad input. The CLI prints it as one line `error: ...` and exits with status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   1. RoPE: positions and time as rotations
+# ---------------------------------------------------------------------------------------------------------
+# Rotary embeddings (RoPE) encode a position p by rotating pairs of query/key channels by angles p*w_k,
+# with a geometric bank of frequencies w_k. Because a rotation R(a) satisfies R(a)^T R(b) = R(b - a),
+#     <R(p*w) q, R(r*w) k> = <q, R((r - p)*w) k>,
+# so an attention logit sees only the *difference* of positions. For images we use axial 2D RoPE: half of
+# each head's rotation pairs turn with the patch row, the other half with the patch column.
+#
+# Design note, why time is NOT a rotation: rotating every query and key by the same time angle t*w is a
+# shift of all positions by the same amount, and the difference (r - p) is unchanged -- the logits, and
+# so attention, would not see t at all. Time therefore enters through AdaIN-Zero (section 2). We still
+# reuse the frequency bank: the time features [cos(t*w), sin(t*w)] feed the conditioning MLP.
+
+def frequency_bank(n, base):
+    """w_k = base^(-k/n) for k = 0..n-1: from 1 radian per unit down to almost 1/base. Shape (n,)."""
+    return base ** (-torch.arange(n, dtype=torch.float32) / n)
+
+
+def time_features(t, dim, base=10_000.0):
+    """[cos(1000 t w), sin(1000 t w)] for t in [0, 1]: (B,) -> (B, dim). The factor 1000 makes the fastest
+    frequency turn many times over [0, 1], as in DiT's embedding of integer timesteps 0..999."""
+    angles = 1000.0 * t.float()[:, None] * frequency_bank(dim // 2, base).to(t.device)  # (B, dim/2)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)                                   # (B, dim)
+
+
+def rope_angles(rows, cols, head_dim, base=100.0):
+    """Axial 2D RoPE angles for tokens at patch coordinates (rows, cols), each (N,) -> (N, head_dim/2).
+    The first head_dim/4 pairs rotate by row*w_k, the last head_dim/4 by col*w_k. base=100 suits grids
+    of 8..32 patches: the slowest frequency still turns about a radian across the image."""
+    w = frequency_bank(head_dim // 4, base)                                     # (head_dim/4,)
+    return torch.cat([rows.float()[:, None] * w, cols.float()[:, None] * w], dim=-1)  # (N, head_dim/2)
+
+
+def apply_rope(x, angles):
+    """Rotate channel pairs (x_i, x_{i+d/2}) of x (B, H, N, d) by angles (N, d/2): a 2D rotation per pair,
+        [x_i, x_{i+d/2}] -> [x_i cos a - x_{i+d/2} sin a,  x_i sin a + x_{i+d/2} cos a]."""
+    x1, x2 = x.chunk(2, dim=-1)                                                 # (B, H, N, d/2) each
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)              # (N, d/2)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)       # (B, H, N, d)
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   2. AdaIN-Zero block (DiT's adaLN-Zero)
+# ---------------------------------------------------------------------------------------------------------
+# Each block is attention and an MLP, each wrapped as
+#     x <- x + gate * f( LayerNorm(x) * (1 + scale) + shift )
+# where (shift, scale, gate) are regressed from the time embedding c. This is adaptive instance
+# normalisation (AdaIN) applied per token: the normalised features are re-scaled and re-shifted as a
+# function of t, which is how the network knows how noisy its input is. "Zero": the layer that produces
+# (shift, scale, gate) starts at zero, so gate = 0 and every block is the identity at initialisation --
+# a deep stack starts as a shallow, well-behaved network and grows into its depth.
+
+def modulate(x, shift, scale):
+    """AdaIN: x * (1 + scale) + shift with a per-sample (B, D) shift and scale broadcast over tokens."""
+    return x * (1 + scale[:, None]) + shift[:, None]                          # (B, N, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        # Per-head RMSNorm on q and k ("QK-norm") bounds the logits q.k/sqrt(d), which keeps attention
+        # from saturating when training with a large learning rate or in bf16.
+        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope):
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)           # (B, N, 3, H, D/H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                  # (B, H, N, D/H) each
+        q = apply_rope(self.q_norm(q.float()), rope).to(v.dtype)  # norm in fp32  (B, H, N, D/H)
+        k = apply_rope(self.k_norm(k.float()), rope).to(v.dtype)              # (B, H, N, D/H)
+        x = F.scaled_dot_product_attention(q, k, v)  # flash/fused kernels on GPU  (B, H, N, D/H)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))                  # (B, N, D)
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio=4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # affine comes from AdaIN
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        # A plain GELU MLP, as in DiT. (SwiGLU is a few % better per FLOP in LLMs; at this size the plain
+        # MLP is one line shorter to read and trains just as well.)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_ratio * dim, dim))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        nn.init.zeros_(self.modulation[-1].weight)  # the "Zero" in AdaIN-Zero: gate = 0, so block = identity
+        nn.init.zeros_(self.modulation[-1].bias)
+
+    def forward(self, x, c, rope):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)  # (B, D) each
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)  # (B, N, D)
+        x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))          # (B, N, D)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   3. DiT: a transformer on image patches that predicts x1
+# ---------------------------------------------------------------------------------------------------------
+# The image is cut into p x p patches, each patch a token. The network predicts the *clean image* x1
+# (not the noise, not the velocity): a clean image lies on the low-dimensional manifold of faces, which a
+# small network can represent far more easily than high-dimensional noise (the argument of JiT, "Back to
+# Basics: Let Denoising Generative Models Denoise", Li & He 2025). Section 5 turns it into a velocity.
+
+MODELS = {  # named sizes: width, depth and heads (head width 64 throughout)
+    "tiny": dict(dim=192, depth=6, heads=3),     # CPU quickstart (4.2M parameters)
+    "small": dict(dim=384, depth=12, heads=6),   # DiT-S: the default for CelebA 64x64 (33M)
+    "base": dict(dim=768, depth=12, heads=12),   # DiT-B, for multi-GPU runs (130M)
+}
+TIME_FEATURES = 256  # width of the [cos, sin] time features fed to the conditioning MLP
+
+
+def patchify(x, p):
+    """(B, C, H, W) -> (B, N, p*p*C) with N = (H/p)(W/p) tokens in row-major order."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)      # (B, H/p, W/p, p, p, C)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x, p, grid):
+    """(B, N, p*p*C) -> (B, C, grid*p, grid*p), the inverse of patchify."""
+    B = x.shape[0]
+    x = x.reshape(B, grid, grid, p, p, -1).permute(0, 5, 1, 3, 2, 4)         # (B, C, grid, p, grid, p)
+    return x.reshape(B, -1, grid * p, grid * p)
+
+
+class DiT(nn.Module):
+    def __init__(self, image_size, patch_size, dim, depth, heads, channels=3):
+        super().__init__()
+        self.patch_size, self.grid = patch_size, image_size // patch_size
+        self.patch_embed = nn.Linear(channels * patch_size**2, dim)
+        self.time_mlp = nn.Sequential(nn.Linear(TIME_FEATURES, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.out = nn.Linear(dim, channels * patch_size**2)
+        for layer in (self.final_modulation[-1], self.out):  # zero-init: the untrained model predicts 0
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        rows, cols = torch.meshgrid(torch.arange(self.grid), torch.arange(self.grid), indexing="ij")
+        self.register_buffer("rope", rope_angles(rows.flatten(), cols.flatten(), dim // heads),
+                             persistent=False)                                 # (N, head_dim/2)
+
+    def forward(self, x_t, t):
+        """x_t (B, C, H, W) at times t (B,) -> predicted clean image (B, C, H, W)."""
+        x = self.patch_embed(patchify(x_t, self.patch_size))                 # (B, N, D)
+        c = self.time_mlp(time_features(t, TIME_FEATURES))                    # (B, D)
+        for block in self.blocks:
+            x = block(x, c, self.rope)                                        # (B, N, D)
+        shift, scale = self.final_modulation(c).chunk(2, dim=-1)              # (B, D) each
+        x = self.out(modulate(self.final_norm(x), shift, scale))             # (B, N, p*p*C)
+        return unpatchify(x, self.patch_size, self.grid)                      # (B, C, H, W)
+
+
+def build_model(args):
+    return DiT(args.image_size, args.patch_size, **MODELS[args.model])
+
+
+def flops_per_image(model):
+    """Training FLOPs per image, the accounting of PaLM and nanoGPT: a multiply-add is 2 FLOPs and
+    backward costs twice forward, so 6 x (multiply-adds of one forward). Per-token layers run on N tokens;
+    the time MLP and the modulations run once per image; attention adds q.k and attn.v, 2 N^2 D per block."""
+    tokens, dim = model.grid**2, model.patch_embed.out_features
+    per_image = {model.time_mlp[0], model.time_mlp[2], model.final_modulation[-1]}
+    per_image |= {block.modulation[-1] for block in model.blocks}
+    linear = sum(m.weight.numel() * (1 if m in per_image else tokens)
+                 for m in model.modules() if isinstance(m, nn.Linear))
+    attention = len(model.blocks) * 2 * tokens**2 * dim
+    return 6 * (linear + attention)
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   4. Data: CelebA and toy faces, as tensors in [-1, 1]
+# ---------------------------------------------------------------------------------------------------------
+# CelebA's aligned images are 178x218. The standard CelebA-64 preprocessing of DDIM, PNDM and U-ViT crops
+# a 128x128 box centred at (x=89, y=121) and resizes it; using the same crop makes FIDs comparable with
+# published numbers. The split file maps each image to 0 (train), 1 (val) or 2 (test).
+
+CELEBA_CROP = (89 - 64, 121 - 64, 89 + 64, 121 + 64)  # (left, top, right, bottom) in the 178x218 image
+SPLITS = {"train": 0, "val": 1, "test": 2}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+LAYOUTS_HELP = ("put CelebA under --data_root in one of these layouts: ROOT/celeba/img_align_celeba + "
+                "ROOT/celeba/list_eval_partition.txt (torchvision), ROOT/img_align_celeba + "
+                "ROOT/list_eval_partition.txt (official), ROOT/img_align_celeba/img_align_celeba + "
+                "ROOT/list_eval_partition.csv (Kaggle), or ROOT/*.jpg (a plain folder, no split); "
+                "or use --dataset toy")
+
+
+def find_celeba(root):
+    """Return (image folder, split file or None) for the layouts people actually have."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--data_root {root} does not exist; {LAYOUTS_HELP}")
+    for folder, split_file in [
+        (root / "celeba" / "img_align_celeba", root / "celeba" / "list_eval_partition.txt"),  # torchvision
+        (root / "img_align_celeba" / "img_align_celeba", root / "list_eval_partition.csv"),   # Kaggle zip
+        (root / "img_align_celeba", root / "list_eval_partition.txt"),                         # official
+    ]:
+        if folder.is_dir():
+            return folder, (split_file if split_file.is_file() else None)
+    return root, None                                                                          # plain folder
+
+
+def read_split_file(path):
+    """{file name: 0|1|2} from 'name split' lines (official .txt) or 'image_id,partition' rows (Kaggle .csv)."""
+    partition = {}
+    for line in Path(path).read_text().splitlines():
+        fields = line.replace(",", " ").split()
+        if len(fields) == 2 and fields[1].isdigit():  # skips the csv header and blank lines
+            partition[fields[0]] = int(fields[1])
+    return partition
+
+
+def celeba_files(root, split):
+    """Sorted image paths of one split. Without a split file (a plain folder) every split is all images."""
+    folder, split_file = find_celeba(root)
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise UserError(f"no images in {folder}; {LAYOUTS_HELP}")
+    if split_file is not None:
+        partition = read_split_file(split_file)
+        names = [n for n in names if partition.get(n) == SPLITS[split]]
+        if not names:
+            raise UserError(f"no {split} images in {folder} according to {split_file}; "
+                            f"check that the split file belongs to these images")
+    return [folder / n for n in names]
+
+
+def load_image(path, size):
+    """An image file -> (3, size, size) float tensor in [-1, 1]. CelebA's 178x218 images get the standard
+    crop; other images a centred square crop."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+    if img.size == (178, 218):
+        img = img.crop(CELEBA_CROP)
+    else:
+        w, h = img.size
+        s = min(w, h)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    img = img.resize((size, size), Image.BILINEAR)  # PIL antialiases when shrinking, as torchvision's Resize
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+class CelebA(Dataset):
+    """CelebA (or any folder of images) at size x size. An unreadable file is reported once and replaced
+    by the next image, so one bad JPEG never stops a run in the middle of an epoch."""
+
+    def __init__(self, root, split, size, download=False):
+        if download:
+            download_celeba(root)
+        self.files, self.size, self.reported = celeba_files(root, split), size, set()
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        for j in range(i, i + len(self.files)):
+            path = self.files[j % len(self.files)]
+            try:
+                return load_image(path, self.size)
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated/corrupt files
+                if path not in self.reported:
+                    self.reported.add(path)
+                    print(f"warning: skipping unreadable image {path} ({e}); "
+                          f"{len(self.reported)} skipped so far in this process", file=sys.stderr)
+        raise UserError(f"none of the {len(self.files)} images under {self.files[0].parent} can be read")
+
+
+def download_celeba(root):
+    """torchvision's downloader (from Google Drive, which often refuses with a quota error)."""
+    import torchvision
+    try:
+        torchvision.datasets.CelebA(root, split="all", download=True)
+    except Exception as e:  # network, quota or checksum: all end the same way for the user
+        raise UserError(f"CelebA download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                        f"download img_align_celeba.zip and list_eval_partition.txt by hand and "
+                        f"{LAYOUTS_HELP}") from None
+
+
+class ToyFaces(Dataset):
+    """Offline faces drawn procedurally: a face ellipse with hair, eyes and a mouth, with colours and
+    positions drawn from a generator seeded by the index -- image i is the same image on every machine.
+    Lets the quickstart, the notebook and the tests run anywhere. Indices start at `offset`, so a disjoint
+    validation set is ToyFaces(size, n, offset=10**6)."""
+
+    def __init__(self, size, length=50_000, offset=0):
+        self.size, self.length, self.offset = size, length, offset
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng(self.offset + i)
+        S = 4 * self.size  # draw at 4x and shrink: smooth, antialiased edges
+        colour = lambda lo, hi: tuple(int(c) for c in rng.integers(lo, hi, size=3))
+        skin = tuple(int(c) for c in np.array([224, 172, 140]) * rng.uniform(0.45, 1.1) + rng.integers(-12, 12, 3))
+        img = Image.new("RGB", (S, S), colour(0, 256))
+        draw = ImageDraw.Draw(img)
+        cx, cy = S * rng.uniform(0.42, 0.58), S * rng.uniform(0.5, 0.6)      # face centre
+        rx, ry = S * rng.uniform(0.24, 0.32), S * rng.uniform(0.32, 0.4)     # face radii
+        hair = colour(0, 120)
+        draw.ellipse([cx - 1.1 * rx, cy - 1.15 * ry, cx + 1.1 * rx, cy + rng.uniform(0.0, 0.9) * ry], hair)
+        draw.ellipse([cx - rx, cy - ry * rng.uniform(0.8, 0.95), cx + rx, cy + ry], skin)
+        eye_y, eye_dx, eye_r = cy - 0.2 * ry, rx * rng.uniform(0.35, 0.5), S * rng.uniform(0.035, 0.055)
+        iris = colour(0, 160)
+        for ex in (cx - eye_dx, cx + eye_dx):
+            draw.ellipse([ex - 1.6 * eye_r, eye_y - eye_r, ex + 1.6 * eye_r, eye_y + eye_r], (245, 245, 245))
+            draw.ellipse([ex - 0.8 * eye_r, eye_y - 0.8 * eye_r, ex + 0.8 * eye_r, eye_y + 0.8 * eye_r], iris)
+        mouth_w, mouth_y = rx * rng.uniform(0.3, 0.6), cy + 0.5 * ry
+        smile = rng.uniform(-0.08, 0.15) * S
+        draw.chord([cx - mouth_w, mouth_y - abs(smile) - 2, cx + mouth_w, mouth_y + abs(smile) + 2],
+                   0 if smile > 0 else 180, 180 if smile > 0 else 360, colour((150, 20, 30), (230, 90, 100)))
+        img = img.resize((self.size, self.size), Image.LANCZOS)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def make_dataset(args, split):
+    if args.dataset == "toy":
+        return ToyFaces(args.image_size, offset=0 if split == "train" else 10**6)
+    return CelebA(args.data_root, split, args.image_size, download=args.download and split == "train")
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   5. Loss: interpolation, x-prediction -> velocity, v-loss
+# ---------------------------------------------------------------------------------------------------------
+# Rectified flow joins noise x0 ~ N(0, I) (at t=0) and an image x1 (at t=1) by a straight line
+#     x_t = t x1 + (1 - t) x0,            whose velocity is    v = dx_t/dt = x1 - x0.
+# The network predicts the clean image x_pred (section 3). Since x0 = (x_t - t x1) / (1 - t), the velocity
+# can be written without x0 as v = (x1 - x_t) / (1 - t); substituting the prediction for x1 gives
+#     v_pred = (x_pred - x_t) / max(1 - t, t_eps),          loss = || v_pred - (x1 - x0) ||^2,
+# which is an x-loss weighted by 1 / max(1 - t, t_eps)^2. Why not v_pred = x_pred - x0 with the true
+# noise? That is exactly x_pred - x1 + (x1 - x0), so the loss collapses to a plain unweighted x-loss -- and
+# at sampling time x0 is unknown anyway. Going through x_t is the conversion the sampler uses, so training
+# measures exactly what sampling will use. t_eps caps the weight near t=1 (1/0.05^2 = 400).
+# Times come from a logit-normal, t = sigmoid(mu + sigma * n) with n ~ N(0, 1): JiT's mu=-0.8, sigma=0.8
+# puts most of the training effort at t < 0.5, the noisy end, where the coarse structure of a face is decided.
+
+def logit_normal(n, mu, sigma):
+    """Map standard normal draws n to times t = sigmoid(mu + sigma * n) in (0, 1)."""
+    return torch.sigmoid(mu + sigma * torch.as_tensor(n, dtype=torch.float32))
+
+
+def interpolate(x1, x0, t):
+    """x_t = t x1 + (1 - t) x0 with t (B,) broadcast over (B, C, H, W)."""
+    t = t.view(-1, 1, 1, 1)
+    return t * x1 + (1 - t) * x0
+
+
+def velocity(x_pred, x_t, t, t_eps):
+    """v_pred = (x_pred - x_t) / max(1 - t, t_eps): the velocity implied by a clean-image prediction."""
+    return (x_pred - x_t) / (1 - t).clamp_min(t_eps).view(-1, 1, 1, 1)
+
+
+def flow_loss(model, x1, x0, t, t_eps):
+    x_t = interpolate(x1, x0, t)                                              # (B, C, H, W)
+    x_pred = model(x_t, t).float()  # the loss in fp32, also under bf16 autocast  (B, C, H, W)
+    v_pred = velocity(x_pred, x_t, t, t_eps)                                  # (B, C, H, W)
+    return F.mse_loss(v_pred, x1 - x0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   6. Sampler: integrate the velocity from noise to image
+# ---------------------------------------------------------------------------------------------------------
+# Generation solves dx/dt = v(x, t) from x(0) = noise to t = 1 on a uniform grid t_i = i/N. Euler takes
+#     x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i);
+# Heun averages that slope with the slope at the Euler guess (second order, two model calls per step).
+# On a perfectly straight path (a model that always predicts the same image) the velocity is constant and
+# Euler is exact -- rectified flow trains the paths to be as straight as it can. Here t <= 1 - 1/N, so
+# 1 - t > 0 and no clamp is needed (t_eps = 0): the last Euler step, from 1 - 1/N to 1, lands exactly on
+# the model's clean-image prediction. Heun's last step is Euler because v(x, 1) would divide by zero.
+
+@torch.no_grad()
+def sample(model, noise, num_steps, method="euler"):
+    """noise (B, C, H, W) at t=0 -> images (B, C, H, W) at t=1, in num_steps steps of `method`."""
+    ts = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64).tolist()
+    x = noise.float()
+
+    def v(x, t):
+        t = torch.full((x.shape[0],), t, device=x.device)
+        return velocity(model(x, t).float(), x, t, t_eps=0.0)                 # (B, C, H, W)
+
+    for i in range(num_steps):
+        dt = ts[i + 1] - ts[i]
+        v_i = v(x, ts[i])
+        if method == "heun" and i < num_steps - 1:
+            v_i = 0.5 * (v_i + v(x + dt * v_i, ts[i + 1]))
+        x = x + dt * v_i
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   7. Trainer: DDP over processes, AdamW, EMA, TensorBoard
+# ---------------------------------------------------------------------------------------------------------
+# One process per GPU (or per CPU slot with --nproc), started by torch.multiprocessing.spawn, or by
+# torchrun for several machines. Each process holds a full copy of the model; DistributedDataParallel
+# averages the gradients over processes in backward(), so all copies take the same optimizer step. Each
+# process reads its own 1/world_size of every epoch (DistributedSampler), so the global batch is
+# world_size x --batch_size.
+#
+# Reproducibility by construction: every random choice about a training example -- its flip, its noise
+# x0, its time t -- is a pure function of (seed, epoch, image index). So 2 processes x batch B see exactly
+# the examples 1 process x batch 2B sees, and a run resumed at step k sees exactly what the uninterrupted
+# run saw: the data order of an epoch is a function of (seed, epoch), and the resume skips the k % epoch
+# batches already done.
+
+class FlowExamples(Dataset):
+    """Training triples (x1, x0, t): an image (randomly flipped), its noise, its time. Set .epoch before
+    iterating (the DataLoader workers receive a fresh copy each epoch)."""
+
+    def __init__(self, images, seed, t_mu, t_sigma):
+        self.images, self.seed, self.t_mu, self.t_sigma, self.epoch = images, seed, t_mu, t_sigma, 0
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        x1 = self.images[i]                                                   # (C, H, W)
+        if rng.random() < 0.5:
+            x1 = x1.flip(-1)                                                  # horizontal flip
+        x0 = torch.from_numpy(rng.standard_normal(x1.shape, dtype=np.float32))  # (C, H, W)
+        return x1, x0, logit_normal(rng.standard_normal(), self.t_mu, self.t_sigma)
+
+
+def validation_set(images, n, seed, t_mu, t_sigma):
+    """Fixed images, noise and times, so the val loss is comparable across steps. The times are the
+    n quantiles of the training distribution, t_k = sigmoid(mu + sigma * Phi^-1((k + 1/2) / n))."""
+    x1 = torch.stack([images[i] for i in range(min(n, len(images)))])      # (n, C, H, W)
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
+    quantiles = (torch.arange(len(x1)) + 0.5) / len(x1)
+    return x1, x0, logit_normal(torch.special.ndtri(quantiles), t_mu, t_sigma)
+
+
+@torch.no_grad()
+def validation_loss(model, val, t_eps, batch_size, device, precision):
+    total = 0.0
+    for start in range(0, len(val[0]), batch_size):
+        x1, x0, t = (a[start:start + batch_size].to(device) for a in val)
+        with autocast(device, precision):
+            total += flow_loss(model, x1, x0, t, t_eps).item() * len(x1)
+    return total / len(val[0])
+
+
+def autocast(device, precision):
+    """bf16 autocast: matmuls in bfloat16 (3-4x faster on GPUs and on CPUs with AVX-512 BF16 or AMX),
+    reductions and the loss in fp32. bf16 has fp32's range, so no loss scaling is needed."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+@torch.no_grad()
+def update_ema(ema, model, step, decay):
+    """ema <- d ema + (1 - d) model with the warm-up d = min(decay, (1 + step) / (10 + step)): early on
+    the average spans only the last few steps, so even a 5-minute run samples from a useful EMA, and it
+    lengthens to 1 / (1 - decay) steps as training goes on."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - d)
+
+
+def distributed_setup(rank, world_size):
+    """Join the process group (if any) and pick this process's device."""
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs outside autocast
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # no oversubscribed cores
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def train_worker(rank, world_size, args):
+    """The training loop of one process. Rank 0 alone writes logs, samples and checkpoints."""
+    device = distributed_setup(rank, world_size)
+    try:
+        train_loop(rank, world_size, args, device)
+    except UserError as e:
+        if world_size == 1:
+            raise
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)  # torch.multiprocessing.spawn sees the exit status; the parent exits with it
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train_loop(rank, world_size, args, device):
+    exp = experiment_paths(args.exp_name)
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    model = build_model(args).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step, best_val = 0, math.inf
+    if args.resume:
+        ckpt = load_checkpoint(exp["checkpoints"] / "last.pt")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, best_val = ckpt["step"], ckpt["best_val"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    ddp_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world_size > 1 else model
+    if args.compile:
+        ddp_model = torch.compile(ddp_model)
+
+    examples = FlowExamples(make_dataset(args, "train"), args.seed, args.t_mu, args.t_sigma)
+    sampler = DistributedSampler(examples, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // args.batch_size
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    logger = Logger(args, exp, device, total_steps, model) if rank == 0 else None
+    if rank == 0 and step >= total_steps:
+        print(f"{args.exp_name} is already at step {step} of {total_steps}; raise --max_steps or --epochs "
+              f"to train further", flush=True)
+
+    while step < total_steps:
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        examples.epoch = epoch
+        order = list(sampler)[done_in_epoch * args.batch_size:]  # skip what a resumed run already saw
+        loader = DataLoader(examples, args.batch_size, sampler=order, drop_last=True,
+                            num_workers=args.workers, pin_memory=device.type == "cuda")
+        for x1, x0, t in loader:
+            x1, x0, t = x1.to(device, non_blocking=True), x0.to(device, non_blocking=True), t.to(device)
+            lr = args.lr * min(1.0, (step + 1) / args.warmup_steps)          # linear warm-up, then constant
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(device, args.precision):
+                loss = flow_loss(ddp_model, x1, x0, t, args.t_eps)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()                                                   # DDP all-reduces gradients here
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            update_ema(ema, model, step, args.ema_decay)
+            step += 1
+
+            loss = loss.detach()
+            if world_size > 1:
+                dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # every rank sees the same mean loss
+            if not math.isfinite(loss.item()):
+                raise UserError(f"loss is {loss.item()} at step {step}; lower --lr (now {args.lr:g}) or "
+                                f"--grad_clip, or resume from a checkpoint before the divergence")
+            if rank == 0:
+                best_val = logger.after_step(step, loss.item(), lr, grad_norm.item(), len(x1) * world_size,
+                                             model, ema, optimizer, best_val, final=step == total_steps)
+            if step == total_steps:
+                break
+    if rank == 0:
+        logger.close()
+
+
+class Logger:
+    """Rank 0's bookkeeping: progress lines, TensorBoard, validation, sample grids, checkpoints."""
+
+    def __init__(self, args, exp, device, total_steps, model):
+        from torch.utils.tensorboard import SummaryWriter  # imported here: only rank 0 pays for it
+        self.args, self.exp, self.device, self.total_steps = args, exp, device, total_steps
+        self.flops_per_image = flops_per_image(model)
+        self.writer = SummaryWriter(exp["logs"])
+        self.val = validation_set(make_dataset(args, "val"), args.val_size, args.seed, args.t_mu, args.t_sigma)
+        self.grid_noise = torch.randn(16, 3, args.image_size, args.image_size,
+                                      generator=torch.Generator().manual_seed(args.seed + 1))
+        self.clock, self.images_seen = time.time(), 0
+        print(f"training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"params) on {args.dataset} {args.image_size}x{args.image_size}, {total_steps} steps, "
+              f"device {device}, {args.precision}, experiment {exp['root']}", flush=True)
+
+    def after_step(self, step, loss, lr, grad_norm, images, model, ema, optimizer, best_val, final):
+        args, w = self.args, self.writer
+        self.images_seen += images
+        if step % args.log_every == 0 or final:
+            elapsed = time.time() - self.clock
+            speed = self.images_seen / elapsed
+            eta = (self.total_steps - step) * images / speed
+            print(f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
+                  f"{speed:.1f} img/s | {speed * self.flops_per_image / 1e12:.3f} TFLOP/s | ETA {eta / 60:.1f} min",
+                  flush=True)
+            w.add_scalar("train/loss", loss, step)
+            w.add_scalar("train/lr", lr, step)
+            w.add_scalar("train/grad_norm", grad_norm, step)
+            w.add_scalar("train/images_per_sec", speed, step)
+            self.clock, self.images_seen = time.time(), 0
+        if step % args.eval_every == 0 or final:
+            val = validation_loss(ema, self.val, args.t_eps, 4 * args.batch_size, self.device, args.precision)
+            w.add_scalar("val/loss", val, step)
+            print(f"step {step} | val loss (EMA) {val:.4f}" + (" | new best" if val < best_val else ""), flush=True)
+            if val < best_val:
+                best_val = val
+                save_checkpoint(self.exp["checkpoints"] / "best.pt", model, ema, optimizer, step, best_val, args)
+        if step % args.sample_every == 0 or final:
+            with autocast(self.device, args.precision):
+                images = sample(ema, self.grid_noise.to(self.device), args.num_sampling_steps)
+            grid = image_grid(images)
+            w.add_image("samples", grid, step)
+            save_png(grid, self.exp["samples"] / f"step_{step:07d}.png")
+        if step % args.ckpt_every == 0 or final:
+            save_checkpoint(self.exp["checkpoints"] / "last.pt", model, ema, optimizer, step, best_val, args)
+        return best_val
+
+    def close(self):
+        self.writer.close()
+
+
+def image_grid(images, columns=None):
+    """(B, C, H, W) in [-1, 1] -> one (C, rows*H, columns*W) grid in [0, 1] with 2-pixel gaps."""
+    import torchvision
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    return torchvision.utils.make_grid(to_unit(images), nrow=columns, padding=2, pad_value=1.0)
+
+
+def to_unit(images):
+    return ((images.float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def save_png(image, path):
+    """(C, H, W) in [0, 1] -> an 8-bit PNG (lossless, so FID reads exactly what was generated)."""
+    array = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(array).save(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   8. Experiments and checkpoints
+# ---------------------------------------------------------------------------------------------------------
+# experiments/{exp_name}/args.json               the arguments of the run
+#                       /checkpoints/last.pt      written every --ckpt_every steps and at the end
+#                       /checkpoints/best.pt      the lowest validation loss so far
+#                       /logs/                    TensorBoard: tensorboard --logdir experiments
+#                       /samples/                 grids during training; `sample` writes here too
+# A checkpoint is written to a temporary file and renamed over the old one: the rename is atomic, so a
+# crash mid-save leaves the previous checkpoint intact. It holds only tensors and plain Python values, so
+# it loads with torch.load(weights_only=True), which cannot execute code from a downloaded file.
+
+MODEL_ARGS = ("model", "image_size", "patch_size")  # what a checkpoint's weights depend on
+
+
+def experiment_paths(exp_name):
+    root = Path("experiments") / exp_name
+    return {"root": root, "checkpoints": root / "checkpoints", "logs": root / "logs", "samples": root / "samples"}
+
+
+def save_checkpoint(path, model, ema, optimizer, step, best_val, args):
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+             "step": step, "best_val": best_val, "args": vars(args),
+             "rng": {"torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: last.pt is either the old or the new checkpoint, never half of one
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; list the experiment's checkpoints/ folder "
+                        f"or pass --checkpoint with a path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, wrong file type: all "unreadable"
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}): it is truncated or corrupt; "
+                        f"use another checkpoint such as best.pt") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   9. CLI: train and sample
+# ---------------------------------------------------------------------------------------------------------
+
+def train_command(args, parser, argv):
+    exp = experiment_paths(args.exp_name)
+    if args.resume:
+        if not (exp["checkpoints"] / "last.pt").is_file():
+            raise UserError(f"nothing to resume: {exp['checkpoints'] / 'last.pt'} does not exist; "
+                            f"drop --resume to start experiment {args.exp_name!r}")
+        # The saved arguments become the defaults; whatever is given on the command line overrides them.
+        saved = load_checkpoint(exp["checkpoints"] / "last.pt")["args"]
+        args = parser.commands.choices["train"].parse_args(argv[1:], namespace=argparse.Namespace(**saved))
+        args.resume = True
+        changed = [f"--{k} {saved[k]} -> {getattr(args, k)}" for k in MODEL_ARGS if saved[k] != getattr(args, k)]
+        if changed:
+            raise UserError(f"the checkpoint of {args.exp_name!r} is a different model config "
+                            f"({', '.join(changed)}); drop those flags, or start a new --exp_name")
+    elif exp["root"].exists():
+        raise UserError(f"experiment {exp['root']} already exists; add --resume to continue it, "
+                        f"or choose another --exp_name")
+    validate_train_args(args)
+    if not args.resume:
+        for folder in ("checkpoints", "logs", "samples"):
+            exp[folder].mkdir(parents=True, exist_ok=True)
+        (exp["root"] / "args.json").write_text(json.dumps(vars(args), indent=2))
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: join its group
+        train_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
+    elif args.nproc == 1:
+        train_worker(0, 1, args)
+    else:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        try:
+            mp.spawn(train_worker, args=(args.nproc, args), nprocs=args.nproc)
+        except mp.ProcessExitedException as e:
+            sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)  # the worker printed why
+
+
+def validate_train_args(args):
+    """Catch bad input before any process starts or any file is written."""
+    if args.image_size % args.patch_size:
+        raise UserError(f"--image_size {args.image_size} is not divisible by --patch_size {args.patch_size}; "
+                        f"use e.g. --image_size {args.image_size // args.patch_size * args.patch_size or args.patch_size}")
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
+    kind = "GPUs" if torch.cuda.is_available() else "CPU cores"
+    if args.nproc > devices and "RANK" not in os.environ:
+        raise UserError(f"--nproc {args.nproc} is more than the {devices} {kind} here; use --nproc {devices} or fewer")
+    if args.precision == "bf16" and not torch.cuda.is_available() and not torch.backends.mkldnn.is_available():
+        raise UserError("--precision bf16 needs a GPU or a CPU build with oneDNN; use --precision fp32")
+    images = len(make_dataset(args, "train"))
+    make_dataset(args, "val")  # fails now, not after training, if the val split is missing
+    if images < args.batch_size * args.nproc:
+        raise UserError(f"only {images} training images for a global batch of {args.batch_size * args.nproc}; "
+                        f"lower --batch_size or --nproc")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sample_command(args):
+    exp = experiment_paths(args.exp_name)
+    path = Path(args.checkpoint) if Path(args.checkpoint).is_file() else exp["checkpoints"] / args.checkpoint
+    images = generate(path, args.num_samples, args.num_sampling_steps, args.method, args.seed,
+                      args.batch_size, args.precision, use_ema=not args.no_ema)
+    out = exp["samples"] / f"{path.stem}_{args.method}{args.num_sampling_steps}_seed{args.seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(to_unit(images)):
+        save_png(image, out / f"{i:06d}.png")
+    save_png(image_grid(images[:64]), out.with_suffix(".png"))
+    print(f"wrote {len(images)} images to {out}/ and a grid to {out.with_suffix('.png')}")
+
+
+def generate(checkpoint, num_samples, num_steps, method, seed, batch_size, precision, use_ema=True):
+    """Sample num_samples images (N, C, H, W) in [-1, 1] from a checkpoint, printing progress."""
+    ckpt = load_checkpoint(checkpoint)
+    train_args = argparse.Namespace(**ckpt["args"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(train_args)
+    model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    model.to(device).eval()
+    generator = torch.Generator().manual_seed(seed)
+    shape = (3, train_args.image_size, train_args.image_size)
+    batches, start = [], time.time()
+    for n in range(0, num_samples, batch_size):
+        noise = torch.randn((min(batch_size, num_samples - n), *shape), generator=generator)
+        with autocast(device, precision):
+            batches.append(sample(model, noise.to(device), num_steps, method).cpu())
+        done = n + len(noise)
+        print(f"sampled {done}/{num_samples} images | {done / (time.time() - start):.2f} img/s", flush=True)
+    return torch.cat(batches)
+
+
+def positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def make_parser():
+    parser = Parser(prog="celebgen.py", description="Rectified-flow DiT for CelebA faces.")
+    commands = parser.commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model (resumable)")
+    train.add_argument("--exp_name", required=True, help="experiments/{exp_name} holds everything of the run")
+    train.add_argument("--resume", action="store_true", help="continue experiments/{exp_name} from last.pt")
+    train.add_argument("--dataset", choices=["celeba", "toy"], default="celeba")
+    train.add_argument("--data_root", default="./data")
+    train.add_argument("--download", action="store_true", help="try torchvision's CelebA downloader first")
+    train.add_argument("--image_size", type=positive(int), default=64)
+    train.add_argument("--model", choices=list(MODELS), default="small")
+    train.add_argument("--patch_size", type=positive(int), default=4)
+    train.add_argument("--batch_size", type=positive(int), default=32, help="per process")
+    train.add_argument("--epochs", type=positive(int), default=100)
+    train.add_argument("--max_steps", type=positive(int), default=None, help="stop after this many steps")
+    train.add_argument("--lr", type=positive(float), default=1e-4)
+    train.add_argument("--warmup_steps", type=positive(int), default=500)
+    train.add_argument("--grad_clip", type=positive(float), default=1.0)
+    train.add_argument("--ema_decay", type=float, default=0.9999)
+    train.add_argument("--t_mu", type=float, default=-0.8, help="logit-normal mean of t")
+    train.add_argument("--t_sigma", type=positive(float), default=0.8, help="logit-normal std of t")
+    train.add_argument("--t_eps", type=positive(float), default=0.05, help="v = (x_pred - x_t) / max(1 - t, t_eps)")
+    train.add_argument("--num_sampling_steps", type=positive(int), default=50, help="for the sample grids")
+    train.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 autocast or plain fp32")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train.add_argument("--nproc", type=positive(int), default=max(1, torch.cuda.device_count()),
+                       help="processes on this machine (default: one per GPU, or 1 on CPU)")
+    train.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per process")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--val_size", type=positive(int), default=256)
+    train.add_argument("--log_every", type=positive(int), default=50)
+    train.add_argument("--eval_every", type=positive(int), default=500)
+    train.add_argument("--sample_every", type=positive(int), default=1000)
+    train.add_argument("--ckpt_every", type=positive(int), default=1000)
+
+    smp = commands.add_parser("sample", help="sample images from a checkpoint")
+    smp.add_argument("--exp_name", required=True)
+    smp.add_argument("--checkpoint", default="last.pt", help="a name in checkpoints/ (last.pt, best.pt) or a path")
+    smp.add_argument("--num_samples", type=positive(int), default=64)
+    smp.add_argument("--num_sampling_steps", type=positive(int), default=50)
+    smp.add_argument("--method", choices=["euler", "heun"], default="euler")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--batch_size", type=positive(int), default=64)
+    smp.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    smp.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            train_command(args, parser, argv)
+        else:
+            sample_command(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
