@@ -1,0 +1,123 @@
+"""The CelebA loader in every supported layout, the toy faces, and the per-example randomness."""
+import pytest
+import torch
+import torchvision
+from PIL import Image, ImageDraw
+
+import celebgen as cg
+from conftest import CELEBA_SUBSET
+
+SPLITS = {"000001.jpg": 0, "000002.jpg": 0, "000003.jpg": 0, "000004.jpg": 1, "000005.jpg": 1, "000006.jpg": 2}
+LAYOUTS = {  # layout: (image folder, split file)
+    "torchvision": ("celeba/img_align_celeba", "celeba/list_eval_partition.txt"),
+    "official": ("img_align_celeba", "list_eval_partition.txt"),
+    "kaggle": ("img_align_celeba/img_align_celeba", "list_eval_partition.csv"),
+}
+
+
+def aligned_face(path):
+    """A 178x218 'aligned CelebA image': red inside the standard crop box, blue outside."""
+    img = Image.new("RGB", (178, 218), (0, 0, 255))
+    ImageDraw.Draw(img).rectangle([cg.CELEBA_CROP[0], cg.CELEBA_CROP[1], cg.CELEBA_CROP[2] - 1, cg.CELEBA_CROP[3] - 1],
+                                  (255, 0, 0))
+    img.save(path, quality=95, subsampling=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_celeba_layouts_splits_and_crop(tmp_path, layout):
+    folder, split_file = (tmp_path / p for p in LAYOUTS[layout])
+    folder.mkdir(parents=True)
+    for name in SPLITS:
+        aligned_face(folder / name)
+    if split_file.suffix == ".csv":
+        split_file.write_text("image_id,partition\n" + "".join(f"{n},{s}\n" for n, s in SPLITS.items()))
+    else:
+        split_file.write_text("".join(f"{n} {s}\r\n" for n, s in SPLITS.items()))  # the official file is CRLF
+    sizes = {split: len(cg.CelebA(tmp_path, split, 16)) for split in ("train", "val", "test")}
+    assert sizes == {"train": 3, "val": 2, "test": 1}
+    image = cg.CelebA(tmp_path, "val", 16)[1]
+    assert image.shape == (3, 16, 16) and image.min() >= -1 and image.max() <= 1
+    red = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1)
+    assert (image - red).abs().max() < 0.25  # the crop kept just the box: a blue pixel would be off by 2
+
+
+def test_plain_folder_uses_every_image_with_a_centre_crop(tmp_path):
+    for i in range(3):
+        img = Image.new("RGB", (40, 20), (0, 255, 0))
+        ImageDraw.Draw(img).rectangle([10, 0, 29, 19], (255, 255, 255))  # the centred 20x20 square is white
+        img.save(tmp_path / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    data = cg.CelebA(tmp_path, "val", 8)
+    assert len(data) == 3 and len(cg.CelebA(tmp_path, "train", 8)) == 3
+    assert torch.equal(data[0], torch.ones(3, 8, 8))
+
+
+def test_corrupt_image_is_skipped_with_a_warning(tmp_path, capsys):
+    for i in range(3):
+        Image.new("RGB", (16, 16), (i * 100, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    data = cg.CelebA(tmp_path, "train", 16)
+    assert torch.equal(data[1], data[2])  # the unreadable image is replaced by the next one
+    data[1]
+    err = capsys.readouterr().err
+    assert err.count("skipping unreadable image") == 1 and "1.png" in err  # reported once
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda root: None, "does not exist"),
+    (lambda root: root.mkdir(), "no images"),
+    (lambda root: (root / "img_align_celeba").mkdir(parents=True), "no images"),
+])
+def test_missing_data_explains_the_layouts(tmp_path, make, message):
+    root = tmp_path / "data"
+    make(root)
+    with pytest.raises(cg.UserError, match=message) as e:
+        cg.CelebA(root, "train", 16)
+    assert "Kaggle" in str(e.value) and "--dataset toy" in str(e.value)
+
+
+def test_split_file_that_names_other_images_is_an_error(tmp_path):
+    (tmp_path / "img_align_celeba").mkdir()
+    aligned_face(tmp_path / "img_align_celeba" / "000001.jpg")
+    (tmp_path / "list_eval_partition.txt").write_text("999999.jpg 0\n")
+    with pytest.raises(cg.UserError, match="no train images"):
+        cg.CelebA(tmp_path, "train", 16)
+
+
+def test_failed_download_ends_in_a_clear_message(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Too many users have viewed or downloaded this file recently")
+    monkeypatch.setattr(torchvision.datasets, "CelebA", refuse)
+    with pytest.raises(cg.UserError, match="download failed .*Too many users.*layouts"):
+        cg.CelebA(tmp_path, "train", 16, download=True)
+
+
+def test_toy_faces_are_deterministic_and_varied():
+    a, b = cg.ToyFaces(32), cg.ToyFaces(32)
+    assert torch.equal(a[7], b[7])
+    assert (a[7] - a[8]).abs().mean() > 0.1
+    val = cg.ToyFaces(32, offset=10**6)
+    assert (val[0] - a[0]).abs().mean() > 0.1
+    images = torch.stack([a[i] for i in range(32)])
+    assert images.min() >= -1 and images.max() <= 1 and images.std(dim=0).mean() > 0.2  # colours vary
+
+
+def test_training_examples_are_a_function_of_seed_epoch_and_index():
+    images = cg.ToyFaces(16)
+    ex = cg.FlowExamples(images, seed=3, t_mu=-0.8, t_sigma=0.8)
+    x1, x0, t = ex[5]
+    again = cg.FlowExamples(images, seed=3, t_mu=-0.8, t_sigma=0.8)[5]
+    assert all(torch.equal(u, v) for u, v in zip((x1, x0, t), again))
+    assert torch.equal(x1, images[5]) or torch.equal(x1, images[5].flip(-1))
+    ex.epoch = 1
+    assert not torch.equal(ex[5][1], x0)  # a new epoch draws new noise
+    flips = sum(not torch.equal(ex[i][0], images[i]) for i in range(64))
+    assert 16 < flips < 48
+
+
+@pytest.mark.skipif(not CELEBA_SUBSET.is_dir(), reason="the CelebA subset in ../shared is not here")
+def test_real_celeba_subset_in_the_official_layout():
+    data = cg.CelebA(CELEBA_SUBSET, "val", 64)
+    assert len(data) == 780
+    image = data[0]
+    assert image.shape == (3, 64, 64) and image.std() > 0.1

@@ -1,0 +1,187 @@
+"""The model, the loss and the sampler: math identities and known answers."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import celebgen as cg
+
+
+def randomized(model, seed=0):
+    """A model whose zero-initialised layers are given random weights, so that its output is not 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def small_dit(image_size=16, patch_size=4):
+    torch.manual_seed(0)
+    return cg.DiT(image_size, patch_size, dim=64, depth=2, heads=2)
+
+
+@pytest.mark.parametrize("image_size,patch_size", [(16, 2), (32, 4), (64, 8), (24, 4)])
+def test_patchify_round_trip_and_model_shapes(image_size, patch_size):
+    x = torch.randn(2, 3, image_size, image_size)
+    tokens = cg.patchify(x, patch_size)
+    grid = image_size // patch_size
+    assert tokens.shape == (2, grid**2, 3 * patch_size**2)
+    # token 1 is the patch in row 0, column 1: pixels [0:p, p:2p], channel-last
+    assert torch.equal(tokens[0, 1], x[0, :, :patch_size, patch_size:2 * patch_size].permute(1, 2, 0).flatten())
+    assert torch.equal(cg.unpatchify(tokens, patch_size, grid), x)
+    model = randomized(small_dit(image_size, patch_size))
+    assert model(x, torch.rand(2)).shape == x.shape
+
+
+def test_rope_logits_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    head_dim, n = 32, 10
+    q, k = torch.randn(1, 1, n, head_dim), torch.randn(1, 1, n, head_dim)
+    rows, cols = torch.randint(0, 16, (n,)), torch.randint(0, 16, (n,))
+
+    def logits(rows, cols):
+        angles = cg.rope_angles(rows, cols, head_dim)
+        return cg.apply_rope(q, angles) @ cg.apply_rope(k, angles).transpose(-1, -2)  # (1, 1, n, n)
+
+    shifted = logits(rows + 5, cols - 3)
+    assert torch.allclose(logits(rows, cols), shifted, atol=1e-4)
+    # ...and the logits do depend on the relative position: swapping two tokens' places changes them
+    moved = logits(torch.cat([rows[1:2], rows[:1], rows[2:]]), cols)
+    assert (moved - shifted).abs().max() > 0.1
+    # a rotation preserves norms
+    assert torch.allclose(cg.apply_rope(q, cg.rope_angles(rows, cols, head_dim)).norm(dim=-1), q.norm(dim=-1))
+
+
+def test_uniform_time_rotation_leaves_attention_unchanged():
+    """Rotating all queries and keys by the same time angle t*w cancels in q.k: t would be invisible."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 16, 32).unbind(0)  # (B, H, N, d)
+    for t in (0.1, 0.7):
+        time_angles = (1000 * t * cg.frequency_bank(16, 10_000.0)).expand(16, 16)  # the same for all N tokens
+        rotated = F.scaled_dot_product_attention(cg.apply_rope(q, time_angles), cg.apply_rope(k, time_angles), v)
+        assert torch.allclose(rotated, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
+
+
+def test_model_output_depends_on_t():
+    model = randomized(small_dit())
+    x = torch.randn(2, 3, 16, 16)
+    a, b = model(x, torch.full((2,), 0.2)), model(x, torch.full((2,), 0.8))
+    assert (a - b).abs().mean() > 0.01 * a.abs().mean()
+    assert not torch.allclose(cg.time_features(torch.tensor([0.2]), 256), cg.time_features(torch.tensor([0.8]), 256))
+
+
+def test_adain_zero_blocks_are_the_identity_at_init():
+    torch.manual_seed(0)
+    block = cg.Block(64, 2)
+    x, c = torch.randn(2, 16, 64), torch.randn(2, 64)
+    rope = cg.rope_angles(torch.arange(16) // 4, torch.arange(16) % 4, 32)
+    assert torch.equal(block(x, c, rope), x)
+    model = small_dit()  # and the whole untrained DiT predicts the zero image
+    assert torch.equal(model(torch.randn(2, 3, 16, 16), torch.rand(2)), torch.zeros(2, 3, 16, 16))
+
+
+def test_oracle_x_prediction_gives_the_true_velocity():
+    torch.manual_seed(0)
+    x1, x0 = torch.randn(2, 8, 3, 8, 8).unbind(0)
+    t = torch.linspace(0, 0.95, 8)  # 1 - t >= t_eps = 0.05
+    v_pred = cg.velocity(x1, cg.interpolate(x1, x0, t), t, t_eps=0.05)
+    assert torch.allclose(v_pred, x1 - x0, atol=1e-5)
+
+
+def test_v_loss_is_a_weighted_x_loss():
+    """(v_pred - v)^2 = ((x_pred - x1)/c + (x1 - x0)((1 - t)/c - 1))^2 with c = max(1 - t, eps); for
+    1 - t >= eps the second term vanishes and the loss is the x-loss weighted by 1/(1 - t)^2."""
+    torch.manual_seed(0)
+    model = randomized(small_dit())
+    x1, x0 = torch.randn(2, 64, 3, 16, 16).unbind(0)
+    t, eps = torch.rand(64), 0.05
+    loss = cg.flow_loss(model, x1, x0, t, eps)
+    x_pred = model(cg.interpolate(x1, x0, t), t)
+    c = (1 - t).clamp_min(eps).view(-1, 1, 1, 1)
+    expected = ((x_pred - x1) / c + (x1 - x0) * ((1 - t).view(-1, 1, 1, 1) / c - 1)).pow(2).mean()
+    assert torch.allclose(loss, expected, rtol=1e-4)
+    low = t < 1 - eps
+    weighted_x_loss = ((x_pred - x1)[low] ** 2 / c[low] ** 2).mean()
+    assert torch.allclose(cg.flow_loss(model, x1[low], x0[low], t[low], eps), weighted_x_loss, rtol=1e-4)
+
+
+def test_logit_normal_times():
+    n = torch.randn(200_000, generator=torch.Generator().manual_seed(0))
+    t = cg.logit_normal(n, -0.8, 0.8)
+    assert 0 < t.min() and t.max() < 1
+    assert abs(torch.logit(t).mean().item() + 0.8) < 0.01 and abs(torch.logit(t).std().item() - 0.8) < 0.01
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+@pytest.mark.parametrize("steps", [1, 7, 50])
+def test_sampler_lands_exactly_on_a_fixed_prediction(method, steps):
+    """A model that always predicts the same image makes every path straight: both solvers are exact."""
+    target = torch.rand(1, 3, 8, 8) * 2 - 1
+    noise = torch.randn(4, 3, 8, 8)
+    out = cg.sample(lambda x, t: target.expand_as(x), noise, steps, method)
+    assert torch.allclose(out, target.expand_as(out), atol=1e-5)
+
+
+def test_sampler_transports_a_gaussian_with_first_and_second_order_error():
+    """Data x1 ~ N(m, s^2): the best x-prediction is E[x1 | x_t] = m + t s^2 (x_t - t m) / (t^2 s^2 + (1-t)^2),
+    and the flow maps noise x0 to exactly m + s x0. Doubling the steps halves Euler's error (first order)
+    and quarters Heun's (second order)."""
+    m, s = 0.5, 0.3
+
+    def oracle(x, t):
+        t = t.view(-1, 1, 1, 1).double()
+        return m + t * s**2 * (x.double() - t * m) / (t**2 * s**2 + (1 - t) ** 2)
+
+    noise = torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    exact = m + s * noise
+
+    def error(steps, method):
+        return (cg.sample(oracle, noise, steps, method) - exact).abs().max().item()
+
+    assert 1.7 < error(20, "euler") / error(40, "euler") < 2.3
+    assert error(20, "heun") / error(40, "heun") > 3.5
+    assert error(40, "heun") < 0.005 and error(400, "euler") < 0.01
+
+
+def test_overfits_a_few_images():
+    """A small DiT on 4 toy faces: the loss falls by a large factor and samples land near the data."""
+    torch.manual_seed(0)
+    faces = cg.ToyFaces(16)
+    data = torch.stack([faces[i] for i in range(4)])  # (4, 3, 16, 16)
+    model = cg.DiT(16, 4, dim=128, depth=4, heads=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
+    losses = []
+    for step in range(600):
+        x1 = data.repeat(4, 1, 1, 1)
+        x0, t = torch.randn_like(x1), cg.logit_normal(torch.randn(len(x1)), -0.8, 0.8)
+        loss = cg.flow_loss(model, x1, x0, t, 0.05)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 / 5, (losses[:5], losses[-5:])
+    samples = cg.sample(model, torch.randn(8, 3, 16, 16), 20)
+    nearest = ((samples[:, None] - data[None]) ** 2).mean(dim=(2, 3, 4)).min(dim=1).values  # (8,)
+    assert nearest.max() < 0.02, nearest  # the untrained model's samples (all 0) are at 0.36
+
+
+def test_flops_per_image_matches_a_count_of_multiply_adds():
+    """6 x forward multiply-adds, counted here by hooking every matmul of one forward pass."""
+    model = small_dit()
+    macs = 0
+
+    def count(module, inputs, output):
+        nonlocal macs
+        macs += inputs[0].shape[:-1].numel() * module.weight.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    model(torch.randn(1, 3, 16, 16), torch.rand(1))
+    for h in hooks:
+        h.remove()
+    tokens, dim = model.grid**2, 64
+    macs += len(model.blocks) * 2 * tokens**2 * dim  # q.k and attn.v inside scaled_dot_product_attention
+    assert cg.flops_per_image(model) == 6 * macs
+    assert math.isclose(cg.flops_per_image(model), 6 * macs)

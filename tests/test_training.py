@@ -1,0 +1,169 @@
+"""The trainer and the CLI: DDP equivalence, exact resume, files and logs, and every bad input."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import celebgen as cg
+from conftest import ROOT
+
+TOY = ["--dataset", "toy", "--model", "tiny", "--image_size", "16", "--workers", "0", "--precision", "fp32",
+       "--val_size", "8", "--num_sampling_steps", "3", "--warmup_steps", "2", "--lr", "1e-3", "--log_every", "1"]
+
+
+def cli(capsys, *argv):
+    """Run the CLI in this process: (exit status, stdout, stderr)."""
+    try:
+        cg.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def checkpoint(exp_name, name="last.pt"):
+    return torch.load(f"experiments/{exp_name}/checkpoints/{name}", weights_only=True)
+
+
+def random_image_folder(folder, n, size=16):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+
+
+def test_ddp_two_processes_equal_one_process_with_twice_the_batch(workdir, capsys):
+    """2 gloo processes x batch 4 and 1 process x batch 8 see the same examples and take the same steps;
+    they differ only by float rounding in the gradient all-reduce (tolerance 1e-5 on weights of size ~0.1)."""
+    code, out, _ = cli(capsys, "train", "--exp_name", "one", *TOY, "--batch_size", 8, "--max_steps", 3)
+    assert code == 0 and "step 3/3" in out
+    code, out, err = cli(capsys, "train", "--exp_name", "two", *TOY, "--batch_size", 4, "--max_steps", 3, "--nproc", 2)
+    assert code == 0, err
+    one, two = checkpoint("one"), checkpoint("two")
+    torch.manual_seed(0)
+    init = cg.DiT(16, 4, **cg.MODELS["tiny"]).state_dict()
+    moved = max((one["model"][k] - init[k]).abs().max().item() for k in init)
+    assert moved > 1e-3  # training did change the weights...
+    for part in ("model", "ema"):  # ...and both runs changed them the same way
+        diff = max((one[part][k] - two[part][k]).abs().max().item() for k in one[part])
+        assert diff < 1e-5, (part, diff)
+
+
+def test_resume_continues_exactly(workdir, capsys):
+    """Stopped at step 7 (in the second epoch of 5 steps) and resumed to 12 == 12 steps in one go."""
+    random_image_folder(workdir / "images", 20)
+    args = [*TOY, "--dataset", "celeba", "--data_root", "images", "--batch_size", 4, "--eval_every", 3]
+    assert cli(capsys, "train", "--exp_name", "straight", *args, "--max_steps", 12)[0] == 0
+    assert cli(capsys, "train", "--exp_name", "resumed", *args, "--max_steps", 7)[0] == 0
+    code, out, _ = cli(capsys, "train", "--exp_name", "resumed", "--resume", "--max_steps", 12)
+    assert code == 0 and "step 8/12" in out
+    a, b = checkpoint("straight"), checkpoint("resumed")
+    assert a["step"] == b["step"] == 12 and a["best_val"] == b["best_val"]
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_cli_trains_logs_and_samples(workdir):
+    run = lambda *argv: subprocess.run([sys.executable, str(ROOT / "celebgen.py"), *map(str, argv)],
+                                       capture_output=True, text=True, timeout=300)
+    train = run("train", "--exp_name", "e2e", *TOY, "--batch_size", 4, "--max_steps", 4, "--eval_every", 2,
+                "--sample_every", 2)
+    assert train.returncode == 0, train.stderr
+    assert "step 4/4" in train.stdout and "img/s" in train.stdout and "val loss" in train.stdout
+    exp = workdir / "experiments" / "e2e"
+    assert {p.name for p in (exp / "checkpoints").iterdir()} == {"last.pt", "best.pt"}
+    assert (exp / "samples" / "step_0000004.png").is_file() and (exp / "args.json").is_file()
+
+    smp = run("sample", "--exp_name", "e2e", "--checkpoint", "best.pt", "--num_samples", 5,
+              "--num_sampling_steps", 3, "--batch_size", 2)
+    assert smp.returncode == 0, smp.stderr
+    images = sorted((exp / "samples" / "best_euler3_seed0").glob("*.png"))
+    assert len(images) == 5 and Image.open(images[0]).size == (16, 16)
+    assert (exp / "samples" / "best_euler3_seed0.png").is_file()
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(exp / "logs")).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "train/lr", "train/grad_norm", "train/images_per_sec"} <= scalars
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert "samples" in events.Tags()["images"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data_root", "missing"], "--data_root missing does not exist"),
+    (["--data_root", "empty"], "no images in empty"),
+    ([*TOY, "--image_size", 30], "--image_size 30 is not divisible by --patch_size 4"),
+    ([*TOY, "--batch_size", 0], "argument --batch_size: must be positive, got 0"),
+    ([*TOY, "--image_size", -8], "argument --image_size: must be positive"),
+    ([*TOY, "--nproc", 64], "--nproc 64 is more than"),
+    ([*TOY, "--batch_size", 8, "--data_root", "three", "--dataset", "celeba"], "only 3 training images"),
+])
+def test_bad_train_input_is_one_line_and_writes_nothing(workdir, capsys, argv, message):
+    (workdir / "empty").mkdir()
+    random_image_folder(workdir / "three", 3)
+    code, out, err = cli(capsys, "train", "--exp_name", "bad", *argv)
+    assert code == 2 and err.count("\n") == 1 and message in err and err.startswith("error: "), err
+    assert not (workdir / "experiments").exists()
+
+
+@pytest.fixture
+def trained(workdir, capsys):
+    """A finished 2-step experiment 'done'."""
+    assert cli(capsys, "train", "--exp_name", "done", *TOY, "--batch_size", 4, "--max_steps", 2)[0] == 0
+    return workdir / "experiments" / "done" / "checkpoints" / "last.pt"
+
+
+def test_existing_experiment_is_never_overwritten(trained, capsys):
+    before = trained.read_bytes()
+    code, _, err = cli(capsys, "train", "--exp_name", "done", *TOY)
+    assert code == 2 and "already exists; add --resume" in err
+    assert trained.read_bytes() == before
+
+
+def test_resume_with_another_model_config_is_refused(trained, capsys):
+    code, _, err = cli(capsys, "train", "--exp_name", "done", "--resume", "--model", "small")
+    assert code == 2 and "different model config (--model tiny -> small)" in err
+
+
+def test_resume_of_nothing_is_refused(workdir, capsys):
+    code, _, err = cli(capsys, "train", "--exp_name", "never", "--resume", *TOY)
+    assert code == 2 and "nothing to resume" in err
+
+
+def test_truncated_checkpoint_is_reported_not_loaded(trained, capsys):
+    trained.write_bytes(trained.read_bytes()[:5000])
+    for argv in (["sample", "--exp_name", "done"], ["train", "--exp_name", "done", "--resume"]):
+        code, _, err = cli(capsys, *argv)
+        assert code == 2 and "is unreadable" in err and "truncated or corrupt" in err and err.count("\n") == 1
+
+
+def test_missing_checkpoint_name(trained, capsys):
+    code, _, err = cli(capsys, "sample", "--exp_name", "done", "--checkpoint", "nope.pt")
+    assert code == 2 and "nope.pt does not exist" in err
+
+
+def test_non_finite_loss_stops_with_a_clear_message(workdir, capsys, monkeypatch):
+    real_loss, calls = cg.flow_loss, []
+
+    def diverging_loss(*args):  # the third training step blows up
+        calls.append(1)
+        return real_loss(*args) * (float("nan") if len(calls) == 3 else 1.0)
+    monkeypatch.setattr(cg, "flow_loss", diverging_loss)
+    code, _, err = cli(capsys, "train", "--exp_name", "boom", *TOY, "--batch_size", 4, "--max_steps", 20,
+                       "--ckpt_every", 1)
+    assert code == 2 and "loss is nan at step 3" in err and "lower --lr" in err
+    assert checkpoint("boom")["step"] == 2  # the last good checkpoint survives; no NaN weights are saved
+
+
+def test_errors_reach_the_shell_as_one_line_without_a_traceback(workdir):
+    for argv in (["train", "--exp_name", "x", "--nproc", "64", "--dataset", "toy"],
+                 ["train", "--exp_name", "x", "--batch_size", "-1"],
+                 ["sample", "--exp_name", "nothing"]):
+        run = subprocess.run([sys.executable, str(ROOT / "celebgen.py"), *argv], capture_output=True, text=True)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
