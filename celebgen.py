@@ -50,6 +50,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
@@ -506,6 +507,12 @@ def validation_loss(model, val, t_eps, batch_size, device, precision):
     return total / len(val[0])
 
 
+def attention_kernels(device):
+    """On the CPU, PyTorch's flash-attention kernel is slower than plain matmul + softmax for sequences
+    of 64..256 tokens (1.1-1.4x here, tests/benchmark_speed.py --sdpa), so use the math kernel there."""
+    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
+
+
 def autocast(device, precision):
     """bf16 autocast: matmuls in bfloat16 (3-4x faster on GPUs and on CPUs with AVX-512 BF16 or AMX),
     reductions and the loss in fp32. bf16 has fp32's range, so no loss scaling is needed."""
@@ -543,7 +550,8 @@ def train_worker(rank, world_size, args):
     """The training loop of one process. Rank 0 alone writes logs, samples and checkpoints."""
     device = distributed_setup(rank, world_size)
     try:
-        train_loop(rank, world_size, args, device)
+        with attention_kernels(device):
+            train_loop(rank, world_size, args, device)
     except UserError as e:
         if world_size == 1:
             raise
@@ -822,7 +830,7 @@ def generate(checkpoint, num_samples, num_steps, method, seed, batch_size, preci
     batches, start = [], time.time()
     for n in range(0, num_samples, batch_size):
         noise = torch.randn((min(batch_size, num_samples - n), *shape), generator=generator)
-        with autocast(device, precision):
+        with autocast(device, precision), attention_kernels(device):
             batches.append(sample(model, noise.to(device), num_steps, method).cpu())
         done = n + len(noise)
         print(f"sampled {done}/{num_samples} images | {done / (time.time() - start):.2f} img/s", flush=True)

@@ -1,0 +1,301 @@
+"""
+fid.py: the Frechet Inception Distance (FID) of CelebGen samples, giving the same number as pytorch-fid.
+
+FID compares two sets of images through the 2048-d "pool3" features of an Inception-v3 network: fit a
+Gaussian (mean mu, covariance Sigma) to each set's features, then
+    FID = ||mu1 - mu2||^2 + Tr(Sigma1 + Sigma2 - 2 (Sigma1 Sigma2)^(1/2)).
+Published numbers (DDIM on CelebA-64: 9.17 at 50 steps) use the TensorFlow Inception graph of 2015-12-05;
+pytorch-fid ported it to PyTorch, and this file rebuilds the same network from torchvision's Inception-v3.
+
+Commands:
+    # sample 10k images from an experiment's EMA weights and compare them with held-out CelebA images
+    python fid.py --exp_name celeba64 --num_samples 10000 [--checkpoint best.pt] [--num_sampling_steps 50]
+    # compare two folders of images, or saved statistics (.npz with mu and sigma), like pytorch-fid
+    python fid.py PATH_A PATH_B
+
+Weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth. It is downloaded once by torch.hub (into
+$TORCH_HOME/hub/checkpoints/), or read from --inception_weights PATH or $FID_INCEPTION_WEIGHTS.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torchvision.models.inception import InceptionA, InceptionC, InceptionE
+
+import celebgen
+
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               "pt_inception-2015-12-05-6726825d.pth")
+WEIGHTS_ENV = "FID_INCEPTION_WEIGHTS"
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   1. The FID Inception-v3
+# ---------------------------------------------------------------------------------------------------------
+# torchvision's Inception-v3 has the right layers, but three details of the TF graph differ, and each
+# one shifts FID:
+#   * TF's average pools ignore the zero padding at the border: each output is the mean of the *valid*
+#     pixels of its 3x3 window. PyTorch's default counts the padded zeros (border outputs 4/9 or 6/9 too
+#     small), so the A, C and first E blocks need count_include_pad=False.
+#   * The last block (Mixed_7c, "E_2") pools with a 3x3 *max* pool in TF, not an average pool.
+#   * The TF classifier has 1008 outputs (1000 ImageNet classes plus 8 unused), hence num_classes=1008.
+# Everything else (the convolutions, batch norms with eps 0.001) matches layer by layer, so the weights
+# load with the same names.
+
+def average_pool(x):
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(InceptionA):
+    def forward(self, x):
+        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
+        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), branch5x5, branch3x3dbl, self.branch_pool(average_pool(x))], 1)
+
+
+class FIDInceptionC(InceptionC):
+    def forward(self, x):
+        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        branch7x7dbl = x
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
+            branch7x7dbl = conv(branch7x7dbl)
+        return torch.cat([self.branch1x1(x), branch7x7, branch7x7dbl, self.branch_pool(average_pool(x))], 1)
+
+
+class FIDInceptionE(InceptionE):
+    def __init__(self, in_channels, pool):
+        super().__init__(in_channels)
+        self.pool = pool  # average_pool in Mixed_7b, a 3x3 max pool in Mixed_7c
+
+    def forward(self, x):
+        branch3x3 = self.branch3x3_1(x)
+        branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
+        branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
+        return torch.cat([self.branch1x1(x), branch3x3, branch3x3dbl, self.branch_pool(self.pool(x))], 1)
+
+
+def fid_inception():
+    """The untrained FID Inception-v3, named as torchvision's (and so as pytorch-fid's) weights."""
+    net = torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False, init_weights=False)
+    net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = (FIDInceptionA(c, pool_features=p) for c, p in
+                                                ((192, 32), (256, 64), (288, 64)))
+    net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e = (FIDInceptionC(768, channels_7x7=c) for c in
+                                                              (128, 160, 160, 192))
+    net.Mixed_7b = FIDInceptionE(1280, pool=average_pool)
+    net.Mixed_7c = FIDInceptionE(2048, pool=lambda x: F.max_pool2d(x, kernel_size=3, stride=1, padding=1))
+    return net
+
+
+def load_weights(path=None):
+    """The state dict from PATH, $FID_INCEPTION_WEIGHTS, or torch.hub's cache/download; never a fallback."""
+    path = path or os.environ.get(WEIGHTS_ENV)
+    if path:
+        if not Path(path).is_file():
+            raise celebgen.UserError(f"Inception weights {path} do not exist; download {WEIGHTS_URL} there")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location="cpu", progress=True)
+    except Exception as e:  # no network, a proxy, a partial download: the remedy is the same
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(WEIGHTS_URL).name
+        raise celebgen.UserError(f"cannot download the FID Inception weights ({type(e).__name__}); download "
+                                 f"{WEIGHTS_URL} to {cache}, or pass --inception_weights PATH, or set "
+                                 f"{WEIGHTS_ENV}") from None
+
+
+class FIDFeatures(torch.nn.Module):
+    """Images (B, 3, H, W) in [0, 1] -> (pool3 features (B, 2048), logits (B, 1008)), preprocessed
+    exactly as pytorch-fid: bilinear resize to 299x299 (align_corners=False, no antialiasing), then
+    scaled to [-1, 1]."""
+
+    def __init__(self, state_dict):
+        super().__init__()
+        self.net = fid_inception()
+        self.net.load_state_dict(state_dict)
+        self.classifier, self.net.fc = self.net.fc, torch.nn.Identity()  # net now ends at pool3
+        self.eval()
+
+    @torch.no_grad()
+    def forward(self, images):
+        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)  # (B, 3, 299, 299)
+        features = self.net(2 * x - 1)                                                    # (B, 2048)
+        return features, self.classifier(features)                                       # (B, 1008)
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   2. Statistics and the Frechet distance
+# ---------------------------------------------------------------------------------------------------------
+
+def extract(model, batches, total, device):
+    """Run the network over an iterable of (B, 3, H, W) batches in [0, 1], printing progress."""
+    features, logits, done, start = [], [], 0, time.time()
+    for batch in batches:
+        f, l = model(batch.to(device))
+        features.append(f.cpu().double())
+        logits.append(l.cpu().double())
+        done += len(batch)
+        print(f"\rInception features: {done}/{total} images | {done / (time.time() - start):.1f} img/s",
+              end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return torch.cat(features).numpy(), torch.cat(logits).numpy()
+
+
+def statistics(features):
+    """Mean (2048,) and covariance (2048, 2048) in float64, np.cov's unbiased N-1 estimate."""
+    if len(features) < 2048:
+        warnings.warn(f"FID from {len(features)} < 2048 images: the covariance is singular and FID is "
+                      f"strongly biased upwards; use at least 10000 images for numbers to compare")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + Tr(Sigma1) + Tr(Sigma2) - 2 Tr((Sigma1 Sigma2)^(1/2)).
+    The product of two covariances is not symmetric, so its square root comes from scipy's general sqrtm.
+    If it fails (singular covariances from few images), retry with eps added to both diagonals; rounding
+    leaves a tiny imaginary part, which must be negligible -- as pytorch-fid does."""
+    with warnings.catch_warnings():  # "singular matrix": statistics() has already warned about small N
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(sigma1)) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm has an imaginary component {np.abs(covmean.imag).max():g}")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(logits, splits=10):
+    """exp(E_x KL(p(y|x) || p(y))) over 1008-way softmaxes, the mean over `splits` chunks of the images."""
+    p = torch.from_numpy(logits).softmax(dim=1).numpy()
+    scores = [np.exp(np.mean(np.sum(c * (np.log(c + 1e-12) - np.log(c.mean(axis=0) + 1e-12)), axis=1)))
+              for c in np.array_split(p, min(splits, len(p)))]
+    return float(np.mean(scores))
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   3. Image sources: folders, datasets, an experiment's samples
+# ---------------------------------------------------------------------------------------------------------
+
+def batched(images, batch_size):
+    """A list of (3, H, W) tensors in [0, 1] -> batches (B, 3, H, W)."""
+    for start in range(0, len(images), batch_size):
+        yield torch.stack(images[start:start + batch_size])
+
+
+def folder_images(folder):
+    """Every image of a folder, as pytorch-fid reads them: PIL, RGB, [0, 1]."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower()[1:] in
+                   {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"})
+    if not files:
+        raise celebgen.UserError(f"no images in {folder}")
+    return [torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+            for f in files]
+
+
+def quantized(images):
+    """Images in [-1, 1] -> [0, 1] rounded to 8 bits: exactly what a PNG of them holds."""
+    return [(x * 255).round() / 255 for x in celebgen.to_unit(images)]
+
+
+def path_statistics(path, model, args):
+    if str(path).endswith(".npz"):
+        with np.load(path) as stats:
+            return stats["mu"], stats["sigma"]
+    images = folder_images(path)
+    return statistics(extract(model, batched(images, args.batch_size), len(images), args.device)[0])
+
+
+def reference_statistics(train_args, model, args):
+    """Statistics of held-out real images, computed once and cached in experiments/fid_refs/."""
+    split_names = {"heldout": ["val", "test"], "train": ["train"], "val": ["val"], "test": ["test"]}
+    sets = [celebgen.make_dataset(train_args, split) for split in split_names[args.ref_split]]
+    count = min(args.ref_images, sum(len(s) for s in sets))
+    source = "toy" if train_args.dataset == "toy" else str(Path(train_args.data_root).resolve())
+    key = hashlib.sha1(f"{source}|{args.ref_split}|{count}".encode()).hexdigest()[:10]
+    cache = Path("experiments") / "fid_refs" / (f"{train_args.dataset}_{args.ref_split}_celeba-crop_"
+                                                f"{train_args.image_size}px_n{count}_{key}.npz")
+    if cache.is_file():
+        print(f"reference statistics from {cache}")
+        with np.load(cache) as stats:
+            return stats["mu"], stats["sigma"], cache
+    images = [x for s in sets for x in (s[i] for i in range(len(s)))][:count]
+    mu, sigma = statistics(extract(model, batched(quantized(torch.stack(images)), args.batch_size), count,
+                                   args.device)[0])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, mu=mu, sigma=sigma)
+    return mu, sigma, cache
+
+
+def experiment_fid(args, model):
+    exp = celebgen.experiment_paths(args.exp_name)
+    checkpoint = Path(args.checkpoint) if Path(args.checkpoint).is_file() else exp["checkpoints"] / args.checkpoint
+    ckpt = celebgen.load_checkpoint(checkpoint)
+    train_args = argparse.Namespace(**ckpt["args"])
+    mu_ref, sigma_ref, cache = reference_statistics(train_args, model, args)
+    images = celebgen.generate(checkpoint, args.num_samples, args.num_sampling_steps, args.method, args.seed,
+                               args.batch_size, args.precision)
+    features, logits = extract(model, batched(quantized(images), args.batch_size), len(images), args.device)
+    fid = frechet_distance(*statistics(features), mu_ref, sigma_ref)
+    result = {"fid": fid, "step": ckpt["step"], "checkpoint": str(checkpoint), "num_samples": args.num_samples,
+              "num_sampling_steps": args.num_sampling_steps, "method": args.method, "seed": args.seed,
+              "reference": str(cache), "ref_split": args.ref_split}
+    if (model.classifier.weight != 0).any():  # weights without a classifier give no Inception Score
+        result["inception_score"] = inception_score(logits)
+    (exp["root"] / "fid.json").write_text(json.dumps(result, indent=2))
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(exp["logs"]) as writer:
+        writer.add_scalar(f"fid/{args.num_samples}_samples_{args.method}{args.num_sampling_steps}", fid, ckpt["step"])
+    return result
+
+
+def main(argv=None):
+    parser = celebgen.Parser(prog="fid.py", description="FID (and IS) as pytorch-fid computes them.")
+    parser.add_argument("paths", nargs="*", help="two folders of images or .npz statistics to compare")
+    parser.add_argument("--exp_name", help="sample from this experiment and compare with real images")
+    parser.add_argument("--checkpoint", default="best.pt", help="a name in checkpoints/ or a path")
+    parser.add_argument("--num_samples", type=celebgen.positive(int), default=10_000)
+    parser.add_argument("--num_sampling_steps", type=celebgen.positive(int), default=50)
+    parser.add_argument("--method", choices=["euler", "heun"], default="euler")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="for sampling")
+    parser.add_argument("--ref_split", choices=["heldout", "train", "val", "test"], default="heldout",
+                        help="real images to compare with (heldout = val + test)")
+    parser.add_argument("--ref_images", type=celebgen.positive(int), default=10_000,
+                        help="at most this many real images")
+    parser.add_argument("--inception_weights", help=f"pytorch-fid's weights file (or set ${WEIGHTS_ENV})")
+    parser.add_argument("--batch_size", type=celebgen.positive(int), default=50)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if bool(args.exp_name) == bool(args.paths) or (args.paths and len(args.paths) != 2):
+        parser.error("give either --exp_name or exactly two paths")
+    try:
+        model = FIDFeatures(load_weights(args.inception_weights)).to(args.device)
+        if args.exp_name:
+            result = experiment_fid(args, model)
+            print(json.dumps(result, indent=2))
+        else:
+            stats = [path_statistics(p, model, args) for p in args.paths]
+            print(f"FID: {frechet_distance(*stats[0], *stats[1]):.6f}")
+    except celebgen.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

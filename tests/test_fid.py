@@ -1,0 +1,129 @@
+"""fid.py: the Frechet distance in closed-form cases, and agreement with pytorch-fid (the reference)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import celebgen as cg
+import fid
+from test_training import TOY, cli
+
+
+def test_identical_statistics_have_zero_distance():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((500, 64))
+    mu, sigma = a.mean(0), np.cov(a, rowvar=False)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+
+
+def test_unit_mean_shift_in_2048_dimensions_is_2048():
+    eye = np.eye(2048)
+    assert fid.frechet_distance(np.zeros(2048), eye, np.ones(2048), eye) == pytest.approx(2048, abs=1e-9)
+
+
+def test_diagonal_covariances_match_the_closed_form():
+    """For diagonal covariances, Tr(S1 + S2 - 2 (S1 S2)^(1/2)) = sum (sqrt(a_i) - sqrt(b_i))^2."""
+    rng = np.random.default_rng(1)
+    a, b = rng.uniform(0.1, 3, 100), rng.uniform(0.1, 3, 100)
+    mu1, mu2 = rng.standard_normal(100), rng.standard_normal(100)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory):
+    """A random FID Inception in pytorch-fid's file format: no download needed. Convolutions get He-normal
+    weights (activations keep their scale through 94 layers) and batch norms random statistics."""
+    torch.manual_seed(0)
+    state = fid.fid_inception().state_dict()
+    for name, tensor in state.items():
+        if name.endswith("conv.weight"):
+            tensor.normal_(0, math.sqrt(2 / tensor[0].numel()))
+        elif name.endswith(("running_var", "bn.weight")):
+            tensor.uniform_(0.5, 1.5)
+        elif name.endswith(("running_mean", "bn.bias")):
+            tensor.normal_(0, 0.1)
+        elif name.startswith("fc."):
+            tensor.normal_(0, 0.01)
+    path = tmp_path_factory.mktemp("weights") / "pt_inception-random.pth"
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(random_weights):
+    """pytorch-fid's InceptionV3 with the same weights, loaded as its README for offline use describes."""
+    pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
+    state = torch.load(random_weights, weights_only=True)
+    original = pytorch_fid_inception.load_state_dict_from_url
+    pytorch_fid_inception.load_state_dict_from_url = lambda *args, **kwargs: state
+    yield pytorch_fid_inception.InceptionV3([3]).eval()
+    pytorch_fid_inception.load_state_dict_from_url = original
+
+
+def image_folders(root, n=24, size=32):
+    rng = np.random.default_rng(0)
+    folders = [root / "a", root / "b"]
+    for k, folder in enumerate(folders):
+        folder.mkdir()
+        for i in range(n):
+            base = rng.integers(0, 256, 3) if k == 0 else rng.integers(60, 200, 3)
+            pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return folders
+
+
+def test_features_match_pytorch_fid(random_weights, reference):
+    images = torch.rand(6, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    ours, _ = fid.FIDFeatures(torch.load(random_weights, weights_only=True))(images)
+    with torch.no_grad():
+        theirs = reference(images)[0].flatten(1)
+    assert theirs.abs().max() > 0.1  # the random network does produce sizeable features
+    assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_fid_of_two_folders_matches_pytorch_fid(tmp_path, random_weights, reference, capsys):
+    fid_score = pytest.importorskip("pytorch_fid.fid_score")
+    a, b = image_folders(tmp_path)
+    with pytest.warns(UserWarning, match="< 2048 images"):
+        fid.main([str(a), str(b), "--inception_weights", str(random_weights), "--batch_size", "8"])
+    ours = float(capsys.readouterr().out.split("FID:")[1])
+    stats = [fid_score.calculate_activation_statistics(sorted(map(str, folder.glob("*.png"))), reference,
+                                                        batch_size=8, dims=2048, device="cpu", num_workers=0)
+             for folder in (a, b)]
+    with np.errstate(all="ignore"):
+        theirs = fid_score.calculate_frechet_distance(*stats[0], *stats[1])
+    assert ours > 0 and ours == pytest.approx(theirs, rel=1e-5)
+
+
+def test_cli_writes_fid_json_for_an_experiment(workdir, capsys, random_weights):
+    assert cli(capsys, "train", "--exp_name", "tiny", *TOY, "--batch_size", 4, "--max_steps", 2)[0] == 0
+    argv = ["--exp_name", "tiny", "--checkpoint", "last.pt", "--num_samples", "6", "--num_sampling_steps", "2",
+            "--ref_images", "6", "--inception_weights", str(random_weights), "--batch_size", "6"]
+    with pytest.warns(UserWarning, match="< 2048 images"):
+        fid.main(argv)
+    result = json.loads((workdir / "experiments" / "tiny" / "fid.json").read_text())
+    assert result["step"] == 2 and result["num_samples"] == 6 and math.isfinite(result["fid"]) and result["fid"] > 0
+    assert "inception_score" in result  # these random weights have a (random) classifier
+    cached = list((workdir / "experiments" / "fid_refs").glob("toy_heldout_*_16px_n6_*.npz"))
+    assert len(cached) == 1
+    with pytest.warns(UserWarning):
+        fid.main(argv)  # the second run reads the cached reference statistics
+    assert "reference statistics from" in capsys.readouterr().out
+
+
+def test_missing_weights_fail_with_a_clear_message(tmp_path, monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+    monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(SystemExit) as e:
+        fid.main([str(tmp_path), str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cannot download the FID Inception weights" in err and "--inception_weights" in err
+    with pytest.raises(SystemExit):
+        fid.main([str(tmp_path), str(tmp_path), "--inception_weights", str(tmp_path / "nope.pth")])
+    assert "do not exist" in capsys.readouterr().err
