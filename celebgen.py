@@ -320,6 +320,8 @@ class CelebA(Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
+        if not 0 <= i < len(self.files):
+            raise IndexError(i)  # ends `for image in dataset`
         for j in range(i, i + len(self.files)):
             path = self.files[j % len(self.files)]
             try:
@@ -356,6 +358,8 @@ class ToyFaces(Dataset):
         return self.length
 
     def __getitem__(self, i):
+        if not 0 <= i < self.length:
+            raise IndexError(i)
         rng = np.random.default_rng(self.offset + i)
         S = 4 * self.size  # draw at 4x and shrink: smooth, antialiased edges
         colour = lambda lo, hi: tuple(int(c) for c in rng.integers(lo, hi, size=3))
@@ -394,10 +398,11 @@ def make_dataset(args, split):
 # The network predicts the clean image x_pred (section 3). Since x0 = (x_t - t x1) / (1 - t), the velocity
 # can be written without x0 as v = (x1 - x_t) / (1 - t); substituting the prediction for x1 gives
 #     v_pred = (x_pred - x_t) / max(1 - t, t_eps),          loss = || v_pred - (x1 - x0) ||^2,
-# which is an x-loss weighted by 1 / max(1 - t, t_eps)^2. Why not v_pred = x_pred - x0 with the true
+# which for 1 - t >= t_eps is exactly the x-loss ||x_pred - x1||^2 weighted by 1 / (1 - t)^2; nearer to t=1
+# the clamp caps the weight at 1 / t_eps^2 (= 400 for JiT's 0.05). Why not v_pred = x_pred - x0 with the true
 # noise? That is exactly x_pred - x1 + (x1 - x0), so the loss collapses to a plain unweighted x-loss -- and
 # at sampling time x0 is unknown anyway. Going through x_t is the conversion the sampler uses, so training
-# measures exactly what sampling will use. t_eps caps the weight near t=1 (1/0.05^2 = 400).
+# measures exactly what sampling will use.
 # Times come from a logit-normal, t = sigmoid(mu + sigma * n) with n ~ N(0, 1): JiT's mu=-0.8, sigma=0.8
 # puts most of the training effort at t < 0.5, the noisy end, where the coarse structure of a face is decided.
 
@@ -514,8 +519,8 @@ def attention_kernels(device):
 
 
 def autocast(device, precision):
-    """bf16 autocast: matmuls in bfloat16 (3-4x faster on GPUs and on CPUs with AVX-512 BF16 or AMX),
-    reductions and the loss in fp32. bf16 has fp32's range, so no loss scaling is needed."""
+    """bf16 autocast: matmuls in bfloat16 (about 3x the fp32 matmul rate on this project's AVX-512 BF16
+    CPU, more on GPUs), norms, softmax and the loss in fp32. bf16 has fp32's range: no loss scaling."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
@@ -576,6 +581,8 @@ def train_loop(rank, world_size, args, device):
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best_val = ckpt["step"], ckpt["best_val"]
+        if rank == 0:
+            print(f"resuming {args.exp_name} from step {step}", flush=True)
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)

@@ -35,6 +35,7 @@ def test_celeba_layouts_splits_and_crop(tmp_path, layout):
         split_file.write_text("".join(f"{n} {s}\r\n" for n, s in SPLITS.items()))  # the official file is CRLF
     sizes = {split: len(cg.CelebA(tmp_path, split, 16)) for split in ("train", "val", "test")}
     assert sizes == {"train": 3, "val": 2, "test": 1}
+    assert len(list(cg.CelebA(tmp_path, "train", 16))) == 3  # iteration ends at len()
     image = cg.CelebA(tmp_path, "val", 16)[1]
     assert image.shape == (3, 16, 16) and image.min() >= -1 and image.max() <= 1
     red = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1)
@@ -94,6 +95,7 @@ def test_failed_download_ends_in_a_clear_message(tmp_path, monkeypatch):
 
 def test_toy_faces_are_deterministic_and_varied():
     a, b = cg.ToyFaces(32), cg.ToyFaces(32)
+    assert len(list(cg.ToyFaces(8, length=5))) == 5
     assert torch.equal(a[7], b[7])
     assert (a[7] - a[8]).abs().mean() > 0.1
     val = cg.ToyFaces(32, offset=10**6)

@@ -85,6 +85,7 @@ def test_features_match_pytorch_fid(random_weights, reference):
     assert (ours - theirs).abs().max() < 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:.*disp.*:DeprecationWarning", "ignore:Matrix is singular")  # pytorch-fid's sqrtm call
 def test_fid_of_two_folders_matches_pytorch_fid(tmp_path, random_weights, reference, capsys):
     fid_score = pytest.importorskip("pytorch_fid.fid_score")
     a, b = image_folders(tmp_path)
