@@ -11,10 +11,12 @@ Commands (all from this folder):
     python celebgen.py train --exp_name quickstart --dataset toy --model tiny --image_size 32 \\
         --lr 1e-3 --warmup_steps 100 --max_steps 1500
     python celebgen.py sample --exp_name quickstart --num_samples 64
-    # CelebA 64x64 on one GPU, then on every GPU of this machine (one process per GPU, DDP over NCCL)
-    python celebgen.py train --exp_name celeba64 --data_root ./data
+    # CelebA 64x64 on one GPU, then on 8 GPUs of this machine (one process per GPU, DDP over NCCL;
+    # without --nproc every GPU of the machine is used)
+    python celebgen.py train --exp_name celeba64 --data_root ./data --nproc 1
     python celebgen.py train --exp_name celeba64 --data_root ./data --nproc 8
     # several machines: torchrun starts the processes and this file joins their group
+    # (experiments/ must be on a filesystem all machines share, for --resume)
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
         celebgen.py train --exp_name celeba64 --data_root ./data
     # continue an interrupted run exactly where its last checkpoint left it
@@ -753,6 +755,8 @@ def load_checkpoint(path):
 
 def train_command(args, parser, argv):
     exp = experiment_paths(args.exp_name)
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun started this process
+    first = int(os.environ.get("RANK", 0)) == 0  # under torchrun only rank 0 creates the experiment
     if args.resume:
         if not (exp["checkpoints"] / "last.pt").is_file():
             raise UserError(f"nothing to resume: {exp['checkpoints'] / 'last.pt'} does not exist; "
@@ -765,16 +769,16 @@ def train_command(args, parser, argv):
         if changed:
             raise UserError(f"the checkpoint of {args.exp_name!r} is a different model config "
                             f"({', '.join(changed)}); drop those flags, or start a new --exp_name")
-    elif exp["root"].exists():
+    elif first and exp["root"].exists():
         raise UserError(f"experiment {exp['root']} already exists; add --resume to continue it, "
                         f"or choose another --exp_name")
-    validate_train_args(args)
-    if not args.resume:
+    validate_train_args(args, torchrun)
+    if first and not args.resume:
         for folder in ("checkpoints", "logs", "samples"):
             exp[folder].mkdir(parents=True, exist_ok=True)
         (exp["root"] / "args.json").write_text(json.dumps(vars(args), indent=2))
 
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun: join its group
+    if torchrun:  # join torchrun's group instead of spawning
         train_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
     elif args.nproc == 1:
         train_worker(0, 1, args)
@@ -787,14 +791,14 @@ def train_command(args, parser, argv):
             sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)  # the worker printed why
 
 
-def validate_train_args(args):
+def validate_train_args(args, torchrun):
     """Catch bad input before any process starts or any file is written."""
     if args.image_size % args.patch_size:
         raise UserError(f"--image_size {args.image_size} is not divisible by --patch_size {args.patch_size}; "
                         f"use e.g. --image_size {args.image_size // args.patch_size * args.patch_size or args.patch_size}")
     devices = torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
     kind = "GPUs" if torch.cuda.is_available() else "CPU cores"
-    if args.nproc > devices and "RANK" not in os.environ:
+    if args.nproc > devices and not torchrun:  # torchrun counts its own processes
         raise UserError(f"--nproc {args.nproc} is more than the {devices} {kind} here; use --nproc {devices} or fewer")
     if args.precision == "bf16" and not torch.cuda.is_available() and not torch.backends.mkldnn.is_available():
         raise UserError("--precision bf16 needs a GPU or a CPU build with oneDNN; use --precision fp32")

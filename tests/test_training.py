@@ -38,7 +38,8 @@ def random_image_folder(folder, n, size=16):
 
 def test_ddp_two_processes_equal_one_process_with_twice_the_batch(workdir, capsys):
     """2 gloo processes x batch 4 and 1 process x batch 8 see the same examples and take the same steps;
-    they differ only by float rounding in the gradient all-reduce (tolerance 1e-5 on weights of size ~0.1)."""
+    they differ only by float rounding in the gradient all-reduce (tolerance 1e-5 on weights of size ~0.1).
+    Started by torchrun instead of by celebgen's spawn, the 2 processes give the very same weights."""
     code, out, _ = cli(capsys, "train", "--exp_name", "one", *TOY, "--batch_size", 8, "--max_steps", 3)
     assert code == 0 and "step 3/3" in out
     code, out, err = cli(capsys, "train", "--exp_name", "two", *TOY, "--batch_size", 4, "--max_steps", 3, "--nproc", 2)
@@ -51,6 +52,13 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(workdir, capsy
     for part in ("model", "ema"):  # ...and both runs changed them the same way
         diff = max((one[part][k] - two[part][k]).abs().max().item() for k in one[part])
         assert diff < 1e-5, (part, diff)
+
+    # the same 2 processes started by torchrun, which celebgen joins instead of spawning its own
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(ROOT / "celebgen.py"), "train", "--exp_name", "torchrun", *map(str, TOY),
+                               "--batch_size", "4", "--max_steps", "3"], capture_output=True, text=True, timeout=300)
+    assert torchrun.returncode == 0, torchrun.stderr
+    assert all(torch.equal(two["model"][k], checkpoint("torchrun")["model"][k]) for k in two["model"])
 
 
 def test_resume_continues_exactly(workdir, capsys):
