@@ -125,8 +125,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        # Per-head RMSNorm on q and k ("QK-norm") bounds the logits q.k/sqrt(d), which keeps attention
-        # from saturating when training with a large learning rate or in bf16.
+        # Per-head RMSNorm on q and k ("QK-norm") keeps the logits q.k/sqrt(d) at a scale set by two small
+        # learned gains, so attention does not saturate with a large learning rate or in bf16.
         self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
         self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
@@ -147,8 +147,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # affine comes from AdaIN
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        # A plain GELU MLP, as in DiT. (SwiGLU is a few % better per FLOP in LLMs; at this size the plain
-        # MLP is one line shorter to read and trains just as well.)
+        # A plain GELU MLP, as in DiT. (LLMs and JiT use SwiGLU, often a little better per FLOP; the plain
+        # MLP is simpler to read, and no difference has been measured for this project.)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(mlp_ratio * dim, dim))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
