@@ -13,6 +13,8 @@ Commands:
     # compare two folders of images, or saved statistics (.npz with mu and sigma), like pytorch-fid
     python fid.py PATH_A PATH_B
 
+The Inception Score (IS) is added to fid.json when the weights include the 1008-way classifier.
+
 Weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth. It is downloaded once by torch.hub (into
 $TORCH_HOME/hub/checkpoints/), or read from --inception_weights PATH or $FID_INCEPTION_WEIGHTS.
 """
@@ -255,8 +257,10 @@ def experiment_fid(args, model):
     result = {"fid": fid, "step": ckpt["step"], "checkpoint": str(checkpoint), "num_samples": args.num_samples,
               "num_sampling_steps": args.num_sampling_steps, "method": args.method, "seed": args.seed,
               "reference": str(cache), "ref_split": args.ref_split}
-    if (model.classifier.weight != 0).any():  # weights without a classifier give no Inception Score
+    if (model.classifier.weight != 0).any():  # the Inception Score needs the 1008-way classifier's weights
         result["inception_score"] = inception_score(logits)
+    else:
+        print("Inception Score omitted: these Inception weights have no classifier (fc is all zeros)")
     (exp["root"] / "fid.json").write_text(json.dumps(result, indent=2))
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(exp["logs"]) as writer:
