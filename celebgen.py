@@ -834,7 +834,12 @@ def generate(checkpoint, num_samples, num_steps, method, seed, batch_size, preci
     train_args = argparse.Namespace(**ckpt["args"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(train_args)
-    model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    try:
+        model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    except RuntimeError as e:  # missing/unexpected keys or shapes: weights of a different model
+        raise UserError(f"the weights in {checkpoint} do not fit the model its arguments describe "
+                        f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
+                        f"was it written by another version of celebgen.py?") from None
     model.to(device).eval()
     generator = torch.Generator().manual_seed(seed)
     shape = (3, train_args.image_size, train_args.image_size)

@@ -151,6 +151,14 @@ def test_truncated_checkpoint_is_reported_not_loaded(trained, capsys):
         assert code == 2 and "is unreadable" in err and "truncated or corrupt" in err and err.count("\n") == 1
 
 
+def test_checkpoint_whose_weights_do_not_fit_its_config(trained, capsys):
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["args"]["model"] = "small"  # tiny weights under a small config
+    torch.save(ckpt, trained)
+    code, _, err = cli(capsys, "sample", "--exp_name", "done", "--num_samples", 1)
+    assert code == 2 and "do not fit the model" in err and err.count("\n") == 1, err
+
+
 def test_missing_checkpoint_name(trained, capsys):
     code, _, err = cli(capsys, "sample", "--exp_name", "done", "--checkpoint", "nope.pt")
     assert code == 2 and "nope.pt does not exist" in err
