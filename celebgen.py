@@ -836,9 +836,9 @@ def generate(checkpoint, num_samples, num_steps, method, seed, batch_size, preci
     model = build_model(train_args)
     try:
         model.load_state_dict(ckpt["ema" if use_ema else "model"])
-    except RuntimeError as e:  # missing/unexpected keys or shapes: weights of a different model
-        raise UserError(f"the weights in {checkpoint} do not fit the model its arguments describe "
-                        f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
+    except RuntimeError:  # missing/unexpected keys or shapes: weights of a different model
+        config = ", ".join(f"--{k} {getattr(train_args, k)}" for k in MODEL_ARGS)
+        raise UserError(f"the weights in {checkpoint} do not fit the model its arguments describe ({config}); "
                         f"was it written by another version of celebgen.py?") from None
     model.to(device).eval()
     generator = torch.Generator().manual_seed(seed)
