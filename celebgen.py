@@ -727,6 +727,12 @@ def experiment_paths(exp_name):
     return {"root": root, "checkpoints": root / "checkpoints", "logs": root / "logs", "samples": root / "samples"}
 
 
+def checkpoint_path(exp_name, checkpoint):
+    """--checkpoint is a path to a file, or a name (last.pt, best.pt) in the experiment's checkpoints/."""
+    path = Path(checkpoint)
+    return path if path.is_file() else experiment_paths(exp_name)["checkpoints"] / checkpoint
+
+
 def save_checkpoint(path, model, ema, optimizer, step, best_val, args):
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
              "step": step, "best_val": best_val, "args": vars(args),
@@ -794,8 +800,9 @@ def train_command(args, parser, argv):
 def validate_train_args(args, torchrun):
     """Catch bad input before any process starts or any file is written."""
     if args.image_size % args.patch_size:
+        nearest = max(args.patch_size, args.image_size // args.patch_size * args.patch_size)
         raise UserError(f"--image_size {args.image_size} is not divisible by --patch_size {args.patch_size}; "
-                        f"use e.g. --image_size {args.image_size // args.patch_size * args.patch_size or args.patch_size}")
+                        f"use e.g. --image_size {nearest}")
     devices = torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
     kind = "GPUs" if torch.cuda.is_available() else "CPU cores"
     if args.nproc > devices and not torchrun:  # torchrun counts its own processes
@@ -816,11 +823,11 @@ def free_port():
 
 
 def sample_command(args):
-    exp = experiment_paths(args.exp_name)
-    path = Path(args.checkpoint) if Path(args.checkpoint).is_file() else exp["checkpoints"] / args.checkpoint
-    images = generate(path, args.num_samples, args.num_sampling_steps, args.method, args.seed,
+    path = checkpoint_path(args.exp_name, args.checkpoint)
+    images = generate(load_checkpoint(path), args.num_samples, args.num_sampling_steps, args.method, args.seed,
                       args.batch_size, args.precision, use_ema=not args.no_ema)
-    out = exp["samples"] / f"{path.stem}_{args.method}{args.num_sampling_steps}_seed{args.seed}"
+    name = f"{path.stem}_{args.method}{args.num_sampling_steps}_seed{args.seed}"  # e.g. best_euler50_seed0
+    out = experiment_paths(args.exp_name)["samples"] / name
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(to_unit(images)):
         save_png(image, out / f"{i:06d}.png")
@@ -828,9 +835,8 @@ def sample_command(args):
     print(f"wrote {len(images)} images to {out}/ and a grid to {out.with_suffix('.png')}")
 
 
-def generate(checkpoint, num_samples, num_steps, method, seed, batch_size, precision, use_ema=True):
-    """Sample num_samples images (N, C, H, W) in [-1, 1] from a checkpoint, printing progress."""
-    ckpt = load_checkpoint(checkpoint)
+def generate(ckpt, num_samples, num_steps, method, seed, batch_size, precision, use_ema=True):
+    """Sample num_samples images (N, C, H, W) in [-1, 1] from a loaded checkpoint, printing progress."""
     train_args = argparse.Namespace(**ckpt["args"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(train_args)
@@ -838,7 +844,7 @@ def generate(checkpoint, num_samples, num_steps, method, seed, batch_size, preci
         model.load_state_dict(ckpt["ema" if use_ema else "model"])
     except RuntimeError:  # missing/unexpected keys or shapes: weights of a different model
         config = ", ".join(f"--{k} {getattr(train_args, k)}" for k in MODEL_ARGS)
-        raise UserError(f"the weights in {checkpoint} do not fit the model its arguments describe ({config}); "
+        raise UserError(f"the checkpoint's weights do not fit the model its arguments describe ({config}); "
                         f"was it written by another version of celebgen.py?") from None
     model.to(device).eval()
     generator = torch.Generator().manual_seed(seed)

@@ -246,11 +246,11 @@ def reference_statistics(train_args, model, args):
 
 def experiment_fid(args, model):
     exp = celebgen.experiment_paths(args.exp_name)
-    checkpoint = Path(args.checkpoint) if Path(args.checkpoint).is_file() else exp["checkpoints"] / args.checkpoint
+    checkpoint = celebgen.checkpoint_path(args.exp_name, args.checkpoint)
     ckpt = celebgen.load_checkpoint(checkpoint)
     train_args = argparse.Namespace(**ckpt["args"])
     mu_ref, sigma_ref, cache = reference_statistics(train_args, model, args)
-    images = celebgen.generate(checkpoint, args.num_samples, args.num_sampling_steps, args.method, args.seed,
+    images = celebgen.generate(ckpt, args.num_samples, args.num_sampling_steps, args.method, args.seed,
                                args.batch_size, args.precision)
     features, logits = extract(model, batched(quantized(images), args.batch_size), len(images), args.device)
     fid = frechet_distance(*statistics(features), mu_ref, sigma_ref)

@@ -9,9 +9,11 @@ EMA; data already in memory), model TFLOP/s by celebgen.flops_per_image, and tha
 peak of a large square matmul of the same dtype measured at the start of the same run.
 """
 import argparse
+import copy
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -35,7 +37,7 @@ def training_speed(model_name, image_size, patch_size, precision, batch_size, se
     args = argparse.Namespace(model=model_name, image_size=image_size, patch_size=patch_size)
     torch.manual_seed(0)
     model = cg.build_model(args)
-    ema = cg.copy.deepcopy(model).requires_grad_(False)
+    ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     x1 = torch.randn(batch_size, 3, image_size, image_size)
     device = torch.device("cpu")
@@ -50,7 +52,7 @@ def training_speed(model_name, image_size, patch_size, precision, batch_size, se
         opt.step()
         cg.update_ema(ema, model, i, 0.9999)
 
-    with cg.attention_kernels(device) if not sdpa else cg.nullcontext():
+    with cg.attention_kernels(device) if not sdpa else nullcontext():
         for i in range(3):
             step(i)
         count, start = 0, time.perf_counter()
