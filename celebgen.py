@@ -9,7 +9,7 @@ velocity x1 - x0. Sampling integrates that velocity from pure noise (t=0) to an 
 Commands (all from this folder):
     # CPU quickstart: procedurally drawn toy faces, no download, a few minutes on a laptop
     python celebgen.py train --exp_name quickstart --dataset toy --model tiny --image_size 32 \\
-        --lr 1e-3 --warmup_steps 100 --max_steps 1500
+        --lr 1e-3 --warmup_steps 100 --max_steps 1200
     python celebgen.py sample --exp_name quickstart --num_samples 64
     # CelebA 64x64 on one GPU, then on 8 GPUs of this machine (one process per GPU, DDP over NCCL;
     # without --nproc every GPU of the machine is used)
@@ -21,6 +21,8 @@ Commands (all from this folder):
         celebgen.py train --exp_name celeba64 --data_root ./data
     # continue an interrupted run exactly where its last checkpoint left it
     python celebgen.py train --exp_name celeba64 --resume
+Every command picks its device (--device auto: CUDA, then Apple MPS, then CPU) and precision (--precision
+auto: bf16 where the hardware has it, fp16 with loss scaling on older GPUs, else fp32) and says why first.
 
 Sections:
     1. RoPE              2D rotary position angles, and the time features from the same frequency bank
@@ -29,13 +31,14 @@ Sections:
     4. Data              CelebA in the layouts people have, and offline toy faces
     5. Loss              interpolation, x-prediction -> velocity, the v-loss
     6. Sampler           Euler (and Heun) from noise to image
-    7. Trainer           reproducible examples, DDP across processes, EMA, TensorBoard
+    7. Trainer           reproducible examples, DDP, device and precision, EMA, TensorBoard
     8. Experiments       experiments/{exp_name}/{checkpoints,logs,samples}, atomic checkpoints, resume
     9. CLI               argparse subcommands `train` and `sample`
 """
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -426,7 +429,7 @@ def velocity(x_pred, x_t, t, t_eps):
 
 def flow_loss(model, x1, x0, t, t_eps):
     x_t = interpolate(x1, x0, t)                                              # (B, C, H, W)
-    x_pred = model(x_t, t).float()  # the loss in fp32, also under bf16 autocast  (B, C, H, W)
+    x_pred = model(x_t, t).float()  # the loss in fp32, also under autocast     (B, C, H, W)
     v_pred = velocity(x_pred, x_t, t, t_eps)                                  # (B, C, H, W)
     return F.mse_loss(v_pred, x1 - x0)
 
@@ -462,7 +465,7 @@ def sample(model, noise, num_steps, method="euler"):
 
 
 # ---------------------------------------------------------------------------------------------------------
-#                                   7. Trainer: DDP over processes, AdamW, EMA, TensorBoard
+#                                   7. Trainer: DDP, device and precision, AdamW, EMA, TensorBoard
 # ---------------------------------------------------------------------------------------------------------
 # One process per GPU (or per CPU slot with --nproc), started by torch.multiprocessing.spawn, or by
 # torchrun for several machines. Each process holds a full copy of the model; DistributedDataParallel
@@ -520,10 +523,85 @@ def attention_kernels(device):
     return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
 
 
+# Device and precision. `--device auto` takes a CUDA GPU, then Apple's MPS, then the CPU.
+# Under autocast every matmul (each Linear, attention's products) runs in a 16-bit type. Which other ops
+# autocast moves to fp32 depends on the device (on CUDA layer norm and softmax; on the CPU neither), so this
+# file computes QK-norm and the loss in fp32 itself. Autocast casts each op's inputs, not the model:
+# weights, gradients and AdamW's moments stay fp32. But an op's output keeps the op's dtype, so the
+# residual stream itself (every block's output) is 16-bit too.
+#   bf16 keeps fp32's 8 exponent bits and drops mantissa bits: a gradient of 1e-10 is still representable,
+#        so bf16 needs no loss scaling.
+#   fp16 has 5 exponent bits: values below ~6e-8 flush to zero, and small gradients with them. GradScaler
+#        multiplies the loss by a large factor before backward and divides the gradients by it before
+#        the step, and skips a step whose gradients overflowed (lowering the factor).
+# Which is fast depends on the hardware. GPUs of compute capability >= 8.0 (Ampere on) and CPUs with
+# AVX512-BF16 or AMX multiply bf16 natively, faster than fp32; older GPUs (T4, V100) have fast fp16 but
+# not bf16. Elsewhere bf16 is emulated -- converted to fp32 in software, outside the tuned fp32 kernels --
+# and runs many times slower than fp32 (tests/benchmark_speed.py prints the ratio on your CPU). CPU feature
+# flags do not say reliably what a given PyTorch build does with them, so on the CPU `auto` measures.
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
+BF16_SPEEDUP_NEEDED = 1.3  # a CPU must run bf16 matmuls this much faster than fp32 for auto to pick bf16
+
+
+def pick_device(name):
+    """'auto' -> cuda, then mps, then cpu. A device that is not here is a UserError."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        name = next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
+    if not available[name]:
+        raise UserError(f"--device {name}, but PyTorch {torch.__version__} sees no {name.upper()} device "
+                        f"here; use --device auto (or cpu)")
+    return torch.device(name)
+
+
+@functools.cache
+def cpu_matmul_speedup(precision, n=512):
+    """fp32 time / `precision` time of an n x n matmul on this CPU, best of up to 3 within 0.1 s each:
+    > 1 where the 16-bit type is native, far below 1 where it is emulated (well under a second both)."""
+    def best_time(dtype):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a[:64, :64] @ b[:64, :64]  # warm-up: the first call picks and loads the kernel
+        times = []
+        while len(times) < 3 and sum(times) < 0.1:
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+    return best_time(torch.float32) / best_time(AUTOCAST_DTYPES[precision])
+
+
+def choose_precision(device_type, cuda_capability=None, cpu_bf16_speedup=None):
+    """What --precision auto means on a machine, from what was queried or measured: (precision, why)."""
+    if device_type == "cuda":
+        version = "{}.{}".format(*cuda_capability)
+        if cuda_capability >= (8, 0):
+            return "bf16", f"CUDA compute capability {version} has native bf16"
+        return "fp16", f"CUDA compute capability {version} < 8.0 has no native bf16; fp16 with loss scaling"
+    if device_type == "cpu":
+        if cpu_bf16_speedup >= BF16_SPEEDUP_NEEDED:
+            return "bf16", f"this CPU has bf16 units: bf16 matmul {cpu_bf16_speedup:.2f}x fp32"
+        return "fp32", f"this CPU has no fast bf16 units: bf16 matmul {cpu_bf16_speedup:.2f}x fp32"
+    return "fp32", f"autocast on {device_type} is untested by celebgen; fp32 runs everywhere"
+
+
+def resolve_precision(requested, device):
+    """--precision -> (bf16 | fp16 | fp32, why). An explicit choice is kept, with a warning where it is slow."""
+    if requested == "auto":
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        speedup = cpu_matmul_speedup("bf16") if device.type == "cpu" else None
+        return choose_precision(device.type, capability, speedup)
+    if requested in AUTOCAST_DTYPES and device.type == "cpu" and cpu_matmul_speedup(requested) < 1:
+        print(f"warning: {requested} matmuls run at {cpu_matmul_speedup(requested):.2f}x fp32 on this CPU "
+              f"(emulated): expect a slow run; --precision auto picks the fast choice", file=sys.stderr)
+    return requested, "as asked"
+
+
 def autocast(device, precision):
-    """bf16 autocast: matmuls in bfloat16 (about 3x the fp32 matmul rate on this project's AVX-512 BF16
-    CPU, more on GPUs), norms, softmax and the loss in fp32. bf16 has fp32's range: no loss scaling."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    """The context that runs a forward pass at `precision` (bf16, fp16 or fp32) on `device`."""
+    if precision not in AUTOCAST_DTYPES:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 @torch.no_grad()
@@ -536,15 +614,15 @@ def update_ema(ema, model, step, decay):
         e.lerp_(p, 1 - d)
 
 
-def distributed_setup(rank, world_size):
-    """Join the process group (if any) and pick this process's device."""
+def distributed_setup(rank, world_size, device_name):
+    """Join the process group (if any) and pick this process's device: GPU number LOCAL_RANK on CUDA."""
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if torch.cuda.is_available():
+    device = pick_device(device_name)
+    if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs outside autocast
-    else:
-        device = torch.device("cpu")
+    elif device.type == "cpu":
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # no oversubscribed cores
     if world_size > 1:
@@ -555,8 +633,12 @@ def distributed_setup(rank, world_size):
 
 def train_worker(rank, world_size, args):
     """The training loop of one process. Rank 0 alone writes logs, samples and checkpoints."""
-    device = distributed_setup(rank, world_size)
+    device = distributed_setup(rank, world_size, args.device)
     try:
+        if world_size > 1:  # under torchrun each process resolved --precision itself: follow rank 0's
+            choice = [args.resolved_precision]
+            dist.broadcast_object_list(choice, src=0)
+            args.resolved_precision = choice[0]
         with attention_kernels(device):
             train_loop(rank, world_size, args, device)
     except UserError as e:
@@ -576,12 +658,16 @@ def train_loop(rank, world_size, args, device):
     model = build_model(args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    # fp16 only: scale the loss up before backward, so small gradients do not flush to zero (see autocast)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.resolved_precision == "fp16")
     step, best_val = 0, math.inf
     if args.resume:
         ckpt = load_checkpoint(exp["checkpoints"] / "last.pt")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler.is_enabled() and ckpt.get("scaler"):  # empty when the checkpoint was not written in fp16
+            scaler.load_state_dict(ckpt["scaler"])
         step, best_val = ckpt["step"], ckpt["best_val"]
         if rank == 0:
             print(f"resuming {args.exp_name} from step {step}", flush=True)
@@ -614,12 +700,14 @@ def train_loop(rank, world_size, args, device):
             lr = args.lr * min(1.0, (step + 1) / args.warmup_steps)          # linear warm-up, then constant
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast(device, args.precision):
+            with autocast(device, args.resolved_precision):
                 loss = flow_loss(ddp_model, x1, x0, t, args.t_eps)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()                                                   # DDP all-reduces gradients here
+            scaler.scale(loss).backward()  # DDP all-reduces gradients here; scale() is the identity but in fp16
+            scaler.unscale_(optimizer)     # the true gradients, for clipping and the logged norm
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)         # optimizer.step(), skipped in fp16 if a gradient overflowed
+            scaler.update()
             update_ema(ema, model, step, args.ema_decay)
             step += 1
 
@@ -631,7 +719,8 @@ def train_loop(rank, world_size, args, device):
                                 f"--grad_clip, or resume from a checkpoint before the divergence")
             if rank == 0:
                 best_val = logger.after_step(step, loss.item(), lr, grad_norm.item(), len(x1) * world_size,
-                                             model, ema, optimizer, best_val, final=step == total_steps)
+                                             model, ema, optimizer, scaler, best_val,
+                                             final=step == total_steps)
             if step == total_steps:
                 break
     if rank == 0:
@@ -652,9 +741,9 @@ class Logger:
         self.clock, self.images_seen = time.time(), 0
         print(f"training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
               f"params) on {args.dataset} {args.image_size}x{args.image_size}, {total_steps} steps, "
-              f"device {device}, {args.precision}, experiment {exp['root']}", flush=True)
+              f"device {device}, {args.resolved_precision}, experiment {exp['root']}", flush=True)
 
-    def after_step(self, step, loss, lr, grad_norm, images, model, ema, optimizer, best_val, final):
+    def after_step(self, step, loss, lr, grad_norm, images, model, ema, optimizer, scaler, best_val, final):
         args, w = self.args, self.writer
         self.images_seen += images
         if step % args.log_every == 0 or final:
@@ -670,20 +759,23 @@ class Logger:
             w.add_scalar("train/images_per_sec", speed, step)
             self.clock, self.images_seen = time.time(), 0
         if step % args.eval_every == 0 or final:
-            val = validation_loss(ema, self.val, args.t_eps, 4 * args.batch_size, self.device, args.precision)
+            val = validation_loss(ema, self.val, args.t_eps, 4 * args.batch_size, self.device,
+                                  args.resolved_precision)
             w.add_scalar("val/loss", val, step)
             print(f"step {step} | val loss (EMA) {val:.4f}" + (" | new best" if val < best_val else ""), flush=True)
             if val < best_val:
                 best_val = val
-                save_checkpoint(self.exp["checkpoints"] / "best.pt", model, ema, optimizer, step, best_val, args)
+                save_checkpoint(self.exp["checkpoints"] / "best.pt", model, ema, optimizer, scaler, step,
+                                best_val, args)
         if step % args.sample_every == 0 or final:
-            with autocast(self.device, args.precision):
+            with autocast(self.device, args.resolved_precision):
                 images = sample(ema, self.grid_noise.to(self.device), args.num_sampling_steps)
             grid = image_grid(images)
             w.add_image("samples", grid, step)
             save_png(grid, self.exp["samples"] / f"step_{step:07d}.png")
         if step % args.ckpt_every == 0 or final:
-            save_checkpoint(self.exp["checkpoints"] / "last.pt", model, ema, optimizer, step, best_val, args)
+            save_checkpoint(self.exp["checkpoints"] / "last.pt", model, ema, optimizer, scaler, step,
+                            best_val, args)
         return best_val
 
     def close(self):
@@ -733,9 +825,9 @@ def checkpoint_path(exp_name, checkpoint):
     return path if path.is_file() else experiment_paths(exp_name)["checkpoints"] / checkpoint
 
 
-def save_checkpoint(path, model, ema, optimizer, step, best_val, args):
+def save_checkpoint(path, model, ema, optimizer, scaler, step, best_val, args):
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-             "step": step, "best_val": best_val, "args": vars(args),
+             "scaler": scaler.state_dict(), "step": step, "best_val": best_val, "args": vars(args),
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
     tmp = path.with_name(path.name + ".tmp")
@@ -778,7 +870,8 @@ def train_command(args, parser, argv):
     elif first and exp["root"].exists():
         raise UserError(f"experiment {exp['root']} already exists; add --resume to continue it, "
                         f"or choose another --exp_name")
-    validate_train_args(args, torchrun)
+    device, args.resolved_precision = device_and_precision(args.device, args.precision, announce=first)
+    validate_train_args(args, device, torchrun)
     if first and not args.resume:
         for folder in ("checkpoints", "logs", "samples"):
             exp[folder].mkdir(parents=True, exist_ok=True)
@@ -797,18 +890,22 @@ def train_command(args, parser, argv):
             sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)  # the worker printed why
 
 
-def validate_train_args(args, torchrun):
+def validate_train_args(args, device, torchrun):
     """Catch bad input before any process starts or any file is written."""
     if args.image_size % args.patch_size:
         nearest = max(args.patch_size, args.image_size // args.patch_size * args.patch_size)
         raise UserError(f"--image_size {args.image_size} is not divisible by --patch_size {args.patch_size}; "
                         f"use e.g. --image_size {nearest}")
-    devices = torch.cuda.device_count() if torch.cuda.is_available() else (os.cpu_count() or 1)
-    kind = "GPUs" if torch.cuda.is_available() else "CPU cores"
+    if args.nproc is None:
+        args.nproc = torch.cuda.device_count() if device.type == "cuda" else 1
+    if device.type == "mps" and (args.nproc > 1 or torchrun):
+        raise UserError("DDP cannot run on MPS (torch.distributed has no MPS backend); use --nproc 1, "
+                        "or --device cpu for several processes")
+    devices = torch.cuda.device_count() if device.type == "cuda" else (os.cpu_count() or 1)
+    kind = "GPUs" if device.type == "cuda" else "CPU cores"
     if args.nproc > devices and not torchrun:  # torchrun counts its own processes
-        raise UserError(f"--nproc {args.nproc} is more than the {devices} {kind} here; use --nproc {devices} or fewer")
-    if args.precision == "bf16" and not torch.cuda.is_available() and not torch.backends.mkldnn.is_available():
-        raise UserError("--precision bf16 needs a GPU or a CPU build with oneDNN; use --precision fp32")
+        raise UserError(f"--nproc {args.nproc} is more than the {devices} {kind} here; "
+                        f"use --nproc {devices} or fewer")
     images = len(make_dataset(args, "train"))
     make_dataset(args, "val")  # fails now, not after training, if the val split is missing
     if images < args.batch_size * args.nproc:
@@ -822,10 +919,21 @@ def free_port():
         return s.getsockname()[1]
 
 
+def device_and_precision(device_name, precision_name, announce=True):
+    """Resolve --device and --precision, and say what was chosen and why (the first line of a run)."""
+    device = pick_device(device_name)
+    precision, why = resolve_precision(precision_name, device)
+    if announce:
+        print(f"device {device.type}, precision {precision_name} -> {precision} ({why})", flush=True)
+    return device, precision
+
+
 def sample_command(args):
+    device, precision = device_and_precision(args.device, args.precision)
     path = checkpoint_path(args.exp_name, args.checkpoint)
-    images = generate(load_checkpoint(path), args.num_samples, args.num_sampling_steps, args.method, args.seed,
-                      args.batch_size, args.precision, use_ema=not args.no_ema)
+    ckpt = load_checkpoint(path)
+    images = generate(ckpt, args.num_samples, args.num_sampling_steps, args.method, args.seed,
+                      args.batch_size, device, precision, use_ema=not args.no_ema)
     name = f"{path.stem}_{args.method}{args.num_sampling_steps}_seed{args.seed}"  # e.g. best_euler50_seed0
     out = experiment_paths(args.exp_name)["samples"] / name
     out.mkdir(parents=True, exist_ok=True)
@@ -835,10 +943,10 @@ def sample_command(args):
     print(f"wrote {len(images)} images to {out}/ and a grid to {out.with_suffix('.png')}")
 
 
-def generate(ckpt, num_samples, num_steps, method, seed, batch_size, precision, use_ema=True):
-    """Sample num_samples images (N, C, H, W) in [-1, 1] from a loaded checkpoint, printing progress."""
+def generate(ckpt, num_samples, num_steps, method, seed, batch_size, device, precision, use_ema=True):
+    """Sample num_samples images (N, C, H, W) in [-1, 1] from a loaded checkpoint, printing progress.
+    The noise is drawn on the CPU, so a seed gives the same noise on every device."""
     train_args = argparse.Namespace(**ckpt["args"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(train_args)
     try:
         model.load_state_dict(ckpt["ema" if use_ema else "model"])
@@ -873,6 +981,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
+PRECISION_HELP = ("autocast dtype; auto: bf16 where it is native (CUDA >= 8.0, a CPU whose bf16 matmul is "
+                  "measured faster), fp16 + loss scaling on older GPUs, else fp32")
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+DEVICE_HELP = "auto: cuda, then mps, then cpu"
+
+
 def make_parser():
     parser = Parser(prog="celebgen.py", description="Rectified-flow DiT for CelebA faces.")
     commands = parser.commands = parser.add_subparsers(dest="command", required=True)
@@ -897,10 +1012,11 @@ def make_parser():
     train.add_argument("--t_sigma", type=positive(float), default=0.8, help="logit-normal std of t")
     train.add_argument("--t_eps", type=positive(float), default=0.05, help="v = (x_pred - x_t) / max(1 - t, t_eps)")
     train.add_argument("--num_sampling_steps", type=positive(int), default=50, help="for the sample grids")
-    train.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="bf16 autocast or plain fp32")
+    train.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    train.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
-    train.add_argument("--nproc", type=positive(int), default=max(1, torch.cuda.device_count()),
-                       help="processes on this machine (default: one per GPU, or 1 on CPU)")
+    train.add_argument("--nproc", type=positive(int), default=None,
+                       help="processes on this machine (default: one per GPU on CUDA, else 1)")
     train.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per process")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--val_size", type=positive(int), default=256)
@@ -917,23 +1033,36 @@ def make_parser():
     smp.add_argument("--method", choices=["euler", "heun"], default="euler")
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--batch_size", type=positive(int), default=64)
-    smp.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    smp.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    smp.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     smp.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
     return parser
+
+
+def exit_on_user_error(command, *args):
+    """Run a command. Bad input (UserError), and an op without an MPS kernel, end as one line
+    `error: ...` and exit status 2, not a traceback."""
+    try:
+        return command(*args)
+    except UserError as e:
+        message = str(e)
+    except NotImplementedError as e:
+        if "MPS" not in str(e):
+            raise
+        message = (f"{str(e).splitlines()[0]} Set PYTORCH_ENABLE_MPS_FALLBACK=1 to run such ops on the "
+                   f"CPU, or use --device cpu")
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     parser = make_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.command == "train":
-            train_command(args, parser, argv)
-        else:
-            sample_command(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if args.command == "train":
+        exit_on_user_error(train_command, args, parser, argv)
+    else:
+        exit_on_user_error(sample_command, args)
 
 
 if __name__ == "__main__":

@@ -215,15 +215,15 @@ def quantized(images):
     return [(x * 255).round() / 255 for x in celebgen.to_unit(images)]
 
 
-def path_statistics(path, model, args):
+def path_statistics(path, model, args, device):
     if str(path).endswith(".npz"):
         with np.load(path) as stats:
             return stats["mu"], stats["sigma"]
     images = folder_images(path)
-    return statistics(extract(model, batched(images, args.batch_size), len(images), args.device)[0])
+    return statistics(extract(model, batched(images, args.batch_size), len(images), device)[0])
 
 
-def reference_statistics(train_args, model, args):
+def reference_statistics(train_args, model, args, device):
     """Statistics of held-out real images, computed once and cached in experiments/fid_refs/."""
     split_names = {"heldout": ["val", "test"], "train": ["train"], "val": ["val"], "test": ["test"]}
     sets = [celebgen.make_dataset(train_args, split) for split in split_names[args.ref_split]]
@@ -238,24 +238,25 @@ def reference_statistics(train_args, model, args):
             return stats["mu"], stats["sigma"], cache
     images = [x for s in sets for x in (s[i] for i in range(len(s)))][:count]
     mu, sigma = statistics(extract(model, batched(quantized(torch.stack(images)), args.batch_size), count,
-                                   args.device)[0])
+                                   device)[0])
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, mu=mu, sigma=sigma)
     return mu, sigma, cache
 
 
-def experiment_fid(args, model):
+def experiment_fid(args, model, device, precision):
     exp = celebgen.experiment_paths(args.exp_name)
     checkpoint = celebgen.checkpoint_path(args.exp_name, args.checkpoint)
     ckpt = celebgen.load_checkpoint(checkpoint)
     train_args = argparse.Namespace(**ckpt["args"])
-    mu_ref, sigma_ref, cache = reference_statistics(train_args, model, args)
+    mu_ref, sigma_ref, cache = reference_statistics(train_args, model, args, device)
     images = celebgen.generate(ckpt, args.num_samples, args.num_sampling_steps, args.method, args.seed,
-                               args.batch_size, args.precision)
-    features, logits = extract(model, batched(quantized(images), args.batch_size), len(images), args.device)
+                               args.batch_size, device, precision)
+    features, logits = extract(model, batched(quantized(images), args.batch_size), len(images), device)
     fid = frechet_distance(*statistics(features), mu_ref, sigma_ref)
     result = {"fid": fid, "step": ckpt["step"], "checkpoint": str(checkpoint), "num_samples": args.num_samples,
               "num_sampling_steps": args.num_sampling_steps, "method": args.method, "seed": args.seed,
+              "device": device.type, "precision": precision,
               "reference": str(cache), "ref_split": args.ref_split}
     if (model.classifier.weight != 0).any():  # the Inception Score needs the 1008-way classifier's weights
         result["inception_score"] = inception_score(logits)
@@ -277,28 +278,32 @@ def main(argv=None):
     parser.add_argument("--num_sampling_steps", type=celebgen.positive(int), default=50)
     parser.add_argument("--method", choices=["euler", "heun"], default="euler")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="for sampling")
+    parser.add_argument("--precision", choices=celebgen.PRECISIONS, default="auto",
+                        help=f"for sampling: {celebgen.PRECISION_HELP}")
     parser.add_argument("--ref_split", choices=["heldout", "train", "val", "test"], default="heldout",
                         help="real images to compare with (heldout = val + test)")
     parser.add_argument("--ref_images", type=celebgen.positive(int), default=10_000,
                         help="at most this many real images")
     parser.add_argument("--inception_weights", help=f"pytorch-fid's weights file (or set ${WEIGHTS_ENV})")
     parser.add_argument("--batch_size", type=celebgen.positive(int), default=50)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=celebgen.DEVICES, default="auto",
+                        help=f"for sampling and Inception: {celebgen.DEVICE_HELP}")
     args = parser.parse_args(argv)
     if bool(args.exp_name) == bool(args.paths) or (args.paths and len(args.paths) != 2):
         parser.error("give either --exp_name or exactly two paths")
-    try:
-        model = FIDFeatures(load_weights(args.inception_weights)).to(args.device)
-        if args.exp_name:
-            result = experiment_fid(args, model)
-            print(json.dumps(result, indent=2))
-        else:
-            stats = [path_statistics(p, model, args) for p in args.paths]
-            print(f"FID: {frechet_distance(*stats[0], *stats[1]):.6f}")
-    except celebgen.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    celebgen.exit_on_user_error(run, args)
+
+
+def run(args):
+    device, precision = celebgen.device_and_precision(args.device, args.precision,
+                                                      announce=bool(args.exp_name))
+    model = FIDFeatures(load_weights(args.inception_weights)).to(device)
+    if args.exp_name:
+        result = experiment_fid(args, model, device, precision)
+        print(json.dumps(result, indent=2))
+    else:
+        stats = [path_statistics(p, model, args, device) for p in args.paths]
+        print(f"FID: {frechet_distance(*stats[0], *stats[1]):.6f}")
 
 
 if __name__ == "__main__":
