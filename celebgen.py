@@ -42,6 +42,8 @@ import functools
 import json
 import math
 import os
+import re
+import signal
 import socket
 import sys
 import time
@@ -93,8 +95,10 @@ def time_features(t, dim, base=10_000.0):
 
 def rope_angles(rows, cols, head_dim, base=100.0):
     """Axial 2D RoPE angles for tokens at patch coordinates (rows, cols), each (N,) -> (N, head_dim/2).
-    The first head_dim/4 pairs rotate by row*w_k, the last head_dim/4 by col*w_k. base=100 suits grids
-    of 8..32 patches: the slowest frequency still turns about a radian across the image."""
+    The first head_dim/4 pairs rotate by row*w_k, the last head_dim/4 by col*w_k. With base=100 and head
+    width 64 the fastest pair turns 1 radian per patch and the slowest 0.0133; across 8, 16 and 32 patches
+    the slowest turns 0.09, 0.20 and 0.41 radians, less than half a turn, so it never wraps around and
+    tells near from far on every grid size celebgen uses."""
     w = frequency_bank(head_dim // 4, base)                                     # (head_dim/4,)
     return torch.cat([rows.float()[:, None] * w, cols.float()[:, None] * w], dim=-1)  # (N, head_dim/2)
 
@@ -391,7 +395,7 @@ class ToyFaces(Dataset):
 
 def make_dataset(args, split):
     if args.dataset == "toy":
-        return ToyFaces(args.image_size, offset=0 if split == "train" else 10**6)
+        return ToyFaces(args.image_size, offset={"train": 0, "val": 10**6, "test": 2 * 10**6}[split])
     return CelebA(args.data_root, split, args.image_size, download=args.download and split == "train")
 
 
@@ -403,11 +407,15 @@ def make_dataset(args, split):
 # The network predicts the clean image x_pred (section 3). Since x0 = (x_t - t x1) / (1 - t), the velocity
 # can be written without x0 as v = (x1 - x_t) / (1 - t); substituting the prediction for x1 gives
 #     v_pred = (x_pred - x_t) / max(1 - t, t_eps),          loss = || v_pred - (x1 - x0) ||^2,
-# which for 1 - t >= t_eps is exactly the x-loss ||x_pred - x1||^2 weighted by 1 / (1 - t)^2; nearer to t=1
-# the clamp caps the weight at 1 / t_eps^2 (= 400 for JiT's 0.05). Why not v_pred = x_pred - x0 with the true
-# noise? That is exactly x_pred - x1 + (x1 - x0), so the loss collapses to a plain unweighted x-loss -- and
-# at sampling time x0 is unknown anyway. Going through x_t is the conversion the sampler uses, so training
-# measures exactly what sampling will use.
+# which for 1 - t >= t_eps is exactly the x-loss ||x_pred - x1||^2 weighted by 1 / (1 - t)^2. For
+# 1 - t < t_eps the clamp does more than cap that weight: the target x1 - x0 = (x1 - x_t) / (1 - t) is not
+# clamped, so the loss is no longer an x-loss, and its minimum is at
+#     x_pred = x_t + t_eps (x1 - x_t) / (1 - t),      not at x1
+# (an over-shoot). With JiT's t_eps = 0.05 and the default t distribution that is t > 0.95, about one
+# training example in 700,000. Why not v_pred = x_pred - x0 with the true noise? That is exactly
+# x_pred - x1 + (x1 - x0), so the loss collapses to a plain unweighted x-loss -- and at sampling time x0 is
+# unknown anyway. The sampler turns x_pred into a velocity the same way, without the clamp: its t never
+# exceeds 1 - 1/N (section 6).
 # Times come from a logit-normal, t = sigmoid(mu + sigma * n) with n ~ N(0, 1): JiT's mu=-0.8, sigma=0.8
 # puts most of the training effort at t < 0.5, the noisy end, where the coarse structure of a face is decided.
 
@@ -639,20 +647,17 @@ def train_worker(rank, world_size, args):
             choice = [args.resolved_precision]
             dist.broadcast_object_list(choice, src=0)
             args.resolved_precision = choice[0]
-        with attention_kernels(device):
-            train_loop(rank, world_size, args, device)
-    except UserError as e:
-        if world_size == 1:
-            raise
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)  # torch.multiprocessing.spawn sees the exit status; the parent exits with it
+        with attention_kernels(device), InterruptRequest() as interrupt:
+            if world_size == 1:
+                train_loop(rank, world_size, args, device, interrupt)
+            else:  # rank 0 says why; spawn sees the exit status, and the parent exits with it
+                exit_on_user_error(train_loop, rank, world_size, args, device, interrupt, quiet=rank > 0)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train_loop(rank, world_size, args, device):
+def train_loop(rank, world_size, args, device, interrupt):
     exp = experiment_paths(args.exp_name)
     torch.manual_seed(args.seed)  # the same initial weights in every process
     model = build_model(args).to(device)
@@ -662,18 +667,10 @@ def train_loop(rank, world_size, args, device):
     scaler = torch.amp.GradScaler(device.type, enabled=args.resolved_precision == "fp16")
     step, best_val = 0, math.inf
     if args.resume:
-        ckpt = load_checkpoint(exp["checkpoints"] / "last.pt")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler.is_enabled() and ckpt.get("scaler"):  # empty when the checkpoint was not written in fp16
-            scaler.load_state_dict(ckpt["scaler"])
-        step, best_val = ckpt["step"], ckpt["best_val"]
+        path = resume_checkpoint(exp)
+        step, best_val = restore(load_checkpoint(path), model, ema, optimizer, scaler, device)
         if rank == 0:
-            print(f"resuming {args.exp_name} from step {step}", flush=True)
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+            print(f"resuming {args.exp_name} from step {step} ({path.name})", flush=True)
     ddp_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world_size > 1 else model
     if args.compile:
@@ -688,13 +685,14 @@ def train_loop(rank, world_size, args, device):
         print(f"{args.exp_name} is already at step {step} of {total_steps}; raise --max_steps or --epochs "
               f"to train further", flush=True)
 
-    while step < total_steps:
+    stop = False
+    while step < total_steps and not stop:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
         examples.epoch = epoch
         order = list(sampler)[done_in_epoch * args.batch_size:]  # skip what a resumed run already saw
-        loader = DataLoader(examples, args.batch_size, sampler=order, drop_last=True,
-                            num_workers=args.workers, pin_memory=device.type == "cuda")
+        loader = DataLoader(examples, args.batch_size, sampler=order, drop_last=True, num_workers=args.workers,
+                            pin_memory=device.type == "cuda", worker_init_fn=ignore_interrupts)
         for x1, x0, t in loader:
             x1, x0, t = x1.to(device, non_blocking=True), x0.to(device, non_blocking=True), t.to(device)
             lr = args.lr * min(1.0, (step + 1) / args.warmup_steps)          # linear warm-up, then constant
@@ -706,25 +704,82 @@ def train_loop(rank, world_size, args, device):
             scaler.scale(loss).backward()  # DDP all-reduces gradients here; scale() is the identity but in fp16
             scaler.unscale_(optimizer)     # the true gradients, for clipping and the logged norm
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            # (the norm is the same on every rank: DDP averaged the gradients). In fp16 the scaler skips
+            # an overflowed step; otherwise non-finite gradients mean divergence: stop before the step
+            if not (scaler.is_enabled() or math.isfinite(grad_norm.item()) and math.isfinite(loss.item())):
+                raise UserError(f"loss {loss.item():g}, gradient norm {grad_norm.item():g} at step {step + 1}: "
+                                f"training diverged; lower --lr (now {args.lr:g}), or resume from a "
+                                f"checkpoint before the divergence")
             scaler.step(optimizer)         # optimizer.step(), skipped in fp16 if a gradient overflowed
             scaler.update()
             update_ema(ema, model, step, args.ema_decay)
             step += 1
 
-            loss = loss.detach()
-            if world_size > 1:
-                dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # every rank sees the same mean loss
-            if not math.isfinite(loss.item()):
-                raise UserError(f"loss is {loss.item()} at step {step}; lower --lr (now {args.lr:g}) or "
+            stats = torch.stack([loss.detach().float(), torch.tensor(float(interrupt.requested), device=device)])
+            if world_size > 1:  # every rank sees the same mean loss, and stops when any rank was interrupted
+                dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+            loss, stop = stats[0].item(), stats[1].item() > 0
+            if not math.isfinite(loss):
+                raise UserError(f"loss is {loss} at step {step}; lower --lr (now {args.lr:g}) or "
                                 f"--grad_clip, or resume from a checkpoint before the divergence")
             if rank == 0:
-                best_val = logger.after_step(step, loss.item(), lr, grad_norm.item(), len(x1) * world_size,
+                best_val = logger.after_step(step, loss, lr, grad_norm.item(), len(x1) * world_size,
                                              model, ema, optimizer, scaler, best_val,
                                              final=step == total_steps)
-            if step == total_steps:
+            if step == total_steps or stop:
                 break
     if rank == 0:
         logger.close()
+    if stop:  # Ctrl-C: the step in flight has finished; save it, then leave
+        if rank == 0 and logger.saved_step < step:
+            logger.save_last(step, model, ema, optimizer, scaler, best_val)
+        raise Interrupted(f"interrupted at step {step}; {exp['checkpoints'] / 'last.pt'} holds step {step}; "
+                          f"resume with: python celebgen.py train --exp_name {args.exp_name} --resume")
+
+
+def restore(ckpt, model, ema, optimizer, scaler, device):
+    """Put a run back into the state its checkpoint saved. Returns (step, best_val)."""
+    load_weights(model, ckpt["model"], ckpt["args"])
+    load_weights(ema, ckpt["ema"], ckpt["args"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError("the checkpoint's optimizer state does not fit its model; start a new --exp_name") \
+            from None
+    if scaler.is_enabled() and ckpt.get("scaler"):  # empty when the checkpoint was not written in fp16
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    return ckpt["step"], ckpt["best_val"]
+
+
+class Interrupted(Exception):
+    """Ctrl-C ended the run cleanly; the message says where it stopped. The CLI exits with status 130."""
+
+
+class InterruptRequest:
+    """The first Ctrl-C (SIGINT) asks the training loop to stop after the step in flight, so the
+    checkpoint it saves is a consistent one; a second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step (press again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def ignore_interrupts(worker_id):
+    """DataLoader workers leave Ctrl-C to the training process, which stops them when it is done."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Logger:
@@ -738,7 +793,7 @@ class Logger:
         self.val = validation_set(make_dataset(args, "val"), args.val_size, args.seed, args.t_mu, args.t_sigma)
         self.grid_noise = torch.randn(16, 3, args.image_size, args.image_size,
                                       generator=torch.Generator().manual_seed(args.seed + 1))
-        self.clock, self.images_seen = time.time(), 0
+        self.clock, self.images_seen, self.saved_step = time.time(), 0, -1
         print(f"training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
               f"params) on {args.dataset} {args.image_size}x{args.image_size}, {total_steps} steps, "
               f"device {device}, {args.resolved_precision}, experiment {exp['root']}", flush=True)
@@ -774,9 +829,13 @@ class Logger:
             w.add_image("samples", grid, step)
             save_png(grid, self.exp["samples"] / f"step_{step:07d}.png")
         if step % args.ckpt_every == 0 or final:
-            save_checkpoint(self.exp["checkpoints"] / "last.pt", model, ema, optimizer, scaler, step,
-                            best_val, args)
+            self.save_last(step, model, ema, optimizer, scaler, best_val)
         return best_val
+
+    def save_last(self, step, model, ema, optimizer, scaler, best_val):
+        save_checkpoint(self.exp["checkpoints"] / "last.pt", model, ema, optimizer, scaler, step, best_val,
+                        self.args)
+        self.saved_step = step
 
     def close(self):
         self.writer.close()
@@ -807,11 +866,16 @@ def save_png(image, path):
 #                       /checkpoints/best.pt      the lowest validation loss so far
 #                       /logs/                    TensorBoard: tensorboard --logdir experiments
 #                       /samples/                 grids during training; `sample` writes here too
-# A checkpoint is written to a temporary file and renamed over the old one: the rename is atomic, so a
-# crash mid-save leaves the previous checkpoint intact. It holds only tensors and plain Python values, so
-# it loads with torch.load(weights_only=True), which cannot execute code from a downloaded file.
+# A checkpoint is written to a temporary file, flushed to the disk (fsync), and renamed over the old one:
+# the rename is atomic, so a crash or a full disk mid-save leaves the previous checkpoint intact. It holds
+# only tensors and plain Python values, so it loads with torch.load(weights_only=True), which cannot
+# execute code from a downloaded file.
 
 MODEL_ARGS = ("model", "image_size", "patch_size")  # what a checkpoint's weights depend on
+# what a resumed run must keep so that it continues exactly: the data order and position in the epoch
+# (seed, batch size, processes), the example times and the validation set that picks best.pt
+RESUME_FIXED = ("batch_size", "world_size", "seed", "t_mu", "t_sigma", "val_size")
+CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "best_val", "args", "rng")
 
 
 def experiment_paths(exp_name):
@@ -831,8 +895,21 @@ def save_checkpoint(path, model, ema, optimizer, scaler, step, best_val, args):
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: last.pt is either the old or the new checkpoint, never half of one
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on the disk before the rename makes them last.pt
+        os.replace(tmp, path)  # atomic: last.pt is either the old or the new checkpoint, never half of one
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # and the rename itself survives a power cut
+        finally:
+            os.close(folder)
+    except OSError as e:  # a full disk, a lost mount, no permission
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({e.strerror or e}); the previous {path.name}, if any, is "
+                        f"intact: free some space and resume with --resume") from None
 
 
 def load_checkpoint(path):
@@ -841,10 +918,28 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} does not exist; list the experiment's checkpoints/ folder "
                         f"or pass --checkpoint with a path")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, wrong file type: all "unreadable"
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}): it is truncated or corrupt; "
                         f"use another checkpoint such as best.pt") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if not missing and isinstance(ckpt["args"], dict):
+        missing = [f"args.{k}" for k in MODEL_ARGS if k not in ckpt["args"]]
+    if missing or ckpt["args"]["model"] not in MODELS:
+        what = f"no {', '.join(missing)}" if missing else f"unknown model {ckpt['args']['model']!r}"
+        raise UserError(f"{path} is not a CelebGen checkpoint ({what}); pass a last.pt or best.pt "
+                        f"written by celebgen.py train")
+    return ckpt
+
+
+def load_weights(model, state, ckpt_args):
+    """model.load_state_dict(state), or a UserError if the weights belong to another model."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError):  # other keys or shapes, or not a state dict
+        config = ", ".join(f"--{k} {ckpt_args[k]}" for k in MODEL_ARGS)
+        raise UserError(f"the checkpoint's weights do not fit the model its arguments describe ({config}); "
+                        f"was it written by another version of celebgen.py?") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -855,27 +950,36 @@ def train_command(args, parser, argv):
     exp = experiment_paths(args.exp_name)
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun started this process
     first = int(os.environ.get("RANK", 0)) == 0  # under torchrun only rank 0 creates the experiment
+    checkpoint = resume_checkpoint(exp)
     if args.resume:
-        if not (exp["checkpoints"] / "last.pt").is_file():
-            raise UserError(f"nothing to resume: {exp['checkpoints'] / 'last.pt'} does not exist; "
+        if checkpoint is None:
+            raise UserError(f"nothing to resume: {exp['checkpoints']} holds no last.pt or best.pt; "
                             f"drop --resume to start experiment {args.exp_name!r}")
         # The saved arguments become the defaults; whatever is given on the command line overrides them.
-        saved = load_checkpoint(exp["checkpoints"] / "last.pt")["args"]
+        saved = load_checkpoint(checkpoint)["args"]
         args = parser.commands.choices["train"].parse_args(argv[1:], namespace=argparse.Namespace(**saved))
         args.resume = True
-        changed = [f"--{k} {saved[k]} -> {getattr(args, k)}" for k in MODEL_ARGS if saved[k] != getattr(args, k)]
-        if changed:
-            raise UserError(f"the checkpoint of {args.exp_name!r} is a different model config "
-                            f"({', '.join(changed)}); drop those flags, or start a new --exp_name")
-    elif first and exp["root"].exists():
+    elif first and checkpoint is not None:
         raise UserError(f"experiment {exp['root']} already exists; add --resume to continue it, "
                         f"or choose another --exp_name")
+    elif first and exp["root"].exists():  # a start that failed before its first checkpoint: start over
+        print(f"experiment {exp['root']} has no checkpoint yet: starting it afresh", flush=True)
     device, args.resolved_precision = device_and_precision(args.device, args.precision, announce=first)
     validate_train_args(args, device, torchrun)
-    if first and not args.resume:
+    if args.resume:
+        changed = [f"--{k} {saved.get(k)} -> {getattr(args, k)}" for k in MODEL_ARGS + RESUME_FIXED
+                   if saved.get(k, getattr(args, k)) != getattr(args, k)]
+        if changed:
+            raise UserError(f"--resume cannot change {', '.join(changed)}: they fix the model, the data "
+                            f"order or the validation set of the run; drop those flags, or start a new "
+                            f"--exp_name")
+    if first:
         for folder in ("checkpoints", "logs", "samples"):
             exp[folder].mkdir(parents=True, exist_ok=True)
-        (exp["root"] / "args.json").write_text(json.dumps(vars(args), indent=2))
+        for stale in exp["checkpoints"].glob("*.tmp"):  # a save that a kill cut short
+            stale.unlink()
+        if not args.resume:
+            (exp["root"] / "args.json").write_text(json.dumps(vars(args), indent=2))
 
     if torchrun:  # join torchrun's group instead of spawning
         train_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
@@ -884,10 +988,21 @@ def train_command(args, parser, argv):
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+        ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers stop on Ctrl-C; wait for them
         try:
             mp.spawn(train_worker, args=(args.nproc, args), nprocs=args.nproc)
         except mp.ProcessExitedException as e:
             sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)  # the worker printed why
+        finally:
+            signal.signal(signal.SIGINT, ctrl_c)
+
+
+def resume_checkpoint(exp):
+    """last.pt, or best.pt for a run killed after its first validation but before its first last.pt."""
+    for name in ("last.pt", "best.pt"):
+        if (exp["checkpoints"] / name).is_file():
+            return exp["checkpoints"] / name
+    return None
 
 
 def validate_train_args(args, device, torchrun):
@@ -906,11 +1021,12 @@ def validate_train_args(args, device, torchrun):
     if args.nproc > devices and not torchrun:  # torchrun counts its own processes
         raise UserError(f"--nproc {args.nproc} is more than the {devices} {kind} here; "
                         f"use --nproc {devices} or fewer")
+    args.world_size = int(os.environ["WORLD_SIZE"]) if torchrun else args.nproc
     images = len(make_dataset(args, "train"))
     make_dataset(args, "val")  # fails now, not after training, if the val split is missing
-    if images < args.batch_size * args.nproc:
-        raise UserError(f"only {images} training images for a global batch of {args.batch_size * args.nproc}; "
-                        f"lower --batch_size or --nproc")
+    if images < args.batch_size * args.world_size:
+        raise UserError(f"only {images} training images for a global batch of "
+                        f"{args.batch_size} x {args.world_size} processes; lower --batch_size or --nproc")
 
 
 def free_port():
@@ -932,48 +1048,75 @@ def sample_command(args):
     device, precision = device_and_precision(args.device, args.precision)
     path = checkpoint_path(args.exp_name, args.checkpoint)
     ckpt = load_checkpoint(path)
-    images = generate(ckpt, args.num_samples, args.num_sampling_steps, args.method, args.seed,
-                      args.batch_size, device, precision, use_ema=not args.no_ema)
+    batches = generate(ckpt, args.num_samples, args.num_sampling_steps, args.method, args.seed,
+                       args.batch_size, device, precision, use_ema=not args.no_ema)
     name = f"{path.stem}_{args.method}{args.num_sampling_steps}_seed{args.seed}"  # e.g. best_euler50_seed0
     out = experiment_paths(args.exp_name)["samples"] / name
     out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(to_unit(images)):
-        save_png(image, out / f"{i:06d}.png")
-    save_png(image_grid(images[:64]), out.with_suffix(".png"))
-    print(f"wrote {len(images)} images to {out}/ and a grid to {out.with_suffix('.png')}")
+    count, first = 0, []
+    for images in batches:  # written as they come: memory does not grow with --num_samples
+        for image in to_unit(images):
+            save_png(image, out / f"{count:06d}.png")
+            count += 1
+        first += list(images[:64 - len(first)])
+    save_png(image_grid(torch.stack(first)), out.with_suffix(".png"))
+    print(f"wrote {count} images to {out}/ and a grid of the first {len(first)} to {out.with_suffix('.png')}")
 
 
 def generate(ckpt, num_samples, num_steps, method, seed, batch_size, device, precision, use_ema=True):
-    """Sample num_samples images (N, C, H, W) in [-1, 1] from a loaded checkpoint, printing progress.
-    The noise is drawn on the CPU, so a seed gives the same noise on every device."""
+    """num_samples images from a loaded checkpoint, as an iterator over batches (B, C, H, W) in [-1, 1],
+    printing progress. The model is built now, so weights that do not fit fail before any work. The
+    noise is drawn on the CPU, so a seed gives the same noise on every device."""
     train_args = argparse.Namespace(**ckpt["args"])
     model = build_model(train_args)
-    try:
-        model.load_state_dict(ckpt["ema" if use_ema else "model"])
-    except RuntimeError:  # missing/unexpected keys or shapes: weights of a different model
-        config = ", ".join(f"--{k} {getattr(train_args, k)}" for k in MODEL_ARGS)
-        raise UserError(f"the checkpoint's weights do not fit the model its arguments describe ({config}); "
-                        f"was it written by another version of celebgen.py?") from None
+    load_weights(model, ckpt["ema" if use_ema else "model"], ckpt["args"])
     model.to(device).eval()
-    generator = torch.Generator().manual_seed(seed)
-    shape = (3, train_args.image_size, train_args.image_size)
-    batches, start = [], time.time()
-    for n in range(0, num_samples, batch_size):
-        noise = torch.randn((min(batch_size, num_samples - n), *shape), generator=generator)
-        with autocast(device, precision), attention_kernels(device):
-            batches.append(sample(model, noise.to(device), num_steps, method).cpu())
-        done = n + len(noise)
-        print(f"sampled {done}/{num_samples} images | {done / (time.time() - start):.2f} img/s", flush=True)
-    return torch.cat(batches)
+
+    def batches():
+        generator = torch.Generator().manual_seed(seed)
+        shape, start = (3, train_args.image_size, train_args.image_size), time.time()
+        for n in range(0, num_samples, batch_size):
+            noise = torch.randn((min(batch_size, num_samples - n), *shape), generator=generator)
+            with autocast(device, precision), attention_kernels(device):
+                images = sample(model, noise.to(device), num_steps, method).cpu()
+            done = n + len(noise)
+            print(f"sampled {done}/{num_samples} images | {done / (time.time() - start):.2f} img/s",
+                  flush=True)
+            yield images
+    return batches()
+
+
+def number(kind, above=None, at_least=None, below=None):
+    """An argparse type: a finite int or float, optionally > above, >= at_least and < below."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if above == 0 and value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        for ok, bound in [(above is None or value > above, f"> {above}"),
+                          (at_least is None or value >= at_least, f">= {at_least}"),
+                          (below is None or value < below, f"< {below}")]:
+            if not ok:
+                raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    return parse
 
 
 def positive(kind):
-    def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return parse
+    return number(kind, above=0)
+
+
+def experiment_name(text):
+    """--exp_name is a folder under experiments/: a plain name, never a path."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", text) or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain name: use letters, digits and - _ . "
+                                         f"(no slashes, not . or ..); it becomes experiments/NAME")
+    return text
 
 
 class Parser(argparse.ArgumentParser):
@@ -993,8 +1136,12 @@ def make_parser():
     commands = parser.commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model (resumable)")
-    train.add_argument("--exp_name", required=True, help="experiments/{exp_name} holds everything of the run")
-    train.add_argument("--resume", action="store_true", help="continue experiments/{exp_name} from last.pt")
+    train.add_argument("--exp_name", required=True, type=experiment_name,
+                       help="experiments/{exp_name} holds everything of the run")
+    train.add_argument("--resume", action="store_true",
+                       help="continue experiments/{exp_name} exactly from last.pt (or best.pt); the saved "
+                            "flags are the defaults, and the model, --batch_size, --nproc, --seed, --t_mu, "
+                            "--t_sigma and --val_size cannot change")
     train.add_argument("--dataset", choices=["celeba", "toy"], default="celeba")
     train.add_argument("--data_root", default="./data")
     train.add_argument("--download", action="store_true", help="try torchvision's CelebA downloader first")
@@ -1007,8 +1154,9 @@ def make_parser():
     train.add_argument("--lr", type=positive(float), default=1e-4)
     train.add_argument("--warmup_steps", type=positive(int), default=500)
     train.add_argument("--grad_clip", type=positive(float), default=1.0)
-    train.add_argument("--ema_decay", type=float, default=0.9999)
-    train.add_argument("--t_mu", type=float, default=-0.8, help="logit-normal mean of t")
+    train.add_argument("--ema_decay", type=number(float, at_least=0, below=1), default=0.9999,
+                       help="EMA decay d in [0, 1): the average spans about 1 / (1 - d) steps")
+    train.add_argument("--t_mu", type=number(float), default=-0.8, help="logit-normal mean of t")
     train.add_argument("--t_sigma", type=positive(float), default=0.8, help="logit-normal std of t")
     train.add_argument("--t_eps", type=positive(float), default=0.05, help="v = (x_pred - x_t) / max(1 - t, t_eps)")
     train.add_argument("--num_sampling_steps", type=positive(int), default=50, help="for the sample grids")
@@ -1017,8 +1165,9 @@ def make_parser():
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument("--nproc", type=positive(int), default=None,
                        help="processes on this machine (default: one per GPU on CUDA, else 1)")
-    train.add_argument("--workers", type=int, default=2, help="DataLoader worker processes per process")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--workers", type=number(int, at_least=0), default=2,
+                       help="DataLoader worker processes per process (0: load in the training process)")
+    train.add_argument("--seed", type=number(int, at_least=0), default=0, help="for weights, data and noise")
     train.add_argument("--val_size", type=positive(int), default=256)
     train.add_argument("--log_every", type=positive(int), default=50)
     train.add_argument("--eval_every", type=positive(int), default=500)
@@ -1026,12 +1175,12 @@ def make_parser():
     train.add_argument("--ckpt_every", type=positive(int), default=1000)
 
     smp = commands.add_parser("sample", help="sample images from a checkpoint")
-    smp.add_argument("--exp_name", required=True)
+    smp.add_argument("--exp_name", required=True, type=experiment_name, help="the experiment to sample")
     smp.add_argument("--checkpoint", default="last.pt", help="a name in checkpoints/ (last.pt, best.pt) or a path")
     smp.add_argument("--num_samples", type=positive(int), default=64)
     smp.add_argument("--num_sampling_steps", type=positive(int), default=50)
     smp.add_argument("--method", choices=["euler", "heun"], default="euler")
-    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--seed", type=number(int, at_least=0), default=0, help="seed of the noise")
     smp.add_argument("--batch_size", type=positive(int), default=64)
     smp.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     smp.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
@@ -1039,20 +1188,27 @@ def make_parser():
     return parser
 
 
-def exit_on_user_error(command, *args):
-    """Run a command. Bad input (UserError), and an op without an MPS kernel, end as one line
-    `error: ...` and exit status 2, not a traceback."""
+def exit_on_user_error(command, *args, quiet=False):
+    """Run a command. Bad input (UserError) and an op without an MPS kernel end as one line `error: ...`
+    and exit status 2; Ctrl-C as one line and status 130 (the shell's code for SIGINT). No traceback."""
+    code = 2
     try:
         return command(*args)
     except UserError as e:
-        message = str(e)
+        # from a DataLoader worker the message arrives inside the worker's traceback: its last line
+        message = "error: " + re.sub(r"^[\w.]*UserError: ", "", str(e).strip().splitlines()[-1])
     except NotImplementedError as e:
         if "MPS" not in str(e):
             raise
-        message = (f"{str(e).splitlines()[0]} Set PYTORCH_ENABLE_MPS_FALLBACK=1 to run such ops on the "
-                   f"CPU, or use --device cpu")
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+        message = (f"error: {str(e).splitlines()[0]} Set PYTORCH_ENABLE_MPS_FALLBACK=1 to run such ops "
+                   f"on the CPU, or use --device cpu")
+    except Interrupted as e:
+        code, message = 130, str(e)
+    except KeyboardInterrupt:
+        code, message = 130, "interrupted (a checkpoint is only ever replaced whole: the last one is intact)"
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def main(argv=None):

@@ -21,6 +21,7 @@ $TORCH_HOME/hub/checkpoints/), or read from --inception_weights PATH or $FID_INC
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -129,6 +130,10 @@ class FIDFeatures(torch.nn.Module):
         self.net.load_state_dict(state_dict)
         self.classifier, self.net.fc = self.net.fc, torch.nn.Identity()  # net now ends at pool3
         self.eval()
+        digest = hashlib.sha1()  # names the weights in the cache key of reference statistics
+        for name, tensor in sorted(state_dict.items()):
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.fingerprint = digest.hexdigest()[:10]
 
     @torch.no_grad()
     def forward(self, images):
@@ -146,8 +151,8 @@ def extract(model, batches, total, device):
     features, logits, done, start = [], [], 0, time.time()
     for batch in batches:
         f, l = model(batch.to(device))
-        features.append(f.cpu().double())
-        logits.append(l.cpu().double())
+        features.append(f.cpu())  # float32, as the network computes them; statistics() works in float64
+        logits.append(l.cpu())
         done += len(batch)
         print(f"\rInception features: {done}/{total} images | {done / (time.time() - start):.1f} img/s",
               end="", file=sys.stderr, flush=True)
@@ -157,9 +162,12 @@ def extract(model, batches, total, device):
 
 def statistics(features):
     """Mean (2048,) and covariance (2048, 2048) in float64, np.cov's unbiased N-1 estimate."""
+    if len(features) < 2:  # np.cov of one sample is all NaN, and sqrtm of NaNs may never return
+        raise celebgen.UserError(f"FID needs at least 2 images per side, got {len(features)}")
     if len(features) < 2048:
         warnings.warn(f"FID from {len(features)} < 2048 images: the covariance is singular and FID is "
                       f"strongly biased upwards; use at least 10000 images for numbers to compare")
+    features = features.astype(np.float64)
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -172,6 +180,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
         covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
+        print(f"FID: the product of the covariances is singular; adding {eps:g} to their diagonals "
+              f"(as pytorch-fid does)", file=sys.stderr)
         offset = np.eye(len(sigma1)) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
@@ -195,64 +205,110 @@ def inception_score(logits, splits=10):
 # ---------------------------------------------------------------------------------------------------------
 
 def batched(images, batch_size):
-    """A list of (3, H, W) tensors in [0, 1] -> batches (B, 3, H, W)."""
-    for start in range(0, len(images), batch_size):
-        yield torch.stack(images[start:start + batch_size])
+    """An iterable of (3, H, W) tensors -> batches (B, 3, H, W), reading only one batch at a time."""
+    images = iter(images)
+    while batch := list(itertools.islice(images, batch_size)):
+        yield torch.stack(batch)
 
 
-def folder_images(folder):
-    """Every image of a folder, as pytorch-fid reads them: PIL, RGB, [0, 1]."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower()[1:] in
-                   {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"})
-    if not files:
-        raise celebgen.UserError(f"no images in {folder}")
-    return [torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1).float() / 255
-            for f in files]
+# pytorch-fid's rule, which FID of a folder must follow to give the same number: these extensions,
+# lower case only (a.PNG is not read), in sorted order.
+FOLDER_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")
+
+
+def folder_files(folder):
+    """The image files of a folder that pytorch-fid reads, checked from their headers (fast) to be
+    readable and of one size before any work is done."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise celebgen.UserError(f"{folder} does not exist; give two folders of images or two .npz files")
+    if not folder.is_dir():
+        raise celebgen.UserError(f"{folder} is a file, not a folder of images or an .npz of statistics")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix[1:] in FOLDER_EXTENSIONS)
+    if len(files) < 2:
+        raise celebgen.UserError(f"{folder} holds {len(files)} images with a lower-case extension "
+                                 f"({', '.join(FOLDER_EXTENSIONS)}); FID needs at least 2")
+    sizes = {}
+    for f in files:
+        sizes.setdefault(open_image(f, lambda img: img.size), f)
+        if len(sizes) > 1:
+            (a, first), (b, other) = sizes.items()
+            raise celebgen.UserError(f"{other} is {b[0]}x{b[1]} but {first.name} is {a[0]}x{a[1]}; FID of a "
+                                     f"folder needs images of one size")
+    return files
+
+
+def open_image(path, read):
+    """read(the opened PIL image), or a UserError naming the file."""
+    try:
+        with Image.open(path) as img:
+            return read(img)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated/corrupt files
+        raise celebgen.UserError(f"cannot read image {path} ({e}); remove or replace it") from None
+
+
+def folder_batches(files, batch_size):
+    """Images as pytorch-fid reads them (PIL, RGB, [0, 1]), a batch (B, 3, H, W) at a time."""
+    as_tensor = lambda img: torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
+    for start in range(0, len(files), batch_size):
+        yield torch.stack([open_image(f, as_tensor).float() / 255 for f in files[start:start + batch_size]])
+
+
+def npz_statistics(path):
+    """(mu, sigma) saved by pytorch-fid (--save-stats) or fid.py."""
+    if not Path(path).is_file():
+        raise celebgen.UserError(f"{path} does not exist")
+    try:
+        with np.load(path) as stats:
+            mu, sigma = stats["mu"], stats["sigma"]
+    except (OSError, ValueError, KeyError) as e:
+        raise celebgen.UserError(f"{path} is not an .npz of FID statistics with arrays mu and sigma "
+                                 f"({type(e).__name__})") from None
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise celebgen.UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its "
+                                 f"covariance")
+    return mu, sigma
 
 
 def quantized(images):
-    """Images in [-1, 1] -> [0, 1] rounded to 8 bits: exactly what a PNG of them holds."""
-    return [(x * 255).round() / 255 for x in celebgen.to_unit(images)]
-
-
-def path_statistics(path, model, args, device):
-    if str(path).endswith(".npz"):
-        with np.load(path) as stats:
-            return stats["mu"], stats["sigma"]
-    images = folder_images(path)
-    return statistics(extract(model, batched(images, args.batch_size), len(images), device)[0])
+    """Images (B, 3, H, W) in [-1, 1] -> [0, 1] rounded to 8 bits: exactly what a PNG of them holds."""
+    return (celebgen.to_unit(images) * 255).round() / 255
 
 
 def reference_statistics(train_args, model, args, device):
-    """Statistics of held-out real images, computed once and cached in experiments/fid_refs/."""
+    """Statistics of the first --ref_images real images of --ref_split, computed once and cached in
+    experiments/fid_refs/ under a key of the data, the split, the count and the Inception weights."""
+    if train_args.dataset == "celeba" and args.ref_split != "train":
+        folder, split_file = celebgen.find_celeba(train_args.data_root)
+        if split_file is None:
+            raise celebgen.UserError(f"{folder} has no split file, so its {args.ref_split} images are its "
+                                     f"training images; pass --ref_split train to compare with them "
+                                     f"anyway, or add list_eval_partition.txt")
     split_names = {"heldout": ["val", "test"], "train": ["train"], "val": ["val"], "test": ["test"]}
     sets = [celebgen.make_dataset(train_args, split) for split in split_names[args.ref_split]]
     count = min(args.ref_images, sum(len(s) for s in sets))
     source = "toy" if train_args.dataset == "toy" else str(Path(train_args.data_root).resolve())
-    key = hashlib.sha1(f"{source}|{args.ref_split}|{count}".encode()).hexdigest()[:10]
+    key = hashlib.sha1(f"{source}|{args.ref_split}|{count}|{model.fingerprint}".encode()).hexdigest()[:10]
     cache = Path("experiments") / "fid_refs" / (f"{train_args.dataset}_{args.ref_split}_celeba-crop_"
                                                 f"{train_args.image_size}px_n{count}_{key}.npz")
     if cache.is_file():
         print(f"reference statistics from {cache}")
-        with np.load(cache) as stats:
-            return stats["mu"], stats["sigma"], cache
-    images = [x for s in sets for x in (s[i] for i in range(len(s)))][:count]
-    mu, sigma = statistics(extract(model, batched(quantized(torch.stack(images)), args.batch_size), count,
-                                   device)[0])
+        return (*npz_statistics(cache), cache)
+    images = itertools.islice((s[i] for s in sets for i in range(len(s))), count)  # decodes only these
+    batches = (quantized(batch) for batch in batched(images, args.batch_size))
+    mu, sigma = statistics(extract(model, batches, count, device)[0])
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, mu=mu, sigma=sigma)
     return mu, sigma, cache
 
 
-def experiment_fid(args, model, device, precision):
+def experiment_fid(args, checkpoint, ckpt, model, device, precision):
     exp = celebgen.experiment_paths(args.exp_name)
-    checkpoint = celebgen.checkpoint_path(args.exp_name, args.checkpoint)
-    ckpt = celebgen.load_checkpoint(checkpoint)
     train_args = argparse.Namespace(**ckpt["args"])
     mu_ref, sigma_ref, cache = reference_statistics(train_args, model, args, device)
-    images = celebgen.generate(ckpt, args.num_samples, args.num_sampling_steps, args.method, args.seed,
-                               args.batch_size, device, precision)
-    features, logits = extract(model, batched(quantized(images), args.batch_size), len(images), device)
+    samples = celebgen.generate(ckpt, args.num_samples, args.num_sampling_steps, args.method, args.seed,
+                                args.batch_size, device, precision)  # one batch at a time
+    features, logits = extract(model, (quantized(batch) for batch in samples), args.num_samples, device)
     fid = frechet_distance(*statistics(features), mu_ref, sigma_ref)
     result = {"fid": fid, "step": ckpt["step"], "checkpoint": str(checkpoint), "num_samples": args.num_samples,
               "num_sampling_steps": args.num_sampling_steps, "method": args.method, "seed": args.seed,
@@ -262,6 +318,8 @@ def experiment_fid(args, model, device, precision):
         result["inception_score"] = inception_score(logits)
     else:
         print("Inception Score omitted: these Inception weights have no classifier (fc is all zeros)")
+    print(json.dumps(result, indent=2))  # first, so that no failure below can lose the number
+    exp["root"].mkdir(parents=True, exist_ok=True)  # --checkpoint PATH may name a new experiment
     (exp["root"] / "fid.json").write_text(json.dumps(result, indent=2))
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(exp["logs"]) as writer:
@@ -271,13 +329,17 @@ def experiment_fid(args, model, device, precision):
 
 def main(argv=None):
     parser = celebgen.Parser(prog="fid.py", description="FID (and IS) as pytorch-fid computes them.")
-    parser.add_argument("paths", nargs="*", help="two folders of images or .npz statistics to compare")
-    parser.add_argument("--exp_name", help="sample from this experiment and compare with real images")
+    parser.add_argument("paths", nargs="*",
+                        help="two folders of images or .npz statistics to compare; a folder's images are "
+                             "the files pytorch-fid reads: extensions " + ", ".join(FOLDER_EXTENSIONS) +
+                             " in lower case only")
+    parser.add_argument("--exp_name", type=celebgen.experiment_name,
+                        help="sample from this experiment and compare with real images")
     parser.add_argument("--checkpoint", default="best.pt", help="a name in checkpoints/ or a path")
     parser.add_argument("--num_samples", type=celebgen.positive(int), default=10_000)
     parser.add_argument("--num_sampling_steps", type=celebgen.positive(int), default=50)
     parser.add_argument("--method", choices=["euler", "heun"], default="euler")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=celebgen.number(int, at_least=0), default=0, help="seed of the noise")
     parser.add_argument("--precision", choices=celebgen.PRECISIONS, default="auto",
                         help=f"for sampling: {celebgen.PRECISION_HELP}")
     parser.add_argument("--ref_split", choices=["heldout", "train", "val", "test"], default="heldout",
@@ -295,15 +357,26 @@ def main(argv=None):
 
 
 def run(args):
+    """Check every input (cheap) before loading the 95 MB Inception weights (slow), then compute."""
     device, precision = celebgen.device_and_precision(args.device, args.precision,
                                                       announce=bool(args.exp_name))
-    model = FIDFeatures(load_weights(args.inception_weights)).to(device)
     if args.exp_name:
-        result = experiment_fid(args, model, device, precision)
-        print(json.dumps(result, indent=2))
-    else:
-        stats = [path_statistics(p, model, args, device) for p in args.paths]
-        print(f"FID: {frechet_distance(*stats[0], *stats[1]):.6f}")
+        checkpoint = celebgen.checkpoint_path(args.exp_name, args.checkpoint)
+        ckpt = celebgen.load_checkpoint(checkpoint)
+        model = FIDFeatures(load_weights(args.inception_weights)).to(device)
+        experiment_fid(args, checkpoint, ckpt, model, device, precision)
+        return
+    sources = [npz_statistics(p) if p.endswith(".npz") else folder_files(p) for p in args.paths]
+    if not all(isinstance(source, tuple) for source in sources):  # a folder: features to extract
+        model = FIDFeatures(load_weights(args.inception_weights)).to(device)
+    stats = [source if isinstance(source, tuple) else
+             statistics(extract(model, folder_batches(source, args.batch_size), len(source), device)[0])
+             for source in sources]
+    if stats[0][0].shape != stats[1][0].shape:
+        raise celebgen.UserError(f"the two sides have features of different dimensions "
+                                 f"({len(stats[0][0])} and {len(stats[1][0])}); compare statistics of the "
+                                 f"same Inception layer")
+    print(f"FID: {frechet_distance(*stats[0], *stats[1]):.6f}")
 
 
 if __name__ == "__main__":

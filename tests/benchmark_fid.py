@@ -48,8 +48,9 @@ def main():
             stats[name], features[name], start, count = [], [], time.time(), 0
             for folder in halves:
                 if name == "fid.py":
-                    pixels = fid.folder_images(folder)
-                    f = fid.extract(ours, fid.batched(pixels, args.batch_size), len(pixels), "cpu")[0]
+                    files = fid.folder_files(folder)
+                    f = fid.extract(ours, fid.folder_batches(files, args.batch_size), len(files), "cpu")[0]
+                    f = f.astype(np.float64)
                 else:
                     files = sorted(str(p) for p in folder.glob("*.png"))
                     f = fid_score.get_activations(files, theirs, args.batch_size, 2048, "cpu", num_workers=0)

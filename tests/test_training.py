@@ -136,7 +136,7 @@ def test_existing_experiment_is_never_overwritten(trained, capsys):
 
 def test_resume_with_another_model_config_is_refused(trained, capsys):
     code, _, err = cli(capsys, "train", "--exp_name", "done", "--resume", "--model", "small")
-    assert code == 2 and "different model config (--model tiny -> small)" in err
+    assert code == 2 and "--resume cannot change --model tiny -> small" in err
 
 
 def test_resume_of_nothing_is_refused(workdir, capsys):
@@ -164,17 +164,27 @@ def test_missing_checkpoint_name(trained, capsys):
     assert code == 2 and "nope.pt does not exist" in err
 
 
-def test_non_finite_loss_stops_with_a_clear_message(workdir, capsys, monkeypatch):
+@pytest.mark.parametrize("poison", ["loss", "gradients"])
+def test_divergence_stops_before_the_bad_step_is_taken_or_saved(workdir, capsys, monkeypatch, poison):
+    """At step 3 either the loss is NaN, or the loss is finite but the gradients are NaN: the run stops
+    with one line, and the checkpoint (written every step) keeps step 2's finite weights."""
     real_loss, calls = cg.flow_loss, []
 
-    def diverging_loss(*args):  # the third training step blows up
+    def diverging_loss(model, *args):
         calls.append(1)
-        return real_loss(*args) * (float("nan") if len(calls) == 3 else 1.0)
+        loss = real_loss(model, *args)
+        if len(calls) != 3:
+            return loss
+        if poison == "loss":
+            return loss * float("nan")
+        return loss + 0 * torch.sqrt(0 * next(model.parameters()).sum())  # value 0, gradient 0 * inf = nan
     monkeypatch.setattr(cg, "flow_loss", diverging_loss)
     code, _, err = cli(capsys, "train", "--exp_name", "boom", *TOY, "--batch_size", 4, "--max_steps", 20,
                        "--ckpt_every", 1)
-    assert code == 2 and "loss is nan at step 3" in err and "lower --lr" in err
-    assert checkpoint("boom")["step"] == 2  # the last good checkpoint survives; no NaN weights are saved
+    assert code == 2 and err.count("\n") == 1 and "at step 3: training diverged; lower --lr" in err, err
+    assert ("loss nan" in err) == (poison == "loss")
+    ckpt = checkpoint("boom")
+    assert ckpt["step"] == 2 and all(torch.isfinite(w).all() for w in ckpt["model"].values())
 
 
 def test_errors_reach_the_shell_as_one_line_without_a_traceback(workdir):

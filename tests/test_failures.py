@@ -1,0 +1,312 @@
+"""What a user sees when things go wrong: one line, a non-zero exit, no traceback, nothing written outside
+experiments/, earlier checkpoints intact, and never a run that can neither be resumed nor restarted."""
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import celebgen as cg
+import fid
+from conftest import ROOT
+from test_training import TOY, checkpoint, cli, random_image_folder
+
+SMALL_RUN = [*TOY, "--batch_size", 4]
+
+
+def one_line_error(code, err, expected):
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert "Traceback" not in err
+
+
+def files_under(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# --- arguments ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../escaped", "/abs/x", "", ".", "..", "a/b", "a b"])
+@pytest.mark.parametrize("command", ["train", "sample", "fid"])
+def test_exp_name_is_a_plain_name(workdir, capsys, command, name):
+    name = name.replace("/abs", str(workdir / "abs"))
+    argv = ["--exp_name", name]
+    if command == "fid":
+        with pytest.raises(SystemExit) as e:
+            fid.main(argv)
+        code, err = e.value.code, capsys.readouterr().err
+    else:
+        code, _, err = cli(capsys, command, *argv, *(TOY if command == "train" else []))
+    one_line_error(code, err, "is not a plain name")
+    assert files_under(workdir) == [] and not (workdir.parent / "escaped").exists()
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--workers", "-1", "must be >= 0"), ("--workers", "two", "expected an integer"),
+    ("--ema_decay", "1", "must be < 1"), ("--ema_decay", "-0.1", "must be >= 0"),
+    ("--ema_decay", "nan", "must be a finite number"), ("--lr", "nan", "must be a finite number"),
+    ("--lr", "inf", "must be a finite number"), ("--t_eps", "nan", "must be a finite number"),
+    ("--t_mu", "nan", "must be a finite number"), ("--seed", "-1", "must be >= 0"),
+])
+def test_out_of_range_numbers_are_refused_up_front(workdir, capsys, flag, value, message):
+    code, _, err = cli(capsys, "train", "--exp_name", "bad", *TOY, flag, value)
+    one_line_error(code, err, f"argument {flag}: {message}")
+    assert files_under(workdir) == []
+
+
+# --- no dead ends ---------------------------------------------------------------------------------------
+
+def corrupt_folder(folder, n=6):
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"{i}.png").write_bytes(b"not a png")
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_can_simply_be_rerun(workdir):
+    """An all-corrupt folder read by 2 DataLoader workers fails after experiments/x exists: the worker's
+    error reaches the shell as the same one line as without workers, and re-running starts afresh."""
+    corrupt_folder(workdir / "bad")
+    run = lambda *argv: subprocess.run([sys.executable, str(ROOT / "celebgen.py"), "train", "--exp_name", "x",
+                                        *map(str, argv)], capture_output=True, text=True, timeout=300)
+    errors = []
+    for workers in ("2", "0"):
+        failed = run(*TOY, "--dataset", "celeba", "--data_root", "bad", "--batch_size", 2, "--workers", workers)
+        assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr
+        errors.append(failed.stderr.strip().splitlines()[-1])
+    assert errors[0] == errors[1] and errors[0].startswith("error: none of the 6 images under"), errors
+    assert not (workdir / "experiments/x/checkpoints/last.pt").exists()
+    resumed = run("--resume")
+    assert resumed.returncode == 2 and "nothing to resume" in resumed.stderr and "drop --resume" in resumed.stderr
+    again = run(*SMALL_RUN, "--max_steps", 2)
+    assert again.returncode == 0 and "has no checkpoint yet: starting it afresh" in again.stdout, again.stderr
+    assert checkpoint("x")["step"] == 2
+
+
+def test_ctrl_c_saves_the_finished_step_and_resumes_exactly(workdir):
+    """Ctrl-C in a terminal signals the whole process group (here: the trainer and its DataLoader worker).
+    The run finishes its step, saves it, prints one line and exits 130; resuming from there gives the
+    weights of an uninterrupted run."""
+    args = [*map(str, SMALL_RUN), "--workers", "1", "--ckpt_every", "1000", "--eval_every", "1000"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "celebgen.py"), "train", "--exp_name", "cut", *args,
+                             "--max_steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    step = checkpoint("cut")["step"]
+    assert step >= 3 and last == (f"interrupted at step {step}; experiments/cut/checkpoints/last.pt holds step "
+                                  f"{step}; resume with: python celebgen.py train --exp_name cut --resume")
+    resume = subprocess.run([sys.executable, str(ROOT / "celebgen.py"), "train", "--exp_name", "cut", "--resume",
+                             "--max_steps", str(step + 2)], capture_output=True, text=True, timeout=300)
+    assert resume.returncode == 0, resume.stderr
+    straight = subprocess.run([sys.executable, str(ROOT / "celebgen.py"), "train", "--exp_name", "straight",
+                               *args, "--max_steps", str(step + 2)], capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    a, b = checkpoint("cut"), checkpoint("straight")
+    assert a["step"] == b["step"] == step + 2
+    assert all(torch.equal(a[part][k], b[part][k]) for part in ("model", "ema") for k in a[part])
+
+
+@pytest.mark.parametrize("flag,value", [("--batch_size", 8), ("--seed", 1), ("--val_size", 4), ("--t_mu", 0.0),
+                                        ("--t_sigma", 1.0)])
+def test_resume_refuses_changes_that_would_make_it_inexact(workdir, capsys, flag, value):
+    assert cli(capsys, "train", "--exp_name", "run", *SMALL_RUN, "--max_steps", 2)[0] == 0
+    before = checkpoint("run")
+    code, _, err = cli(capsys, "train", "--exp_name", "run", "--resume", flag, value, "--max_steps", 4)
+    one_line_error(code, err, f"--resume cannot change {flag} ")
+    assert torch.equal(checkpoint("run")["model"]["out.weight"], before["model"]["out.weight"])
+
+
+def test_global_batch_under_torchrun_counts_its_processes(workdir, capsys, monkeypatch):
+    random_image_folder(workdir / "images", 6)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    code, _, err = cli(capsys, "train", "--exp_name", "tr", *TOY, "--dataset", "celeba", "--data_root", "images",
+                       "--batch_size", 2)
+    one_line_error(code, err, "only 6 training images for a global batch of 2 x 4 processes")
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def trained(workdir, capsys):
+    assert cli(capsys, "train", "--exp_name", "done", *SMALL_RUN, "--max_steps", 2)[0] == 0
+    return workdir / "experiments" / "done" / "checkpoints" / "last.pt"
+
+
+@pytest.mark.parametrize("foreign", ["state_dict", "tensor", "no_args_model", "unknown_model"])
+def test_a_foreign_torch_file_is_not_a_checkpoint(trained, capsys, foreign):
+    ckpt = torch.load(trained, weights_only=True)
+    if foreign == "no_args_model":
+        del ckpt["args"]["model"]
+    elif foreign == "unknown_model":
+        ckpt["args"]["model"] = "huge"
+    content = {"state_dict": {"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)},
+               "tensor": torch.zeros(3)}.get(foreign, ckpt)
+    torch.save(content, trained)
+    for argv in (["sample", "--exp_name", "done"], ["train", "--exp_name", "done", "--resume"]):
+        code, _, err = cli(capsys, *argv)
+        one_line_error(code, err, "is not a CelebGen checkpoint")
+
+
+def test_resume_whose_weights_do_not_fit_its_arguments(trained, capsys):
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["args"]["patch_size"] = 2  # tiny weights for 4x4 patches under a 2x2-patch config
+    torch.save(ckpt, trained)
+    code, _, err = cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 4)
+    one_line_error(code, err, "do not fit the model its arguments describe (--model tiny, --image_size 16, "
+                              "--patch_size 2)")
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(workdir, capsys, monkeypatch):
+    real_save, saves = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 3:  # last.pt at steps 1 and 2, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
+    code, _, err = cli(capsys, "train", "--exp_name", "full", *SMALL_RUN, "--max_steps", 5, "--ckpt_every", 1,
+                       "--eval_every", 100)
+    one_line_error(code, err, "No space left on device); the previous last.pt, if any, is intact")
+    assert checkpoint("full")["step"] == 2
+    assert sorted(p.name for p in (workdir / "experiments/full/checkpoints").iterdir()) == ["last.pt"]
+
+
+def test_checkpoints_are_synced_and_a_stale_temporary_file_is_removed(trained, capsys, monkeypatch):
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or
+                        real_fsync(fd))
+    assert cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 3)[0] == 0
+    assert checkpoint("done")["step"] == 3
+    tmp = trained.with_name("last.pt.tmp")
+    assert str(tmp) in synced and str(trained.parent) in synced  # the file, then the folder's rename
+    tmp.write_bytes(b"half a checkpoint, from a kill mid-save")
+    code, out, _ = cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 3)  # nothing to do
+    assert code == 0 and "already at step 3" in out and not tmp.exists()
+
+
+# --- fid.py -----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """fid.py must refuse bad input before it loads the Inception weights: loading them fails the test."""
+    monkeypatch.setattr(fid, "load_weights", lambda *a: pytest.fail("the weights were loaded before the check"))
+
+
+def png_folder(folder, sizes):
+    folder.mkdir(exist_ok=True)
+    for i, size in enumerate(sizes):
+        Image.fromarray(np.full((size, size, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def fid_error(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        fid.main([str(a) for a in argv])
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case,message", [
+    ("one_image", "holds 1 images with a lower-case extension"),
+    ("missing", "missing does not exist"),
+    ("a_file", "is a file, not a folder"),
+    ("missing.npz", "missing.npz does not exist"),
+    ("no_mu.npz", "is not an .npz of FID statistics with arrays mu and sigma"),
+])
+def test_fid_refuses_bad_paths_before_loading_weights(workdir, capsys, no_weights, case, message):
+    png_folder(workdir / "one_image", [16])
+    png_folder(workdir / "good", [16, 16])
+    (workdir / "a_file").write_text("x")
+    np.savez(workdir / "no_mu.npz", mean=np.zeros(3))
+    one_line_error(*fid_error(capsys, "good", case), message)
+
+
+def test_fid_of_statistics_of_different_dimension(workdir, capsys, no_weights):
+    np.savez(workdir / "a.npz", mu=np.zeros(3), sigma=np.eye(3))
+    np.savez(workdir / "b.npz", mu=np.zeros(4), sigma=np.eye(4))
+    one_line_error(*fid_error(capsys, "a.npz", "b.npz"), "features of different dimensions (3 and 4)")
+
+
+def test_fid_statistics_need_two_images():
+    with pytest.raises(cg.UserError, match="at least 2 images per side, got 1"):
+        fid.statistics(np.ones((1, 2048)))
+
+
+def test_fid_folder_of_mixed_sizes_or_a_corrupt_image(workdir, capsys, monkeypatch):
+    monkeypatch.setattr(fid, "load_weights", lambda *a: fid.fid_inception().state_dict())
+    png_folder(workdir / "good", [16, 16])
+    png_folder(workdir / "mixed", [16, 24])
+    one_line_error(*fid_error(capsys, "good", "mixed"), "001.png is 24x24 but 000.png is 16x16")
+    png_folder(workdir / "corrupt", [16, 16])
+    (workdir / "corrupt" / "002.png").write_bytes(b"not a png")
+    one_line_error(*fid_error(capsys, "good", "corrupt"), "cannot read image corrupt/002.png")
+
+
+def test_fid_reads_exactly_the_files_pytorch_fid_reads(workdir):
+    fid_score = pytest.importorskip("pytorch_fid.fid_score")
+    folder = png_folder(workdir / "f", [8, 8, 8])
+    (folder / "000.png").rename(folder / "upper.PNG")
+    (folder / "notes.txt").write_text("x")
+    Image.new("RGB", (8, 8)).save(folder / "photo.jpg")
+    theirs = sorted(file for ext in fid_score.IMAGE_EXTENSIONS for file in folder.glob(f"*.{ext}"))
+    assert fid.folder_files(folder) == theirs == [folder / "001.png", folder / "002.png", folder / "photo.jpg"]
+
+
+def test_fid_says_when_it_adds_eps_to_the_covariances(capsys, monkeypatch):
+    real_sqrtm, calls = fid.scipy.linalg.sqrtm, []
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda a: calls.append(1) or
+                        (np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)))
+    eye = np.eye(3)
+    assert fid.frechet_distance(np.zeros(3), eye, np.zeros(3), eye) == pytest.approx(0, abs=1e-5)
+    assert "adding 1e-06 to their diagonals" in capsys.readouterr().err and len(calls) == 2
+
+
+def test_reference_images_are_held_out_distinct_and_read_only_as_needed(workdir, monkeypatch):
+    val, test = cg.make_dataset(TOY_ARGS, "val"), cg.make_dataset(TOY_ARGS, "test")
+    assert not torch.equal(val[0], test[0])  # toy val and test are different images
+    random_image_folder(workdir / "plain", 4)
+    plain = cg.argparse.Namespace(**{**vars(TOY_ARGS), "dataset": "celeba", "data_root": "plain"})
+    args = cg.argparse.Namespace(ref_split="heldout", ref_images=3, batch_size=2)
+    with pytest.raises(cg.UserError, match="has no split file, so its heldout images are its training images"):
+        fid.reference_statistics(plain, None, args, "cpu")
+
+    reads, real_getitem = [], cg.ToyFaces.__getitem__
+    monkeypatch.setattr(cg.ToyFaces, "__getitem__", lambda self, i: reads.append(i) or real_getitem(self, i))
+    model = FakeFeatures("weights-a")
+    fid.reference_statistics(TOY_ARGS, model, args, "cpu")
+    assert len(reads) == 3  # of the 100,000 val + test images, only the 3 used are drawn
+    fid.reference_statistics(TOY_ARGS, FakeFeatures("weights-b"), args, "cpu")
+    assert len(list((workdir / "experiments/fid_refs").iterdir())) == 2  # one cache file per weights
+
+
+TOY_ARGS = cg.argparse.Namespace(dataset="toy", image_size=16, data_root=None)
+
+
+class FakeFeatures(torch.nn.Module):
+    """Stands in for the Inception network: 8 features per image, and a fingerprint naming its weights."""
+
+    def __init__(self, fingerprint):
+        super().__init__()
+        self.fingerprint, self.classifier = fingerprint, torch.nn.Linear(8, 4)
+
+    def forward(self, images):
+        return images.flatten(1)[:, :8], images.flatten(1)[:, :4]
+
+
+def test_fid_of_an_experiment_that_does_not_exist_yet(workdir, capsys, monkeypatch, trained):
+    """--checkpoint PATH under a new --exp_name: the number is printed, and fid.json is written."""
+    monkeypatch.setattr(fid, "load_weights", lambda *a: fid.fid_inception().state_dict())
+    monkeypatch.setattr(fid, "FIDFeatures", lambda state: FakeFeatures("x"))
+    with pytest.warns(UserWarning, match="< 2048 images"):
+        fid.main(["--exp_name", "new", "--checkpoint", str(trained), "--num_samples", "3", "--ref_images", "3",
+                  "--num_sampling_steps", "1", "--batch_size", "3"])
+    assert '"fid":' in capsys.readouterr().out and (workdir / "experiments/new/fid.json").is_file()
