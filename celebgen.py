@@ -40,6 +40,7 @@ import argparse
 import copy
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -647,7 +648,7 @@ def train_worker(rank, world_size, args):
             choice = [args.resolved_precision]
             dist.broadcast_object_list(choice, src=0)
             args.resolved_precision = choice[0]
-        with attention_kernels(device), InterruptRequest() as interrupt:
+        with attention_kernels(device), InterruptRequest(announce=rank == 0) as interrupt:
             if world_size == 1:
                 train_loop(rank, world_size, args, device, interrupt)
             else:  # rank 0 says why; spawn sees the exit status, and the parent exits with it
@@ -733,6 +734,8 @@ def train_loop(rank, world_size, args, device, interrupt):
     if stop:  # Ctrl-C: the step in flight has finished; save it, then leave
         if rank == 0 and logger.saved_step < step:
             logger.save_last(step, model, ema, optimizer, scaler, best_val)
+        if world_size > 1:
+            dist.barrier()  # every rank waits until rank 0 has saved
         raise Interrupted(f"interrupted at step {step}; {exp['checkpoints'] / 'last.pt'} holds step {step}; "
                           f"resume with: python celebgen.py train --exp_name {args.exp_name} --resume")
 
@@ -762,6 +765,9 @@ class InterruptRequest:
     """The first Ctrl-C (SIGINT) asks the training loop to stop after the step in flight, so the
     checkpoint it saves is a consistent one; a second Ctrl-C stops at once."""
 
+    def __init__(self, announce=True):
+        self.announce = announce
+
     def __enter__(self):
         self.requested = False
         self.previous = signal.signal(signal.SIGINT, self.handle)
@@ -771,7 +777,9 @@ class InterruptRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: stopping after this step (press again to stop at once)", file=sys.stderr, flush=True)
+        if self.announce:
+                print("\nCtrl-C: stopping after this step (press again to stop at once)", file=sys.stderr,
+                  flush=True)
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
@@ -989,6 +997,8 @@ def train_command(args, parser, argv):
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers stop on Ctrl-C; wait for them
+        # when rank 0 exits with an error, spawn stops the others and logs that it did: expected, not news
+        logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
         try:
             mp.spawn(train_worker, args=(args.nproc, args), nprocs=args.nproc)
         except mp.ProcessExitedException as e:
@@ -1190,7 +1200,9 @@ def make_parser():
 
 def exit_on_user_error(command, *args, quiet=False):
     """Run a command. Bad input (UserError) and an op without an MPS kernel end as one line `error: ...`
-    and exit status 2; Ctrl-C as one line and status 130 (the shell's code for SIGINT). No traceback."""
+    and exit status 2; Ctrl-C as one line and status 130 (the shell's code for SIGINT). No traceback.
+    quiet: a DDP rank other than 0, which says nothing and leaves with status 0, because spawn stops every
+    process as soon as one fails: rank 0 must be the one whose status and message the user gets."""
     code = 2
     try:
         return command(*args)
@@ -1208,7 +1220,7 @@ def exit_on_user_error(command, *args, quiet=False):
         code, message = 130, "interrupted (a checkpoint is only ever replaced whole: the last one is intact)"
     if not quiet:
         print(message, file=sys.stderr, flush=True)
-    sys.exit(code)
+    sys.exit(0 if quiet else code)
 
 
 def main(argv=None):

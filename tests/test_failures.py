@@ -114,6 +114,23 @@ def test_ctrl_c_saves_the_finished_step_and_resumes_exactly(workdir):
     assert all(torch.equal(a[part][k], b[part][k]) for part in ("model", "ema") for k in a[part])
 
 
+def test_ctrl_c_under_ddp_saves_and_says_so_once(workdir):
+    """2 gloo processes: both stop after the same step, rank 0 saves and prints the one line, exit 130."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "celebgen.py"), "train", "--exp_name", "ddp",
+                             *map(str, SMALL_RUN), "--nproc", "2", "--max_steps", "100000", "--eval_every", "1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    step = checkpoint("ddp")["step"]
+    assert proc.returncode == 130 and "Traceback" not in err and step >= 3, err
+    assert err.count("Ctrl-C: stopping after this step") == 1 and err.count("interrupted at step") == 1
+    assert err.strip().splitlines()[-1] == (f"interrupted at step {step}; experiments/ddp/checkpoints/last.pt holds "
+                                            f"step {step}; resume with: python celebgen.py train --exp_name ddp --resume")
+
+
 @pytest.mark.parametrize("flag,value", [("--batch_size", 8), ("--seed", 1), ("--val_size", 4), ("--t_mu", 0.0),
                                         ("--t_sigma", 1.0)])
 def test_resume_refuses_changes_that_would_make_it_inexact(workdir, capsys, flag, value):

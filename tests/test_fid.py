@@ -121,10 +121,11 @@ def test_missing_weights_fail_with_a_clear_message(tmp_path, monkeypatch, capsys
         raise OSError("network is unreachable")
     monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    a, b = image_folders(tmp_path, n=2)
     with pytest.raises(SystemExit) as e:
-        fid.main([str(tmp_path), str(tmp_path)])
+        fid.main([str(a), str(b)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "cannot download the FID Inception weights" in err and "--inception_weights" in err
     with pytest.raises(SystemExit):
-        fid.main([str(tmp_path), str(tmp_path), "--inception_weights", str(tmp_path / "nope.pth")])
+        fid.main([str(a), str(b), "--inception_weights", str(tmp_path / "nope.pth")])
     assert "do not exist" in capsys.readouterr().err
