@@ -21,8 +21,9 @@ Commands (all from this folder):
         celebgen.py train --exp_name celeba64 --data_root ./data
     # continue an interrupted run exactly where its last checkpoint left it
     python celebgen.py train --exp_name celeba64 --resume
-Every command picks its device (--device auto: CUDA, then Apple MPS, then CPU) and precision (--precision
-auto: bf16 where the hardware has it, fp16 with loss scaling on older GPUs, else fp32) and says why first.
+Every command picks its device (--device auto: CUDA, then Apple MPS, then CPU) and precision
+(--precision auto: bf16 where the hardware has it, fp16 with loss scaling on older GPUs, else fp32),
+and its first line says which and why.
 
 Sections:
     1. RoPE              2D rotary position angles, and the time features from the same frequency bank
@@ -96,10 +97,10 @@ def time_features(t, dim, base=10_000.0):
 
 def rope_angles(rows, cols, head_dim, base=100.0):
     """Axial 2D RoPE angles for tokens at patch coordinates (rows, cols), each (N,) -> (N, head_dim/2).
-    The first head_dim/4 pairs rotate by row*w_k, the last head_dim/4 by col*w_k. With base=100 and head
-    width 64 the fastest pair turns 1 radian per patch and the slowest 0.0133; across 8, 16 and 32 patches
-    the slowest turns 0.09, 0.20 and 0.41 radians, less than half a turn, so it never wraps around and
-    tells near from far on every grid size celebgen uses."""
+    The first head_dim/4 pairs rotate by row*w_k, the last head_dim/4 by col*w_k. With base=100 and
+    head width 64 the fastest pair turns 1 radian per patch and the slowest 0.0133; across 8, 16 and
+    32 patches the slowest turns 0.09, 0.20 and 0.41 radians, less than half a turn, so it never
+    wraps around and tells near from far on every grid size celebgen uses."""
     w = frequency_bank(head_dim // 4, base)                                     # (head_dim/4,)
     return torch.cat([rows.float()[:, None] * w, cols.float()[:, None] * w], dim=-1)  # (N, head_dim/2)
 
@@ -396,7 +397,8 @@ class ToyFaces(Dataset):
 
 def make_dataset(args, split):
     if args.dataset == "toy":
-        return ToyFaces(args.image_size, offset={"train": 0, "val": 10**6, "test": 2 * 10**6}[split])
+        offset = {"train": 0, "val": 10**6, "test": 2 * 10**6}[split]  # three disjoint sets
+        return ToyFaces(args.image_size, offset=offset)
     return CelebA(args.data_root, split, args.image_size, download=args.download and split == "train")
 
 
@@ -408,15 +410,15 @@ def make_dataset(args, split):
 # The network predicts the clean image x_pred (section 3). Since x0 = (x_t - t x1) / (1 - t), the velocity
 # can be written without x0 as v = (x1 - x_t) / (1 - t); substituting the prediction for x1 gives
 #     v_pred = (x_pred - x_t) / max(1 - t, t_eps),          loss = || v_pred - (x1 - x0) ||^2,
-# which for 1 - t >= t_eps is exactly the x-loss ||x_pred - x1||^2 weighted by 1 / (1 - t)^2. For
-# 1 - t < t_eps the clamp does more than cap that weight: the target x1 - x0 = (x1 - x_t) / (1 - t) is not
-# clamped, so the loss is no longer an x-loss, and its minimum is at
+# which for 1 - t >= t_eps is exactly the x-loss ||x_pred - x1||^2 weighted by 1 / (1 - t)^2.
+# For 1 - t < t_eps the clamp does more than cap that weight: the target x1 - x0 = (x1 - x_t) / (1 - t)
+# is not clamped, so the loss is no longer an x-loss, and its minimum is at
 #     x_pred = x_t + t_eps (x1 - x_t) / (1 - t),      not at x1
-# (an over-shoot). With JiT's t_eps = 0.05 and the default t distribution that is t > 0.95, about one
-# training example in 700,000. Why not v_pred = x_pred - x0 with the true noise? That is exactly
-# x_pred - x1 + (x1 - x0), so the loss collapses to a plain unweighted x-loss -- and at sampling time x0 is
-# unknown anyway. The sampler turns x_pred into a velocity the same way, without the clamp: its t never
-# exceeds 1 - 1/N (section 6).
+# (an over-shoot). With JiT's t_eps = 0.05 and the default t distribution that is t > 0.95, about
+# one training example in 700,000. Why not v_pred = x_pred - x0 with the true noise? That is exactly
+# x_pred - x1 + (x1 - x0), so the loss collapses to a plain unweighted x-loss -- and at sampling
+# time x0 is unknown anyway. The sampler turns x_pred into a velocity the same way, without the
+# clamp: its t never exceeds 1 - 1/N (section 6).
 # Times come from a logit-normal, t = sigmoid(mu + sigma * n) with n ~ N(0, 1): JiT's mu=-0.8, sigma=0.8
 # puts most of the training effort at t < 0.5, the noisy end, where the coarse structure of a face is decided.
 
@@ -532,25 +534,26 @@ def attention_kernels(device):
     return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
 
 
-# Device and precision. `--device auto` takes a CUDA GPU, then Apple's MPS, then the CPU.
-# Under autocast every matmul (each Linear, attention's products) runs in a 16-bit type. Which other ops
-# autocast moves to fp32 depends on the device (on CUDA layer norm and softmax; on the CPU neither), so this
-# file computes QK-norm and the loss in fp32 itself. Autocast casts each op's inputs, not the model:
-# weights, gradients and AdamW's moments stay fp32. But an op's output keeps the op's dtype, so the
-# residual stream itself (every block's output) is 16-bit too.
-#   bf16 keeps fp32's 8 exponent bits and drops mantissa bits: a gradient of 1e-10 is still representable,
-#        so bf16 needs no loss scaling.
-#   fp16 has 5 exponent bits: values below ~6e-8 flush to zero, and small gradients with them. GradScaler
-#        multiplies the loss by a large factor before backward and divides the gradients by it before
-#        the step, and skips a step whose gradients overflowed (lowering the factor).
+# Device and precision. `--device auto` takes a CUDA GPU, then Apple's MPS, then the CPU. Under
+# autocast every matmul (each Linear, attention's products) runs in a 16-bit type. Which other ops
+# autocast moves to fp32 depends on the device (on CUDA layer norm and softmax; on the CPU neither),
+# so this file computes QK-norm and the loss in fp32 itself. Autocast casts each op's inputs, not
+# the model: weights, gradients and AdamW's moments stay fp32. But an op's output keeps the op's
+# dtype, so the residual stream itself (every block's output) is 16-bit too.
+#   bf16 keeps fp32's 8 exponent bits and drops mantissa bits: a gradient of 1e-10 is still
+#        representable, so bf16 needs no loss scaling.
+#   fp16 has 5 exponent bits: values below ~6e-8 flush to zero, and small gradients with them.
+#        GradScaler multiplies the loss by a large factor before backward and divides the gradients
+#        by it before the step, and skips a step whose gradients overflowed (lowering the factor).
 # Which is fast depends on the hardware. GPUs of compute capability >= 8.0 (Ampere on) and CPUs with
-# AVX512-BF16 or AMX multiply bf16 natively, faster than fp32; older GPUs (T4, V100) have fast fp16 but
-# not bf16. Elsewhere bf16 is emulated -- converted to fp32 in software, outside the tuned fp32 kernels --
-# and runs many times slower than fp32 (tests/benchmark_speed.py prints the ratio on your CPU). CPU feature
-# flags do not say reliably what a given PyTorch build does with them, so on the CPU `auto` measures.
+# AVX512-BF16 or AMX multiply bf16 natively, faster than fp32; older GPUs (T4, V100) have fast fp16
+# but not bf16. Elsewhere bf16 is emulated -- converted to fp32 in software, outside the tuned fp32
+# kernels -- and runs many times slower than fp32 (tests/benchmark_speed.py prints the ratio on your
+# CPU). CPU feature flags do not say reliably what a given PyTorch build does with them, so on the
+# CPU `auto` measures.
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
-BF16_SPEEDUP_NEEDED = 1.3  # a CPU must run bf16 matmuls this much faster than fp32 for auto to pick bf16
+BF16_SPEEDUP_NEEDED = 1.3  # auto picks bf16 on a CPU whose bf16 matmul is this much faster than fp32
 
 
 def pick_device(name):
