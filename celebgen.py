@@ -708,12 +708,12 @@ def train_loop(rank, world_size, args, device, interrupt):
             scaler.scale(loss).backward()  # DDP all-reduces gradients here; scale() is the identity but in fp16
             scaler.unscale_(optimizer)     # the true gradients, for clipping and the logged norm
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            # (the norm is the same on every rank: DDP averaged the gradients). In fp16 the scaler skips
-            # an overflowed step; otherwise non-finite gradients mean divergence: stop before the step
-            if not (scaler.is_enabled() or math.isfinite(grad_norm.item()) and math.isfinite(loss.item())):
-                raise UserError(f"loss {loss.item():g}, gradient norm {grad_norm.item():g} at step {step + 1}: "
-                                f"training diverged; lower --lr (now {args.lr:g}), or resume from a "
-                                f"checkpoint before the divergence")
+            # one host sync for both numbers; the norm is the same on every rank (DDP averaged the
+            # gradients). In fp16 the scaler skips an overflowed step; otherwise a non-finite loss or
+            # gradient means divergence: stop before the step is taken or saved
+            local_loss, grad_norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+            if not scaler.is_enabled() and not (math.isfinite(local_loss) and math.isfinite(grad_norm)):
+                raise divergence(local_loss, grad_norm, step + 1, args.lr)
             scaler.step(optimizer)         # optimizer.step(), skipped in fp16 if a gradient overflowed
             scaler.update()
             update_ema(ema, model, step, args.ema_decay)
@@ -723,11 +723,10 @@ def train_loop(rank, world_size, args, device, interrupt):
             if world_size > 1:  # every rank sees the same mean loss, and stops when any rank was interrupted
                 dist.all_reduce(stats, op=dist.ReduceOp.AVG)
             loss, stop = stats[0].item(), stats[1].item() > 0
-            if not math.isfinite(loss):
-                raise UserError(f"loss is {loss} at step {step}; lower --lr (now {args.lr:g}) or "
-                                f"--grad_clip, or resume from a checkpoint before the divergence")
+            if not math.isfinite(loss):  # fp16, where a non-finite step was skipped, not taken
+                raise divergence(loss, grad_norm, step, args.lr)
             if rank == 0:
-                best_val = logger.after_step(step, loss, lr, grad_norm.item(), len(x1) * world_size,
+                best_val = logger.after_step(step, loss, lr, grad_norm, len(x1) * world_size,
                                              model, ema, optimizer, scaler, best_val,
                                              final=step == total_steps)
             if step == total_steps or stop:
@@ -741,6 +740,12 @@ def train_loop(rank, world_size, args, device, interrupt):
             dist.barrier()  # every rank waits until rank 0 has saved
         raise Interrupted(f"interrupted at step {step}; {exp['checkpoints'] / 'last.pt'} holds step {step}; "
                           f"resume with: python celebgen.py train --exp_name {args.exp_name} --resume")
+
+
+def divergence(loss, grad_norm, step, lr):
+    """The error that ends a run whose loss or gradients stopped being finite at `step`."""
+    return UserError(f"loss {loss:g}, gradient norm {grad_norm:g} at step {step}: training diverged; "
+                     f"lower --lr (now {lr:g}), or resume from a checkpoint before the divergence")
 
 
 def restore(ckpt, model, ema, optimizer, scaler, device):
@@ -781,7 +786,7 @@ class InterruptRequest:
             raise KeyboardInterrupt
         self.requested = True
         if self.announce:
-                print("\nCtrl-C: stopping after this step (press again to stop at once)", file=sys.stderr,
+            print("\nCtrl-C: stopping after this step (press again to stop at once)", file=sys.stderr,
                   flush=True)
 
     def __exit__(self, *exc):
@@ -934,9 +939,10 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}): it is truncated or corrupt; "
                         f"use another checkpoint such as best.pt") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if not missing and isinstance(ckpt["args"], dict):
-        missing = [f"args.{k}" for k in MODEL_ARGS if k not in ckpt["args"]]
-    if missing or ckpt["args"]["model"] not in MODELS:
+    if not missing:
+        saved = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
+        missing = [f"args.{k}" for k in MODEL_ARGS if k not in saved]
+    if missing or not isinstance(ckpt["args"]["model"], str) or ckpt["args"]["model"] not in MODELS:
         what = f"no {', '.join(missing)}" if missing else f"unknown model {ckpt['args']['model']!r}"
         raise UserError(f"{path} is not a CelebGen checkpoint ({what}); pass a last.pt or best.pt "
                         f"written by celebgen.py train")
@@ -1001,13 +1007,16 @@ def train_command(args, parser, argv):
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers stop on Ctrl-C; wait for them
         # when rank 0 exits with an error, spawn stops the others and logs that it did: expected, not news
-        logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+        spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+        level = spawn_log.level
+        spawn_log.setLevel(logging.ERROR)
         try:
             mp.spawn(train_worker, args=(args.nproc, args), nprocs=args.nproc)
         except mp.ProcessExitedException as e:
             sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)  # the worker printed why
         finally:
             signal.signal(signal.SIGINT, ctrl_c)
+            spawn_log.setLevel(level)
 
 
 def resume_checkpoint(exp):

@@ -358,14 +358,14 @@ def main(argv=None):
 
 def run(args):
     """Check every input (cheap) before loading the 95 MB Inception weights (slow), then compute."""
-    device, precision = celebgen.device_and_precision(args.device, args.precision,
-                                                      announce=bool(args.exp_name))
-    if args.exp_name:
+    if args.exp_name:  # --precision matters only here, for sampling
+        device, precision = celebgen.device_and_precision(args.device, args.precision)
         checkpoint = celebgen.checkpoint_path(args.exp_name, args.checkpoint)
         ckpt = celebgen.load_checkpoint(checkpoint)
         model = FIDFeatures(load_weights(args.inception_weights)).to(device)
         experiment_fid(args, checkpoint, ckpt, model, device, precision)
         return
+    device = celebgen.pick_device(args.device)
     sources = [npz_statistics(p) if p.endswith(".npz") else folder_files(p) for p in args.paths]
     if not all(isinstance(source, tuple) for source in sources):  # a folder: features to extract
         model = FIDFeatures(load_weights(args.inception_weights)).to(device)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import celebgen as cg  # noqa: E402
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, **cg.AUTOCAST_DTYPES}
 
 
 def matmul_peak(dtype, n=2048, seconds=3.0):

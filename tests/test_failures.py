@@ -158,13 +158,15 @@ def trained(workdir, capsys):
     return workdir / "experiments" / "done" / "checkpoints" / "last.pt"
 
 
-@pytest.mark.parametrize("foreign", ["state_dict", "tensor", "no_args_model", "unknown_model"])
+@pytest.mark.parametrize("foreign", ["state_dict", "tensor", "no_args_model", "unknown_model", "args_list"])
 def test_a_foreign_torch_file_is_not_a_checkpoint(trained, capsys, foreign):
     ckpt = torch.load(trained, weights_only=True)
     if foreign == "no_args_model":
         del ckpt["args"]["model"]
     elif foreign == "unknown_model":
         ckpt["args"]["model"] = "huge"
+    elif foreign == "args_list":
+        ckpt["args"] = ["tiny", 16, 4]
     content = {"state_dict": {"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)},
                "tensor": torch.zeros(3)}.get(foreign, ckpt)
     torch.save(content, trained)
