@@ -1,10 +1,11 @@
 """
 CelebGen: a rectified-flow diffusion transformer (DiT) that learns to draw CelebA faces, in one file.
 
-Read it top to bottom: the sections follow the data's path. An image x1 and Gaussian noise x0 are blended
-into x_t = t*x1 + (1-t)*x0; a DiT (patches + RoPE attention + AdaIN-Zero time conditioning) looks at x_t
-and predicts the clean image; that prediction is turned into a velocity and compared with the true
-velocity x1 - x0. Sampling integrates that velocity from pure noise (t=0) to an image (t=1).
+Read it top to bottom: part one follows the data's path. An image x1 and Gaussian noise x0 are blended
+into x_t = t*x1 + (1-t)*x0; x_t is cut into patch tokens; a DiT (RoPE attention + AdaIN-Zero time
+conditioning) looks at them and predicts the clean image; that prediction is turned into a velocity and
+compared with the true velocity x1 - x0. Sampling integrates that velocity from pure noise (t=0) to an
+image (t=1). Part two is the machinery that runs it: data, devices, checkpoints, the trainer, the CLI.
 
 Commands (all from this folder):
     # CPU quickstart: procedurally drawn toy faces, no download, a few minutes on a laptop
@@ -25,16 +26,20 @@ Every command picks its device (--device auto: CUDA, then Apple MPS, then CPU) a
 (--precision auto: bf16 where the hardware has it, fp16 with loss scaling on older GPUs, else fp32),
 and its first line says which and why.
 
-Sections:
-    1. RoPE              2D rotary position angles, and the time features from the same frequency bank
-    2. AdaIN-Zero block  attention + MLP, modulated by time, the identity at initialisation
-    3. DiT               patchify -> blocks -> final AdaIN-Zero layer -> unpatchify, predicts x1
-    4. Data              CelebA in the layouts people have, and offline toy faces
-    5. Loss              interpolation, x-prediction -> velocity, the v-loss
-    6. Sampler           Euler (and Heun) from noise to image
-    7. Trainer           reproducible examples, DDP, device and precision, EMA, TensorBoard
-    8. Experiments       experiments/{exp_name}/{checkpoints,logs,samples}, atomic checkpoints, resume
-    9. CLI               argparse subcommands `train` and `sample`
+Part one, the algorithm:
+    1. The straight path   noise and image, x_t between them, the times t training draws
+    2. Patches             an image as a sequence of tokens
+    3. RoPE                where a token is, as a rotation of its query and key
+    4. AdaIN-Zero block    attention + MLP, modulated by time, the identity at initialisation
+    5. DiT                 patches -> blocks -> final AdaIN-Zero layer -> patches: predicts x1
+    6. Loss                x-prediction -> velocity -> the v-loss
+    7. Sampler             Euler (and Heun) from noise to image; `generate` from a checkpoint
+Part two, running it:
+    8. Data                CelebA in the layouts people have, and offline toy faces
+    9. Device, precision   CUDA / MPS / CPU, and bf16 / fp16 / fp32 autocast
+    10. Experiments        experiments/{exp_name}/{checkpoints,logs,samples}, atomic checkpoints
+    11. Trainer            reproducible examples, DDP, the training step, EMA, bookkeeping, Ctrl-C
+    12. CLI                argparse subcommands `train` and `sample`
 """
 
 import argparse
@@ -69,30 +74,75 @@ class UserError(Exception):
     """Bad input. The CLI prints it as one line `error: ...` and exits with status 2."""
 
 
+# =========================================================================================================
+#                                   PART ONE: THE ALGORITHM
+# =========================================================================================================
+
 # ---------------------------------------------------------------------------------------------------------
-#                                   1. RoPE: positions and time as rotations
+#                                   1. The straight path from noise to image
 # ---------------------------------------------------------------------------------------------------------
-# Rotary embeddings (RoPE) encode a position p by rotating pairs of query/key channels by angles p*w_k,
-# with a geometric bank of frequencies w_k. Because a rotation R(a) satisfies R(a)^T R(b) = R(b - a),
+# Rectified flow joins noise x0 ~ N(0, I) (at t=0) and an image x1 (at t=1) by a straight line
+#     x_t = t x1 + (1 - t) x0,            whose velocity is    v = dx_t/dt = x1 - x0.
+# Training shows the network x_t at a random t and asks which image it is heading to (sections 5-6);
+# sampling starts from noise and follows the predicted velocity to t = 1 (section 7). Images are
+# tensors (B, 3, H, W) in [-1, 1], the scale of the noise.
+# Times come from a logit-normal, t = sigmoid(mu + sigma * n) with n ~ N(0, 1): JiT's mu=-0.8,
+# sigma=0.8 puts most of the training effort at t < 0.5, the noisy end, where the coarse structure of
+# a face is decided.
+
+def logit_normal(n, mu, sigma):
+    """Map standard normal draws n to times t = sigmoid(mu + sigma * n) in (0, 1)."""
+    return torch.sigmoid(mu + sigma * torch.as_tensor(n, dtype=torch.float32))
+
+
+def interpolate(x1, x0, t):
+    """x_t = t x1 + (1 - t) x0 with t (B,) broadcast over (B, C, H, W)."""
+    t = t.view(-1, 1, 1, 1)
+    return t * x1 + (1 - t) * x0
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   2. Patches: an image as a sequence of tokens
+# ---------------------------------------------------------------------------------------------------------
+# A transformer reads a sequence of vectors ("tokens"). The image is cut into p x p patches, read in
+# row-major order; each patch's p*p*3 numbers become one token (a linear layer in section 5 maps them to
+# the model's width D). A 32x32 image with p = 4 is an 8 x 8 grid of N = 64 tokens of 48 numbers.
+
+def patchify(x, p):
+    """(B, C, H, W) -> (B, N, p*p*C) with N = (H/p)(W/p) tokens in row-major order."""
+    B, C, H, W = x.shape
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)      # (B, H/p, W/p, p, p, C)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify(x, p, grid):
+    """(B, N, p*p*C) -> (B, C, grid*p, grid*p), the inverse of patchify."""
+    B = x.shape[0]
+    x = x.reshape(B, grid, grid, p, p, -1).permute(0, 5, 1, 3, 2, 4)         # (B, C, grid, p, grid, p)
+    return x.reshape(B, -1, grid * p, grid * p)
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   3. RoPE: where a token is, as a rotation
+# ---------------------------------------------------------------------------------------------------------
+# Attention (section 4) lets every token look at every other. Each token emits a query q and a key k, and
+# token i takes from token j in proportion to exp(q_i . k_j / sqrt(d)) -- in several independent "heads",
+# each working on its own slice of d = 64 channels. Nothing in that formula says where a token is.
+# Rotary embeddings (RoPE) say it: before the product, rotate pairs of q's and k's channels by angles
+# p*w_k, p the token's position, with a geometric bank of frequencies w_k. Because rotations satisfy
+# R(a)^T R(b) = R(b - a),
 #     <R(p*w) q, R(r*w) k> = <q, R((r - p)*w) k>,
 # so an attention logit sees only the *difference* of positions. For images we use axial 2D RoPE: half of
-# each head's rotation pairs turn with the patch row, the other half with the patch column.
+# each head's rotation pairs turn with the patch's row, the other half with its column.
 #
 # Design note, why time is NOT a rotation: rotating every query and key by the same time angle t*w is a
 # shift of all positions by the same amount, and the difference (r - p) is unchanged -- the logits, and
-# so attention, would not see t at all. Time therefore enters through AdaIN-Zero (section 2). We still
-# reuse the frequency bank: the time features [cos(t*w), sin(t*w)] feed the conditioning MLP.
+# so attention, would not see t at all. Time enters through AdaIN-Zero instead (section 4), as features
+# built from the same frequency bank.
 
 def frequency_bank(n, base):
     """w_k = base^(-k/n) for k = 0..n-1: from 1 radian per unit down to almost 1/base. Shape (n,)."""
     return base ** (-torch.arange(n, dtype=torch.float32) / n)
-
-
-def time_features(t, dim, base=10_000.0):
-    """[cos(1000 t w), sin(1000 t w)] for t in [0, 1]: (B,) -> (B, dim). The factor 1000 makes the fastest
-    frequency turn many times over [0, 1], as in DiT's embedding of integer timesteps 0..999."""
-    angles = 1000.0 * t.float()[:, None] * frequency_bank(dim // 2, base).to(t.device)  # (B, dim/2)
-    return torch.cat([angles.cos(), angles.sin()], dim=-1)                                   # (B, dim)
 
 
 def rope_angles(rows, cols, head_dim, base=100.0):
@@ -114,15 +164,25 @@ def apply_rope(x, angles):
 
 
 # ---------------------------------------------------------------------------------------------------------
-#                                   2. AdaIN-Zero block (DiT's adaLN-Zero)
+#                                   4. AdaIN-Zero block (DiT's adaLN-Zero)
 # ---------------------------------------------------------------------------------------------------------
 # Each block is attention and an MLP, each wrapped as
 #     x <- x + gate * f( LayerNorm(x) * (1 + scale) + shift )
-# where (shift, scale, gate) are regressed from the time embedding c. This is adaptive instance
-# normalisation (AdaIN) applied per token: the normalised features are re-scaled and re-shifted as a
-# function of t, which is how the network knows how noisy its input is. "Zero": the layer that produces
-# (shift, scale, gate) starts at zero, so gate = 0 and every block is the identity at initialisation --
-# a deep stack starts as a shallow, well-behaved network and grows into its depth.
+# where (shift, scale, gate) are regressed from the time embedding c. That is how the network knows how
+# noisy its input is. The name: adaptive instance normalisation (AdaIN, from style transfer) normalises
+# each channel over an image's positions, then re-scales and re-shifts it by gains computed from a
+# condition. DiT's adaLN, used here, normalises each token over its channels (LayerNorm) instead; the
+# idea is the same -- normalise, then let the condition choose scale and shift. "Zero": the layer that
+# produces (shift, scale, gate) starts at zero, so gate = 0 and every block is the identity at
+# initialisation -- a deep stack starts as a shallow, well-behaved network and grows into its depth.
+# The time embedding c starts from features [cos(1000 t w_k), sin(1000 t w_k)] of section 3's bank.
+
+def time_features(t, dim, base=10_000.0):
+    """[cos(1000 t w), sin(1000 t w)] for t in [0, 1]: (B,) -> (B, dim). The factor 1000 makes the fastest
+    frequency turn many times over [0, 1], as in DiT's embedding of integer timesteps 0..999."""
+    angles = 1000.0 * t.float()[:, None] * frequency_bank(dim // 2, base).to(t.device)  # (B, dim/2)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)                                   # (B, dim)
+
 
 def modulate(x, shift, scale):
     """AdaIN: x * (1 + scale) + shift with a per-sample (B, D) shift and scale broadcast over tokens."""
@@ -134,8 +194,9 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        # Per-head RMSNorm on q and k ("QK-norm") keeps the logits q.k/sqrt(d) at a scale set by two small
-        # learned gains, so attention does not saturate with a large learning rate or in bf16.
+        # Per-head RMSNorm on q and k ("QK-norm"): each becomes a vector of RMS 1 times a learned gain per
+        # channel, so |q.k| / sqrt(d) <= sqrt(d) max|gain_q| max|gain_k| however large the activations
+        # grow, and attention does not saturate with a large learning rate or in bf16.
         self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
         self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
@@ -172,33 +233,23 @@ class Block(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-#                                   3. DiT: a transformer on image patches that predicts x1
+#                                   5. DiT: a transformer on patches that predicts the clean image
 # ---------------------------------------------------------------------------------------------------------
-# The image is cut into p x p patches, each patch a token. The network predicts the *clean image* x1
-# (not the noise, not the velocity): a clean image lies on the low-dimensional manifold of faces, which a
-# small network can represent far more easily than high-dimensional noise (the argument of JiT, "Back to
-# Basics: Let Denoising Generative Models Denoise", Li & He 2025). Section 5 turns it into a velocity.
+# Patch tokens -> linear embedding to width D -> blocks -> a final AdaIN-Zero layer -> linear back to
+# p*p*3 numbers per token -> patches reassembled. The network predicts the *clean image* x1 (not the
+# noise, not the velocity): a clean image lies on the low-dimensional manifold of faces, which a network
+# of width D can represent, while noise fills all p*p*3 dimensions of a patch (the argument of JiT,
+# "Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025). That argument is strongest
+# when a patch holds more numbers than a token's width; here a 4x4 patch holds 48 numbers against D =
+# 192 (tiny) or 384 (small), so it applies only weakly, and noise- or velocity-prediction might do as
+# well at these sizes (not measured in this project). Section 6 turns the prediction into a velocity.
 
-MODELS = {  # named sizes: width, depth and heads (head width 64 throughout)
+MODELS = {  # named sizes: width, depth and heads (head width 64 throughout); parameters at 4x4 patches
     "tiny": dict(dim=192, depth=6, heads=3),     # CPU quickstart (4.2M parameters)
     "small": dict(dim=384, depth=12, heads=6),   # DiT-S: the default for CelebA 64x64 (33M)
     "base": dict(dim=768, depth=12, heads=12),   # DiT-B, for multi-GPU runs (130M)
 }
 TIME_FEATURES = 256  # width of the [cos, sin] time features fed to the conditioning MLP
-
-
-def patchify(x, p):
-    """(B, C, H, W) -> (B, N, p*p*C) with N = (H/p)(W/p) tokens in row-major order."""
-    B, C, H, W = x.shape
-    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)      # (B, H/p, W/p, p, p, C)
-    return x.reshape(B, (H // p) * (W // p), p * p * C)
-
-
-def unpatchify(x, p, grid):
-    """(B, N, p*p*C) -> (B, C, grid*p, grid*p), the inverse of patchify."""
-    B = x.shape[0]
-    x = x.reshape(B, grid, grid, p, p, -1).permute(0, 5, 1, 3, 2, 4)         # (B, C, grid, p, grid, p)
-    return x.reshape(B, -1, grid * p, grid * p)
 
 
 class DiT(nn.Module):
@@ -247,7 +298,94 @@ def flops_per_image(model):
 
 
 # ---------------------------------------------------------------------------------------------------------
-#                                   4. Data: CelebA and toy faces, as tensors in [-1, 1]
+#                                   6. Loss: x-prediction -> velocity -> v-loss
+# ---------------------------------------------------------------------------------------------------------
+# The network predicts the clean image x_pred (section 5). Since x0 = (x_t - t x1) / (1 - t), the
+# velocity can be written without x0 as v = (x1 - x_t) / (1 - t); substituting the prediction for x1,
+#     v_pred = (x_pred - x_t) / max(1 - t, t_eps),     v_target = (x1 - x_t) / max(1 - t, t_eps),
+#     loss = || v_pred - v_target ||^2 = || x_pred - x1 ||^2 / max(1 - t, t_eps)^2:
+# an x-loss weighted by 1 / (1 - t)^2, capped at 1 / t_eps^2 near the image end. For 1 - t >= t_eps the
+# target is exactly x1 - x0. Beyond (with JiT's t_eps = 0.05 and the default times, t > 0.95: about one
+# training example in 700,000) the target is clamped like the prediction, as in JiT, so the loss is
+# smallest at x_pred = x1 at every t -- which is what the sampler assumes when, at its last steps
+# (t = 0.96 and 0.98 of a 50-step run), it turns x_pred into a velocity without the clamp.
+# Why not v_pred = x_pred - x0 with the true noise? That is exactly x_pred - x1 + (x1 - x0), so the loss
+# collapses to a plain unweighted x-loss -- and at sampling time x0 is unknown anyway.
+
+def velocity(x_pred, x_t, t, t_eps):
+    """v_pred = (x_pred - x_t) / max(1 - t, t_eps): the velocity implied by a clean-image prediction."""
+    return (x_pred - x_t) / (1 - t).clamp_min(t_eps).view(-1, 1, 1, 1)
+
+
+def flow_loss(model, x1, x0, t, t_eps):
+    x_t = interpolate(x1, x0, t)                                              # (B, C, H, W)
+    x_pred = model(x_t, t).float()  # the loss in fp32, also under autocast     (B, C, H, W)
+    v_pred = velocity(x_pred, x_t, t, t_eps)                                  # (B, C, H, W)
+    v_target = velocity(x1, x_t, t, t_eps)  # = x1 - x0 wherever 1 - t >= t_eps  (B, C, H, W)
+    return F.mse_loss(v_pred, v_target)
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   7. Sampler: integrate the velocity from noise to image
+# ---------------------------------------------------------------------------------------------------------
+# Generation solves dx/dt = v(x, t) from x(0) = noise to t = 1 on a uniform grid t_i = i/N. Euler takes
+#     x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i);
+# Heun averages that slope with the slope at the Euler guess (second order, two model calls per step).
+# On a perfectly straight path (a model that always predicts the same image) the velocity is constant
+# and Euler is exact -- rectified flow trains the paths to be as straight as it can. Here t <= 1 - 1/N,
+# so 1 - t > 0 and no clamp is needed (t_eps = 0): the last Euler step, from 1 - 1/N to 1, lands
+# exactly on the model's clean-image prediction. Heun's last step is Euler because v(x, 1) would
+# divide by zero. `generate` draws many samples from a checkpoint (section 10) at a precision
+# (section 9), a batch at a time.
+
+@torch.no_grad()
+def sample(model, noise, num_steps, method="euler"):
+    """noise (B, C, H, W) at t=0 -> images (B, C, H, W) at t=1, in num_steps steps of `method`."""
+    ts = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64).tolist()
+    x = noise.float()
+
+    def v(x, t):
+        t = torch.full((x.shape[0],), t, device=x.device)
+        return velocity(model(x, t).float(), x, t, t_eps=0.0)                 # (B, C, H, W)
+
+    for i in range(num_steps):
+        dt = ts[i + 1] - ts[i]
+        v_i = v(x, ts[i])
+        if method == "heun" and i < num_steps - 1:
+            v_i = 0.5 * (v_i + v(x + dt * v_i, ts[i + 1]))
+        x = x + dt * v_i
+    return x
+
+
+def generate(ckpt, num_samples, num_steps, method, seed, batch_size, device, precision, use_ema=True):
+    """num_samples images from a loaded checkpoint, as an iterator over batches (B, C, H, W) in [-1, 1],
+    printing progress. The model is built now, so weights that do not fit fail before any work. The
+    noise is drawn on the CPU, so a seed gives the same noise on every device."""
+    train_args = argparse.Namespace(**ckpt["args"])
+    model = build_model(train_args)
+    load_weights(model, ckpt["ema" if use_ema else "model"], ckpt["args"])
+    model.to(device).eval()
+
+    def batches():
+        generator = torch.Generator().manual_seed(seed)
+        shape, start = (3, train_args.image_size, train_args.image_size), time.time()
+        for n in range(0, num_samples, batch_size):
+            noise = torch.randn((min(batch_size, num_samples - n), *shape), generator=generator)
+            with autocast(device, precision), attention_kernels(device):
+                images = sample(model, noise.to(device), num_steps, method).cpu()
+            done = n + len(noise)
+            print(f"sampled {done}/{num_samples} images | {done / (time.time() - start):.2f} img/s",
+                  flush=True)
+            yield images
+    return batches()
+
+
+# =========================================================================================================
+#                                   PART TWO: RUNNING IT
+# =========================================================================================================
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   8. Data: CelebA and toy faces, as tensors in [-1, 1]
 # ---------------------------------------------------------------------------------------------------------
 # CelebA's aligned images are 178x218. The standard CelebA-64 preprocessing of DDIM, PNDM and U-ViT crops
 # a 128x128 box centred at (x=89, y=121) and resizes it; using the same crop makes FIDs comparable with
@@ -255,7 +393,8 @@ def flops_per_image(model):
 
 CELEBA_CROP = (89 - 64, 121 - 64, 89 + 64, 121 + 64)  # (left, top, right, bottom) in the 178x218 image
 SPLITS = {"train": 0, "val": 1, "test": 2}
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# the image files read from a folder: pytorch-fid's list, which fid.py must follow (in lower case)
+IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")
 LAYOUTS_HELP = ("put CelebA under --data_root in one of these layouts: ROOT/celeba/img_align_celeba + "
                 "ROOT/celeba/list_eval_partition.txt (torchvision), ROOT/img_align_celeba + "
                 "ROOT/list_eval_partition.txt (official), ROOT/img_align_celeba/img_align_celeba + "
@@ -291,7 +430,7 @@ def read_split_file(path):
 def celeba_files(root, split):
     """Sorted image paths of one split. Without a split file (a plain folder) every split is all images."""
     folder, split_file = find_celeba(root)
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    names = sorted(n for n in os.listdir(folder) if Path(n).suffix[1:].lower() in IMAGE_EXTENSIONS)
     if not names:
         raise UserError(f"no images in {folder}; {LAYOUTS_HELP}")
     if split_file is not None:
@@ -303,19 +442,24 @@ def celeba_files(root, split):
     return [folder / n for n in names]
 
 
+def image_tensor(img):
+    """A PIL image -> (3, H, W) uint8 tensor, RGB: the one way this project turns a picture into numbers."""
+    return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
+
+
 def load_image(path, size):
     """An image file -> (3, size, size) float tensor in [-1, 1]. CelebA's 178x218 images get the standard
     crop; other images a centred square crop."""
     with Image.open(path) as img:
-        img = img.convert("RGB")
+        img = img.convert("RGB")  # reads the file now, inside the `with`
     if img.size == (178, 218):
         img = img.crop(CELEBA_CROP)
     else:
         w, h = img.size
         s = min(w, h)
         img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    img = img.resize((size, size), Image.BILINEAR)  # PIL antialiases when shrinking, as torchvision's Resize
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    img = img.resize((size, size), Image.BILINEAR)  # antialiased shrink, as torchvision's Resize
+    return image_tensor(img).float() / 127.5 - 1
 
 
 class CelebA(Dataset):
@@ -392,7 +536,7 @@ class ToyFaces(Dataset):
         draw.chord([cx - mouth_w, mouth_y - abs(smile) - 2, cx + mouth_w, mouth_y + abs(smile) + 2],
                    0 if smile > 0 else 180, 180 if smile > 0 else 360, colour((150, 20, 30), (230, 90, 100)))
         img = img.resize((self.size, self.size), Image.LANCZOS)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
+        return image_tensor(img).float() / 127.5 - 1
 
 
 def make_dataset(args, split):
@@ -402,138 +546,26 @@ def make_dataset(args, split):
     return CelebA(args.data_root, split, args.image_size, download=args.download and split == "train")
 
 
-# ---------------------------------------------------------------------------------------------------------
-#                                   5. Loss: interpolation, x-prediction -> velocity, v-loss
-# ---------------------------------------------------------------------------------------------------------
-# Rectified flow joins noise x0 ~ N(0, I) (at t=0) and an image x1 (at t=1) by a straight line
-#     x_t = t x1 + (1 - t) x0,            whose velocity is    v = dx_t/dt = x1 - x0.
-# The network predicts the clean image x_pred (section 3). Since x0 = (x_t - t x1) / (1 - t), the velocity
-# can be written without x0 as v = (x1 - x_t) / (1 - t); substituting the prediction for x1 gives
-#     v_pred = (x_pred - x_t) / max(1 - t, t_eps),          loss = || v_pred - (x1 - x0) ||^2,
-# which for 1 - t >= t_eps is exactly the x-loss ||x_pred - x1||^2 weighted by 1 / (1 - t)^2.
-# For 1 - t < t_eps the clamp does more than cap that weight: the target x1 - x0 = (x1 - x_t) / (1 - t)
-# is not clamped, so the loss is no longer an x-loss, and its minimum is at
-#     x_pred = x_t + t_eps (x1 - x_t) / (1 - t),      not at x1
-# (an over-shoot). With JiT's t_eps = 0.05 and the default t distribution that is t > 0.95, about
-# one training example in 700,000. Why not v_pred = x_pred - x0 with the true noise? That is exactly
-# x_pred - x1 + (x1 - x0), so the loss collapses to a plain unweighted x-loss -- and at sampling
-# time x0 is unknown anyway. The sampler turns x_pred into a velocity the same way, without the
-# clamp: its t never exceeds 1 - 1/N (section 6).
-# Times come from a logit-normal, t = sigmoid(mu + sigma * n) with n ~ N(0, 1): JiT's mu=-0.8, sigma=0.8
-# puts most of the training effort at t < 0.5, the noisy end, where the coarse structure of a face is decided.
-
-def logit_normal(n, mu, sigma):
-    """Map standard normal draws n to times t = sigmoid(mu + sigma * n) in (0, 1)."""
-    return torch.sigmoid(mu + sigma * torch.as_tensor(n, dtype=torch.float32))
+def to_unit(images):
+    return ((images.float().cpu() + 1) / 2).clamp(0, 1)
 
 
-def interpolate(x1, x0, t):
-    """x_t = t x1 + (1 - t) x0 with t (B,) broadcast over (B, C, H, W)."""
-    t = t.view(-1, 1, 1, 1)
-    return t * x1 + (1 - t) * x0
+def save_png(image, path):
+    """(C, H, W) in [0, 1] -> an 8-bit PNG (lossless, so FID reads exactly what was generated)."""
+    array = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(array).save(path)
 
 
-def velocity(x_pred, x_t, t, t_eps):
-    """v_pred = (x_pred - x_t) / max(1 - t, t_eps): the velocity implied by a clean-image prediction."""
-    return (x_pred - x_t) / (1 - t).clamp_min(t_eps).view(-1, 1, 1, 1)
-
-
-def flow_loss(model, x1, x0, t, t_eps):
-    x_t = interpolate(x1, x0, t)                                              # (B, C, H, W)
-    x_pred = model(x_t, t).float()  # the loss in fp32, also under autocast     (B, C, H, W)
-    v_pred = velocity(x_pred, x_t, t, t_eps)                                  # (B, C, H, W)
-    return F.mse_loss(v_pred, x1 - x0)
+def image_grid(images, columns=None):
+    """(B, C, H, W) in [-1, 1] -> one (C, rows*H, columns*W) grid in [0, 1] with 2-pixel gaps."""
+    import torchvision
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    return torchvision.utils.make_grid(to_unit(images), nrow=columns, padding=2, pad_value=1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
-#                                   6. Sampler: integrate the velocity from noise to image
+#                                   9. Device and precision
 # ---------------------------------------------------------------------------------------------------------
-# Generation solves dx/dt = v(x, t) from x(0) = noise to t = 1 on a uniform grid t_i = i/N. Euler takes
-#     x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i);
-# Heun averages that slope with the slope at the Euler guess (second order, two model calls per step).
-# On a perfectly straight path (a model that always predicts the same image) the velocity is constant and
-# Euler is exact -- rectified flow trains the paths to be as straight as it can. Here t <= 1 - 1/N, so
-# 1 - t > 0 and no clamp is needed (t_eps = 0): the last Euler step, from 1 - 1/N to 1, lands exactly on
-# the model's clean-image prediction. Heun's last step is Euler because v(x, 1) would divide by zero.
-
-@torch.no_grad()
-def sample(model, noise, num_steps, method="euler"):
-    """noise (B, C, H, W) at t=0 -> images (B, C, H, W) at t=1, in num_steps steps of `method`."""
-    ts = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64).tolist()
-    x = noise.float()
-
-    def v(x, t):
-        t = torch.full((x.shape[0],), t, device=x.device)
-        return velocity(model(x, t).float(), x, t, t_eps=0.0)                 # (B, C, H, W)
-
-    for i in range(num_steps):
-        dt = ts[i + 1] - ts[i]
-        v_i = v(x, ts[i])
-        if method == "heun" and i < num_steps - 1:
-            v_i = 0.5 * (v_i + v(x + dt * v_i, ts[i + 1]))
-        x = x + dt * v_i
-    return x
-
-
-# ---------------------------------------------------------------------------------------------------------
-#                                   7. Trainer: DDP, device and precision, AdamW, EMA, TensorBoard
-# ---------------------------------------------------------------------------------------------------------
-# One process per GPU (or per CPU slot with --nproc), started by torch.multiprocessing.spawn, or by
-# torchrun for several machines. Each process holds a full copy of the model; DistributedDataParallel
-# averages the gradients over processes in backward(), so all copies take the same optimizer step. Each
-# process reads its own 1/world_size of every epoch (DistributedSampler), so the global batch is
-# world_size x --batch_size.
-#
-# Reproducibility by construction: every random choice about a training example -- its flip, its noise
-# x0, its time t -- is a pure function of (seed, epoch, image index). So 2 processes x batch B see exactly
-# the examples 1 process x batch 2B sees, and a run resumed at step k sees exactly what the uninterrupted
-# run saw: the data order of an epoch is a function of (seed, epoch), and the resume skips the k % epoch
-# batches already done.
-
-class FlowExamples(Dataset):
-    """Training triples (x1, x0, t): an image (randomly flipped), its noise, its time. Set .epoch before
-    iterating (the DataLoader workers receive a fresh copy each epoch)."""
-
-    def __init__(self, images, seed, t_mu, t_sigma):
-        self.images, self.seed, self.t_mu, self.t_sigma, self.epoch = images, seed, t_mu, t_sigma, 0
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        x1 = self.images[i]                                                   # (C, H, W)
-        if rng.random() < 0.5:
-            x1 = x1.flip(-1)                                                  # horizontal flip
-        x0 = torch.from_numpy(rng.standard_normal(x1.shape, dtype=np.float32))  # (C, H, W)
-        return x1, x0, logit_normal(rng.standard_normal(), self.t_mu, self.t_sigma)
-
-
-def validation_set(images, n, seed, t_mu, t_sigma):
-    """Fixed images, noise and times, so the val loss is comparable across steps. The times are the
-    n quantiles of the training distribution, t_k = sigmoid(mu + sigma * Phi^-1((k + 1/2) / n))."""
-    x1 = torch.stack([images[i] for i in range(min(n, len(images)))])      # (n, C, H, W)
-    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
-    quantiles = (torch.arange(len(x1)) + 0.5) / len(x1)
-    return x1, x0, logit_normal(torch.special.ndtri(quantiles), t_mu, t_sigma)
-
-
-@torch.no_grad()
-def validation_loss(model, val, t_eps, batch_size, device, precision):
-    total = 0.0
-    for start in range(0, len(val[0]), batch_size):
-        x1, x0, t = (a[start:start + batch_size].to(device) for a in val)
-        with autocast(device, precision):
-            total += flow_loss(model, x1, x0, t, t_eps).item() * len(x1)
-    return total / len(val[0])
-
-
-def attention_kernels(device):
-    """On the CPU, PyTorch's flash-attention kernel is slower than plain matmul + softmax for short
-    sequences: 1.1-1.25x for `tiny` at 64 tokens, even at 256 (tests/benchmark_speed.py --sdpa)."""
-    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
-
-
 # Device and precision. `--device auto` takes a CUDA GPU, then Apple's MPS, then the CPU. Under
 # autocast every matmul (each Linear, attention's products) runs in a 16-bit type. Which other ops
 # autocast moves to fp32 depends on the device (on CUDA layer norm and softmax; on the CPU neither),
@@ -609,6 +641,15 @@ def resolve_precision(requested, device):
     return requested, "as asked"
 
 
+def device_and_precision(device_name, precision_name, announce=True):
+    """Resolve --device and --precision, and say what was chosen and why (the first line of a run)."""
+    device = pick_device(device_name)
+    precision, why = resolve_precision(precision_name, device)
+    if announce:
+        print(f"device {device.type}, precision {precision_name} -> {precision} ({why})", flush=True)
+    return device, precision
+
+
 def autocast(device, precision):
     """The context that runs a forward pass at `precision` (bf16, fp16 or fp32) on `device`."""
     if precision not in AUTOCAST_DTYPES:
@@ -616,266 +657,14 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
-@torch.no_grad()
-def update_ema(ema, model, step, decay):
-    """ema <- d ema + (1 - d) model with the warm-up d = min(decay, (1 + step) / (10 + step)): early on
-    the average spans only the last few steps, so even a 5-minute run samples from a useful EMA, and it
-    lengthens to 1 / (1 - decay) steps as training goes on."""
-    d = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - d)
-
-
-def distributed_setup(rank, world_size, device_name):
-    """Join the process group (if any) and pick this process's device: GPU number LOCAL_RANK on CUDA."""
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs outside autocast
-    elif device.type == "cpu":
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # no oversubscribed cores
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
-                                device_id=device if device.type == "cuda" else None)
-    return device
-
-
-def train_worker(rank, world_size, args):
-    """The training loop of one process. Rank 0 alone writes logs, samples and checkpoints."""
-    device = distributed_setup(rank, world_size, args.device)
-    try:
-        if world_size > 1:  # under torchrun each process resolved --precision itself: follow rank 0's
-            choice = [args.resolved_precision]
-            dist.broadcast_object_list(choice, src=0)
-            args.resolved_precision = choice[0]
-        with attention_kernels(device), InterruptRequest(announce=rank == 0) as interrupt:
-            if world_size == 1:
-                train_loop(rank, world_size, args, device, interrupt)
-            else:  # rank 0 says why; spawn sees the exit status, and the parent exits with it
-                exit_on_user_error(train_loop, rank, world_size, args, device, interrupt, quiet=rank > 0)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def train_loop(rank, world_size, args, device, interrupt):
-    exp = experiment_paths(args.exp_name)
-    torch.manual_seed(args.seed)  # the same initial weights in every process
-    model = build_model(args).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    # fp16 only: scale the loss up before backward, so small gradients do not flush to zero (see autocast)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.resolved_precision == "fp16")
-    step, best_val = 0, math.inf
-    if args.resume:
-        path = resume_checkpoint(exp)
-        step, best_val = restore(load_checkpoint(path), model, ema, optimizer, scaler, device)
-        if rank == 0:
-            print(f"resuming {args.exp_name} from step {step} ({path.name})", flush=True)
-    ddp_model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
-        if world_size > 1 else model
-    if args.compile:
-        ddp_model = torch.compile(ddp_model)
-
-    examples = FlowExamples(make_dataset(args, "train"), args.seed, args.t_mu, args.t_sigma)
-    sampler = DistributedSampler(examples, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // args.batch_size
-    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    logger = Logger(args, exp, device, total_steps, model) if rank == 0 else None
-    if rank == 0 and step >= total_steps:
-        print(f"{args.exp_name} is already at step {step} of {total_steps}; raise --max_steps or --epochs "
-              f"to train further", flush=True)
-
-    stop = False
-    while step < total_steps and not stop:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        examples.epoch = epoch
-        order = list(sampler)[done_in_epoch * args.batch_size:]  # skip what a resumed run already saw
-        loader = DataLoader(examples, args.batch_size, sampler=order, drop_last=True, num_workers=args.workers,
-                            pin_memory=device.type == "cuda", worker_init_fn=ignore_interrupts)
-        for x1, x0, t in loader:
-            x1, x0, t = x1.to(device, non_blocking=True), x0.to(device, non_blocking=True), t.to(device)
-            lr = args.lr * min(1.0, (step + 1) / args.warmup_steps)          # linear warm-up, then constant
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast(device, args.resolved_precision):
-                loss = flow_loss(ddp_model, x1, x0, t, args.t_eps)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # DDP all-reduces gradients here; scale() is the identity but in fp16
-            scaler.unscale_(optimizer)     # the true gradients, for clipping and the logged norm
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            # one host sync for both numbers; the norm is the same on every rank (DDP averaged the
-            # gradients). In fp16 the scaler skips an overflowed step; otherwise a non-finite loss or
-            # gradient means divergence: stop before the step is taken or saved
-            local_loss, grad_norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
-            if not scaler.is_enabled() and not (math.isfinite(local_loss) and math.isfinite(grad_norm)):
-                raise divergence(local_loss, grad_norm, step + 1, args.lr)
-            scaler.step(optimizer)         # optimizer.step(), skipped in fp16 if a gradient overflowed
-            scaler.update()
-            update_ema(ema, model, step, args.ema_decay)
-            step += 1
-
-            stats = torch.stack([loss.detach().float(), torch.tensor(float(interrupt.requested), device=device)])
-            if world_size > 1:  # every rank sees the same mean loss, and stops when any rank was interrupted
-                dist.all_reduce(stats, op=dist.ReduceOp.AVG)
-            loss, stop = stats[0].item(), stats[1].item() > 0
-            if not math.isfinite(loss):  # fp16, where a non-finite step was skipped, not taken
-                raise divergence(loss, grad_norm, step, args.lr)
-            if rank == 0:
-                best_val = logger.after_step(step, loss, lr, grad_norm, len(x1) * world_size,
-                                             model, ema, optimizer, scaler, best_val,
-                                             final=step == total_steps)
-            if step == total_steps or stop:
-                break
-    if rank == 0:
-        logger.close()
-    if stop:  # Ctrl-C: the step in flight has finished; save it, then leave
-        if rank == 0 and logger.saved_step < step:
-            logger.save_last(step, model, ema, optimizer, scaler, best_val)
-        if world_size > 1:
-            dist.barrier()  # every rank waits until rank 0 has saved
-        raise Interrupted(f"interrupted at step {step}; {exp['checkpoints'] / 'last.pt'} holds step {step}; "
-                          f"resume with: python celebgen.py train --exp_name {args.exp_name} --resume")
-
-
-def divergence(loss, grad_norm, step, lr):
-    """The error that ends a run whose loss or gradients stopped being finite at `step`."""
-    return UserError(f"loss {loss:g}, gradient norm {grad_norm:g} at step {step}: training diverged; "
-                     f"lower --lr (now {lr:g}), or resume from a checkpoint before the divergence")
-
-
-def restore(ckpt, model, ema, optimizer, scaler, device):
-    """Put a run back into the state its checkpoint saved. Returns (step, best_val)."""
-    load_weights(model, ckpt["model"], ckpt["args"])
-    load_weights(ema, ckpt["ema"], ckpt["args"])
-    try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (ValueError, KeyError, TypeError):
-        raise UserError("the checkpoint's optimizer state does not fit its model; start a new --exp_name") \
-            from None
-    if scaler.is_enabled() and ckpt.get("scaler"):  # empty when the checkpoint was not written in fp16
-        scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    return ckpt["step"], ckpt["best_val"]
-
-
-class Interrupted(Exception):
-    """Ctrl-C ended the run cleanly; the message says where it stopped. The CLI exits with status 130."""
-
-
-class InterruptRequest:
-    """The first Ctrl-C (SIGINT) asks the training loop to stop after the step in flight, so the
-    checkpoint it saves is a consistent one; a second Ctrl-C stops at once."""
-
-    def __init__(self, announce=True):
-        self.announce = announce
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        if self.announce:
-            print("\nCtrl-C: stopping after this step (press again to stop at once)", file=sys.stderr,
-                  flush=True)
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-
-
-def ignore_interrupts(worker_id):
-    """DataLoader workers leave Ctrl-C to the training process, which stops them when it is done."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-class Logger:
-    """Rank 0's bookkeeping: progress lines, TensorBoard, validation, sample grids, checkpoints."""
-
-    def __init__(self, args, exp, device, total_steps, model):
-        from torch.utils.tensorboard import SummaryWriter  # imported here: only rank 0 pays for it
-        self.args, self.exp, self.device, self.total_steps = args, exp, device, total_steps
-        self.flops_per_image = flops_per_image(model)
-        self.writer = SummaryWriter(exp["logs"])
-        self.val = validation_set(make_dataset(args, "val"), args.val_size, args.seed, args.t_mu, args.t_sigma)
-        self.grid_noise = torch.randn(16, 3, args.image_size, args.image_size,
-                                      generator=torch.Generator().manual_seed(args.seed + 1))
-        self.clock, self.images_seen, self.saved_step = time.time(), 0, -1
-        print(f"training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-              f"params) on {args.dataset} {args.image_size}x{args.image_size}, {total_steps} steps, "
-              f"device {device}, {args.resolved_precision}, experiment {exp['root']}", flush=True)
-
-    def after_step(self, step, loss, lr, grad_norm, images, model, ema, optimizer, scaler, best_val, final):
-        args, w = self.args, self.writer
-        self.images_seen += images
-        if step % args.log_every == 0 or final:
-            elapsed = time.time() - self.clock
-            speed = self.images_seen / elapsed
-            eta = (self.total_steps - step) * images / speed
-            print(f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
-                  f"{speed:.1f} img/s | {speed * self.flops_per_image / 1e12:.3f} TFLOP/s | ETA {eta / 60:.1f} min",
-                  flush=True)
-            w.add_scalar("train/loss", loss, step)
-            w.add_scalar("train/lr", lr, step)
-            w.add_scalar("train/grad_norm", grad_norm, step)
-            w.add_scalar("train/images_per_sec", speed, step)
-            self.clock, self.images_seen = time.time(), 0
-        if step % args.eval_every == 0 or final:
-            val = validation_loss(ema, self.val, args.t_eps, 4 * args.batch_size, self.device,
-                                  args.resolved_precision)
-            w.add_scalar("val/loss", val, step)
-            print(f"step {step} | val loss (EMA) {val:.4f}" + (" | new best" if val < best_val else ""), flush=True)
-            if val < best_val:
-                best_val = val
-                save_checkpoint(self.exp["checkpoints"] / "best.pt", model, ema, optimizer, scaler, step,
-                                best_val, args)
-        if step % args.sample_every == 0 or final:
-            with autocast(self.device, args.resolved_precision):
-                images = sample(ema, self.grid_noise.to(self.device), args.num_sampling_steps)
-            grid = image_grid(images)
-            w.add_image("samples", grid, step)
-            save_png(grid, self.exp["samples"] / f"step_{step:07d}.png")
-        if step % args.ckpt_every == 0 or final:
-            self.save_last(step, model, ema, optimizer, scaler, best_val)
-        return best_val
-
-    def save_last(self, step, model, ema, optimizer, scaler, best_val):
-        save_checkpoint(self.exp["checkpoints"] / "last.pt", model, ema, optimizer, scaler, step, best_val,
-                        self.args)
-        self.saved_step = step
-
-    def close(self):
-        self.writer.close()
-
-
-def image_grid(images, columns=None):
-    """(B, C, H, W) in [-1, 1] -> one (C, rows*H, columns*W) grid in [0, 1] with 2-pixel gaps."""
-    import torchvision
-    columns = columns or math.ceil(math.sqrt(len(images)))
-    return torchvision.utils.make_grid(to_unit(images), nrow=columns, padding=2, pad_value=1.0)
-
-
-def to_unit(images):
-    return ((images.float().cpu() + 1) / 2).clamp(0, 1)
-
-
-def save_png(image, path):
-    """(C, H, W) in [0, 1] -> an 8-bit PNG (lossless, so FID reads exactly what was generated)."""
-    array = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(array).save(path)
+def attention_kernels(device):
+    """On the CPU, PyTorch's flash-attention kernel is slower than plain matmul + softmax for short
+    sequences: 1.1-1.25x for `tiny` at 64 tokens, even at 256 (tests/benchmark_speed.py --sdpa)."""
+    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------------------
-#                                   8. Experiments and checkpoints
+#                                   10. Experiments and checkpoints
 # ---------------------------------------------------------------------------------------------------------
 # experiments/{exp_name}/args.json               the arguments of the run
 #                       /checkpoints/last.pt      written every --ckpt_every steps and at the end
@@ -888,8 +677,6 @@ def save_png(image, path):
 # execute code from a downloaded file.
 
 MODEL_ARGS = ("model", "image_size", "patch_size")  # what a checkpoint's weights depend on
-# what a resumed run must keep so that it continues exactly: the data order and position in the epoch
-# (seed, batch size, processes), the example times and the validation set that picks best.pt
 RESUME_FIXED = ("batch_size", "world_size", "seed", "t_mu", "t_sigma", "val_size")
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "best_val", "args", "rng")
 
@@ -903,6 +690,14 @@ def checkpoint_path(exp_name, checkpoint):
     """--checkpoint is a path to a file, or a name (last.pt, best.pt) in the experiment's checkpoints/."""
     path = Path(checkpoint)
     return path if path.is_file() else experiment_paths(exp_name)["checkpoints"] / checkpoint
+
+
+def resume_checkpoint(exp):
+    """last.pt, or best.pt for a run killed after its first validation but before its first last.pt."""
+    for name in ("last.pt", "best.pt"):
+        if (exp["checkpoints"] / name).is_file():
+            return exp["checkpoints"] / name
+    return None
 
 
 def save_checkpoint(path, model, ema, optimizer, scaler, step, best_val, args):
@@ -959,27 +754,355 @@ def load_weights(model, state, ckpt_args):
                         f"was it written by another version of celebgen.py?") from None
 
 
+def restore(ckpt, model, ema, optimizer, scaler, device):
+    """Put a run back into the state its checkpoint saved. Returns (step, best_val)."""
+    load_weights(model, ckpt["model"], ckpt["args"])
+    load_weights(ema, ckpt["ema"], ckpt["args"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError("the checkpoint's optimizer state does not fit its model; start a new --exp_name") \
+            from None
+    if scaler.is_enabled() and ckpt.get("scaler"):  # empty when the checkpoint was not written in fp16
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    return ckpt["step"], ckpt["best_val"]
+
+
 # ---------------------------------------------------------------------------------------------------------
-#                                   9. CLI: train and sample
+#                                   11. Trainer: examples, DDP, the training step, EMA, bookkeeping
+# ---------------------------------------------------------------------------------------------------------
+# One process per GPU (or per CPU slot with --nproc), started by torch.multiprocessing.spawn, or by
+# torchrun for several machines. Each process holds a full copy of the model; DistributedDataParallel
+# averages the gradients over processes in backward(), so all copies take the same optimizer step. Each
+# process reads its own 1/world_size of every epoch (DistributedSampler), so the global batch is
+# world_size x --batch_size.
+#
+# Reproducibility by construction: every random choice about a training example -- its flip, its noise
+# x0, its time t -- is a pure function of (seed, epoch, image index). So 2 processes x batch B see exactly
+# the examples 1 process x batch 2B sees, and a run resumed at step k sees exactly what the uninterrupted
+# run saw: the data order of an epoch is a function of (seed, epoch), and the resume skips the k % epoch
+# batches already done.
+
+class FlowExamples(Dataset):
+    """Training triples (x1, x0, t): an image (randomly flipped), its noise, its time. Set .epoch before
+    iterating (the DataLoader workers receive a fresh copy each epoch)."""
+
+    def __init__(self, images, seed, t_mu, t_sigma):
+        self.images, self.seed, self.t_mu, self.t_sigma, self.epoch = images, seed, t_mu, t_sigma, 0
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        x1 = self.images[i]                                                   # (C, H, W)
+        if rng.random() < 0.5:
+            x1 = x1.flip(-1)                                                  # horizontal flip
+        x0 = torch.from_numpy(rng.standard_normal(x1.shape, dtype=np.float32))  # (C, H, W)
+        return x1, x0, logit_normal(rng.standard_normal(), self.t_mu, self.t_sigma)
+
+
+def validation_set(images, n, seed, t_mu, t_sigma):
+    """Fixed images, noise and times, so the val loss is comparable across steps. The times are the
+    n quantiles of the training distribution, t_k = sigmoid(mu + sigma * Phi^-1((k + 1/2) / n))."""
+    x1 = torch.stack([images[i] for i in range(min(n, len(images)))])      # (n, C, H, W)
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
+    quantiles = (torch.arange(len(x1)) + 0.5) / len(x1)
+    return x1, x0, logit_normal(torch.special.ndtri(quantiles), t_mu, t_sigma)
+
+
+@torch.no_grad()
+def validation_loss(model, val, t_eps, batch_size, device, precision):
+    total = 0.0
+    for start in range(0, len(val[0]), batch_size):
+        x1, x0, t = (a[start:start + batch_size].to(device) for a in val)
+        with autocast(device, precision):
+            total += flow_loss(model, x1, x0, t, t_eps).item() * len(x1)
+    return total / len(val[0])
+
+
+def learning_rate(step, args):
+    """The learning rate of optimizer step `step` (0-based): a linear warm-up over --warmup_steps, then
+    constant. Warm-up lets AdamW's moment estimates settle before the steps get large."""
+    return args.lr * min(1.0, (step + 1) / args.warmup_steps)
+
+
+@torch.no_grad()
+def update_ema(ema, model, step, decay):
+    """ema <- d ema + (1 - d) model, with the warm-up d = min(decay, (1 + step) / (10 + step)). Measured
+    as the lag behind a weight that grows by 1 per step (tested), the average spans the last
+    (step + 1) / 10 steps while the warm-up rules -- so even a 5-minute run samples from a useful EMA --
+    and d / (1 - d), about 1 / (1 - decay) steps, once d reaches decay."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - d)
+
+
+def distributed_setup(rank, world_size, device_type):
+    """Join the process group (if any) and set up this process's device: GPU number LOCAL_RANK on CUDA."""
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device(device_type)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs outside autocast
+    elif device.type == "cpu":
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # no oversubscribed cores
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
+                                world_size=world_size, device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def train_worker(rank, world_size, args, device_type):
+    """The training loop of one process. Rank 0 alone writes logs, samples and checkpoints."""
+    device = distributed_setup(rank, world_size, device_type)
+    try:
+        if world_size > 1:  # under torchrun each process resolved --precision itself: follow rank 0's
+            choice = [args.resolved_precision]
+            dist.broadcast_object_list(choice, src=0)
+            args.resolved_precision = choice[0]
+        with attention_kernels(device), InterruptRequest(announce=rank == 0) as interrupt:
+            if world_size == 1:
+                train_loop(rank, world_size, args, device, interrupt)
+            else:  # rank 0 says why; spawn sees the exit status, and the parent exits with it
+                exit_on_user_error(train_loop, rank, world_size, args, device, interrupt, quiet=rank > 0)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start_or_resume(args, model, ema, optimizer, scaler, device, announce):
+    """(step, best_val) of the run: (0, inf) for a new run; for --resume, those of the checkpoint, whose
+    weights, EMA, optimizer moments, loss scale and random state are put back into place."""
+    if not args.resume:
+        return 0, math.inf
+    path = resume_checkpoint(experiment_paths(args.exp_name))
+    step, best_val = restore(load_checkpoint(path), model, ema, optimizer, scaler, device)
+    if announce:
+        print(f"resuming {args.exp_name} from step {step} ({path.name})", flush=True)
+    return step, best_val
+
+
+def train_loop(rank, world_size, args, device, interrupt):
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    model = build_model(args).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    # fp16 only: scale the loss up before backward, so small gradients do not flush to zero (section 9)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.resolved_precision == "fp16")
+    step, best_val = start_or_resume(args, model, ema, optimizer, scaler, device, announce=rank == 0)
+    ddp_model = model if world_size == 1 else \
+        DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if args.compile:
+        ddp_model = torch.compile(ddp_model)
+
+    examples = FlowExamples(make_dataset(args, "train"), args.seed, args.t_mu, args.t_sigma)
+    sampler = DistributedSampler(examples, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
+    steps_per_epoch = len(sampler) // args.batch_size
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    book = Bookkeeping(args, device, total_steps, model, ema, optimizer, scaler, best_val) \
+        if rank == 0 else None
+    if rank == 0 and step >= total_steps:
+        print(f"{args.exp_name} is already at step {step} of {total_steps}; raise --max_steps or "
+              f"--epochs to train further", flush=True)
+
+    stop = False
+    while step < total_steps and not stop:
+        # this epoch's order: a permutation fixed by (seed, epoch), this process's 1/world_size of it;
+        # a resumed run skips the batches it has already seen
+        epoch, done_in_epoch = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)
+        examples.epoch = epoch
+        order = list(sampler)[done_in_epoch * args.batch_size:]
+        loader = DataLoader(examples, args.batch_size, sampler=order, drop_last=True,
+                            num_workers=args.workers, pin_memory=device.type == "cuda",
+                            worker_init_fn=ignore_interrupts)
+        for x1, x0, t in loader:
+            x1, x0 = x1.to(device, non_blocking=True), x0.to(device, non_blocking=True)  # (B, C, H, W)
+            t = t.to(device)                                                              # (B,)
+            # set the learning rate
+            lr = learning_rate(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # forward + loss, matmuls in 16 bits under autocast
+            with autocast(device, args.resolved_precision):
+                loss = flow_loss(ddp_model, x1, x0, t, args.t_eps)
+            # backward: DDP averages the gradients over processes here (in fp16, of the scaled loss)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            # clip: the true gradients (unscaled in fp16), and their norm before clipping, for the log
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            # divergence: a non-finite loss or gradient stops the run before the step is taken or
+            # saved. One host sync for both numbers; the norm is the same on every rank. (In fp16 the
+            # scaler skips an overflowed step instead, and the check after the step applies.)
+            local_loss, grad_norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+            if not scaler.is_enabled() and not (math.isfinite(local_loss) and math.isfinite(grad_norm)):
+                raise divergence(local_loss, grad_norm, step + 1, args.lr)
+            # the optimizer step (scaler.step skips it in fp16 if a gradient overflowed), then the EMA
+            scaler.step(optimizer)
+            scaler.update()
+            update_ema(ema, model, step, args.ema_decay)
+            step += 1
+            # the mean loss over processes, and whether any process was asked to stop (Ctrl-C)
+            stats = torch.stack([loss.detach().float(),
+                                 torch.tensor(float(interrupt.requested), device=device)])
+            if world_size > 1:
+                dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+            loss, stop = stats[0].item(), stats[1].item() > 0
+            if not math.isfinite(loss):  # fp16, where a non-finite step was skipped, not taken
+                raise divergence(loss, grad_norm, step, args.lr)
+            # rank 0: log, validate, sample a grid, save checkpoints, each at its interval
+            if rank == 0:
+                book.after_step(step, loss, lr, grad_norm, images=len(x1) * world_size)
+            if step == total_steps or stop:
+                break
+    if rank == 0:
+        book.close()
+    if stop:  # Ctrl-C: the step in flight has finished; save it, then leave
+        if rank == 0 and book.saved_step < step:
+            book.save_last(step)
+        if world_size > 1:
+            dist.barrier()  # every rank waits until rank 0 has saved
+        last = experiment_paths(args.exp_name)["checkpoints"] / "last.pt"
+        raise Interrupted(f"interrupted at step {step}; {last} holds step {step}; resume with: "
+                          f"python celebgen.py train --exp_name {args.exp_name} --resume")
+
+
+def divergence(loss, grad_norm, step, lr):
+    """The error that ends a run whose loss or gradients stopped being finite at `step`."""
+    return UserError(f"loss {loss:g}, gradient norm {grad_norm:g} at step {step}: training diverged; "
+                     f"lower --lr (now {lr:g}), or resume from a checkpoint before the divergence")
+
+
+class Bookkeeping:
+    """Rank 0's record of the run: progress lines and TensorBoard scalars, the validation loss and
+    best.pt (it owns best_val, the lowest validation loss so far), sample grids, and last.pt."""
+
+    def __init__(self, args, device, total_steps, model, ema, optimizer, scaler, best_val):
+        from torch.utils.tensorboard import SummaryWriter  # imported here: only rank 0 pays for it
+        self.args, self.device, self.total_steps = args, device, total_steps
+        self.model, self.ema, self.optimizer, self.scaler = model, ema, optimizer, scaler
+        self.best_val, self.saved_step = best_val, -1
+        self.exp = experiment_paths(args.exp_name)
+        self.flops_per_image = flops_per_image(model)
+        self.writer = SummaryWriter(self.exp["logs"])
+        self.val = validation_set(make_dataset(args, "val"), args.val_size, args.seed, args.t_mu,
+                                  args.t_sigma)
+        self.grid_noise = torch.randn(16, 3, args.image_size, args.image_size,
+                                      generator=torch.Generator().manual_seed(args.seed + 1))
+        self.clock, self.images_seen = time.time(), 0
+        print(f"training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"params) on {args.dataset} {args.image_size}x{args.image_size}, {total_steps} steps, "
+              f"device {device}, {args.resolved_precision}, experiment {self.exp['root']}", flush=True)
+
+    def after_step(self, step, loss, lr, grad_norm, images):
+        """Whatever is due after optimizer step `step`: each at its --*_every interval and at the end."""
+        self.images_seen += images
+        due = lambda every: step % every == 0 or step == self.total_steps
+        if due(self.args.log_every):
+            self.log_progress(step, loss, lr, grad_norm, images)
+        if due(self.args.eval_every):
+            self.validate(step)
+        if due(self.args.sample_every):
+            self.sample_grid(step)
+        if due(self.args.ckpt_every):
+            self.save_last(step)
+
+    def log_progress(self, step, loss, lr, grad_norm, images):
+        speed = self.images_seen / (time.time() - self.clock)
+        eta = (self.total_steps - step) * images / speed
+        print(f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
+              f"{speed:.1f} img/s | {speed * self.flops_per_image / 1e12:.3f} TFLOP/s | "
+              f"ETA {eta / 60:.1f} min", flush=True)
+        for name, value in [("loss", loss), ("lr", lr), ("grad_norm", grad_norm),
+                            ("images_per_sec", speed)]:
+            self.writer.add_scalar(f"train/{name}", value, step)
+        self.clock, self.images_seen = time.time(), 0
+
+    def validate(self, step):
+        """The EMA's loss on the fixed validation set; a new lowest value is saved as best.pt."""
+        val = validation_loss(self.ema, self.val, self.args.t_eps, 4 * self.args.batch_size,
+                              self.device, self.args.resolved_precision)
+        self.writer.add_scalar("val/loss", val, step)
+        new_best = val < self.best_val
+        print(f"step {step} | val loss (EMA) {val:.4f}" + (" | new best" if new_best else ""), flush=True)
+        if new_best:
+            self.best_val = val
+            self.save("best.pt", step)
+
+    def sample_grid(self, step):
+        """16 samples of the EMA from fixed noise: the same faces, improving, at every interval."""
+        with autocast(self.device, self.args.resolved_precision):
+            images = sample(self.ema, self.grid_noise.to(self.device), self.args.num_sampling_steps)
+        grid = image_grid(images)
+        self.writer.add_image("samples", grid, step)
+        save_png(grid, self.exp["samples"] / f"step_{step:07d}.png")
+
+    def save(self, name, step):
+        save_checkpoint(self.exp["checkpoints"] / name, self.model, self.ema, self.optimizer,
+                        self.scaler, step, self.best_val, self.args)
+
+    def save_last(self, step):
+        self.save("last.pt", step)
+        self.saved_step = step
+
+    def close(self):
+        self.writer.close()
+
+
+class Interrupted(Exception):
+    """Ctrl-C ended the run cleanly; the message says where it stopped. The CLI exits with status 130."""
+
+
+class InterruptRequest:
+    """The first Ctrl-C (SIGINT) asks the training loop to stop after the step in flight, so the
+    checkpoint it saves is a consistent one; a second Ctrl-C stops at once."""
+
+    def __init__(self, announce=True):
+        self.announce = announce
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            print("\nCtrl-C: stopping after this step (press again to stop at once)", file=sys.stderr,
+                  flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def ignore_interrupts(worker_id):
+    """DataLoader workers leave Ctrl-C to the training process, which stops them when it is done."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# ---------------------------------------------------------------------------------------------------------
+#                                   12. CLI: train and sample
 # ---------------------------------------------------------------------------------------------------------
 
-def train_command(args, parser, argv):
+def train_command(args, saved):
+    """`train`: check everything, create the experiment, then run one process or spawn several.
+    saved: the arguments of the run being resumed (--resume), else None."""
     exp = experiment_paths(args.exp_name)
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun started this process
     first = int(os.environ.get("RANK", 0)) == 0  # under torchrun only rank 0 creates the experiment
-    checkpoint = resume_checkpoint(exp)
-    if args.resume:
-        if checkpoint is None:
-            raise UserError(f"nothing to resume: {exp['checkpoints']} holds no last.pt or best.pt; "
-                            f"drop --resume to start experiment {args.exp_name!r}")
-        # The saved arguments become the defaults; whatever is given on the command line overrides them.
-        saved = load_checkpoint(checkpoint)["args"]
-        args = parser.commands.choices["train"].parse_args(argv[1:], namespace=argparse.Namespace(**saved))
-        args.resume = True
-    elif first and checkpoint is not None:
+    if not args.resume and first and resume_checkpoint(exp) is not None:
         raise UserError(f"experiment {exp['root']} already exists; add --resume to continue it, "
                         f"or choose another --exp_name")
-    elif first and exp["root"].exists():  # a start that failed before its first checkpoint: start over
+    if not args.resume and first and exp["root"].exists():  # a start that failed before its first save
         print(f"experiment {exp['root']} has no checkpoint yet: starting it afresh", flush=True)
     device, args.resolved_precision = device_and_precision(args.device, args.precision, announce=first)
     validate_train_args(args, device, torchrun)
@@ -999,9 +1122,9 @@ def train_command(args, parser, argv):
             (exp["root"] / "args.json").write_text(json.dumps(vars(args), indent=2))
 
     if torchrun:  # join torchrun's group instead of spawning
-        train_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
+        train_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, device.type)
     elif args.nproc == 1:
-        train_worker(0, 1, args)
+        train_worker(0, 1, args, device.type)
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -1011,7 +1134,7 @@ def train_command(args, parser, argv):
         level = spawn_log.level
         spawn_log.setLevel(logging.ERROR)
         try:
-            mp.spawn(train_worker, args=(args.nproc, args), nprocs=args.nproc)
+            mp.spawn(train_worker, args=(args.nproc, args, device.type), nprocs=args.nproc)
         except mp.ProcessExitedException as e:
             sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)  # the worker printed why
         finally:
@@ -1019,12 +1142,14 @@ def train_command(args, parser, argv):
             spawn_log.setLevel(level)
 
 
-def resume_checkpoint(exp):
-    """last.pt, or best.pt for a run killed after its first validation but before its first last.pt."""
-    for name in ("last.pt", "best.pt"):
-        if (exp["checkpoints"] / name).is_file():
-            return exp["checkpoints"] / name
-    return None
+def saved_arguments(exp_name):
+    """The arguments saved in the checkpoint that --resume continues from."""
+    exp = experiment_paths(exp_name)
+    checkpoint = resume_checkpoint(exp)
+    if checkpoint is None:
+        raise UserError(f"nothing to resume: {exp['checkpoints']} holds no last.pt or best.pt; "
+                        f"drop --resume to start experiment {exp_name!r}")
+    return load_checkpoint(checkpoint)["args"]
 
 
 def validate_train_args(args, device, torchrun):
@@ -1057,15 +1182,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def device_and_precision(device_name, precision_name, announce=True):
-    """Resolve --device and --precision, and say what was chosen and why (the first line of a run)."""
-    device = pick_device(device_name)
-    precision, why = resolve_precision(precision_name, device)
-    if announce:
-        print(f"device {device.type}, precision {precision_name} -> {precision} ({why})", flush=True)
-    return device, precision
-
-
 def sample_command(args):
     device, precision = device_and_precision(args.device, args.precision)
     path = checkpoint_path(args.exp_name, args.checkpoint)
@@ -1083,29 +1199,6 @@ def sample_command(args):
         first += list(images[:64 - len(first)])
     save_png(image_grid(torch.stack(first)), out.with_suffix(".png"))
     print(f"wrote {count} images to {out}/ and a grid of the first {len(first)} to {out.with_suffix('.png')}")
-
-
-def generate(ckpt, num_samples, num_steps, method, seed, batch_size, device, precision, use_ema=True):
-    """num_samples images from a loaded checkpoint, as an iterator over batches (B, C, H, W) in [-1, 1],
-    printing progress. The model is built now, so weights that do not fit fail before any work. The
-    noise is drawn on the CPU, so a seed gives the same noise on every device."""
-    train_args = argparse.Namespace(**ckpt["args"])
-    model = build_model(train_args)
-    load_weights(model, ckpt["ema" if use_ema else "model"], ckpt["args"])
-    model.to(device).eval()
-
-    def batches():
-        generator = torch.Generator().manual_seed(seed)
-        shape, start = (3, train_args.image_size, train_args.image_size), time.time()
-        for n in range(0, num_samples, batch_size):
-            noise = torch.randn((min(batch_size, num_samples - n), *shape), generator=generator)
-            with autocast(device, precision), attention_kernels(device):
-                images = sample(model, noise.to(device), num_steps, method).cpu()
-            done = n + len(noise)
-            print(f"sampled {done}/{num_samples} images | {done / (time.time() - start):.2f} img/s",
-                  flush=True)
-            yield images
-    return batches()
 
 
 def number(kind, above=None, at_least=None, below=None):
@@ -1142,8 +1235,14 @@ def experiment_name(text):
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+    """argparse, showing each flag's default in --help, and reporting a bad flag as a UserError (one
+    line `error: ...`, exit status 2) instead of its usage block."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
@@ -1154,60 +1253,73 @@ DEVICE_HELP = "auto: cuda, then mps, then cpu"
 
 
 def make_parser():
+    """The `train` and `sample` subcommands; returns the parser and its `train` subparser (whose
+    defaults --resume replaces with the saved arguments)."""
     parser = Parser(prog="celebgen.py", description="Rectified-flow DiT for CelebA faces.")
-    commands = parser.commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a model (resumable)")
-    train.add_argument("--exp_name", required=True, type=experiment_name,
-                       help="experiments/{exp_name} holds everything of the run")
-    train.add_argument("--resume", action="store_true",
-                       help="continue experiments/{exp_name} exactly from last.pt (or best.pt); the saved "
-                            "flags are the defaults, and the model, --batch_size, --nproc, --seed, --t_mu, "
-                            "--t_sigma and --val_size cannot change")
-    train.add_argument("--dataset", choices=["celeba", "toy"], default="celeba")
-    train.add_argument("--data_root", default="./data")
-    train.add_argument("--download", action="store_true", help="try torchvision's CelebA downloader first")
-    train.add_argument("--image_size", type=positive(int), default=64)
-    train.add_argument("--model", choices=list(MODELS), default="small")
-    train.add_argument("--patch_size", type=positive(int), default=4)
-    train.add_argument("--batch_size", type=positive(int), default=32, help="per process")
-    train.add_argument("--epochs", type=positive(int), default=100)
-    train.add_argument("--max_steps", type=positive(int), default=None, help="stop after this many steps")
-    train.add_argument("--lr", type=positive(float), default=1e-4)
-    train.add_argument("--warmup_steps", type=positive(int), default=500)
-    train.add_argument("--grad_clip", type=positive(float), default=1.0)
-    train.add_argument("--ema_decay", type=number(float, at_least=0, below=1), default=0.9999,
-                       help="EMA decay d in [0, 1): the average spans about 1 / (1 - d) steps")
-    train.add_argument("--t_mu", type=number(float), default=-0.8, help="logit-normal mean of t")
-    train.add_argument("--t_sigma", type=positive(float), default=0.8, help="logit-normal std of t")
-    train.add_argument("--t_eps", type=positive(float), default=0.05, help="v = (x_pred - x_t) / max(1 - t, t_eps)")
-    train.add_argument("--num_sampling_steps", type=positive(int), default=50, help="for the sample grids")
-    train.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    train.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
-    train.add_argument("--compile", action="store_true", help="torch.compile the model")
-    train.add_argument("--nproc", type=positive(int), default=None,
-                       help="processes on this machine (default: one per GPU on CUDA, else 1)")
-    train.add_argument("--workers", type=number(int, at_least=0), default=2,
-                       help="DataLoader worker processes per process (0: load in the training process)")
-    train.add_argument("--seed", type=number(int, at_least=0), default=0, help="for weights, data and noise")
-    train.add_argument("--val_size", type=positive(int), default=256)
-    train.add_argument("--log_every", type=positive(int), default=50)
-    train.add_argument("--eval_every", type=positive(int), default=500)
-    train.add_argument("--sample_every", type=positive(int), default=1000)
-    train.add_argument("--ckpt_every", type=positive(int), default=1000)
+    arg = train.add_argument
+    arg("--exp_name", required=True, type=experiment_name,
+        help="experiments/{exp_name} holds everything of the run")
+    arg("--resume", action="store_true",
+        help="continue experiments/{exp_name} exactly from last.pt (or best.pt); the saved flags are the "
+             "defaults, and the model, --batch_size, --nproc, --seed, --t_mu, --t_sigma and --val_size "
+             "cannot change")
+    arg("--dataset", choices=["celeba", "toy"], default="celeba",
+        help="celeba: images under --data_root; toy: procedurally drawn faces, no download")
+    arg("--data_root", default="./data", help="where CelebA is (see README for the layouts)")
+    arg("--download", action="store_true", help="try torchvision's CelebA downloader first")
+    arg("--image_size", type=positive(int), default=64, help="side of the square training images")
+    arg("--model", choices=list(MODELS), default="small",
+        help="named size: " + ", ".join(f"{k} (width {v['dim']}, depth {v['depth']})" for k, v in
+                                        MODELS.items()))
+    arg("--patch_size", type=positive(int), default=4, help="side of the square patches (tokens)")
+    arg("--batch_size", type=positive(int), default=32, help="images per step per process")
+    arg("--epochs", type=positive(int), default=100, help="passes over the training images")
+    arg("--max_steps", type=positive(int), default=None,
+        help="stop after this many optimizer steps (before --epochs ends)")
+    arg("--lr", type=positive(float), default=1e-4, help="AdamW learning rate after the warm-up")
+    arg("--warmup_steps", type=positive(int), default=500,
+        help="steps of linear learning-rate warm-up from lr/warmup_steps to lr")
+    arg("--grad_clip", type=positive(float), default=1.0, help="clip the gradient norm to this")
+    arg("--ema_decay", type=number(float, at_least=0, below=1), default=0.9999,
+        help="EMA decay d in [0, 1): the average spans about 1 / (1 - d) steps")
+    arg("--t_mu", type=number(float), default=-0.8, help="logit-normal mean of the training times t")
+    arg("--t_sigma", type=positive(float), default=0.8, help="logit-normal std of the training times t")
+    arg("--t_eps", type=positive(float), default=0.05,
+        help="the loss's velocities divide by max(1 - t, t_eps)")
+    arg("--num_sampling_steps", type=positive(int), default=50, help="Euler steps of the sample grids")
+    arg("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    arg("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    arg("--compile", action="store_true", help="torch.compile the model")
+    arg("--nproc", type=positive(int), default=None,
+        help="processes on this machine (default: one per GPU on CUDA, else 1)")
+    arg("--workers", type=number(int, at_least=0), default=2,
+        help="DataLoader worker processes per process (0: load in the training process)")
+    arg("--seed", type=number(int, at_least=0), default=0, help="for weights, data order and noise")
+    arg("--val_size", type=positive(int), default=256,
+        help="fixed validation images (and noise and times) that choose best.pt")
+    arg("--log_every", type=positive(int), default=50, help="steps between progress lines")
+    arg("--eval_every", type=positive(int), default=500, help="steps between validation losses")
+    arg("--sample_every", type=positive(int), default=1000, help="steps between sample grids")
+    arg("--ckpt_every", type=positive(int), default=1000, help="steps between saves of last.pt")
 
     smp = commands.add_parser("sample", help="sample images from a checkpoint")
-    smp.add_argument("--exp_name", required=True, type=experiment_name, help="the experiment to sample")
-    smp.add_argument("--checkpoint", default="last.pt", help="a name in checkpoints/ (last.pt, best.pt) or a path")
-    smp.add_argument("--num_samples", type=positive(int), default=64)
-    smp.add_argument("--num_sampling_steps", type=positive(int), default=50)
-    smp.add_argument("--method", choices=["euler", "heun"], default="euler")
-    smp.add_argument("--seed", type=number(int, at_least=0), default=0, help="seed of the noise")
-    smp.add_argument("--batch_size", type=positive(int), default=64)
-    smp.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    smp.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
-    smp.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
-    return parser
+    arg = smp.add_argument
+    arg("--exp_name", required=True, type=experiment_name, help="the experiment to sample")
+    arg("--checkpoint", default="last.pt",
+        help="a name in the experiment's checkpoints/ (last.pt, best.pt) or a path")
+    arg("--num_samples", type=positive(int), default=64, help="images to write")
+    arg("--num_sampling_steps", type=positive(int), default=50, help="steps from noise to image")
+    arg("--method", choices=["euler", "heun"], default="euler",
+        help="euler: one model call per step; heun: two, second-order accurate")
+    arg("--seed", type=number(int, at_least=0), default=0, help="seed of the noise")
+    arg("--batch_size", type=positive(int), default=64, help="images sampled at once")
+    arg("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    arg("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    arg("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
+    return parser, train
 
 
 def exit_on_user_error(command, *args, quiet=False):
@@ -1236,13 +1348,17 @@ def exit_on_user_error(command, *args, quiet=False):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        exit_on_user_error(train_command, args, parser, argv)
-    else:
+    parser, train_parser = make_parser()
+    args = exit_on_user_error(parser.parse_args, argv)
+    if args.command == "sample":
         exit_on_user_error(sample_command, args)
+        return
+    saved = None
+    if args.resume:  # the saved arguments become the defaults; flags given now override them
+        saved = exit_on_user_error(saved_arguments, args.exp_name)
+        train_parser.set_defaults(**saved)
+        args = exit_on_user_error(parser.parse_args, argv)
+    exit_on_user_error(train_command, args, saved)
 
 
 if __name__ == "__main__":

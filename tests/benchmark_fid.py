@@ -47,15 +47,18 @@ def main():
         for name in ("fid.py", "pytorch-fid"):
             stats[name], features[name], start, count = [], [], time.time(), 0
             for folder in halves:
-                if name == "fid.py":
-                    files = fid.folder_files(folder)
-                    f = fid.extract(ours, fid.folder_batches(files, args.batch_size), len(files), "cpu")[0]
-                    f = f.astype(np.float64)
+                if name == "fid.py":  # features kept here only to compare them; fid.py streams
+                    running, f = fid.RunningStatistics(), []
+                    for batch in fid.folder_batches(fid.folder_files(folder), args.batch_size):
+                        f.append(ours(batch)[0].numpy())
+                        running.add(f[-1])
+                    f = np.concatenate(f)
+                    stats[name].append(running.mean_and_covariance())
                 else:
                     files = sorted(str(p) for p in folder.glob("*.png"))
                     f = fid_score.get_activations(files, theirs, args.batch_size, 2048, "cpu", num_workers=0)
+                    stats[name].append((f.mean(axis=0), np.cov(f, rowvar=False)))
                 features[name].append(f)
-                stats[name].append((f.mean(axis=0), np.cov(f, rowvar=False)))
                 count += len(f)
             speed[name] = count / (time.time() - start)
     print(f"{len(images)} val+test images at {args.image_size}x{args.image_size}, halves of "
