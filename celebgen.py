@@ -1,11 +1,12 @@
 """
-CelebGen: a rectified-flow diffusion transformer (DiT) that learns to draw CelebA faces, in one file.
+CelebGen: a rectified-flow diffusion transformer (DiT) that learns to draw CelebA faces, in a file.
 
-Read it top to bottom: part one follows the data's path. An image x1 and Gaussian noise x0 are blended
-into x_t = t*x1 + (1-t)*x0; x_t is cut into patch tokens; a DiT (RoPE attention + AdaIN-Zero time
-conditioning) looks at them and predicts the clean image; that prediction is turned into a velocity and
-compared with the true velocity x1 - x0. Sampling integrates that velocity from pure noise (t=0) to an
-image (t=1). Part two is the machinery that runs it: data, devices, checkpoints, the trainer, the CLI.
+Read it top to bottom: part one follows the data's path. An image x1 and Gaussian noise x0 are
+blended into x_t = t*x1 + (1-t)*x0; x_t is cut into patch tokens; a DiT (RoPE attention + AdaIN-Zero
+time conditioning) looks at them and predicts the clean image; that prediction is turned into a
+velocity and compared with the true velocity x1 - x0. Sampling integrates that velocity from pure
+noise (t=0) to an image (t=1). Part two is the machinery that runs it: data, devices, checkpoints,
+the trainer, the CLI.
 
 Commands (all from this folder):
     # CPU quickstart: procedurally drawn toy faces, no download, a few minutes on a laptop
@@ -74,13 +75,13 @@ class UserError(Exception):
     """Bad input. The CLI prints it as one line `error: ...` and exits with status 2."""
 
 
-# =========================================================================================================
+# ==================================================================================================
 #                                   PART ONE: THE ALGORITHM
-# =========================================================================================================
+# ==================================================================================================
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 #                                   1. The straight path from noise to image
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Rectified flow joins noise x0 ~ N(0, I) (at t=0) and an image x1 (at t=1) by a straight line
 #     x_t = t x1 + (1 - t) x0,            whose velocity is    v = dx_t/dt = x1 - x0.
 # Training shows the network x_t at a random t and asks which image it is heading to (sections 5-6);
@@ -101,91 +102,95 @@ def interpolate(x1, x0, t):
     return t * x1 + (1 - t) * x0
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 #                                   2. Patches: an image as a sequence of tokens
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # A transformer reads a sequence of vectors ("tokens"). The image is cut into p x p patches, read in
-# row-major order; each patch's p*p*3 numbers become one token (a linear layer in section 5 maps them to
-# the model's width D). A 32x32 image with p = 4 is an 8 x 8 grid of N = 64 tokens of 48 numbers.
+# row-major order; each patch's p*p*3 numbers become one token (a linear layer in section 5 maps
+# them to the model's width D). A 32x32 image with p = 4 is an 8 x 8 grid of N = 64 tokens of
+# 48 numbers each.
 
 def patchify(x, p):
     """(B, C, H, W) -> (B, N, p*p*C) with N = (H/p)(W/p) tokens in row-major order."""
     B, C, H, W = x.shape
-    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)      # (B, H/p, W/p, p, p, C)
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, H/p, W/p, p, p, C)
     return x.reshape(B, (H // p) * (W // p), p * p * C)
 
 
 def unpatchify(x, p, grid):
     """(B, N, p*p*C) -> (B, C, grid*p, grid*p), the inverse of patchify."""
     B = x.shape[0]
-    x = x.reshape(B, grid, grid, p, p, -1).permute(0, 5, 1, 3, 2, 4)         # (B, C, grid, p, grid, p)
+    x = x.reshape(B, grid, grid, p, p, -1).permute(0, 5, 1, 3, 2, 4)  # (B, C, grid, p, grid, p)
     return x.reshape(B, -1, grid * p, grid * p)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 #                                   3. RoPE: where a token is, as a rotation
-# ---------------------------------------------------------------------------------------------------------
-# Attention (section 4) lets every token look at every other. Each token emits a query q and a key k, and
-# token i takes from token j in proportion to exp(q_i . k_j / sqrt(d)) -- in several independent "heads",
-# each working on its own slice of d = 64 channels. Nothing in that formula says where a token is.
-# Rotary embeddings (RoPE) say it: before the product, rotate pairs of q's and k's channels by angles
-# p*w_k, p the token's position, with a geometric bank of frequencies w_k. Because rotations satisfy
-# R(a)^T R(b) = R(b - a),
+# --------------------------------------------------------------------------------------------------
+# Attention (section 4) lets every token look at every other. Each token emits a query q and a key
+# k, and token i takes from token j in proportion to exp(q_i . k_j / sqrt(d)) -- in several
+# independent "heads", each working on its own slice of d = 64 channels. Nothing in that formula
+# says where a token is. Rotary embeddings (RoPE) say it: before the product, rotate pairs of q's
+# and k's channels by angles p*w_k, p the token's position, with a geometric bank of frequencies
+# w_k. Because rotations satisfy R(a)^T R(b) = R(b - a),
 #     <R(p*w) q, R(r*w) k> = <q, R((r - p)*w) k>,
-# so an attention logit sees only the *difference* of positions. For images we use axial 2D RoPE: half of
-# each head's rotation pairs turn with the patch's row, the other half with its column.
+# so an attention logit sees only the *difference* of positions. For images we use axial 2D RoPE:
+# half of each head's rotation pairs turn with the patch's row, the other half with its column.
 #
-# Design note, why time is NOT a rotation: rotating every query and key by the same time angle t*w is a
-# shift of all positions by the same amount, and the difference (r - p) is unchanged -- the logits, and
-# so attention, would not see t at all. Time enters through AdaIN-Zero instead (section 4), as features
-# built from the same frequency bank.
+# Design note, why time is NOT a rotation: rotating every query and key by the same time angle t*w
+# is a shift of all positions by the same amount, and the difference (r - p) is unchanged -- the
+# logits, and so attention, would not see t at all. Time enters through AdaIN-Zero instead
+# (section 4), as features built from the same frequency bank.
 
 def frequency_bank(n, base):
-    """w_k = base^(-k/n) for k = 0..n-1: from 1 radian per unit down to almost 1/base. Shape (n,)."""
+    """w_k = base^(-k/n) for k = 0..n-1, shape (n,): from 1 radian per unit down to almost 1/base."""
     return base ** (-torch.arange(n, dtype=torch.float32) / n)
 
 
 def rope_angles(rows, cols, head_dim, base=100.0):
-    """Axial 2D RoPE angles for tokens at patch coordinates (rows, cols), each (N,) -> (N, head_dim/2).
-    The first head_dim/4 pairs rotate by row*w_k, the last head_dim/4 by col*w_k. With base=100 and
-    head width 64 the fastest pair turns 1 radian per patch and the slowest 0.0133; across 8, 16 and
-    32 patches the slowest turns 0.09, 0.20 and 0.41 radians, less than half a turn, so it never
-    wraps around and tells near from far on every grid size celebgen uses."""
+    """Axial 2D RoPE angles for tokens at patch coordinates rows, cols (N,) each -> (N, head_dim/2).
+    The first head_dim/4 pairs rotate by row*w_k, the last head_dim/4 by col*w_k. With
+    base=100 and head width 64 the fastest pair turns 1 radian per patch and the slowest 0.0133;
+    across 8, 16 and 32 patches the slowest turns 0.09, 0.20 and 0.41 radians, less than half a
+    turn, so it never wraps around and tells near from far on every grid size celebgen uses."""
     w = frequency_bank(head_dim // 4, base)                                     # (head_dim/4,)
-    return torch.cat([rows.float()[:, None] * w, cols.float()[:, None] * w], dim=-1)  # (N, head_dim/2)
+    return torch.cat([rows.float()[:, None] * w, cols.float()[:, None] * w], -1)  # (N, head_dim/2)
 
 
 def apply_rope(x, angles):
-    """Rotate channel pairs (x_i, x_{i+d/2}) of x (B, H, N, d) by angles (N, d/2): a 2D rotation per pair,
+    """Rotate channel pairs (x_i, x_{i+d/2}) of x (B, H, N, d) by angles (N, d/2), each pair by
         [x_i, x_{i+d/2}] -> [x_i cos a - x_{i+d/2} sin a,  x_i sin a + x_{i+d/2} cos a]."""
-    x1, x2 = x.chunk(2, dim=-1)                                                 # (B, H, N, d/2) each
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)              # (N, d/2)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)       # (B, H, N, d)
+    x1, x2 = x.chunk(2, dim=-1)                                            # (B, H, N, d/2) each
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)         # (N, d/2)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, H, N, d)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 #                                   4. AdaIN-Zero block (DiT's adaLN-Zero)
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Each block is attention and an MLP, each wrapped as
 #     x <- x + gate * f( LayerNorm(x) * (1 + scale) + shift )
-# where (shift, scale, gate) are regressed from the time embedding c. That is how the network knows how
-# noisy its input is. The name: adaptive instance normalisation (AdaIN, from style transfer) normalises
-# each channel over an image's positions, then re-scales and re-shifts it by gains computed from a
-# condition. DiT's adaLN, used here, normalises each token over its channels (LayerNorm) instead; the
-# idea is the same -- normalise, then let the condition choose scale and shift. "Zero": the layer that
-# produces (shift, scale, gate) starts at zero, so gate = 0 and every block is the identity at
-# initialisation -- a deep stack starts as a shallow, well-behaved network and grows into its depth.
-# The time embedding c starts from features [cos(1000 t w_k), sin(1000 t w_k)] of section 3's bank.
+# where (shift, scale, gate) are regressed from the time embedding c. That is how the network knows
+# how noisy its input is. The name: adaptive instance normalisation (AdaIN, from style transfer)
+# normalises each channel over an image's positions, then re-scales and re-shifts it by gains
+# computed from a condition. DiT's adaLN, used here, normalises each token over its channels
+# (LayerNorm) instead; the idea is the same -- normalise, then let the condition choose scale and
+# shift. "Zero": the layer that produces (shift, scale, gate) starts at zero, so gate = 0 and every
+# block is the identity at initialisation -- a deep stack starts as a shallow, well-behaved network
+# and grows into its depth. The time embedding c starts from features
+# [cos(1000 t w_k), sin(1000 t w_k)] of section 3's frequency bank.
 
 def time_features(t, dim, base=10_000.0):
-    """[cos(1000 t w), sin(1000 t w)] for t in [0, 1]: (B,) -> (B, dim). The factor 1000 makes the fastest
-    frequency turn many times over [0, 1], as in DiT's embedding of integer timesteps 0..999."""
+    """[cos(1000 t w), sin(1000 t w)] for t in [0, 1]: (B,) -> (B, dim). The factor 1000 makes the
+    fastest frequency turn many times over [0, 1], as in DiT's embedding of integer timesteps
+    0..999."""
     angles = 1000.0 * t.float()[:, None] * frequency_bank(dim // 2, base).to(t.device)  # (B, dim/2)
-    return torch.cat([angles.cos(), angles.sin()], dim=-1)                                   # (B, dim)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)                              # (B, dim)
 
 
 def modulate(x, shift, scale):
-    """AdaIN: x * (1 + scale) + shift with a per-sample (B, D) shift and scale broadcast over tokens."""
+    """AdaIN: x * (1 + scale) + shift with a per-sample (B, D) shift and scale broadcast over
+    tokens."""
     return x * (1 + scale[:, None]) + shift[:, None]                          # (B, N, D)
 
 
@@ -194,9 +199,9 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        # Per-head RMSNorm on q and k ("QK-norm"): each becomes a vector of RMS 1 times a learned gain per
-        # channel, so |q.k| / sqrt(d) <= sqrt(d) max|gain_q| max|gain_k| however large the activations
-        # grow, and attention does not saturate with a large learning rate or in bf16.
+        # Per-head RMSNorm on q and k ("QK-norm"): each becomes a vector of RMS 1 times a learned
+        # gain per channel, so |q.k| / sqrt(d) <= sqrt(d) max|gain_q| max|gain_k| however large the
+        # activations grow, and attention does not saturate with a large learning rate or in bf16.
         self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
         self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
@@ -214,37 +219,40 @@ class Attention(nn.Module):
 class Block(nn.Module):
     def __init__(self, dim, heads, mlp_ratio=4):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # affine comes from AdaIN
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # AdaIN is the affine
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        # A plain GELU MLP, as in DiT. (LLMs and JiT use SwiGLU, often a little better per FLOP; the plain
-        # MLP is simpler to read, and no difference has been measured for this project.)
+        # A plain GELU MLP, as in DiT. (LLMs and JiT use SwiGLU, often a little better per FLOP; the
+        # plain MLP is simpler to read, and no difference has been measured for this project.)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(mlp_ratio * dim, dim))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        nn.init.zeros_(self.modulation[-1].weight)  # the "Zero" in AdaIN-Zero: gate = 0, so block = identity
+        # the "Zero" in AdaIN-Zero: gate = 0, so the block is the identity
+        nn.init.zeros_(self.modulation[-1].weight)
         nn.init.zeros_(self.modulation[-1].bias)
 
     def forward(self, x, c, rope):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)  # (B, D) each
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, -1)  # (B, D) each
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)  # (B, N, D)
-        x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))          # (B, N, D)
+        x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))      # (B, N, D)
         return x
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 #                                   5. DiT: a transformer on patches that predicts the clean image
-# ---------------------------------------------------------------------------------------------------------
-# Patch tokens -> linear embedding to width D -> blocks -> a final AdaIN-Zero layer -> linear back to
-# p*p*3 numbers per token -> patches reassembled. The network predicts the *clean image* x1 (not the
-# noise, not the velocity): a clean image lies on the low-dimensional manifold of faces, which a network
-# of width D can represent, while noise fills all p*p*3 dimensions of a patch (the argument of JiT,
-# "Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025). That argument is strongest
-# when a patch holds more numbers than a token's width; here a 4x4 patch holds 48 numbers against D =
-# 192 (tiny) or 384 (small), so it applies only weakly, and noise- or velocity-prediction might do as
-# well at these sizes (not measured in this project). Section 6 turns the prediction into a velocity.
+# --------------------------------------------------------------------------------------------------
+# Patch tokens -> linear embedding to width D -> blocks -> a final AdaIN-Zero layer -> linear back
+# to p*p*3 numbers per token -> patches reassembled. The network predicts the *clean image* x1 (not
+# the noise, not the velocity): a clean image lies on the low-dimensional manifold of faces, which a
+# network of width D can represent, while noise fills all p*p*3 dimensions of a patch (the argument
+# of JiT, "Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025). That argument is
+# strongest when a patch holds more numbers than a token's width; here a 4x4 patch holds 48 numbers
+# against D = 192 (tiny) or 384 (small), so it applies only weakly, and noise- or
+# velocity-prediction might do as well at these sizes (not measured in this project). Section 6
+# turns the prediction into a velocity.
 
-MODELS = {  # named sizes: width, depth and heads (head width 64 throughout); parameters at 4x4 patches
+# named sizes: width, depth and heads (head width 64 throughout); parameters at 4x4 patches
+MODELS = {
     "tiny": dict(dim=192, depth=6, heads=3),     # CPU quickstart (4.2M parameters)
     "small": dict(dim=384, depth=12, heads=6),   # DiT-S: the default for CelebA 64x64 (33M)
     "base": dict(dim=768, depth=12, heads=12),   # DiT-B, for multi-GPU runs (130M)
@@ -262,7 +270,7 @@ class DiT(nn.Module):
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.out = nn.Linear(dim, channels * patch_size**2)
-        for layer in (self.final_modulation[-1], self.out):  # zero-init: the untrained model predicts 0
+        for layer in (self.final_modulation[-1], self.out):  # zero-init: the new model predicts 0
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         rows, cols = torch.meshgrid(torch.arange(self.grid), torch.arange(self.grid), indexing="ij")
@@ -286,8 +294,9 @@ def build_model(args):
 
 def flops_per_image(model):
     """Training FLOPs per image, the accounting of PaLM and nanoGPT: a multiply-add is 2 FLOPs and
-    backward costs twice forward, so 6 x (multiply-adds of one forward). Per-token layers run on N tokens;
-    the time MLP and the modulations run once per image; attention adds q.k and attn.v, 2 N^2 D per block."""
+    backward costs twice forward, so 6 x (multiply-adds of one forward). Per-token layers run on N
+    tokens; the time MLP and the modulations run once per image; attention adds q.k and attn.v, 2
+    N^2 D per block."""
     tokens, dim = model.grid**2, model.patch_embed.out_features
     per_image = {model.time_mlp[0], model.time_mlp[2], model.final_modulation[-1]}
     per_image |= {block.modulation[-1] for block in model.blocks}
@@ -297,23 +306,25 @@ def flops_per_image(model):
     return 6 * (linear + attention)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 #                                   6. Loss: x-prediction -> velocity -> v-loss
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The network predicts the clean image x_pred (section 5). Since x0 = (x_t - t x1) / (1 - t), the
-# velocity can be written without x0 as v = (x1 - x_t) / (1 - t); substituting the prediction for x1,
+# velocity can be written without x0 as v = (x1 - x_t) / (1 - t); substituting the prediction for
+# x1,
 #     v_pred = (x_pred - x_t) / max(1 - t, t_eps),     v_target = (x1 - x_t) / max(1 - t, t_eps),
 #     loss = || v_pred - v_target ||^2 = || x_pred - x1 ||^2 / max(1 - t, t_eps)^2:
-# an x-loss weighted by 1 / (1 - t)^2, capped at 1 / t_eps^2 near the image end. For 1 - t >= t_eps the
-# target is exactly x1 - x0. Beyond (with JiT's t_eps = 0.05 and the default times, t > 0.95: about one
-# training example in 700,000) the target is clamped like the prediction, as in JiT, so the loss is
-# smallest at x_pred = x1 at every t -- which is what the sampler assumes when, at its last steps
-# (t = 0.96 and 0.98 of a 50-step run), it turns x_pred into a velocity without the clamp.
-# Why not v_pred = x_pred - x0 with the true noise? That is exactly x_pred - x1 + (x1 - x0), so the loss
-# collapses to a plain unweighted x-loss -- and at sampling time x0 is unknown anyway.
+# an x-loss weighted by 1 / (1 - t)^2, capped at 1 / t_eps^2 near the image end. For 1 - t >= t_eps
+# the target is exactly x1 - x0. Beyond (with JiT's t_eps = 0.05 and the default times, t > 0.95:
+# about one training example in 700,000) the target is clamped like the prediction, as in JiT, so
+# the loss is smallest at x_pred = x1 at every t -- which is what the sampler assumes when, at its
+# last steps (t = 0.96 and 0.98 of a 50-step run), it turns x_pred into a velocity without the
+# clamp. Why not v_pred = x_pred - x0 with the true noise? That is exactly x_pred - x1 + (x1 - x0),
+# so the loss collapses to a plain unweighted x-loss -- and at sampling time x0 is unknown anyway.
 
 def velocity(x_pred, x_t, t, t_eps):
-    """v_pred = (x_pred - x_t) / max(1 - t, t_eps): the velocity implied by a clean-image prediction."""
+    """v_pred = (x_pred - x_t) / max(1 - t, t_eps): the velocity implied by a clean-image
+    prediction."""
     return (x_pred - x_t) / (1 - t).clamp_min(t_eps).view(-1, 1, 1, 1)
 
 
@@ -325,17 +336,18 @@ def flow_loss(model, x1, x0, t, t_eps):
     return F.mse_loss(v_pred, v_target)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 #                                   7. Sampler: integrate the velocity from noise to image
-# ---------------------------------------------------------------------------------------------------------
-# Generation solves dx/dt = v(x, t) from x(0) = noise to t = 1 on a uniform grid t_i = i/N. Euler takes
+# --------------------------------------------------------------------------------------------------
+# Generation solves dx/dt = v(x, t) from x(0) = noise to t = 1 on a uniform grid t_i = i/N. Euler
+# takes
 #     x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i);
-# Heun averages that slope with the slope at the Euler guess (second order, two model calls per step).
-# On a perfectly straight path (a model that always predicts the same image) the velocity is constant
-# and Euler is exact -- rectified flow trains the paths to be as straight as it can. Here t <= 1 - 1/N,
-# so 1 - t > 0 and no clamp is needed (t_eps = 0): the last Euler step, from 1 - 1/N to 1, lands
-# exactly on the model's clean-image prediction. Heun's last step is Euler because v(x, 1) would
-# divide by zero. `generate` draws many samples from a checkpoint (section 10) at a precision
+# Heun averages that slope with the slope at the Euler guess (second order, two model calls per
+# step). On a perfectly straight path (a model that always predicts the same image) the velocity is
+# constant and Euler is exact -- rectified flow trains the paths to be as straight as it can. Here t
+# <= 1 - 1/N, so 1 - t > 0 and no clamp is needed (t_eps = 0): the last Euler step, from 1 - 1/N to
+# 1, lands exactly on the model's clean-image prediction. Heun's last step is Euler because v(x, 1)
+# would divide by zero. `generate` draws many samples from a checkpoint (section 10) at a precision
 # (section 9), a batch at a time.
 
 @torch.no_grad()
@@ -357,10 +369,11 @@ def sample(model, noise, num_steps, method="euler"):
     return x
 
 
-def generate(ckpt, num_samples, num_steps, method, seed, batch_size, device, precision, use_ema=True):
-    """num_samples images from a loaded checkpoint, as an iterator over batches (B, C, H, W) in [-1, 1],
-    printing progress. The model is built now, so weights that do not fit fail before any work. The
-    noise is drawn on the CPU, so a seed gives the same noise on every device."""
+def generate(ckpt, num_samples, num_steps, method, seed, batch_size, device, precision,
+             use_ema=True):
+    """num_samples images from a loaded checkpoint, as an iterator over batches (B, C, H, W) in [-1,
+    1], printing progress. The model is built now, so weights that do not fit fail before any work.
+    The noise is drawn on the CPU, so a seed gives the same noise on every device."""
     train_args = argparse.Namespace(**ckpt["args"])
     model = build_model(train_args)
     load_weights(model, ckpt["ema" if use_ema else "model"], ckpt["args"])
@@ -380,18 +393,19 @@ def generate(ckpt, num_samples, num_steps, method, seed, batch_size, device, pre
     return batches()
 
 
-# =========================================================================================================
+# ==================================================================================================
 #                                   PART TWO: RUNNING IT
-# =========================================================================================================
+# ==================================================================================================
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 #                                   8. Data: CelebA and toy faces, as tensors in [-1, 1]
-# ---------------------------------------------------------------------------------------------------------
-# CelebA's aligned images are 178x218. The standard CelebA-64 preprocessing of DDIM, PNDM and U-ViT crops
-# a 128x128 box centred at (x=89, y=121) and resizes it; using the same crop makes FIDs comparable with
-# published numbers. The split file maps each image to 0 (train), 1 (val) or 2 (test).
+# --------------------------------------------------------------------------------------------------
+# CelebA's aligned images are 178x218. The standard CelebA-64 preprocessing of DDIM, PNDM and U-ViT
+# crops a 128x128 box centred at (x=89, y=121) and resizes it; using the same crop makes FIDs
+# comparable with published numbers. The split file maps each image to 0 (train), 1 (val) or 2
+# (test).
 
-CELEBA_CROP = (89 - 64, 121 - 64, 89 + 64, 121 + 64)  # (left, top, right, bottom) in the 178x218 image
+CELEBA_CROP = (89 - 64, 121 - 64, 89 + 64, 121 + 64)  # (left, top, right, bottom) in 178x218
 SPLITS = {"train": 0, "val": 1, "test": 2}
 # the image files read from a folder: pytorch-fid's list, which fid.py must follow (in lower case)
 IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")
@@ -408,17 +422,19 @@ def find_celeba(root):
     if not root.is_dir():
         raise UserError(f"--data_root {root} does not exist; {LAYOUTS_HELP}")
     for folder, split_file in [
-        (root / "celeba" / "img_align_celeba", root / "celeba" / "list_eval_partition.txt"),  # torchvision
-        (root / "img_align_celeba" / "img_align_celeba", root / "list_eval_partition.csv"),   # Kaggle zip
-        (root / "img_align_celeba", root / "list_eval_partition.txt"),                         # official
+        # torchvision, Kaggle's zip, official
+        (root / "celeba" / "img_align_celeba", root / "celeba" / "list_eval_partition.txt"),
+        (root / "img_align_celeba" / "img_align_celeba", root / "list_eval_partition.csv"),
+        (root / "img_align_celeba", root / "list_eval_partition.txt"),
     ]:
         if folder.is_dir():
             return folder, (split_file if split_file.is_file() else None)
-    return root, None                                                                          # plain folder
+    return root, None  # a plain folder
 
 
 def read_split_file(path):
-    """{file name: 0|1|2} from 'name split' lines (official .txt) or 'image_id,partition' rows (Kaggle .csv)."""
+    """{file name: 0|1|2} from 'name split' lines (official .txt) or 'image_id,partition' rows
+    (Kaggle .csv)."""
     partition = {}
     for line in Path(path).read_text().splitlines():
         fields = line.replace(",", " ").split()
@@ -428,7 +444,8 @@ def read_split_file(path):
 
 
 def celeba_files(root, split):
-    """Sorted image paths of one split. Without a split file (a plain folder) every split is all images."""
+    """Sorted image paths of one split. Without a split file (a plain folder) every split is all
+    images."""
     folder, split_file = find_celeba(root)
     names = sorted(n for n in os.listdir(folder) if Path(n).suffix[1:].lower() in IMAGE_EXTENSIONS)
     if not names:
@@ -443,13 +460,14 @@ def celeba_files(root, split):
 
 
 def image_tensor(img):
-    """A PIL image -> (3, H, W) uint8 tensor, RGB: the one way this project turns a picture into numbers."""
+    """A PIL image -> (3, H, W) uint8 tensor, RGB: the one way this project turns a picture into
+    numbers."""
     return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
 
 
 def load_image(path, size):
-    """An image file -> (3, size, size) float tensor in [-1, 1]. CelebA's 178x218 images get the standard
-    crop; other images a centred square crop."""
+    """An image file -> (3, size, size) float tensor in [-1, 1]. CelebA's 178x218 images get the
+    standard crop; other images a centred square crop."""
     with Image.open(path) as img:
         img = img.convert("RGB")  # reads the file now, inside the `with`
     if img.size == (178, 218):
@@ -463,8 +481,8 @@ def load_image(path, size):
 
 
 class CelebA(Dataset):
-    """CelebA (or any folder of images) at size x size. An unreadable file is reported once and replaced
-    by the next image, so one bad JPEG never stops a run in the middle of an epoch."""
+    """CelebA (or any folder of images) at size x size. An unreadable file is reported once and
+    replaced by the next image, so one bad JPEG never stops a run in the middle of an epoch."""
 
     def __init__(self, root, split, size, download=False):
         if download:
@@ -481,12 +499,13 @@ class CelebA(Dataset):
             path = self.files[j % len(self.files)]
             try:
                 return load_image(path, self.size)
-            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated/corrupt files
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt files
                 if path not in self.reported:
                     self.reported.add(path)
                     print(f"warning: skipping unreadable image {path} ({e}); "
                           f"{len(self.reported)} skipped so far in this process", file=sys.stderr)
-        raise UserError(f"none of the {len(self.files)} images under {self.files[0].parent} can be read")
+        raise UserError(f"none of the {len(self.files)} images under {self.files[0].parent} "
+                        f"can be read")
 
 
 def download_celeba(root):
@@ -495,16 +514,17 @@ def download_celeba(root):
     try:
         torchvision.datasets.CelebA(root, split="all", download=True)
     except Exception as e:  # network, quota or checksum: all end the same way for the user
-        raise UserError(f"CelebA download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"CelebA download failed ({type(e).__name__}: {first_line}); "
                         f"download img_align_celeba.zip and list_eval_partition.txt by hand and "
                         f"{LAYOUTS_HELP}") from None
 
 
 class ToyFaces(Dataset):
-    """Offline faces drawn procedurally: a face ellipse with hair, eyes and a mouth, with colours and
-    positions drawn from a generator seeded by the index -- image i is the same image on every machine.
-    Lets the quickstart, the notebook and the tests run anywhere. Indices start at `offset`, so a disjoint
-    validation set is ToyFaces(size, n, offset=10**6)."""
+    """Offline faces drawn procedurally: a face ellipse with hair, eyes and a mouth, with colours
+    and positions drawn from a generator seeded by the index -- image i is the same image on every
+    machine. Lets the quickstart, the notebook and the tests run anywhere. Indices start at
+    `offset`, so a disjoint validation set is ToyFaces(size, n, offset=10**6)."""
 
     def __init__(self, size, length=50_000, offset=0):
         self.size, self.length, self.offset = size, length, offset
@@ -518,19 +538,24 @@ class ToyFaces(Dataset):
         rng = np.random.default_rng(self.offset + i)
         S = 4 * self.size  # draw at 4x and shrink: smooth, antialiased edges
         colour = lambda lo, hi: tuple(int(c) for c in rng.integers(lo, hi, size=3))
-        skin = tuple(int(c) for c in np.array([224, 172, 140]) * rng.uniform(0.45, 1.1) + rng.integers(-12, 12, 3))
+        skin = np.array([224, 172, 140]) * rng.uniform(0.45, 1.1) + rng.integers(-12, 12, 3)
+        skin = tuple(int(c) for c in skin)
         img = Image.new("RGB", (S, S), colour(0, 256))
         draw = ImageDraw.Draw(img)
         cx, cy = S * rng.uniform(0.42, 0.58), S * rng.uniform(0.5, 0.6)      # face centre
         rx, ry = S * rng.uniform(0.24, 0.32), S * rng.uniform(0.32, 0.4)     # face radii
         hair = colour(0, 120)
-        draw.ellipse([cx - 1.1 * rx, cy - 1.15 * ry, cx + 1.1 * rx, cy + rng.uniform(0.0, 0.9) * ry], hair)
+        hair_bottom = cy + rng.uniform(0.0, 0.9) * ry
+        draw.ellipse([cx - 1.1 * rx, cy - 1.15 * ry, cx + 1.1 * rx, hair_bottom], hair)
         draw.ellipse([cx - rx, cy - ry * rng.uniform(0.8, 0.95), cx + rx, cy + ry], skin)
-        eye_y, eye_dx, eye_r = cy - 0.2 * ry, rx * rng.uniform(0.35, 0.5), S * rng.uniform(0.035, 0.055)
+        eye_y, eye_dx = cy - 0.2 * ry, rx * rng.uniform(0.35, 0.5)
+        eye_r = S * rng.uniform(0.035, 0.055)
         iris = colour(0, 160)
         for ex in (cx - eye_dx, cx + eye_dx):
-            draw.ellipse([ex - 1.6 * eye_r, eye_y - eye_r, ex + 1.6 * eye_r, eye_y + eye_r], (245, 245, 245))
-            draw.ellipse([ex - 0.8 * eye_r, eye_y - 0.8 * eye_r, ex + 0.8 * eye_r, eye_y + 0.8 * eye_r], iris)
+            white = [ex - 1.6 * eye_r, eye_y - eye_r, ex + 1.6 * eye_r, eye_y + eye_r]
+            draw.ellipse(white, (245, 245, 245))
+            draw.ellipse([ex - 0.8 * eye_r, eye_y - 0.8 * eye_r, ex + 0.8 * eye_r, eye_y + 0.8 * eye_r],
+                         iris)
         mouth_w, mouth_y = rx * rng.uniform(0.3, 0.6), cy + 0.5 * ry
         smile = rng.uniform(-0.08, 0.15) * S
         draw.chord([cx - mouth_w, mouth_y - abs(smile) - 2, cx + mouth_w, mouth_y + abs(smile) + 2],
@@ -543,7 +568,8 @@ def make_dataset(args, split):
     if args.dataset == "toy":
         offset = {"train": 0, "val": 10**6, "test": 2 * 10**6}[split]  # three disjoint sets
         return ToyFaces(args.image_size, offset=offset)
-    return CelebA(args.data_root, split, args.image_size, download=args.download and split == "train")
+    download = args.download and split == "train"
+    return CelebA(args.data_root, split, args.image_size, download=download)
 
 
 def to_unit(images):
@@ -563,9 +589,9 @@ def image_grid(images, columns=None):
     return torchvision.utils.make_grid(to_unit(images), nrow=columns, padding=2, pad_value=1.0)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 #                                   9. Device and precision
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Device and precision. `--device auto` takes a CUDA GPU, then Apple's MPS, then the CPU. Under
 # autocast every matmul (each Linear, attention's products) runs in a 16-bit type. Which other ops
 # autocast moves to fp32 depends on the device (on CUDA layer norm and softmax; on the CPU neither),
@@ -601,8 +627,9 @@ def pick_device(name):
 
 @functools.cache
 def cpu_matmul_speedup(precision, n=512):
-    """fp32 time / `precision` time of an n x n matmul on this CPU, best of up to 3 within 0.1 s each:
-    > 1 where the 16-bit type is native, far below 1 where it is emulated (well under a second both)."""
+    """fp32 time / `precision` time of an n x n matmul on this CPU, best of up to 3 within 0.1 s
+    each: > 1 where the 16-bit type is native, far below 1 where it is emulated (well under a second
+    both)."""
     def best_time(dtype):
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         a[:64, :64] @ b[:64, :64]  # warm-up: the first call picks and loads the kernel
@@ -616,7 +643,8 @@ def cpu_matmul_speedup(precision, n=512):
 
 
 def choose_precision(device_type, cuda_capability=None, cpu_bf16_speedup=None):
-    """What --precision auto means on a machine, from what was queried or measured: (precision, why)."""
+    """What --precision auto means on a machine, from what was queried or measured: (precision,
+    why)."""
     if device_type == "cuda":
         version = "{}.{}".format(*cuda_capability)
         if cuda_capability >= (8, 0):
@@ -630,7 +658,8 @@ def choose_precision(device_type, cuda_capability=None, cpu_bf16_speedup=None):
 
 
 def resolve_precision(requested, device):
-    """--precision -> (bf16 | fp16 | fp32, why). An explicit choice is kept, with a warning where it is slow."""
+    """--precision -> (bf16 | fp16 | fp32, why). An explicit choice is kept, with a warning where it
+    is slow."""
     if requested == "auto":
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         speedup = cpu_matmul_speedup("bf16") if device.type == "cpu" else None
@@ -642,7 +671,8 @@ def resolve_precision(requested, device):
 
 
 def device_and_precision(device_name, precision_name, announce=True):
-    """Resolve --device and --precision, and say what was chosen and why (the first line of a run)."""
+    """Resolve --device and --precision, and say what was chosen and why (the first line of a
+    run)."""
     device = pick_device(device_name)
     precision, why = resolve_precision(precision_name, device)
     if announce:
@@ -663,18 +693,18 @@ def attention_kernels(device):
     return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 #                                   10. Experiments and checkpoints
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # experiments/{exp_name}/args.json               the arguments of the run
 #                       /checkpoints/last.pt      written every --ckpt_every steps and at the end
 #                       /checkpoints/best.pt      the lowest validation loss so far
 #                       /logs/                    TensorBoard: tensorboard --logdir experiments
 #                       /samples/                 grids during training; `sample` writes here too
-# A checkpoint is written to a temporary file, flushed to the disk (fsync), and renamed over the old one:
-# the rename is atomic, so a crash or a full disk mid-save leaves the previous checkpoint intact. It holds
-# only tensors and plain Python values, so it loads with torch.load(weights_only=True), which cannot
-# execute code from a downloaded file.
+# A checkpoint is written to a temporary file, flushed to the disk (fsync), and renamed over the old
+# one: the rename is atomic, so a crash or a full disk mid-save leaves the previous checkpoint
+# intact. It holds only tensors and plain Python values, so it loads with
+# torch.load(weights_only=True), which cannot execute code from a downloaded file.
 
 MODEL_ARGS = ("model", "image_size", "patch_size")  # what a checkpoint's weights depend on
 RESUME_FIXED = ("batch_size", "world_size", "seed", "t_mu", "t_sigma", "val_size")
@@ -687,13 +717,15 @@ def experiment_paths(exp_name):
 
 
 def checkpoint_path(exp_name, checkpoint):
-    """--checkpoint is a path to a file, or a name (last.pt, best.pt) in the experiment's checkpoints/."""
+    """--checkpoint is a path to a file, or a name (last.pt, best.pt) in the experiment's
+    checkpoints/."""
     path = Path(checkpoint)
     return path if path.is_file() else experiment_paths(exp_name)["checkpoints"] / checkpoint
 
 
 def resume_checkpoint(exp):
-    """last.pt, or best.pt for a run killed after its first validation but before its first last.pt."""
+    """last.pt, or best.pt for a run killed after its first validation but before its first
+    last.pt."""
     for name in ("last.pt", "best.pt"):
         if (exp["checkpoints"] / name).is_file():
             return exp["checkpoints"] / name
@@ -771,24 +803,24 @@ def restore(ckpt, model, ema, optimizer, scaler, device):
     return ckpt["step"], ckpt["best_val"]
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 #                                   11. Trainer: examples, DDP, the training step, EMA, bookkeeping
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # One process per GPU (or per CPU slot with --nproc), started by torch.multiprocessing.spawn, or by
-# torchrun for several machines. Each process holds a full copy of the model; DistributedDataParallel
-# averages the gradients over processes in backward(), so all copies take the same optimizer step. Each
-# process reads its own 1/world_size of every epoch (DistributedSampler), so the global batch is
-# world_size x --batch_size.
+# torchrun for several machines. Each process holds a full copy of the model;
+# DistributedDataParallel averages the gradients over processes in backward(), so all copies take
+# the same optimizer step. Each process reads its own 1/world_size of every epoch
+# (DistributedSampler), so the global batch is world_size x --batch_size.
 #
-# Reproducibility by construction: every random choice about a training example -- its flip, its noise
-# x0, its time t -- is a pure function of (seed, epoch, image index). So 2 processes x batch B see exactly
-# the examples 1 process x batch 2B sees, and a run resumed at step k sees exactly what the uninterrupted
-# run saw: the data order of an epoch is a function of (seed, epoch), and the resume skips the k % epoch
-# batches already done.
+# Reproducibility by construction: every random choice about a training example -- its flip, its
+# noise x0, its time t -- is a pure function of (seed, epoch, image index). So 2 processes x batch B
+# see exactly the examples 1 process x batch 2B sees, and a run resumed at step k sees exactly what
+# the uninterrupted run saw: the data order of an epoch is a function of (seed, epoch), and the
+# resume skips the k % epoch batches already done.
 
 class FlowExamples(Dataset):
-    """Training triples (x1, x0, t): an image (randomly flipped), its noise, its time. Set .epoch before
-    iterating (the DataLoader workers receive a fresh copy each epoch)."""
+    """Training triples (x1, x0, t): an image (randomly flipped), its noise, its time. Set .epoch
+    before iterating (the DataLoader workers receive a fresh copy each epoch)."""
 
     def __init__(self, images, seed, t_mu, t_sigma):
         self.images, self.seed, self.t_mu, self.t_sigma, self.epoch = images, seed, t_mu, t_sigma, 0
@@ -825,24 +857,25 @@ def validation_loss(model, val, t_eps, batch_size, device, precision):
 
 
 def learning_rate(step, args):
-    """The learning rate of optimizer step `step` (0-based): a linear warm-up over --warmup_steps, then
-    constant. Warm-up lets AdamW's moment estimates settle before the steps get large."""
+    """The learning rate of optimizer step `step` (0-based): a linear warm-up over --warmup_steps,
+    then constant. Warm-up lets AdamW's moment estimates settle before the steps get large."""
     return args.lr * min(1.0, (step + 1) / args.warmup_steps)
 
 
 @torch.no_grad()
 def update_ema(ema, model, step, decay):
-    """ema <- d ema + (1 - d) model, with the warm-up d = min(decay, (1 + step) / (10 + step)). Measured
-    as the lag behind a weight that grows by 1 per step (tested), the average spans the last
-    (step + 1) / 10 steps while the warm-up rules -- so even a 5-minute run samples from a useful EMA --
-    and d / (1 - d), about 1 / (1 - decay) steps, once d reaches decay."""
+    """ema <- d ema + (1 - d) model, with the warm-up d = min(decay, (1 + step) / (10 + step)).
+    Measured as the lag behind a weight that grows by 1 per step (tested), the average spans the
+    last (step + 1) / 10 steps while the warm-up rules -- so even a 5-minute run samples from a
+    useful EMA -- and d / (1 - d), about 1 / (1 - decay) steps, once d reaches decay."""
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - d)
 
 
 def distributed_setup(rank, world_size, device_type):
-    """Join the process group (if any) and set up this process's device: GPU number LOCAL_RANK on CUDA."""
+    """Join the process group (if any) and set up this process's device: GPU number LOCAL_RANK on
+    CUDA."""
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     device = torch.device(device_type)
     if device.type == "cuda":
@@ -877,8 +910,8 @@ def train_worker(rank, world_size, args, device_type):
 
 
 def start_or_resume(args, model, ema, optimizer, scaler, device, announce):
-    """(step, best_val) of the run: (0, inf) for a new run; for --resume, those of the checkpoint, whose
-    weights, EMA, optimizer moments, loss scale and random state are put back into place."""
+    """(step, best_val) of the run: (0, inf) for a new run; for --resume, those of the checkpoint,
+    whose weights, EMA, optimizer moments, loss scale and random state are put back into place."""
     if not args.resume:
         return 0, math.inf
     path = resume_checkpoint(experiment_paths(args.exp_name))
@@ -893,7 +926,8 @@ def train_loop(rank, world_size, args, device, interrupt):
     model = build_model(args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    # fp16 only: scale the loss up before backward, so small gradients do not flush to zero (section 9)
+    # fp16 only: scale the loss up before backward, so small gradients do not flush to zero (section
+    # 9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.resolved_precision == "fp16")
     step, best_val = start_or_resume(args, model, ema, optimizer, scaler, device, announce=rank == 0)
     ddp_model = model if world_size == 1 else \
@@ -913,8 +947,8 @@ def train_loop(rank, world_size, args, device, interrupt):
 
     stop = False
     while step < total_steps and not stop:
-        # this epoch's order: a permutation fixed by (seed, epoch), this process's 1/world_size of it;
-        # a resumed run skips the batches it has already seen
+        # this epoch's order: a permutation fixed by (seed, epoch), this process's 1/world_size of
+        # it; a resumed run skips the batches it has already seen
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch)
         examples.epoch = epoch
@@ -935,16 +969,18 @@ def train_loop(rank, world_size, args, device, interrupt):
             # backward: DDP averages the gradients over processes here (in fp16, of the scaled loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            # clip: the true gradients (unscaled in fp16), and their norm before clipping, for the log
+            # clip: the true gradients (unscaled in fp16), and their norm before clipping, for the
+            # log
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             # divergence: a non-finite loss or gradient stops the run before the step is taken or
-            # saved. One host sync for both numbers; the norm is the same on every rank. (In fp16 the
-            # scaler skips an overflowed step instead, and the check after the step applies.)
+            # saved. One host sync for both numbers; the norm is the same on every rank. (In fp16
+            # the scaler skips an overflowed step instead, and the check after the step applies.)
             local_loss, grad_norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
             if not scaler.is_enabled() and not (math.isfinite(local_loss) and math.isfinite(grad_norm)):
                 raise divergence(local_loss, grad_norm, step + 1, args.lr)
-            # the optimizer step (scaler.step skips it in fp16 if a gradient overflowed), then the EMA
+            # the optimizer step (scaler.step skips it in fp16 if a gradient overflowed), then the
+            # EMA
             scaler.step(optimizer)
             scaler.update()
             update_ema(ema, model, step, args.ema_decay)
@@ -1002,7 +1038,8 @@ class Bookkeeping:
               f"device {device}, {args.resolved_precision}, experiment {self.exp['root']}", flush=True)
 
     def after_step(self, step, loss, lr, grad_norm, images):
-        """Whatever is due after optimizer step `step`: each at its --*_every interval and at the end."""
+        """Whatever is due after optimizer step `step`: each at its --*_every interval and at the
+        end."""
         self.images_seen += images
         due = lambda every: step % every == 0 or step == self.total_steps
         if due(self.args.log_every):
@@ -1057,7 +1094,8 @@ class Bookkeeping:
 
 
 class Interrupted(Exception):
-    """Ctrl-C ended the run cleanly; the message says where it stopped. The CLI exits with status 130."""
+    """Ctrl-C ended the run cleanly; the message says where it stopped. The CLI exits with status
+    130."""
 
 
 class InterruptRequest:
@@ -1089,9 +1127,9 @@ def ignore_interrupts(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 #                                   12. CLI: train and sample
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def train_command(args, saved):
     """`train`: check everything, create the experiment, then run one process or spawn several.
@@ -1129,7 +1167,8 @@ def train_command(args, saved):
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers stop on Ctrl-C; wait for them
-        # when rank 0 exits with an error, spawn stops the others and logs that it did: expected, not news
+        # when rank 0 exits with an error, spawn stops the others and logs that it did: expected,
+        # not news
         spawn_log = logging.getLogger("torch.multiprocessing.spawn")
         level = spawn_log.level
         spawn_log.setLevel(logging.ERROR)
@@ -1323,10 +1362,11 @@ def make_parser():
 
 
 def exit_on_user_error(command, *args, quiet=False):
-    """Run a command. Bad input (UserError) and an op without an MPS kernel end as one line `error: ...`
-    and exit status 2; Ctrl-C as one line and status 130 (the shell's code for SIGINT). No traceback.
-    quiet: a DDP rank other than 0, which says nothing and leaves with status 0, because spawn stops every
-    process as soon as one fails: rank 0 must be the one whose status and message the user gets."""
+    """Run a command. Bad input (UserError) and an op without an MPS kernel end as one line `error:
+    ...` and exit status 2; Ctrl-C as one line and status 130 (the shell's code for SIGINT). No
+    traceback. quiet: a DDP rank other than 0, which says nothing and leaves with status 0, because
+    spawn stops every process as soon as one fails: rank 0 must be the one whose status and message
+    the user gets."""
     code = 2
     try:
         return command(*args)

@@ -1,22 +1,25 @@
 """
-fid.py: the Frechet Inception Distance (FID) of CelebGen samples, giving the same number as pytorch-fid.
+fid.py: the Frechet Inception Distance (FID) of CelebGen samples, the same number as pytorch-fid's.
 
-FID compares two sets of images through the 2048-d "pool3" features of an Inception-v3 network: fit a
-Gaussian (mean mu, covariance Sigma) to each set's features, then
+FID compares two sets of images through the 2048-d "pool3" features of an Inception-v3 network: fit
+a Gaussian (mean mu, covariance Sigma) to each set's features, then
     FID = ||mu1 - mu2||^2 + Tr(Sigma1 + Sigma2 - 2 (Sigma1 Sigma2)^(1/2)).
-Published numbers (DDIM on CelebA-64: 9.17 at 50 steps) use the TensorFlow Inception graph of 2015-12-05;
-pytorch-fid ported it to PyTorch, and this file rebuilds the same network from torchvision's Inception-v3.
+Published numbers (DDIM on CelebA-64: 9.17 at 50 steps) use the TensorFlow Inception graph of
+2015-12-05; pytorch-fid ported it to PyTorch, and this file rebuilds the same network from
+torchvision's Inception-v3. Images stream through it a batch at a time: memory does not grow with
+the number of images.
 
 Commands:
-    # sample 10k images from an experiment's EMA weights and compare them with held-out CelebA images
-    python fid.py --exp_name celeba64 --num_samples 10000 [--checkpoint best.pt] [--num_sampling_steps 50]
+    # sample 10k images from an experiment's EMA weights, compare them with held-out CelebA images
+    python fid.py --exp_name celeba64 --num_samples 10000 [--checkpoint best.pt]
     # compare two folders of images, or saved statistics (.npz with mu and sigma), like pytorch-fid
     python fid.py PATH_A PATH_B
 
 The Inception Score (IS) is added to fid.json when the weights include the 1008-way classifier.
 
-Weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth. It is downloaded once by torch.hub (into
-$TORCH_HOME/hub/checkpoints/), or read from --inception_weights PATH or $FID_INCEPTION_WEIGHTS.
+Weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth. It is downloaded once by torch.hub
+(into $TORCH_HOME/hub/checkpoints/), or read from --inception_weights PATH or
+$FID_INCEPTION_WEIGHTS.
 """
 
 import argparse
@@ -44,18 +47,18 @@ WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_we
 WEIGHTS_ENV = "FID_INCEPTION_WEIGHTS"
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 #                                   1. The FID Inception-v3
-# ---------------------------------------------------------------------------------------------------------
-# torchvision's Inception-v3 has the right layers, but three details of the TF graph differ, and each
-# one shifts FID:
-#   * TF's average pools ignore the zero padding at the border: each output is the mean of the *valid*
-#     pixels of its 3x3 window. PyTorch's default counts the padded zeros (border outputs 4/9 or 6/9 too
-#     small), so the A, C and first E blocks need count_include_pad=False.
+# --------------------------------------------------------------------------------------------------
+# torchvision's Inception-v3 has the right layers, but three details of the TF graph differ, and
+# each one shifts FID:
+#   * TF's average pools ignore the zero padding at the border: each output is the mean of the
+#     *valid* pixels of its 3x3 window. PyTorch's default counts the padded zeros (border outputs
+#     4/9 or 6/9 too small), so the A, C and first E blocks need count_include_pad=False.
 #   * The last block (Mixed_7c, "E_2") pools with a 3x3 *max* pool in TF, not an average pool.
-#   * The TF classifier has 1008 outputs (1000 ImageNet classes plus 8 unused), hence num_classes=1008.
-# Everything else (the convolutions, batch norms with eps 0.001) matches layer by layer, so the weights
-# load with the same names.
+#   * The TF classifier has 1008 outputs (1000 ImageNet classes plus 8 unused): num_classes=1008.
+# Everything else (the convolutions, batch norms with eps 0.001) matches layer by layer, so the
+# weights load with the same names.
 
 def average_pool(x):
     return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
@@ -65,17 +68,19 @@ class FIDInceptionA(InceptionA):
     def forward(self, x):
         branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
         branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([self.branch1x1(x), branch5x5, branch3x3dbl, self.branch_pool(average_pool(x))], 1)
+        pool = self.branch_pool(average_pool(x))
+        return torch.cat([self.branch1x1(x), branch5x5, branch3x3dbl, pool], 1)
 
 
 class FIDInceptionC(InceptionC):
     def forward(self, x):
         branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         branch7x7dbl = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
-                     self.branch7x7dbl_5):
+        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
+                     self.branch7x7dbl_4, self.branch7x7dbl_5):
             branch7x7dbl = conv(branch7x7dbl)
-        return torch.cat([self.branch1x1(x), branch7x7, branch7x7dbl, self.branch_pool(average_pool(x))], 1)
+        pool = self.branch_pool(average_pool(x))
+        return torch.cat([self.branch1x1(x), branch7x7, branch7x7dbl, pool], 1)
 
 
 class FIDInceptionE(InceptionE):
@@ -87,36 +92,41 @@ class FIDInceptionE(InceptionE):
         branch3x3 = self.branch3x3_1(x)
         branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
         branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
-        return torch.cat([self.branch1x1(x), branch3x3, branch3x3dbl, self.branch_pool(self.pool(x))], 1)
+        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl),
+                                  self.branch3x3dbl_3b(branch3x3dbl)], 1)
+        pool = self.branch_pool(self.pool(x))
+        return torch.cat([self.branch1x1(x), branch3x3, branch3x3dbl, pool], 1)
 
 
 def fid_inception():
     """The untrained FID Inception-v3, named as torchvision's (and so as pytorch-fid's) weights."""
-    net = torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False, init_weights=False)
+    net = torchvision.models.inception_v3(weights=None, num_classes=1008, aux_logits=False,
+                                          init_weights=False)
     net.Mixed_5b, net.Mixed_5c, net.Mixed_5d = (FIDInceptionA(c, pool_features=p) for c, p in
                                                 ((192, 32), (256, 64), (288, 64)))
-    net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e = (FIDInceptionC(768, channels_7x7=c) for c in
-                                                              (128, 160, 160, 192))
+    net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e = (FIDInceptionC(768, channels_7x7=c)
+                                                              for c in (128, 160, 160, 192))
     net.Mixed_7b = FIDInceptionE(1280, pool=average_pool)
-    net.Mixed_7c = FIDInceptionE(2048, pool=lambda x: F.max_pool2d(x, kernel_size=3, stride=1, padding=1))
+    net.Mixed_7c = FIDInceptionE(2048, pool=lambda x: F.max_pool2d(x, 3, stride=1, padding=1))
     return net
 
 
 def load_weights(path=None):
-    """The state dict from PATH, $FID_INCEPTION_WEIGHTS, or torch.hub's cache/download; never a fallback."""
+    """The state dict from PATH, $FID_INCEPTION_WEIGHTS, or torch.hub's cache/download; never a
+    fallback."""
     path = path or os.environ.get(WEIGHTS_ENV)
     if path:
         if not Path(path).is_file():
-            raise celebgen.UserError(f"Inception weights {path} do not exist; download {WEIGHTS_URL} there")
+            raise celebgen.UserError(f"Inception weights {path} do not exist; download "
+                                     f"{WEIGHTS_URL} there")
         return torch.load(path, map_location="cpu", weights_only=True)
     try:
         return torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location="cpu", progress=True)
     except Exception as e:  # no network, a proxy, a partial download: the remedy is the same
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(WEIGHTS_URL).name
-        raise celebgen.UserError(f"cannot download the FID Inception weights ({type(e).__name__}); download "
-                                 f"{WEIGHTS_URL} to {cache}, or pass --inception_weights PATH, or set "
-                                 f"{WEIGHTS_ENV}") from None
+        raise celebgen.UserError(f"cannot download the FID Inception weights ({type(e).__name__}); "
+                                 f"download {WEIGHTS_URL} to {cache}, or pass --inception_weights "
+                                 f"PATH, or set {WEIGHTS_ENV}") from None
 
 
 class FIDFeatures(torch.nn.Module):
@@ -130,8 +140,8 @@ class FIDFeatures(torch.nn.Module):
         self.net.load_state_dict(state_dict)
         self.classifier, self.net.fc = self.net.fc, torch.nn.Identity()  # net now ends at pool3
         self.eval()
-        self.to(memory_format=torch.channels_last)  # channels last: oneDNN's convolutions are faster so (1.7x
-        # on a 2-core AVX2 CPU, tests/benchmark_fid.py)
+        # channels last: the CPU's (oneDNN's) convolutions run faster so (1.7x measured on an AVX2 CPU)
+        self.to(memory_format=torch.channels_last)
         digest = hashlib.sha1()  # names the weights in the cache key of reference statistics
         for name, tensor in sorted(state_dict.items()):
             digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -139,20 +149,20 @@ class FIDFeatures(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, images):
-        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)  # (B, 3, 299, 299)
-        x = x.contiguous(memory_format=torch.channels_last)
-        features = self.net(2 * x - 1)                                                    # (B, 2048)
-        return features, self.classifier(features)                                       # (B, 1008)
+        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
+        x = x.contiguous(memory_format=torch.channels_last)            # (B, 3, 299, 299)
+        features = self.net(2 * x - 1)                                 # (B, 2048)
+        return features, self.classifier(features)                     # (B, 1008)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 #                                   2. Statistics and the Frechet distance
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def extract(model, batches, total, device, score=None):
-    """Run the network over an iterable of (B, 3, H, W) batches in [0, 1], printing progress; return the
-    features' RunningStatistics, and feed the logits to an InceptionScore if one is given. Nothing of
-    size N is kept, so memory does not grow with the number of images."""
+    """Run the network over an iterable of (B, 3, H, W) batches in [0, 1], printing progress; return
+    the features' RunningStatistics, and feed the logits to an InceptionScore if one is given.
+    Nothing of size N is kept, so memory does not grow with the number of images."""
     stats, done, start = RunningStatistics(), 0, time.time()
     for batch in batches:
         features, logits = model(batch.to(device))
@@ -160,8 +170,9 @@ def extract(model, batches, total, device, score=None):
         if score is not None:
             score.add(logits.cpu())
         done += len(batch)
-        print(f"\rInception features: {done}/{total} images | {done / (time.time() - start):.1f} img/s",
-              end="", file=sys.stderr, flush=True)
+        speed = done / (time.time() - start)
+        print(f"\rInception features: {done}/{total} images | {speed:.1f} img/s", end="",
+              file=sys.stderr, flush=True)
     print(file=sys.stderr)
     return stats
 
@@ -183,7 +194,8 @@ class RunningStatistics:
         deviations = features - mean_b                           # (B, D)
         n = self.count + n_b
         delta = mean_b - self.mean                               # (D,)
-        self.m2 = self.m2 + deviations.T @ deviations + np.outer(delta, delta) * self.count * n_b / n
+        m2_b = deviations.T @ deviations                         # (D, D)
+        self.m2 = self.m2 + m2_b + np.outer(delta, delta) * self.count * n_b / n
         self.mean = self.mean + delta * n_b / n
         self.count = n
 
@@ -192,16 +204,17 @@ class RunningStatistics:
         if self.count < 2:  # np.cov of one sample is all NaN, and sqrtm of NaNs may never return
             raise celebgen.UserError(f"FID needs at least 2 images per side, got {self.count}")
         if self.count < 2048:
-            warnings.warn(f"FID from {self.count} < 2048 images: the covariance is singular and FID is "
-                          f"strongly biased upwards; use at least 10000 images for numbers to compare")
+            warnings.warn(f"FID from {self.count} < 2048 images: the covariance is singular and FID "
+                          f"is strongly biased upwards; use at least 10000 images for numbers to "
+                          f"compare")
         return self.mean, self.m2 / (self.count - 1)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(Sigma1) + Tr(Sigma2) - 2 Tr((Sigma1 Sigma2)^(1/2)).
-    The product of two covariances is not symmetric, so its square root comes from scipy's general sqrtm.
-    If it fails (singular covariances from few images), retry with eps added to both diagonals; rounding
-    leaves a tiny imaginary part, which must be negligible -- as pytorch-fid does."""
+    """||mu1 - mu2||^2 + Tr(Sigma1) + Tr(Sigma2) - 2 Tr((Sigma1 Sigma2)^(1/2)). The product of two
+    covariances is not symmetric, so its square root comes from scipy's general sqrtm. If it fails
+    (singular covariances from few images), retry with eps added to both diagonals; rounding leaves
+    a tiny imaginary part, which must be negligible -- as pytorch-fid does."""
     with warnings.catch_warnings():  # "singular matrix": small N has been warned about
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
         covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
@@ -225,7 +238,8 @@ class InceptionScore:
     so two running sums per chunk suffice and the softmaxes need not be kept."""
 
     def __init__(self, total, splits=10):
-        self.ends = np.cumsum([len(c) for c in np.array_split(np.arange(total), min(splits, total))])
+        chunks = np.array_split(np.arange(total), min(splits, total))
+        self.ends = np.cumsum([len(c) for c in chunks])   # where each chunk ends
         self.sum_p, self.sum_plogp, self.seen = 0.0, np.zeros(len(self.ends)), 0
 
     def add(self, logits):                                     # (B, 1008)
@@ -244,12 +258,13 @@ class InceptionScore:
         return float(np.mean(np.exp(kl)))
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 #                                   3. Image sources: folders, datasets, an experiment's samples
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def batched(images, batch_size):
-    """An iterable of (3, H, W) tensors -> batches (B, 3, H, W), reading only one batch at a time."""
+    """An iterable of (3, H, W) tensors -> batches (B, 3, H, W), reading only one batch at a
+    time."""
     images = iter(images)
     while batch := list(itertools.islice(images, batch_size)):
         yield torch.stack(batch)
@@ -260,12 +275,15 @@ def folder_files(folder):
     readable and of one size before any work is done."""
     folder = Path(folder)
     if not folder.exists():
-        raise celebgen.UserError(f"{folder} does not exist; give two folders of images or two .npz files")
+        raise celebgen.UserError(f"{folder} does not exist; give two folders of images or two "
+                                 f".npz files")
     if not folder.is_dir():
-        raise celebgen.UserError(f"{folder} is a file, not a folder of images or an .npz of statistics")
+        raise celebgen.UserError(f"{folder} is a file, not a folder of images or an .npz of "
+                                 f"statistics")
     # pytorch-fid's rule, which FID of a folder must follow to give the same number: its extensions
     # (celebgen's list), in lower case only (a.PNG is not read), in sorted order
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix[1:] in celebgen.IMAGE_EXTENSIONS)
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix[1:] in celebgen.IMAGE_EXTENSIONS)
     if len(files) < 2:
         raise celebgen.UserError(f"{folder} holds {len(files)} images with a lower-case extension "
                                  f"({', '.join(celebgen.IMAGE_EXTENSIONS)}); FID needs at least 2")
@@ -274,8 +292,8 @@ def folder_files(folder):
         sizes.setdefault(open_image(f, lambda img: img.size), f)
         if len(sizes) > 1:
             (a, first), (b, other) = sizes.items()
-            raise celebgen.UserError(f"{other} is {b[0]}x{b[1]} but {first.name} is {a[0]}x{a[1]}; FID of a "
-                                     f"folder needs images of one size")
+            raise celebgen.UserError(f"{other} is {b[0]}x{b[1]} but {first.name} is {a[0]}x{a[1]}; "
+                                     f"FID of a folder needs images of one size")
     return files
 
 
@@ -303,39 +321,43 @@ def npz_statistics(path):
         with np.load(path) as stats:
             mu, sigma = stats["mu"], stats["sigma"]
     except (OSError, ValueError, KeyError) as e:
-        raise celebgen.UserError(f"{path} is not an .npz of FID statistics with arrays mu and sigma "
+        raise celebgen.UserError(f"{path} is not an .npz of FID statistics with arrays mu and "
+                                 f"sigma "
                                  f"({type(e).__name__})") from None
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise celebgen.UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its "
-                                 f"covariance")
+        raise celebgen.UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean "
+                                 f"and its covariance")
     return mu, sigma
 
 
 def quantized(images):
-    """Images (B, 3, H, W) in [-1, 1] -> [0, 1] rounded to 8 bits: exactly what a PNG of them holds."""
+    """Images (B, 3, H, W) in [-1, 1] -> [0, 1] rounded to 8 bits: exactly what a PNG of them
+    holds."""
     return (celebgen.to_unit(images) * 255).round() / 255
 
 
 def reference_statistics(train_args, model, args, device):
     """Statistics of the first --ref_images real images of --ref_split, computed once and cached in
-    experiments/fid_refs/ under a key of the data, the split, the count and the Inception weights."""
+    experiments/fid_refs/ under a key of the data, the split, the count and the Inception
+    weights."""
     if train_args.dataset == "celeba" and args.ref_split != "train":
         folder, split_file = celebgen.find_celeba(train_args.data_root)
         if split_file is None:
-            raise celebgen.UserError(f"{folder} has no split file, so its {args.ref_split} images are its "
-                                     f"training images; pass --ref_split train to compare with them "
-                                     f"anyway, or add list_eval_partition.txt")
+            raise celebgen.UserError(f"{folder} has no split file, so its {args.ref_split} images "
+                                     f"are its training images; pass --ref_split train to compare "
+                                     f"with them anyway, or add list_eval_partition.txt")
     split_names = {"heldout": ["val", "test"], "train": ["train"], "val": ["val"], "test": ["test"]}
     sets = [celebgen.make_dataset(train_args, split) for split in split_names[args.ref_split]]
     count = min(args.ref_images, sum(len(s) for s in sets))
     source = "toy" if train_args.dataset == "toy" else str(Path(train_args.data_root).resolve())
-    key = hashlib.sha1(f"{source}|{args.ref_split}|{count}|{model.fingerprint}".encode()).hexdigest()[:10]
+    key = f"{source}|{args.ref_split}|{count}|{model.fingerprint}"
+    key = hashlib.sha1(key.encode()).hexdigest()[:10]
     cache = Path("experiments") / "fid_refs" / (f"{train_args.dataset}_{args.ref_split}_celeba-crop_"
                                                 f"{train_args.image_size}px_n{count}_{key}.npz")
     if cache.is_file():
         print(f"reference statistics from {cache}")
         return (*npz_statistics(cache), cache)
-    images = itertools.islice((s[i] for s in sets for i in range(len(s))), count)  # decodes only these
+    images = itertools.islice((s[i] for s in sets for i in range(len(s))), count)  # decodes these
     batches = (quantized(batch) for batch in batched(images, args.batch_size))
     mu, sigma = extract(model, batches, count, device).mean_and_covariance()
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -347,34 +369,37 @@ def experiment_fid(args, checkpoint, ckpt, model, device, precision):
     exp = celebgen.experiment_paths(args.exp_name)
     train_args = argparse.Namespace(**ckpt["args"])
     mu_ref, sigma_ref, cache = reference_statistics(train_args, model, args, device)
-    samples = celebgen.generate(ckpt, args.num_samples, args.num_sampling_steps, args.method, args.seed,
-                                args.batch_size, device, precision)  # one batch at a time
+    samples = celebgen.generate(ckpt, args.num_samples, args.num_sampling_steps, args.method,
+                                args.seed, args.batch_size, device, precision)  # a batch at a time
     has_classifier = bool((model.classifier.weight != 0).any())  # else no Inception Score
     score = InceptionScore(args.num_samples) if has_classifier else None
     stats = extract(model, (quantized(batch) for batch in samples), args.num_samples, device, score)
     fid = frechet_distance(*stats.mean_and_covariance(), mu_ref, sigma_ref)
-    result = {"fid": fid, "step": ckpt["step"], "checkpoint": str(checkpoint), "num_samples": args.num_samples,
-              "num_sampling_steps": args.num_sampling_steps, "method": args.method, "seed": args.seed,
+    result = {"fid": fid, "step": ckpt["step"], "checkpoint": str(checkpoint),
+              "num_samples": args.num_samples, "num_sampling_steps": args.num_sampling_steps,
+              "method": args.method, "seed": args.seed,
               "device": device.type, "precision": precision,
               "reference": str(cache), "ref_split": args.ref_split}
     if has_classifier:
         result["inception_score"] = score.score()
     else:
-        print("Inception Score omitted: these Inception weights have no classifier (fc is all zeros)")
+        print("Inception Score omitted: these Inception weights have no classifier (fc is zero)")
     print(json.dumps(result, indent=2))  # first, so that no failure below can lose the number
     exp["root"].mkdir(parents=True, exist_ok=True)  # --checkpoint PATH may name a new experiment
     (exp["root"] / "fid.json").write_text(json.dumps(result, indent=2))
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(exp["logs"]) as writer:
-        writer.add_scalar(f"fid/{args.num_samples}_samples_{args.method}{args.num_sampling_steps}", fid, ckpt["step"])
+        tag = f"fid/{args.num_samples}_samples_{args.method}{args.num_sampling_steps}"
+        writer.add_scalar(tag, fid, ckpt["step"])
     return result
 
 
 def main(argv=None):
-    parser = celebgen.Parser(prog="fid.py", description="FID (and IS) as pytorch-fid computes them.")
+    parser = celebgen.Parser(prog="fid.py", description="FID (and IS) as pytorch-fid computes it.")
     parser.add_argument("paths", nargs="*",
-                        help="two folders of images or .npz statistics to compare; a folder's images are "
-                             "the files pytorch-fid reads: extensions " + ", ".join(celebgen.IMAGE_EXTENSIONS) +
+                        help="two folders of images or .npz statistics to compare; a folder's images "
+                             "are the files pytorch-fid reads: extensions " +
+                             ", ".join(celebgen.IMAGE_EXTENSIONS) +
                              " in lower case only")
     parser.add_argument("--exp_name", type=celebgen.experiment_name,
                         help="sample from this experiment and compare with real images")
@@ -384,14 +409,16 @@ def main(argv=None):
     parser.add_argument("--num_sampling_steps", type=celebgen.positive(int), default=50,
                         help="sampler steps from noise to image")
     parser.add_argument("--method", choices=["euler", "heun"], default="euler", help="the sampler")
-    parser.add_argument("--seed", type=celebgen.number(int, at_least=0), default=0, help="seed of the noise")
+    parser.add_argument("--seed", type=celebgen.number(int, at_least=0), default=0,
+                        help="seed of the noise")
     parser.add_argument("--precision", choices=celebgen.PRECISIONS, default="auto",
                         help=f"for sampling: {celebgen.PRECISION_HELP}")
     parser.add_argument("--ref_split", choices=["heldout", "train", "val", "test"], default="heldout",
                         help="real images to compare with (heldout = val + test)")
     parser.add_argument("--ref_images", type=celebgen.positive(int), default=10_000,
                         help="at most this many real images")
-    parser.add_argument("--inception_weights", help=f"pytorch-fid's weights file (or set ${WEIGHTS_ENV})")
+    parser.add_argument("--inception_weights",
+                        help=f"pytorch-fid's weights file (or set ${WEIGHTS_ENV})")
     parser.add_argument("--batch_size", type=celebgen.positive(int), default=50,
                         help="images per batch, for sampling and for Inception")
     parser.add_argument("--device", choices=celebgen.DEVICES, default="auto",
@@ -416,7 +443,8 @@ def run(args):
     if not all(isinstance(source, tuple) for source in sources):  # a folder: features to extract
         model = FIDFeatures(load_weights(args.inception_weights)).to(device)
     stats = [source if isinstance(source, tuple) else
-             extract(model, folder_batches(source, args.batch_size), len(source), device).mean_and_covariance()
+             extract(model, folder_batches(source, args.batch_size), len(source),
+                     device).mean_and_covariance()
              for source in sources]
     if stats[0][0].shape != stats[1][0].shape:
         raise celebgen.UserError(f"the two sides have features of different dimensions "

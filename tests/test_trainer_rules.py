@@ -46,3 +46,128 @@ def test_validation_times_are_the_quantiles_of_the_training_times():
 def test_learning_rate_warms_up_linearly_then_stays_constant(step, expected):
     args = argparse.Namespace(lr=1e-3, warmup_steps=100)
     assert cg.learning_rate(step, args) == pytest.approx(expected, rel=1e-12)
+
+
+# ----- through the real trainer (toy data or a small folder of images, a few steps) -----
+
+from test_data import LAYOUTS  # noqa: E402
+from test_training import TOY, checkpoint, cli, random_image_folder  # noqa: E402
+
+
+def test_the_optimizer_gets_the_warm_up_learning_rate_also_after_a_resume(workdir, capsys):
+    """The lr in the saved optimizer state after step k is learning_rate(k - 1): lr * k / warmup."""
+    args = [*TOY, "--batch_size", 4, "--lr", 1e-3, "--warmup_steps", 10]
+    assert cli(capsys, "train", "--exp_name", "lr", *args, "--max_steps", 3)[0] == 0
+    assert checkpoint("lr")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(3e-4, rel=1e-12)
+    assert cli(capsys, "train", "--exp_name", "lr", "--resume", "--max_steps", 5)[0] == 0
+    assert checkpoint("lr")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-4, rel=1e-12)
+
+
+def test_gradients_are_clipped_at_the_flag_and_the_log_shows_the_norm_before_clipping(workdir, capsys):
+    """AdamW's first step moves each weight by about lr whatever the gradient's scale -- unless the
+    clipped gradient falls far below Adam's eps (1e-8): a clip of 1e-12 all but stops training."""
+    moved = {}
+    for clip in (1.0, 1e-12):
+        name = f"clip{clip:g}"
+        code, out, _ = cli(capsys, "train", "--exp_name", name, *TOY, "--batch_size", 4, "--max_steps", 1,
+                           "--warmup_steps", 1, "--grad_clip", clip)
+        assert code == 0
+        logged = float(out.split("| grad ")[1].split()[0])
+        assert logged > 0.01  # the norm before clipping, not the clipped 1e-12
+        torch.manual_seed(0)
+        init = cg.DiT(16, 4, **cg.MODELS["tiny"]).state_dict()
+        weights = checkpoint(name)["model"]
+        moved[clip] = max((weights[k] - init[k]).abs().max().item() for k in init)
+    assert moved[1.0] > 5e-4 and moved[1e-12] < 1e-5
+
+
+def record_training_images(monkeypatch):
+    """Which image indices the trainer's examples are read at, in order (--workers 0: in this process)."""
+    seen, real_getitem = [], cg.FlowExamples.__getitem__
+    monkeypatch.setattr(cg.FlowExamples, "__getitem__", lambda self, i: seen.append(i) or real_getitem(self, i))
+    return seen
+
+
+def test_every_epoch_is_a_new_permutation_of_all_images_and_a_resume_sees_the_same(workdir, capsys, monkeypatch):
+    random_image_folder(workdir / "images", 12)
+    args = [*TOY, "--dataset", "celeba", "--data_root", "images", "--batch_size", 4]
+    seen = record_training_images(monkeypatch)
+    assert cli(capsys, "train", "--exp_name", "straight", *args, "--max_steps", 9)[0] == 0
+    straight = list(seen)
+    epochs = [straight[0:12], straight[12:24], straight[24:36]]
+    assert all(sorted(epoch) == list(range(12)) for epoch in epochs)  # no repeats, no omissions
+    assert epochs[0] != epochs[1] != epochs[2]
+    seen.clear()
+    assert cli(capsys, "train", "--exp_name", "resumed", *args, "--max_steps", 5)[0] == 0
+    assert cli(capsys, "train", "--exp_name", "resumed", "--resume", "--max_steps", 9)[0] == 0
+    assert seen == straight  # the resume skipped exactly the 2 batches of epoch 2 already seen
+
+
+def test_validation_is_the_same_number_after_a_resume(workdir, capsys):
+    """The same fixed images, noise and times, so best.pt is chosen by a comparable number: the EMA's
+    validation loss at step 4 is the same whether the run was resumed at step 2 or not."""
+    args = [*TOY, "--batch_size", 4, "--eval_every", 2]
+    val_line = lambda out: next(line for line in out.splitlines() if line.startswith("step 4 | val loss"))
+    out = cli(capsys, "train", "--exp_name", "straight", *args, "--max_steps", 4)[1]
+    assert cli(capsys, "train", "--exp_name", "resumed", *args, "--max_steps", 2)[0] == 0
+    assert val_line(out) == val_line(cli(capsys, "train", "--exp_name", "resumed", "--resume", "--max_steps", 4)[1])
+
+
+def test_best_val_survives_a_resume(workdir, capsys):
+    """A resumed run compares its validation loss with the saved best, not with infinity: given a best
+    no loss can beat, it writes no new best.pt."""
+    args = [*TOY, "--batch_size", 4, "--eval_every", 1]
+    assert cli(capsys, "train", "--exp_name", "best", *args, "--max_steps", 1)[0] == 0
+    path = workdir / "experiments/best/checkpoints/last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["best_val"] = -1.0
+    torch.save(ckpt, path)
+    best_before = (workdir / "experiments/best/checkpoints/best.pt").read_bytes()
+    code, out, _ = cli(capsys, "train", "--exp_name", "best", "--resume", "--max_steps", 2)
+    assert code == 0 and "step 2 | val loss" in out and "new best" not in out
+    assert (workdir / "experiments/best/checkpoints/best.pt").read_bytes() == best_before
+    assert checkpoint("best")["best_val"] == -1.0
+
+
+def test_a_resume_restores_the_random_state_it_saved(workdir, capsys):
+    assert cli(capsys, "train", "--exp_name", "rng", *TOY, "--batch_size", 4, "--max_steps", 1)[0] == 0
+    ckpt = checkpoint("rng")
+    model = cg.build_model(cg.argparse.Namespace(**ckpt["args"]))
+    ema = cg.build_model(cg.argparse.Namespace(**ckpt["args"]))
+    optimizer = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    torch.manual_seed(12345)
+    cg.restore(ckpt, model, ema, optimizer, scaler, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), ckpt["rng"]["torch"])
+    assert all(torch.equal(v, ckpt["ema"][k]) for k, v in ema.state_dict().items())
+    restored, saved = optimizer.state_dict()["state"], ckpt["optimizer"]["state"]
+    assert all(torch.equal(restored[i]["exp_avg_sq"], saved[i]["exp_avg_sq"]) for i in saved)
+    assert any(state["exp_avg_sq"].any() for state in restored.values())  # Adam's moments are back
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_celeba_crop_is_the_published_box(tmp_path, layout):
+    """A 178x218 image whose red channel is the pixel's x and green its y, read at 128 px (crop, no
+    resize) through the real loader: the result is exactly x 25..152, y 57..184 (the box 25..153 x
+    57..185, right and bottom exclusive)."""
+    folder, split_file = (tmp_path / p for p in LAYOUTS[layout])
+    folder.mkdir(parents=True)
+    x, y = torch.meshgrid(torch.arange(178), torch.arange(218), indexing="xy")  # (218, 178) each
+    pixels = torch.stack([x, y, torch.zeros_like(x)], -1).to(torch.uint8).numpy()
+    cg.Image.fromarray(pixels).save(folder / "000001.png")
+    split_file.write_text("image_id,partition\n000001.png,0\n" if split_file.suffix == ".csv" else "000001.png 0\n")
+    image = (cg.CelebA(tmp_path, "train", 128)[0] + 1) * 127.5                    # (3, 128, 128)
+    assert torch.allclose(image[0], torch.arange(25, 153).float().expand(128, 128), atol=1e-3)
+    assert torch.allclose(image[1], torch.arange(57, 185).float()[:, None].expand(128, 128), atol=1e-3)
+
+
+def test_the_flip_is_horizontal():
+    """Training examples are the image or its mirror image (left-right), never upside down."""
+    images = [torch.arange(48.0).view(3, 4, 4) + i for i in range(40)]
+    examples = cg.FlowExamples(images, seed=0, t_mu=-0.8, t_sigma=0.8)
+    flipped = 0
+    for i in range(40):
+        x1 = examples[i][0]
+        assert torch.equal(x1, images[i]) or torch.equal(x1, images[i].flip(-1))
+        flipped += not torch.equal(x1, images[i])
+    assert 8 < flipped < 32
