@@ -182,15 +182,13 @@ def apply_rope(x, angles):
 
 def time_features(t, dim, base=10_000.0):
     """[cos(1000 t w), sin(1000 t w)] for t in [0, 1]: (B,) -> (B, dim). The factor 1000 makes the
-    fastest frequency turn many times over [0, 1], as in DiT's embedding of integer timesteps
-    0..999."""
+    fastest frequency turn many times over [0, 1], as DiT's embedding of timesteps 0..999 does."""
     angles = 1000.0 * t.float()[:, None] * frequency_bank(dim // 2, base).to(t.device)  # (B, dim/2)
     return torch.cat([angles.cos(), angles.sin()], dim=-1)                              # (B, dim)
 
 
 def modulate(x, shift, scale):
-    """AdaIN: x * (1 + scale) + shift with a per-sample (B, D) shift and scale broadcast over
-    tokens."""
+    """AdaIN: x * (1 + scale) + shift, a per-sample (B, D) shift and scale broadcast over tokens."""
     return x * (1 + scale[:, None]) + shift[:, None]                          # (B, N, D)
 
 
@@ -295,8 +293,8 @@ def build_model(args):
 def flops_per_image(model):
     """Training FLOPs per image, the accounting of PaLM and nanoGPT: a multiply-add is 2 FLOPs and
     backward costs twice forward, so 6 x (multiply-adds of one forward). Per-token layers run on N
-    tokens; the time MLP and the modulations run once per image; attention adds q.k and attn.v, 2
-    N^2 D per block."""
+    tokens; the time MLP and the modulations run once per image; attention adds q.k and attn.v,
+    2 N^2 D per block."""
     tokens, dim = model.grid**2, model.patch_embed.out_features
     per_image = {model.time_mlp[0], model.time_mlp[2], model.final_modulation[-1]}
     per_image |= {block.modulation[-1] for block in model.blocks}
@@ -323,8 +321,7 @@ def flops_per_image(model):
 # so the loss collapses to a plain unweighted x-loss -- and at sampling time x0 is unknown anyway.
 
 def velocity(x_pred, x_t, t, t_eps):
-    """v_pred = (x_pred - x_t) / max(1 - t, t_eps): the velocity implied by a clean-image
-    prediction."""
+    """v = (x_pred - x_t) / max(1 - t, t_eps): the velocity implied by a clean-image prediction."""
     return (x_pred - x_t) / (1 - t).clamp_min(t_eps).view(-1, 1, 1, 1)
 
 
@@ -444,8 +441,7 @@ def read_split_file(path):
 
 
 def celeba_files(root, split):
-    """Sorted image paths of one split. Without a split file (a plain folder) every split is all
-    images."""
+    """Sorted image paths of one split; without a split file (a plain folder), all images."""
     folder, split_file = find_celeba(root)
     names = sorted(n for n in os.listdir(folder) if Path(n).suffix[1:].lower() in IMAGE_EXTENSIONS)
     if not names:
@@ -460,8 +456,7 @@ def celeba_files(root, split):
 
 
 def image_tensor(img):
-    """A PIL image -> (3, H, W) uint8 tensor, RGB: the one way this project turns a picture into
-    numbers."""
+    """A PIL image -> (3, H, W) uint8 RGB tensor: how this project turns any picture into numbers."""
     return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
 
 
@@ -592,7 +587,7 @@ def image_grid(images, columns=None):
 # --------------------------------------------------------------------------------------------------
 #                                   9. Device and precision
 # --------------------------------------------------------------------------------------------------
-# Device and precision. `--device auto` takes a CUDA GPU, then Apple's MPS, then the CPU. Under
+# `--device auto` takes a CUDA GPU, then Apple's MPS, then the CPU. Under
 # autocast every matmul (each Linear, attention's products) runs in a 16-bit type. Which other ops
 # autocast moves to fp32 depends on the device (on CUDA layer norm and softmax; on the CPU neither),
 # so this file computes QK-norm and the loss in fp32 itself. Autocast casts each op's inputs, not
@@ -628,8 +623,7 @@ def pick_device(name):
 @functools.cache
 def cpu_matmul_speedup(precision, n=512):
     """fp32 time / `precision` time of an n x n matmul on this CPU, best of up to 3 within 0.1 s
-    each: > 1 where the 16-bit type is native, far below 1 where it is emulated (well under a second
-    both)."""
+    each: > 1 where the 16-bit type is native, far below 1 where it is emulated."""
     def best_time(dtype):
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         a[:64, :64] @ b[:64, :64]  # warm-up: the first call picks and loads the kernel
@@ -643,8 +637,8 @@ def cpu_matmul_speedup(precision, n=512):
 
 
 def choose_precision(device_type, cuda_capability=None, cpu_bf16_speedup=None):
-    """What --precision auto means on a machine, from what was queried or measured: (precision,
-    why)."""
+    """What --precision auto means on a machine, from what was queried or measured:
+    (precision, why)."""
     if device_type == "cuda":
         version = "{}.{}".format(*cuda_capability)
         if cuda_capability >= (8, 0):
@@ -658,8 +652,8 @@ def choose_precision(device_type, cuda_capability=None, cpu_bf16_speedup=None):
 
 
 def resolve_precision(requested, device):
-    """--precision -> (bf16 | fp16 | fp32, why). An explicit choice is kept, with a warning where it
-    is slow."""
+    """--precision -> (bf16 | fp16 | fp32, why). An explicit choice is kept, with a warning where
+    it is slow."""
     if requested == "auto":
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         speedup = cpu_matmul_speedup("bf16") if device.type == "cpu" else None
@@ -671,8 +665,7 @@ def resolve_precision(requested, device):
 
 
 def device_and_precision(device_name, precision_name, announce=True):
-    """Resolve --device and --precision, and say what was chosen and why (the first line of a
-    run)."""
+    """Resolve --device and --precision; say what was chosen and why (the first line of a run)."""
     device = pick_device(device_name)
     precision, why = resolve_precision(precision_name, device)
     if announce:
@@ -707,6 +700,8 @@ def attention_kernels(device):
 # torch.load(weights_only=True), which cannot execute code from a downloaded file.
 
 MODEL_ARGS = ("model", "image_size", "patch_size")  # what a checkpoint's weights depend on
+# what a resumed run must keep so that it continues exactly: the data order and position in the epoch
+# (seed, batch size, processes), the example times and the validation set that picks best.pt
 RESUME_FIXED = ("batch_size", "world_size", "seed", "t_mu", "t_sigma", "val_size")
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "best_val", "args", "rng")
 
@@ -717,15 +712,14 @@ def experiment_paths(exp_name):
 
 
 def checkpoint_path(exp_name, checkpoint):
-    """--checkpoint is a path to a file, or a name (last.pt, best.pt) in the experiment's
-    checkpoints/."""
+    """--checkpoint: a path to a file, or a name (last.pt, best.pt) in the experiment's checkpoints/."""
     path = Path(checkpoint)
     return path if path.is_file() else experiment_paths(exp_name)["checkpoints"] / checkpoint
 
 
 def resume_checkpoint(exp):
-    """last.pt, or best.pt for a run killed after its first validation but before its first
-    last.pt."""
+    """last.pt, or best.pt for a run killed after its first validation but before its first last.pt
+    was written; None for an experiment without a checkpoint."""
     for name in ("last.pt", "best.pt"):
         if (exp["checkpoints"] / name).is_file():
             return exp["checkpoints"] / name
@@ -1094,8 +1088,7 @@ class Bookkeeping:
 
 
 class Interrupted(Exception):
-    """Ctrl-C ended the run cleanly; the message says where it stopped. The CLI exits with status
-    130."""
+    """Ctrl-C ended the run cleanly; the message says where it stopped. The CLI exits with 130."""
 
 
 class InterruptRequest:

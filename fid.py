@@ -112,8 +112,8 @@ def fid_inception():
 
 
 def load_weights(path=None):
-    """The state dict from PATH, $FID_INCEPTION_WEIGHTS, or torch.hub's cache/download; never a
-    fallback."""
+    """The state dict from PATH, $FID_INCEPTION_WEIGHTS, or torch.hub's cache or download (no
+    fallback to other weights)."""
     path = path or os.environ.get(WEIGHTS_ENV)
     if path:
         if not Path(path).is_file():
@@ -263,8 +263,7 @@ class InceptionScore:
 # --------------------------------------------------------------------------------------------------
 
 def batched(images, batch_size):
-    """An iterable of (3, H, W) tensors -> batches (B, 3, H, W), reading only one batch at a
-    time."""
+    """An iterable of (3, H, W) tensors -> batches (B, 3, H, W), reading one batch at a time."""
     images = iter(images)
     while batch := list(itertools.islice(images, batch_size)):
         yield torch.stack(batch)
@@ -331,15 +330,13 @@ def npz_statistics(path):
 
 
 def quantized(images):
-    """Images (B, 3, H, W) in [-1, 1] -> [0, 1] rounded to 8 bits: exactly what a PNG of them
-    holds."""
+    """Images (B, 3, H, W) in [-1, 1] -> [0, 1] rounded to 8 bits: what a PNG of them holds."""
     return (celebgen.to_unit(images) * 255).round() / 255
 
 
 def reference_statistics(train_args, model, args, device):
-    """Statistics of the first --ref_images real images of --ref_split, computed once and cached in
-    experiments/fid_refs/ under a key of the data, the split, the count and the Inception
-    weights."""
+    """Statistics of the first --ref_images real images of --ref_split, computed once and cached
+    in experiments/fid_refs/ under a key of the data, the split, the count and the weights."""
     if train_args.dataset == "celeba" and args.ref_split != "train":
         folder, split_file = celebgen.find_celeba(train_args.data_root)
         if split_file is None:
