@@ -308,9 +308,7 @@ def open_image(path, read):
 
 def folder_batches(files, batch_size):
     """Images as pytorch-fid reads them (PIL, RGB, [0, 1]), a batch (B, 3, H, W) at a time."""
-    for start in range(0, len(files), batch_size):
-        yield torch.stack([open_image(f, celebgen.image_tensor).float() / 255
-                           for f in files[start:start + batch_size]])
+    return batched((open_image(f, celebgen.image_tensor).float() / 255 for f in files), batch_size)
 
 
 def npz_statistics(path):
@@ -322,8 +320,7 @@ def npz_statistics(path):
             mu, sigma = stats["mu"], stats["sigma"]
     except (OSError, ValueError, KeyError) as e:
         raise celebgen.UserError(f"{path} is not an .npz of FID statistics with arrays mu and "
-                                 f"sigma "
-                                 f"({type(e).__name__})") from None
+                                 f"sigma ({type(e).__name__})") from None
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise celebgen.UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean "
                                  f"and its covariance")
