@@ -23,6 +23,11 @@ Commands (all from this folder):
         celebgen.py train --exp_name celeba64 --data_root ./data
     # continue an interrupted run exactly where its last checkpoint left it
     python celebgen.py train --exp_name celeba64 --resume
+    # faces on request: condition on CelebA's attribute labels, then ask, with guidance weight 3,
+    # or see several requests (rows) at several guidance weights (columns) in one grid
+    python celebgen.py train --exp_name attr64 --data_root ./data --attributes Smiling,Eyeglasses,Male
+    python celebgen.py sample --exp_name attr64 --attributes Smiling=1,Eyeglasses=1 --cfg_scale 3
+    python celebgen.py sample --exp_name attr64 --grid --attributes Smiling=1 Male=0 --cfg_scale 0 1 3
 Every command picks its device (--device auto: CUDA, then Apple MPS, then CPU) and precision
 (--precision auto: bf16 where the hardware has it, fp16 with loss scaling on older GPUs, else fp32),
 and its first line says which and why.
@@ -31,12 +36,13 @@ Part one, the algorithm:
     1. The straight path   noise and image, x_t between them, the times t training draws
     2. Patches             an image as a sequence of tokens
     3. RoPE                where a token is, as a rotation of its query and key
-    4. AdaIN-Zero block    attention + MLP, modulated by time, the identity at initialisation
+    4. AdaIN-Zero block    attention + MLP, modulated by time (and attributes), identity at init
     5. DiT                 patches -> blocks -> final AdaIN-Zero layer -> patches: predicts x1
-    6. Loss                x-prediction -> velocity -> the v-loss
-    7. Sampler             Euler (and Heun) from noise to image; `generate` from a checkpoint
+    6. Loss                x-prediction -> velocity -> the v-loss; attribute dropout for guidance
+    7. Sampler             Euler (and Heun) from noise to image, classifier-free guidance;
+                           `generate` from a checkpoint
 Part two, running it:
-    8. Data                CelebA in the layouts people have, and offline toy faces
+    8. Data                CelebA and its attribute labels in the layouts people have, toy faces
     9. Device, precision   CUDA / MPS / CPU, and bf16 / fp16 / fp32 autocast
     10. Experiments        experiments/{exp_name}/{checkpoints,logs,samples}, atomic checkpoints
     11. Trainer            reproducible examples, DDP, the training step, EMA, bookkeeping, Ctrl-C
@@ -45,6 +51,7 @@ Part two, running it:
 
 import argparse
 import copy
+import difflib
 import functools
 import json
 import logging
@@ -179,6 +186,12 @@ def apply_rope(x, angles):
 # block is the identity at initialisation -- a deep stack starts as a shallow, well-behaved network
 # and grows into its depth. The time embedding c starts from features
 # [cos(1000 t w_k), sin(1000 t w_k)] of section 3's frequency bank.
+# Faces on request ride the same path: a vector a of CelebA attributes (Smiling, Eyeglasses, ...),
+# each -1 (absent), +1 (present) or 0 (unspecified), is embedded linearly and added to c,
+#     c = time_mlp(features(t)) + W a,            a (B, K), W (D, K), c (B, D),
+# as DiT adds its class embedding. W has no bias, so a = 0 -- nothing asked -- adds nothing: the
+# same network is the unconditional model. The zero-initialised modulation keeps every block the
+# identity whatever c is.
 
 def time_features(t, dim, base=10_000.0):
     """[cos(1000 t w), sin(1000 t w)] for t in [0, 1]: (B,) -> (B, dim). The factor 1000 makes the
@@ -259,11 +272,13 @@ TIME_FEATURES = 256  # width of the [cos, sin] time features fed to the conditio
 
 
 class DiT(nn.Module):
-    def __init__(self, image_size, patch_size, dim, depth, heads, channels=3):
+    def __init__(self, image_size, patch_size, dim, depth, heads, num_attributes=0, channels=3):
         super().__init__()
         self.patch_size, self.grid = patch_size, image_size // patch_size
         self.patch_embed = nn.Linear(channels * patch_size**2, dim)
         self.time_mlp = nn.Sequential(nn.Linear(TIME_FEATURES, dim), nn.SiLU(), nn.Linear(dim, dim))
+        # W a of section 4; absent from unconditional models, so their checkpoints keep their keys
+        self.attribute_embed = nn.Linear(num_attributes, dim, bias=False) if num_attributes else None
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
@@ -275,10 +290,13 @@ class DiT(nn.Module):
         self.register_buffer("rope", rope_angles(rows.flatten(), cols.flatten(), dim // heads),
                              persistent=False)                                 # (N, head_dim/2)
 
-    def forward(self, x_t, t):
-        """x_t (B, C, H, W) at times t (B,) -> predicted clean image (B, C, H, W)."""
+    def forward(self, x_t, t, attributes=None):
+        """x_t (B, C, H, W) at times t (B,), attributes (B, K) in {-1, 0, 1} or None (all 0)
+        -> predicted clean image (B, C, H, W)."""
         x = self.patch_embed(patchify(x_t, self.patch_size))                 # (B, N, D)
         c = self.time_mlp(time_features(t, TIME_FEATURES))                    # (B, D)
+        if self.attribute_embed is not None and attributes is not None:
+            c = c + self.attribute_embed(attributes)                          # (B, D)
         for block in self.blocks:
             x = block(x, c, self.rope)                                        # (B, N, D)
         shift, scale = self.final_modulation(c).chunk(2, dim=-1)              # (B, D) each
@@ -287,7 +305,8 @@ class DiT(nn.Module):
 
 
 def build_model(args):
-    return DiT(args.image_size, args.patch_size, **MODELS[args.model])
+    return DiT(args.image_size, args.patch_size, **MODELS[args.model],
+               num_attributes=len(args.attributes))
 
 
 def flops_per_image(model):
@@ -297,7 +316,7 @@ def flops_per_image(model):
     2 N^2 D per block."""
     tokens, dim = model.grid**2, model.patch_embed.out_features
     per_image = {model.time_mlp[0], model.time_mlp[2], model.final_modulation[-1]}
-    per_image |= {block.modulation[-1] for block in model.blocks}
+    per_image |= {block.modulation[-1] for block in model.blocks} | {model.attribute_embed}
     linear = sum(m.weight.numel() * (1 if m in per_image else tokens)
                  for m in model.modules() if isinstance(m, nn.Linear))
     attention = len(model.blocks) * 2 * tokens**2 * dim
@@ -325,12 +344,26 @@ def velocity(x_pred, x_t, t, t_eps):
     return (x_pred - x_t) / (1 - t).clamp_min(t_eps).view(-1, 1, 1, 1)
 
 
-def flow_loss(model, x1, x0, t, t_eps):
+def flow_loss(model, x1, x0, t, t_eps, attributes=None):
     x_t = interpolate(x1, x0, t)                                              # (B, C, H, W)
-    x_pred = model(x_t, t).float()  # the loss in fp32, also under autocast     (B, C, H, W)
+    x_pred = model(x_t, t, attributes).float()  # the loss in fp32, also under autocast
     v_pred = velocity(x_pred, x_t, t, t_eps)                                  # (B, C, H, W)
     v_target = velocity(x1, x_t, t, t_eps)  # = x1 - x0 wherever 1 - t >= t_eps  (B, C, H, W)
     return F.mse_loss(v_pred, v_target)
+
+
+# Training for guidance. To be steered by attributes at sampling time (section 7), one network must
+# know three things at once: p(x | a), p(x | some of a) and p(x). So each training example hides
+# each of its attributes with probability p_each (set to 0, unspecified), and all of them with
+# probability p_all -- 0.1 each by default, the rate at which DiT drops its class label (the
+# classifier-free guidance paper found 0.1 and 0.2 better than 0.5). An attribute is then
+# unspecified with probability p_all + (1 - p_all) p_each (tested).
+
+def drop_attributes(attributes, p_each, p_all, rng):
+    """(K,) attribute values -> the same with each set to 0 with probability p_each and all of them
+    with probability p_all, by the numpy generator rng."""
+    keep = (rng.random(attributes.shape) >= p_each) & (rng.random() >= p_all)         # (K,)
+    return torch.where(torch.from_numpy(keep), attributes, 0.0)                       # (K,)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,16 +379,41 @@ def flow_loss(model, x1, x0, t, t_eps):
 # 1, lands exactly on the model's clean-image prediction. Heun's last step is Euler because v(x, 1)
 # would divide by zero. `generate` draws many samples from a checkpoint (section 10) at a precision
 # (section 9), a batch at a time.
+#
+# Classifier-free guidance (CFG) turns a request up. For attributes a the network gives a
+# conditional prediction x_c = model(x_t, t, a) and an unconditional one x_u = model(x_t, t, 0)
+# (section 6 trained it for both), and CFG follows the velocity
+#     v = v_u + w (v_c - v_u):        w = 0 unconditional, w = 1 plainly conditional, and w > 1
+# exaggerates whatever tells a apart from "any face". Since v = (x_pred - x_t) / (1 - t) is affine
+# in x_pred at fixed (x_t, t), and the weights 1 - w and w sum to 1,
+#     v_u + w (v_c - v_u) = ((x_u + w (x_c - x_u)) - x_t) / (1 - t),
+# so guiding the velocity is guiding the prediction, which is the one line below (tested). w = 0 and
+# w = 1 need one network call; any other w runs both in one batch of 2B.
+
+def guided_prediction(model, x_t, t, attributes, cfg_scale):
+    """x_pred (B, C, H, W) at x_t (B, C, H, W), t (B,), for attributes (B, K) or None (none asked),
+    guided with weight cfg_scale."""
+    if attributes is None or cfg_scale == 1:
+        return model(x_t, t, attributes).float()
+    unconditional = torch.zeros_like(attributes)                              # (B, K)
+    if cfg_scale == 0:
+        return model(x_t, t, unconditional).float()
+    x_c, x_u = model(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                     torch.cat([attributes, unconditional])).float().chunk(2)  # (B, C, H, W) each
+    return x_u + cfg_scale * (x_c - x_u)                                      # (B, C, H, W)
+
 
 @torch.no_grad()
-def sample(model, noise, num_steps, method="euler"):
-    """noise (B, C, H, W) at t=0 -> images (B, C, H, W) at t=1, in num_steps steps of `method`."""
+def sample(model, noise, num_steps, method="euler", attributes=None, cfg_scale=1.0):
+    """noise (B, C, H, W) at t=0 -> images (B, C, H, W) at t=1, in num_steps steps of `method`,
+    asking for attributes (B, K) (or None) with guidance weight cfg_scale."""
     ts = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64).tolist()
     x = noise.float()
 
     def v(x, t):
         t = torch.full((x.shape[0],), t, device=x.device)
-        return velocity(model(x, t).float(), x, t, t_eps=0.0)                 # (B, C, H, W)
+        x_pred = guided_prediction(model, x, t, attributes, cfg_scale)       # (B, C, H, W)
+        return velocity(x_pred, x, t, t_eps=0.0)                              # (B, C, H, W)
 
     for i in range(num_steps):
         dt = ts[i + 1] - ts[i]
@@ -366,28 +424,49 @@ def sample(model, noise, num_steps, method="euler"):
     return x
 
 
-def generate(ckpt, num_samples, num_steps, method, seed, batch_size, device, precision,
-             use_ema=True):
-    """num_samples images from a loaded checkpoint, as an iterator over batches (B, C, H, W) in [-1,
-    1], printing progress. The model is built now, so weights that do not fit fail before any work.
-    The noise is drawn on the CPU, so a seed gives the same noise on every device."""
-    train_args = argparse.Namespace(**ckpt["args"])
-    model = build_model(train_args)
+def load_model(ckpt, device, use_ema=True):
+    """The network of a loaded checkpoint (its EMA weights by default), ready to sample. Weights
+    that do not fit fail here, before any work."""
+    model = build_model(argparse.Namespace(**ckpt["args"]))
     load_weights(model, ckpt["ema" if use_ema else "model"], ckpt["args"])
-    model.to(device).eval()
+    return model.to(device).eval()
+
+
+def generate(ckpt, num_samples, num_steps, method, seed, batch_size, device, precision,
+             use_ema=True, attributes=None, cfg_scale=1.0):
+    """num_samples images from a loaded checkpoint, as an iterator over batches (B, C, H, W) in [-1,
+    1], printing progress; attributes (num_samples, K) or None, guided with weight cfg_scale. The
+    noise is drawn on the CPU, so a seed gives the same noise on every device."""
+    model, size = load_model(ckpt, device, use_ema), ckpt["args"]["image_size"]
 
     def batches():
-        generator = torch.Generator().manual_seed(seed)
-        shape, start = (3, train_args.image_size, train_args.image_size), time.time()
+        generator, start = torch.Generator().manual_seed(seed), time.time()
         for n in range(0, num_samples, batch_size):
-            noise = torch.randn((min(batch_size, num_samples - n), *shape), generator=generator)
+            noise = torch.randn((min(batch_size, num_samples - n), 3, size, size), generator=generator)
+            asked = None if attributes is None else attributes[n:n + len(noise)].to(device)
             with autocast(device, precision), attention_kernels(device):
-                images = sample(model, noise.to(device), num_steps, method).cpu()
+                images = sample(model, noise.to(device), num_steps, method, asked, cfg_scale).cpu()
             done = n + len(noise)
             print(f"sampled {done}/{num_samples} images | {done / (time.time() - start):.2f} img/s",
                   flush=True)
             yield images
     return batches()
+
+
+def guidance_grid(model, rows, cfg_scales, noise, num_steps, method, device, precision):
+    """The effect of a request at a glance: one image (3, H', W') in [0, 1] with a row per attribute
+    setting in rows (R, K), a column per guidance weight, each cell the samples of the same noise
+    (n, C, H, W) side by side."""
+    import torchvision
+    cells = []
+    for row in rows:
+        asked = row.expand(len(noise), -1).to(device)                        # (n, K)
+        for cfg_scale in cfg_scales:
+            with autocast(device, precision), attention_kernels(device):
+                images = sample(model, noise.to(device), num_steps, method, asked, cfg_scale)
+            cells.append(image_grid(images.cpu(), columns=len(noise)))       # (3, h, n*w)
+    return torchvision.utils.make_grid(torch.stack(cells), nrow=len(cfg_scales), padding=8,
+                                       pad_value=1.0)
 
 
 # ==================================================================================================
@@ -440,6 +519,55 @@ def read_split_file(path):
     return partition
 
 
+# CelebA's 40 binary attributes, in the order of its list_attr_celeba.txt
+ATTRIBUTE_NAMES = (
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
+    "Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee "
+    "Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard "
+    "Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair "
+    "Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young"
+).split()
+ATTRIBUTE_FILES = ("list_attr_celeba.txt", "list_attr_celeba.csv")  # official, Kaggle
+
+
+def read_attribute_file(path):
+    """{file name: {attribute name: -1 | +1}} from the official .txt (a count line, a line of the
+    names, then 'name v1 .. v40' rows of -1/1) or Kaggle's .csv ('image_id,5_o_Clock_Shadow,...'
+    then rows). A header line is recognised by its names, so a missing count line does no harm;
+    0 is read as absent, like -1, for copies written with 0/1."""
+    names, rows = None, {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        fields = line.replace(",", " ").split()
+        if fields and fields[0] == "image_id":
+            fields = fields[1:]  # Kaggle's header
+        if fields and all(f in ATTRIBUTE_NAMES for f in fields):
+            names = fields
+        elif len(fields) > 1 and names is not None:
+            if len(fields) != len(names) + 1 or not all(re.fullmatch(r"-?[01]", f) for f in fields[1:]):
+                raise UserError(f"{path} line {number} is not 'image name' and {len(names)} values "
+                                f"of -1/1; is it CelebA's attribute file?")
+            rows[fields[0]] = {n: 1 if v == "1" else -1 for n, v in zip(names, fields[1:])}
+    if names is None:
+        raise UserError(f"{path} has no line of attribute names; is it CelebA's attribute file?")
+    return rows
+
+
+def attribute_labels(files, attributes, attribute_file):
+    """(len(files), K) float tensor of -1 (absent), +1 (present) or 0 (unspecified: the image has
+    no row in the attribute file), and how many images have no row."""
+    rows = read_attribute_file(attribute_file)
+    labels = torch.zeros(len(files), len(attributes))
+    for i, path in enumerate(files):
+        row = rows.get(path.name)
+        if row is not None:
+            missing = [a for a in attributes if a not in row]
+            if missing:
+                raise UserError(f"{attribute_file} has no column {', '.join(missing)}; it has "
+                                f"{', '.join(row)}")
+            labels[i] = torch.tensor([float(row[a]) for a in attributes])
+    return labels, sum(path.name not in rows for path in files)
+
+
 def celeba_files(root, split):
     """Sorted image paths of one split; without a split file (a plain folder), all images."""
     folder, split_file = find_celeba(root)
@@ -476,13 +604,25 @@ def load_image(path, size):
 
 
 class CelebA(Dataset):
-    """CelebA (or any folder of images) at size x size. An unreadable file is reported once and
-    replaced by the next image, so one bad JPEG never stops a run in the middle of an epoch."""
+    """CelebA (or any folder of images) at size x size: dataset[i] is image i, dataset.label(i)
+    its values of `attributes` (names from ATTRIBUTE_NAMES), read from the attribute file next to
+    the split file. An unreadable file is reported once and replaced by the next image (and its
+    label), so one bad JPEG never stops a run in the middle of an epoch."""
 
-    def __init__(self, root, split, size, download=False):
+    def __init__(self, root, split, size, attributes=(), download=False):
         if download:
             download_celeba(root)
         self.files, self.size, self.reported = celeba_files(root, split), size, set()
+        self.labels, self.unlabelled = torch.zeros(len(self.files), 0), 0  # (N, K) with K = 0
+        if attributes:
+            folder, split_file = find_celeba(root)
+            found = [split_file.parent / name for name in ATTRIBUTE_FILES
+                     if split_file is not None and (split_file.parent / name).is_file()]
+            if not found:
+                where = f"next to {split_file}" if split_file else f"for the plain folder {folder}"
+                raise UserError(f"--attributes needs CelebA's labels, {' or '.join(ATTRIBUTE_FILES)}, "
+                                f"{where}; there is none: add it, or train without --attributes")
+            self.labels, self.unlabelled = attribute_labels(self.files, attributes, found[0])
 
     def __len__(self):
         return len(self.files)
@@ -502,6 +642,13 @@ class CelebA(Dataset):
         raise UserError(f"none of the {len(self.files)} images under {self.files[0].parent} "
                         f"can be read")
 
+    def label(self, i):
+        """(K,) attribute values of image i: -1 absent, +1 present, 0 unspecified. Cheap: no image is
+        decoded, and an image already found unreadable gives its replacement's label."""
+        while self.files[i] in self.reported and len(self.reported) < len(self.files):
+            i = (i + 1) % len(self.files)
+        return self.labels[i]
+
 
 def download_celeba(root):
     """torchvision's downloader (from Google Drive, which often refuses with a quota error)."""
@@ -515,46 +662,80 @@ def download_celeba(root):
                         f"{LAYOUTS_HELP}") from None
 
 
+TOY_ATTRIBUTES = ("Blond_Hair", "Eyeglasses", "Smiling", "Wearing_Hat")  # exact in toy faces
+
+
 class ToyFaces(Dataset):
     """Offline faces drawn procedurally: a face ellipse with hair, eyes and a mouth, with colours
     and positions drawn from a generator seeded by the index -- image i is the same image on every
     machine. Lets the quickstart, the notebook and the tests run anywhere. Indices start at
-    `offset`, so a disjoint validation set is ToyFaces(size, n, offset=10**6)."""
+    `offset`, so a disjoint validation set is ToyFaces(size, n, offset=10**6). Four CelebA
+    attributes are exact labels here, because the picture is drawn from them: blond hair (30% of
+    faces), glasses (30%), a smile (a mouth curved up: 65%) and a hat (25%)."""
 
-    def __init__(self, size, length=50_000, offset=0):
-        self.size, self.length, self.offset = size, length, offset
+    unlabelled = 0  # every toy face has all its attributes
+
+    def __init__(self, size, length=50_000, offset=0, attributes=()):
+        self.size, self.length, self.offset, self.attributes = size, length, offset, attributes
 
     def __len__(self):
         return self.length
 
-    def __getitem__(self, i):
-        if not 0 <= i < self.length:
-            raise IndexError(i)
+    def face(self, i):
+        """The random choices that make face i, in pixels of the 4x canvas it is drawn on."""
         rng = np.random.default_rng(self.offset + i)
         S = 4 * self.size  # draw at 4x and shrink: smooth, antialiased edges
         colour = lambda lo, hi: tuple(int(c) for c in rng.integers(lo, hi, size=3))
         skin = np.array([224, 172, 140]) * rng.uniform(0.45, 1.1) + rng.integers(-12, 12, 3)
-        skin = tuple(int(c) for c in skin)
-        img = Image.new("RGB", (S, S), colour(0, 256))
+        f = {"S": S, "skin": tuple(int(c) for c in skin), "background": colour(0, 256)}
+        f["cx"], f["cy"] = S * rng.uniform(0.42, 0.58), S * rng.uniform(0.5, 0.6)  # face centre
+        f["rx"], f["ry"] = S * rng.uniform(0.24, 0.32), S * rng.uniform(0.32, 0.4)  # face radii
+        f["hair"] = colour(0, 120)
+        f["hair_bottom"] = f["cy"] + rng.uniform(0.0, 0.9) * f["ry"]
+        f["face_top"] = f["cy"] - f["ry"] * rng.uniform(0.8, 0.95)
+        f["eye_dx"], f["eye_r"] = f["rx"] * rng.uniform(0.35, 0.5), S * rng.uniform(0.035, 0.055)
+        f["iris"] = colour(0, 160)
+        f["mouth_w"], f["smile"] = f["rx"] * rng.uniform(0.3, 0.6), rng.uniform(-0.08, 0.15) * S
+        f["lips"] = colour((150, 20, 30), (230, 90, 100))
+        f["Smiling"] = f["smile"] > 0
+        f["Blond_Hair"], f["Eyeglasses"], f["Wearing_Hat"] = rng.random(3) < (0.3, 0.3, 0.25)
+        if f["Blond_Hair"]:
+            f["hair"] = colour((215, 180, 90), (256, 220, 150))
+        f["frames"], f["hat"] = colour(0, 50), colour(0, 256)
+        return f
+
+    def label(self, i):
+        """(K,) values of self.attributes for face i: -1 absent, +1 present."""
+        face = self.face(i)
+        return torch.tensor([1.0 if face[name] else -1.0 for name in self.attributes])
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        f = self.face(i)
+        S, cx, cy, rx, ry = f["S"], f["cx"], f["cy"], f["rx"], f["ry"]
+        img = Image.new("RGB", (S, S), f["background"])
         draw = ImageDraw.Draw(img)
-        cx, cy = S * rng.uniform(0.42, 0.58), S * rng.uniform(0.5, 0.6)      # face centre
-        rx, ry = S * rng.uniform(0.24, 0.32), S * rng.uniform(0.32, 0.4)     # face radii
-        hair = colour(0, 120)
-        hair_bottom = cy + rng.uniform(0.0, 0.9) * ry
-        draw.ellipse([cx - 1.1 * rx, cy - 1.15 * ry, cx + 1.1 * rx, hair_bottom], hair)
-        draw.ellipse([cx - rx, cy - ry * rng.uniform(0.8, 0.95), cx + rx, cy + ry], skin)
-        eye_y, eye_dx = cy - 0.2 * ry, rx * rng.uniform(0.35, 0.5)
-        eye_r = S * rng.uniform(0.035, 0.055)
-        iris = colour(0, 160)
-        for ex in (cx - eye_dx, cx + eye_dx):
-            white = [ex - 1.6 * eye_r, eye_y - eye_r, ex + 1.6 * eye_r, eye_y + eye_r]
-            draw.ellipse(white, (245, 245, 245))
+        draw.ellipse([cx - 1.1 * rx, cy - 1.15 * ry, cx + 1.1 * rx, f["hair_bottom"]], f["hair"])
+        draw.ellipse([cx - rx, f["face_top"], cx + rx, cy + ry], f["skin"])
+        eye_y, eye_r = cy - 0.2 * ry, f["eye_r"]
+        for ex in (cx - f["eye_dx"], cx + f["eye_dx"]):
+            draw.ellipse([ex - 1.6 * eye_r, eye_y - eye_r, ex + 1.6 * eye_r, eye_y + eye_r],
+                         (245, 245, 245))
             draw.ellipse([ex - 0.8 * eye_r, eye_y - 0.8 * eye_r, ex + 0.8 * eye_r, eye_y + 0.8 * eye_r],
-                         iris)
-        mouth_w, mouth_y = rx * rng.uniform(0.3, 0.6), cy + 0.5 * ry
-        smile = rng.uniform(-0.08, 0.15) * S
+                         f["iris"])
+            if f["Eyeglasses"]:  # a dark frame round each eye
+                draw.ellipse([ex - 2.4 * eye_r, eye_y - 1.8 * eye_r, ex + 2.4 * eye_r,
+                              eye_y + 1.8 * eye_r], outline=f["frames"], width=round(0.03 * S))
+        if f["Eyeglasses"]:  # and the bridge between them
+            draw.line([cx - f["eye_dx"] + 2.4 * eye_r, eye_y, cx + f["eye_dx"] - 2.4 * eye_r, eye_y],
+                      f["frames"], width=round(0.03 * S))
+        mouth_w, mouth_y, smile = f["mouth_w"], cy + 0.5 * ry, f["smile"]
         draw.chord([cx - mouth_w, mouth_y - abs(smile) - 2, cx + mouth_w, mouth_y + abs(smile) + 2],
-                   0 if smile > 0 else 180, 180 if smile > 0 else 360, colour((150, 20, 30), (230, 90, 100)))
+                   0 if smile > 0 else 180, 180 if smile > 0 else 360, f["lips"])
+        if f["Wearing_Hat"]:  # a crown over the top of the head and a brim above the eyes
+            draw.rectangle([cx - 0.8 * rx, cy - 1.45 * ry, cx + 0.8 * rx, cy - 0.7 * ry], f["hat"])
+            draw.rectangle([cx - 1.25 * rx, cy - 0.8 * ry, cx + 1.25 * rx, cy - 0.65 * ry], f["hat"])
         img = img.resize((self.size, self.size), Image.LANCZOS)
         return image_tensor(img).float() / 127.5 - 1
 
@@ -562,9 +743,9 @@ class ToyFaces(Dataset):
 def make_dataset(args, split):
     if args.dataset == "toy":
         offset = {"train": 0, "val": 10**6, "test": 2 * 10**6}[split]  # three disjoint sets
-        return ToyFaces(args.image_size, offset=offset)
+        return ToyFaces(args.image_size, offset=offset, attributes=args.attributes)
     download = args.download and split == "train"
-    return CelebA(args.data_root, split, args.image_size, download=download)
+    return CelebA(args.data_root, split, args.image_size, args.attributes, download=download)
 
 
 def to_unit(images):
@@ -699,7 +880,7 @@ def attention_kernels(device):
 # intact. It holds only tensors and plain Python values, so it loads with
 # torch.load(weights_only=True), which cannot execute code from a downloaded file.
 
-MODEL_ARGS = ("model", "image_size", "patch_size")  # what a checkpoint's weights depend on
+MODEL_ARGS = ("model", "image_size", "patch_size", "attributes")  # what the weights depend on
 # what a resumed run must keep so that it continues exactly: the data order and position in the epoch
 # (seed, batch size, processes), the example times and the validation set that picks best.pt
 RESUME_FIXED = ("batch_size", "world_size", "seed", "t_mu", "t_sigma", "val_size")
@@ -762,6 +943,7 @@ def load_checkpoint(path):
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if not missing:
         saved = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
+        saved.setdefault("attributes", [])  # written before conditioning existed: unconditional
         missing = [f"args.{k}" for k in MODEL_ARGS if k not in saved]
     if missing or not isinstance(ckpt["args"]["model"], str) or ckpt["args"]["model"] not in MODELS:
         what = f"no {', '.join(missing)}" if missing else f"unknown model {ckpt['args']['model']!r}"
@@ -775,9 +957,14 @@ def load_weights(model, state, ckpt_args):
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError):  # other keys or shapes, or not a state dict
-        config = ", ".join(f"--{k} {ckpt_args[k]}" for k in MODEL_ARGS)
+        config = ", ".join(f"--{k} {flag_value(ckpt_args[k])}" for k in MODEL_ARGS)
         raise UserError(f"the checkpoint's weights do not fit the model its arguments describe ({config}); "
                         f"was it written by another version of celebgen.py?") from None
+
+
+def flag_value(value):
+    """A saved argument as the command line writes it: a list comma-separated, an empty one (none)."""
+    return (",".join(value) or "(none)") if isinstance(value, list) else value
 
 
 def restore(ckpt, model, ema, optimizer, scaler, device):
@@ -813,40 +1000,46 @@ def restore(ckpt, model, ema, optimizer, scaler, device):
 # resume skips the k % epoch batches already done.
 
 class FlowExamples(Dataset):
-    """Training triples (x1, x0, t): an image (randomly flipped), its noise, its time. Set .epoch
-    before iterating (the DataLoader workers receive a fresh copy each epoch)."""
+    """Training examples (x1, x0, t, a): an image (randomly flipped), its noise, its time, its
+    attributes with some hidden (section 6; (0,) for an unconditional run). Set .epoch before
+    iterating (the DataLoader workers receive a fresh copy each epoch)."""
 
-    def __init__(self, images, seed, t_mu, t_sigma):
-        self.images, self.seed, self.t_mu, self.t_sigma, self.epoch = images, seed, t_mu, t_sigma, 0
+    def __init__(self, images, args):
+        self.images, self.args, self.epoch = images, args, 0
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, self.epoch, i])
+        args = self.args
+        rng = np.random.default_rng([args.seed, self.epoch, i])
         x1 = self.images[i]                                                   # (C, H, W)
         if rng.random() < 0.5:
             x1 = x1.flip(-1)                                                  # horizontal flip
         x0 = torch.from_numpy(rng.standard_normal(x1.shape, dtype=np.float32))  # (C, H, W)
-        return x1, x0, logit_normal(rng.standard_normal(), self.t_mu, self.t_sigma)
+        t = logit_normal(rng.standard_normal(), args.t_mu, args.t_sigma)      # ()
+        a = drop_attributes(self.images.label(i), args.attr_dropout, args.attr_dropout_all, rng)
+        return x1, x0, t, a                                                   # a: (K,)
 
 
 def validation_set(images, n, seed, t_mu, t_sigma):
-    """Fixed images, noise and times, so the val loss is comparable across steps. The times are the
-    n quantiles of the training distribution, t_k = sigmoid(mu + sigma * Phi^-1((k + 1/2) / n))."""
+    """Fixed images, noise, times and attributes (all shown), so the val loss is comparable across
+    steps. The times are the n quantiles of the training distribution,
+    t_k = sigmoid(mu + sigma * Phi^-1((k + 1/2) / n))."""
     x1 = torch.stack([images[i] for i in range(min(n, len(images)))])      # (n, C, H, W)
     x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
     quantiles = (torch.arange(len(x1)) + 0.5) / len(x1)
-    return x1, x0, logit_normal(torch.special.ndtri(quantiles), t_mu, t_sigma)
+    a = torch.stack([images.label(i) for i in range(len(x1))])             # (n, K)
+    return x1, x0, logit_normal(torch.special.ndtri(quantiles), t_mu, t_sigma), a
 
 
 @torch.no_grad()
 def validation_loss(model, val, t_eps, batch_size, device, precision):
     total = 0.0
     for start in range(0, len(val[0]), batch_size):
-        x1, x0, t = (a[start:start + batch_size].to(device) for a in val)
+        x1, x0, t, a = (part[start:start + batch_size].to(device) for part in val)
         with autocast(device, precision):
-            total += flow_loss(model, x1, x0, t, t_eps).item() * len(x1)
+            total += flow_loss(model, x1, x0, t, t_eps, a).item() * len(x1)
     return total / len(val[0])
 
 
@@ -929,7 +1122,7 @@ def train_loop(rank, world_size, args, device, interrupt):
     if args.compile:
         ddp_model = torch.compile(ddp_model)
 
-    examples = FlowExamples(make_dataset(args, "train"), args.seed, args.t_mu, args.t_sigma)
+    examples = FlowExamples(make_dataset(args, "train"), args)
     sampler = DistributedSampler(examples, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
     steps_per_epoch = len(sampler) // args.batch_size
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
@@ -950,16 +1143,16 @@ def train_loop(rank, world_size, args, device, interrupt):
         loader = DataLoader(examples, args.batch_size, sampler=order, drop_last=True,
                             num_workers=args.workers, pin_memory=device.type == "cuda",
                             worker_init_fn=ignore_interrupts)
-        for x1, x0, t in loader:
+        for x1, x0, t, a in loader:
             x1, x0 = x1.to(device, non_blocking=True), x0.to(device, non_blocking=True)  # (B, C, H, W)
-            t = t.to(device)                                                              # (B,)
+            t, a = t.to(device), a.to(device)                                        # (B,), (B, K)
             # set the learning rate
             lr = learning_rate(step, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # forward + loss, matmuls in 16 bits under autocast
             with autocast(device, args.resolved_precision):
-                loss = flow_loss(ddp_model, x1, x0, t, args.t_eps)
+                loss = flow_loss(ddp_model, x1, x0, t, args.t_eps, a)
             # backward: DDP averages the gradients over processes here (in fp16, of the scaled loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -1138,8 +1331,8 @@ def train_command(args, saved):
     device, args.resolved_precision = device_and_precision(args.device, args.precision, announce=first)
     validate_train_args(args, device, torchrun)
     if args.resume:
-        changed = [f"--{k} {saved.get(k)} -> {getattr(args, k)}" for k in MODEL_ARGS + RESUME_FIXED
-                   if saved.get(k, getattr(args, k)) != getattr(args, k)]
+        changed = [f"--{k} {flag_value(saved.get(k))} -> {flag_value(getattr(args, k))}"
+                   for k in MODEL_ARGS + RESUME_FIXED if saved.get(k, getattr(args, k)) != getattr(args, k)]
         if changed:
             raise UserError(f"--resume cannot change {', '.join(changed)}: they fix the model, the data "
                             f"order or the validation set of the run; drop those flags, or start a new "
@@ -1201,7 +1394,19 @@ def validate_train_args(args, device, torchrun):
         raise UserError(f"--nproc {args.nproc} is more than the {devices} {kind} here; "
                         f"use --nproc {devices} or fewer")
     args.world_size = int(os.environ["WORLD_SIZE"]) if torchrun else args.nproc
-    images = len(make_dataset(args, "train"))
+    if args.dataset == "toy" and args.attributes:
+        if args.attributes == ATTRIBUTE_NAMES:  # `all`
+            args.attributes = list(TOY_ATTRIBUTES)
+        unknown = [a for a in args.attributes if a not in TOY_ATTRIBUTES]
+        if unknown:
+            raise UserError(f"toy faces have no {', '.join(unknown)}; their attributes are "
+                            f"{','.join(TOY_ATTRIBUTES)}")
+    train_images = make_dataset(args, "train")
+    if args.attributes and train_images.unlabelled and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: {train_images.unlabelled} of {len(train_images)} training images have no row in "
+              f"the attribute file: their attributes are unspecified (0), so they train the "
+              f"unconditional model only", flush=True)
+    images = len(train_images)
     make_dataset(args, "val")  # fails now, not after training, if the val split is missing
     if images < args.batch_size * args.world_size:
         raise UserError(f"only {images} training images for a global batch of "
@@ -1218,11 +1423,33 @@ def sample_command(args):
     device, precision = device_and_precision(args.device, args.precision)
     path = checkpoint_path(args.exp_name, args.checkpoint)
     ckpt = load_checkpoint(path)
-    batches = generate(ckpt, args.num_samples, args.num_sampling_steps, args.method, args.seed,
-                       args.batch_size, device, precision, use_ema=not args.no_ema)
-    name = f"{path.stem}_{args.method}{args.num_sampling_steps}_seed{args.seed}"  # e.g. best_euler50_seed0
-    out = experiment_paths(args.exp_name)["samples"] / name
+    rows = attribute_rows(args.attributes, args.cfg_scale, ckpt["args"]["attributes"])  # (R, K)
+    out = experiment_paths(args.exp_name)["samples"]
     out.mkdir(parents=True, exist_ok=True)
+    if args.grid:
+        noise = torch.randn(args.grid_samples, 3, ckpt["args"]["image_size"], ckpt["args"]["image_size"],
+                            generator=torch.Generator().manual_seed(args.seed))
+        grid = guidance_grid(load_model(ckpt, device, not args.no_ema), rows, args.cfg_scale, noise,
+                             args.num_sampling_steps, args.method, device, precision)
+        name = out / f"{path.stem}_grid_{args.method}{args.num_sampling_steps}_seed{args.seed}.png"
+        save_png(grid, name)
+        from torch.utils.tensorboard import SummaryWriter
+        with SummaryWriter(experiment_paths(args.exp_name)["logs"]) as writer:
+            writer.add_image("attribute_grid", grid, ckpt["step"])
+        settings = " | ".join(setting_text(setting) for setting in args.attributes)
+        scales = ", ".join(f"{w:g}" for w in args.cfg_scale)
+        print(f"wrote {name}: rows {settings}; columns cfg_scale {scales}")
+        return
+    if len(args.attributes) > 1 or len(args.cfg_scale) > 1:
+        raise UserError("several --attributes settings or --cfg_scale values make a grid: add --grid")
+    asked = rows[0].expand(args.num_samples, -1) if rows is not None else None   # (num_samples, K)
+    batches = generate(ckpt, args.num_samples, args.num_sampling_steps, args.method, args.seed,
+                       args.batch_size, device, precision, not args.no_ema, asked, args.cfg_scale[0])
+    name = f"{path.stem}_{args.method}{args.num_sampling_steps}_seed{args.seed}"  # e.g. best_euler50_seed0
+    if args.attributes[0] or args.cfg_scale[0] != 1:
+        name += f"_{setting_text(args.attributes[0])}_cfg{args.cfg_scale[0]:g}"
+    out = out / name
+    out.mkdir(exist_ok=True)
     count, first = 0, []
     for images in batches:  # written as they come: memory does not grow with --num_samples
         for image in to_unit(images):
@@ -1231,6 +1458,27 @@ def sample_command(args):
         first += list(images[:64 - len(first)])
     save_png(image_grid(torch.stack(first)), out.with_suffix(".png"))
     print(f"wrote {count} images to {out}/ and a grid of the first {len(first)} to {out.with_suffix('.png')}")
+
+
+def attribute_rows(settings, cfg_scales, trained):
+    """sample --attributes settings -> (R, K) vectors over the attributes the checkpoint was trained
+    on (`trained`), 0 for those not named; None for an unconditional checkpoint."""
+    asked = sorted({name for setting in settings for name in setting})
+    if not trained:
+        if asked or cfg_scales != [1.0]:
+            raise UserError("this checkpoint was trained without --attributes: it draws random faces "
+                            "and takes no --attributes or --cfg_scale")
+        return None
+    unknown = [name for name in asked if name not in trained]
+    if unknown:
+        raise UserError(f"this checkpoint was not trained on {', '.join(unknown)}; it knows "
+                        f"{','.join(trained)}")
+    return torch.tensor([[setting.get(name, 0.0) for name in trained] for setting in settings])
+
+
+def setting_text(setting):
+    """{name: +1 | -1} -> 'Smiling=1,Eyeglasses=0' ('none' when empty): how --attributes spells it."""
+    return ",".join(f"{name}={int(value > 0)}" for name, value in setting.items()) or "none"
 
 
 def number(kind, above=None, at_least=None, below=None):
@@ -1264,6 +1512,36 @@ def experiment_name(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a plain name: use letters, digits and - _ . "
                                          f"(no slashes, not . or ..); it becomes experiments/NAME")
     return text
+
+
+def attribute_name(name):
+    """A CelebA attribute name, or an argparse error that lists them (and the nearest)."""
+    if name not in ATTRIBUTE_NAMES:
+        near = difflib.get_close_matches(name, ATTRIBUTE_NAMES, n=1)
+        raise argparse.ArgumentTypeError(
+            f"unknown attribute {name!r}" + (f" (did you mean {near[0]}?)" if near else "") +
+            f"; CelebA's attributes are {','.join(ATTRIBUTE_NAMES)}")
+    return name
+
+
+def attribute_list(text):
+    """train --attributes: 'all' or comma-separated names -> names in CelebA's order."""
+    if text == "all":
+        return list(ATTRIBUTE_NAMES)
+    names = {attribute_name(name.strip()) for name in text.split(",") if name.strip()}
+    return [name for name in ATTRIBUTE_NAMES if name in names]
+
+
+def attribute_setting(text):
+    """sample --attributes: 'Smiling=1,Eyeglasses=0' -> {name: +1 | -1}; 'none' -> {}."""
+    setting = {}
+    for item in text.split(",") if text != "none" else []:
+        name, _, value = item.strip().partition("=")
+        if value not in ("0", "1"):
+            raise argparse.ArgumentTypeError(f"{item.strip()!r}: write NAME=1 (present) or NAME=0 "
+                                             f"(absent), e.g. Smiling=1,Eyeglasses=0")
+        setting[attribute_name(name)] = 1.0 if value == "1" else -1.0
+    return setting
 
 
 class Parser(argparse.ArgumentParser):
@@ -1303,6 +1581,14 @@ def make_parser():
     arg("--data_root", default="./data", help="where CelebA is (see README for the layouts)")
     arg("--download", action="store_true", help="try torchvision's CelebA downloader first")
     arg("--image_size", type=positive(int), default=64, help="side of the square training images")
+    arg("--attributes", type=attribute_list, default=[],
+        help="condition on these CelebA attributes, comma-separated (e.g. Smiling,Eyeglasses), or "
+             "all; toy faces have " + ",".join(TOY_ATTRIBUTES) + ". Default: unconditional")
+    arg("--attr_dropout", type=number(float, at_least=0, below=1), default=0.1,
+        help="hide each attribute of a training example with this probability")
+    arg("--attr_dropout_all", type=number(float, at_least=0, below=1), default=0.1,
+        help="hide all attributes of a training example with this probability (the unconditional "
+             "model of classifier-free guidance)")
     arg("--model", choices=list(MODELS), default="small",
         help="named size: " + ", ".join(f"{k} (width {v['dim']}, depth {v['depth']})" for k, v in
                                         MODELS.items()))
@@ -1351,6 +1637,16 @@ def make_parser():
     arg("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     arg("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     arg("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
+    arg("--attributes", type=attribute_setting, nargs="+", default=[{}], metavar="NAME=0|1,...",
+        help="ask a conditional model for attributes, e.g. Smiling=1,Eyeglasses=0; those not named "
+             "are unspecified; 'none' asks for nothing. Several settings with --grid")
+    arg("--cfg_scale", type=number(float, at_least=0), nargs="+", default=[1.0],
+        help="classifier-free guidance weight: 0 unconditional, 1 conditional, > 1 stronger. "
+             "Several with --grid")
+    arg("--grid", action="store_true",
+        help="one image: a row per --attributes setting, a column per --cfg_scale, each cell "
+             "--grid_samples samples from the same noise")
+    arg("--grid_samples", type=positive(int), default=4, help="samples per cell of --grid")
     return parser, train
 
 

@@ -12,6 +12,8 @@ the number of images.
 Commands:
     # sample 10k images from an experiment's EMA weights, compare them with held-out CelebA images
     python fid.py --exp_name celeba64 --num_samples 10000 [--checkpoint best.pt]
+    # a model trained with --attributes is asked for the reference images' own labels
+    python fid.py --exp_name celeba64_attr --cfg_scale 2
     # compare two folders of images, or saved statistics (.npz with mu and sigma), like pytorch-fid
     python fid.py PATH_A PATH_B
 
@@ -332,6 +334,9 @@ def quantized(images):
     return (celebgen.to_unit(images) * 255).round() / 255
 
 
+REF_SPLITS = {"heldout": ["val", "test"], "train": ["train"], "val": ["val"], "test": ["test"]}
+
+
 def reference_statistics(train_args, model, args, device):
     """Statistics of the first --ref_images real images of --ref_split, computed once and cached
     in experiments/fid_refs/ under a key of the data, the split, the count and the weights."""
@@ -341,8 +346,7 @@ def reference_statistics(train_args, model, args, device):
             raise celebgen.UserError(f"{folder} has no split file, so its {args.ref_split} images "
                                      f"are its training images; pass --ref_split train to compare "
                                      f"with them anyway, or add list_eval_partition.txt")
-    split_names = {"heldout": ["val", "test"], "train": ["train"], "val": ["val"], "test": ["test"]}
-    sets = [celebgen.make_dataset(train_args, split) for split in split_names[args.ref_split]]
+    sets = [celebgen.make_dataset(train_args, split) for split in REF_SPLITS[args.ref_split]]
     count = min(args.ref_images, sum(len(s) for s in sets))
     source = "toy" if train_args.dataset == "toy" else str(Path(train_args.data_root).resolve())
     key = f"{source}|{args.ref_split}|{count}|{model.fingerprint}"
@@ -360,12 +364,31 @@ def reference_statistics(train_args, model, args, device):
     return mu, sigma, cache
 
 
+def sample_attributes(train_args, args):
+    """A conditional model's requests, (num_samples, K): the labels of the reference images, so that
+    the samples are asked for what the references show -- the first --ref_images images of
+    --ref_split that have labels, in turn; when none has (a partial attribute file), those of the
+    training split. Returns the requests and where they came from."""
+    for split in (args.ref_split, "train"):
+        sets = [celebgen.make_dataset(train_args, name) for name in REF_SPLITS[split]]
+        labels = itertools.islice((s.label(i) for s in sets for i in range(len(s))), args.ref_images)
+        labelled = [label for label in labels if label.any()]
+        if labelled:
+            source = f"labels of {len(labelled)} {split} images"
+            print(f"asking for the attributes {','.join(train_args.attributes)} with the {source}")
+            return torch.stack(labelled)[torch.arange(args.num_samples) % len(labelled)], source
+    raise celebgen.UserError(f"no {args.ref_split} or train image has attribute labels to ask "
+                             f"the conditional model for; add CelebA's list_attr_celeba.txt")
+
+
 def experiment_fid(args, checkpoint, ckpt, model, device, precision):
     exp = celebgen.experiment_paths(args.exp_name)
     train_args = argparse.Namespace(**ckpt["args"])
     mu_ref, sigma_ref, cache = reference_statistics(train_args, model, args, device)
+    attributes, source = sample_attributes(train_args, args) if train_args.attributes else (None, None)
     samples = celebgen.generate(ckpt, args.num_samples, args.num_sampling_steps, args.method,
-                                args.seed, args.batch_size, device, precision)  # a batch at a time
+                                args.seed, args.batch_size, device, precision,
+                                attributes=attributes, cfg_scale=args.cfg_scale)  # batch by batch
     has_classifier = bool((model.classifier.weight != 0).any())  # else no Inception Score
     score = InceptionScore(args.num_samples) if has_classifier else None
     stats = extract(model, (quantized(batch) for batch in samples), args.num_samples, device, score)
@@ -375,6 +398,9 @@ def experiment_fid(args, checkpoint, ckpt, model, device, precision):
               "method": args.method, "seed": args.seed,
               "device": device.type, "precision": precision,
               "reference": str(cache), "ref_split": args.ref_split}
+    if attributes is not None:
+        result.update(attributes=train_args.attributes, attribute_source=source,
+                      cfg_scale=args.cfg_scale)
     if has_classifier:
         result["inception_score"] = score.score()
     else:
@@ -385,6 +411,7 @@ def experiment_fid(args, checkpoint, ckpt, model, device, precision):
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(exp["logs"]) as writer:
         tag = f"fid/{args.num_samples}_samples_{args.method}{args.num_sampling_steps}"
+        tag += f"_cfg{args.cfg_scale:g}" if attributes is not None else ""
         writer.add_scalar(tag, fid, ckpt["step"])
     return result
 
@@ -404,6 +431,9 @@ def main(argv=None):
     parser.add_argument("--num_sampling_steps", type=celebgen.positive(int), default=50,
                         help="sampler steps from noise to image")
     parser.add_argument("--method", choices=["euler", "heun"], default="euler", help="the sampler")
+    parser.add_argument("--cfg_scale", type=celebgen.number(float, at_least=0), default=1.0,
+                        help="guidance weight for a model trained with --attributes, which is asked "
+                             "for the reference images' own labels (1: plainly conditional)")
     parser.add_argument("--seed", type=celebgen.number(int, at_least=0), default=0,
                         help="seed of the noise")
     parser.add_argument("--precision", choices=celebgen.PRECISIONS, default="auto",
@@ -430,6 +460,8 @@ def run(args):
         device, precision = celebgen.device_and_precision(args.device, args.precision)
         checkpoint = celebgen.checkpoint_path(args.exp_name, args.checkpoint)
         ckpt = celebgen.load_checkpoint(checkpoint)
+        # a --cfg_scale needs a model trained with --attributes: refused now, before any work
+        celebgen.attribute_rows([{}], [args.cfg_scale], ckpt["args"]["attributes"])
         model = FIDFeatures(load_weights(args.inception_weights)).to(device)
         experiment_fid(args, checkpoint, ckpt, model, device, precision)
         return

@@ -4,6 +4,7 @@
     python tests/benchmark_speed.py --configs tiny:32:4 --batch_size 64
     python tests/benchmark_speed.py --precisions fp32     # on a CPU where bf16/fp16 are emulated (slow)
     python tests/benchmark_speed.py --sdpa                # also PyTorch's flash-attention kernel on CPU
+    python tests/benchmark_speed.py --attributes 0 40     # unconditional, and conditioned on 40 attributes
 
 Prints the machine (CPU model, PyTorch's CPU capability, the bf16-vs-fp32 matmul ratio that
 `--precision auto` measures, and what auto chooses), then per (model, image size, precision): images/s
@@ -49,19 +50,21 @@ def cpu_model():
         return platform.processor() or platform.machine()
 
 
-def training_speed(model_name, image_size, patch_size, precision, batch_size, seconds, sdpa):
-    args = argparse.Namespace(model=model_name, image_size=image_size, patch_size=patch_size)
+def training_speed(model_name, image_size, patch_size, precision, batch_size, seconds, sdpa, attributes):
+    args = argparse.Namespace(model=model_name, image_size=image_size, patch_size=patch_size,
+                              attributes=cg.ATTRIBUTE_NAMES[:attributes])
     torch.manual_seed(0)
     model = cg.build_model(args)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     x1 = torch.randn(batch_size, 3, image_size, image_size)
+    labels = torch.randint(-1, 2, (batch_size, attributes)).float()  # -1, 0 or 1
     device = torch.device("cpu")
 
     def step(i):
         x0, t = torch.randn_like(x1), torch.rand(batch_size)
         with cg.autocast(device, precision):
-            loss = cg.flow_loss(model, x1, x0, t, 0.05)
+            loss = cg.flow_loss(model, x1, x0, t, 0.05, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -87,6 +90,8 @@ def main():
     parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per configuration")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--sdpa", action="store_true", help="also time PyTorch's default (flash) attention kernel")
+    parser.add_argument("--attributes", type=int, nargs="+", default=[0],
+                        help="time the model conditioned on this many attributes (0: unconditional)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     auto, why = cg.resolve_precision("auto", torch.device("cpu"))
@@ -101,16 +106,18 @@ def main():
     print("matmul 2048x2048: " + ", ".join(f"{p} {r / 1e9:.1f} GFLOP/s" for p, r in peaks.items())
           + "".join(f", {p} emulated ({cg.cpu_matmul_speedup(p):.2f}x fp32 at 512x512)" for p in emulated)
           + f"; the peak is {max(peaks, key=peaks.get)}'s")
-    print(f"{'model':>6} {'size':>4} {'precision':>9} {'attention':>9} {'img/s':>8} {'GFLOP/s':>8} "
-          f"{'of peak':>8}")
+    print(f"{'model':>6} {'size':>4} {'precision':>9} {'attention':>9} {'attributes':>10} {'img/s':>8} "
+          f"{'GFLOP/s':>8} {'of peak':>8}")
     for config in args.configs:
         name, size, patch = config.split(":")
         for p in args.precisions:
             for sdpa in [False, True] if args.sdpa else [False]:
-                ips, flops = training_speed(name, int(size), int(patch), p, args.batch_size, args.seconds, sdpa)
-                print(f"{name:>6} {size:>4} {p + ('=auto' if p == auto else ''):>9} "
-                      f"{'flash' if sdpa else 'math':>9} {ips:8.1f} {flops / 1e9:8.1f} {flops / peak:8.1%}",
-                      flush=True)
+                for k in args.attributes:
+                    ips, flops = training_speed(name, int(size), int(patch), p, args.batch_size, args.seconds,
+                                                sdpa, k)
+                    print(f"{name:>6} {size:>4} {p + ('=auto' if p == auto else ''):>9} "
+                          f"{'flash' if sdpa else 'math':>9} {k:>10} {ips:8.1f} {flops / 1e9:8.1f} "
+                          f"{flops / peak:8.1%}", flush=True)
 
 
 if __name__ == "__main__":

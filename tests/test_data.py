@@ -106,10 +106,11 @@ def test_toy_faces_are_deterministic_and_varied():
 
 def test_training_examples_are_a_function_of_seed_epoch_and_index():
     images = cg.ToyFaces(16)
-    ex = cg.FlowExamples(images, seed=3, t_mu=-0.8, t_sigma=0.8)
-    x1, x0, t = ex[5]
-    again = cg.FlowExamples(images, seed=3, t_mu=-0.8, t_sigma=0.8)[5]
-    assert all(torch.equal(u, v) for u, v in zip((x1, x0, t), again))
+    args = cg.argparse.Namespace(seed=3, t_mu=-0.8, t_sigma=0.8, attr_dropout=0.1, attr_dropout_all=0.1)
+    ex = cg.FlowExamples(images, args)
+    x1, x0, t, a = ex[5]
+    again = cg.FlowExamples(images, args)[5]
+    assert all(torch.equal(u, v) for u, v in zip((x1, x0, t, a), again)) and a.shape == (0,)
     assert torch.equal(x1, images[5]) or torch.equal(x1, images[5].flip(-1))
     ex.epoch = 1
     assert not torch.equal(ex[5][1], x0)  # a new epoch draws new noise

@@ -181,7 +181,7 @@ def test_resume_whose_weights_do_not_fit_its_arguments(trained, capsys):
     torch.save(ckpt, trained)
     code, _, err = cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 4)
     one_line_error(code, err, "do not fit the model its arguments describe (--model tiny, --image_size 16, "
-                              "--patch_size 2)")
+                              "--patch_size 2, --attributes (none))")
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(workdir, capsys, monkeypatch):
@@ -310,7 +310,7 @@ def test_reference_images_are_held_out_distinct_and_read_only_as_needed(workdir,
     assert len(list((workdir / "experiments/fid_refs").iterdir())) == 2  # one cache file per weights
 
 
-TOY_ARGS = cg.argparse.Namespace(dataset="toy", image_size=16, data_root=None)
+TOY_ARGS = cg.argparse.Namespace(dataset="toy", image_size=16, data_root=None, attributes=[])
 
 
 class FakeFeatures(torch.nn.Module):

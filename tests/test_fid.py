@@ -142,6 +142,31 @@ def test_cli_writes_fid_json_for_an_experiment(workdir, capsys, random_weights):
     assert "reference statistics from" in capsys.readouterr().out
 
 
+def test_a_conditional_model_is_asked_for_the_references_labels(workdir, capsys, random_weights, monkeypatch):
+    """fid.py asks a model trained with --attributes for the labels of the reference images (the first
+    --ref_images of val + test, cycled over the samples) at --cfg_scale, and fid.json records it; an
+    unconditional model refuses --cfg_scale before any work."""
+    code, _, err = cli(capsys, "train", "--exp_name", "cond", *TOY, "--attributes", "Smiling,Wearing_Hat",
+                       "--batch_size", 4, "--max_steps", 2)
+    assert code == 0, err
+    asked, generate = [], cg.generate
+    monkeypatch.setattr(cg, "generate", lambda *a, **k: asked.append(k) or generate(*a, **k))
+    argv = ["--exp_name", "cond", "--checkpoint", "last.pt", "--num_samples", "7", "--num_sampling_steps", "2",
+            "--ref_images", "5", "--inception_weights", str(random_weights), "--batch_size", "7", "--cfg_scale", "2.5"]
+    with pytest.warns(UserWarning, match="< 2048 images"):
+        fid.main(argv)
+    val = cg.ToyFaces(16, offset=10**6, attributes=["Smiling", "Wearing_Hat"])
+    labels = torch.stack([val.label(i) for i in range(5)])
+    assert torch.equal(asked[0]["attributes"], labels[[0, 1, 2, 3, 4, 0, 1]]) and asked[0]["cfg_scale"] == 2.5
+    result = json.loads((workdir / "experiments" / "cond" / "fid.json").read_text())
+    assert result["attributes"] == ["Smiling", "Wearing_Hat"] and result["cfg_scale"] == 2.5
+    assert result["attribute_source"] == "labels of 5 heldout images"
+    assert cli(capsys, "train", "--exp_name", "plain", *TOY, "--batch_size", 4, "--max_steps", 1)[0] == 0
+    with pytest.raises(SystemExit) as exit:
+        fid.main(["--exp_name", "plain", "--checkpoint", "last.pt", "--cfg_scale", "2"])
+    assert exit.value.code == 2 and "trained without --attributes" in capsys.readouterr().err
+
+
 def test_missing_weights_fail_with_a_clear_message(tmp_path, monkeypatch, capsys):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")

@@ -28,15 +28,22 @@ def test_ema_spans_a_tenth_of_the_run_early_and_one_over_one_minus_decay_later()
     assert ema_lag(0.99, [3000])[3000] == pytest.approx(0.99 / 0.01, rel=1e-3)
 
 
+class Images(list):
+    """A list of images as a dataset: the i-th image, and its label: attribute i % 2 present."""
+
+    def label(self, i):
+        return torch.tensor([1.0 if i % 2 else -1.0])
+
+
 def test_validation_times_are_the_quantiles_of_the_training_times():
     """validation_set's docstring: t_k = the (k + 1/2)/n quantile of the training distribution, so the
     fraction of training draws below t_k is (k + 1/2)/n. Images and noise are fixed by the seed."""
-    images = [torch.full((3, 4, 4), float(i)) for i in range(20)]
-    x1, x0, t = cg.validation_set(images, 16, seed=3, t_mu=-0.8, t_sigma=0.8)
+    images = Images(torch.full((3, 4, 4), float(i)) for i in range(20))
+    x1, x0, t, a = cg.validation_set(images, 16, seed=3, t_mu=-0.8, t_sigma=0.8)
     draws = cg.logit_normal(torch.randn(400_000, generator=torch.Generator().manual_seed(0)), -0.8, 0.8)
     below = (draws[:, None] < t[None, :]).double().mean(0)
     assert torch.allclose(below, (torch.arange(16) + 0.5).double() / 16, atol=0.003)
-    assert torch.equal(x1, torch.stack(images[:16]))
+    assert torch.equal(x1, torch.stack(images[:16])) and torch.equal(a[:, 0], torch.tensor([-1.0, 1.0] * 8))
     again = cg.validation_set(images, 16, seed=3, t_mu=-0.8, t_sigma=0.8)
     assert torch.equal(again[1], x0) and torch.equal(again[2], t)
 
@@ -163,8 +170,9 @@ def test_the_celeba_crop_is_the_published_box(tmp_path, layout):
 
 def test_the_flip_is_horizontal():
     """Training examples are the image or its mirror image (left-right), never upside down."""
-    images = [torch.arange(48.0).view(3, 4, 4) + i for i in range(40)]
-    examples = cg.FlowExamples(images, seed=0, t_mu=-0.8, t_sigma=0.8)
+    images = Images(torch.arange(48.0).view(3, 4, 4) + i for i in range(40))
+    args = cg.argparse.Namespace(seed=0, t_mu=-0.8, t_sigma=0.8, attr_dropout=0.1, attr_dropout_all=0.1)
+    examples = cg.FlowExamples(images, args)
     flipped = 0
     for i in range(40):
         x1 = examples[i][0]

@@ -39,32 +39,42 @@ def random_image_folder(folder, n, size=16):
 def test_ddp_two_processes_equal_one_process_with_twice_the_batch(workdir, capsys):
     """2 gloo processes x batch 4 and 1 process x batch 8 see the same examples and take the same steps;
     they differ only by float rounding in the gradient all-reduce (tolerance 1e-5 on weights of size ~0.1).
-    Started by torchrun instead of by celebgen's spawn, the 2 processes give the very same weights."""
-    code, out, _ = cli(capsys, "train", "--exp_name", "one", *TOY, "--batch_size", 8, "--max_steps", 3)
+    Started by torchrun instead of by celebgen's spawn, the 2 processes give the very same weights. The
+    runs are conditioned on the toy attributes, so the examples' dropped attributes must agree too."""
+    toy = [*TOY, "--attributes", "all"]
+    code, out, _ = cli(capsys, "train", "--exp_name", "one", *toy, "--batch_size", 8, "--max_steps", 3)
     assert code == 0 and "step 3/3" in out
-    code, out, err = cli(capsys, "train", "--exp_name", "two", *TOY, "--batch_size", 4, "--max_steps", 3, "--nproc", 2)
+    code, out, err = cli(capsys, "train", "--exp_name", "two", *toy, "--batch_size", 4, "--max_steps", 3, "--nproc", 2)
     assert code == 0, err
     one, two = checkpoint("one"), checkpoint("two")
     torch.manual_seed(0)
     init = cg.DiT(16, 4, **cg.MODELS["tiny"]).state_dict()
     moved = max((one["model"][k] - init[k]).abs().max().item() for k in init)
-    assert moved > 1e-3  # training did change the weights...
+    assert moved > 1e-3 and one["model"]["attribute_embed.weight"].shape == (192, 4)  # training did change the weights...
     for part in ("model", "ema"):  # ...and both runs changed them the same way
         diff = max((one[part][k] - two[part][k]).abs().max().item() for k in one[part])
         assert diff < 1e-5, (part, diff)
 
     # the same 2 processes started by torchrun, which celebgen joins instead of spawning its own
     torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               str(ROOT / "celebgen.py"), "train", "--exp_name", "torchrun", *map(str, TOY),
+                               str(ROOT / "celebgen.py"), "train", "--exp_name", "torchrun", *map(str, toy),
                                "--batch_size", "4", "--max_steps", "3"], capture_output=True, text=True, timeout=300)
     assert torchrun.returncode == 0, torchrun.stderr
     assert all(torch.equal(two["model"][k], checkpoint("torchrun")["model"][k]) for k in two["model"])
 
 
 def test_resume_continues_exactly(workdir, capsys):
-    """Stopped at step 7 (in the second epoch of 5 steps) and resumed to 12 == 12 steps in one go."""
-    random_image_folder(workdir / "images", 20)
-    args = [*TOY, "--dataset", "celeba", "--data_root", "images", "--batch_size", 4, "--eval_every", 3]
+    """Stopped at step 7 (in the second epoch of 5 steps) and resumed to 12 == 12 steps in one go, with
+    attribute conditioning on (official layout: 20 train and 4 val images, 15 of them labelled)."""
+    (workdir / "images").mkdir()
+    random_image_folder(workdir / "images" / "img_align_celeba", 24)
+    names = [f"{i:03d}.png" for i in range(24)]
+    (workdir / "images" / "list_eval_partition.txt").write_text("".join(f"{n} {int(i >= 20)}\n"
+                                                                       for i, n in enumerate(names)))
+    (workdir / "images" / "list_attr_celeba.txt").write_text("15\n" + " ".join(cg.ATTRIBUTE_NAMES) + "\n" + "".join(
+        f"{n} " + " ".join("1" if (7 * i + k) % 3 else "-1" for k in range(40)) + "\n" for i, n in enumerate(names[:15])))
+    args = [*TOY, "--dataset", "celeba", "--data_root", "images", "--batch_size", 4, "--eval_every", 3,
+            "--attributes", "Smiling,Male"]
     assert cli(capsys, "train", "--exp_name", "straight", *args, "--max_steps", 12)[0] == 0
     assert cli(capsys, "train", "--exp_name", "resumed", *args, "--max_steps", 7)[0] == 0
     code, out, _ = cli(capsys, "train", "--exp_name", "resumed", "--resume", "--max_steps", 12)
@@ -134,9 +144,11 @@ def test_existing_experiment_is_never_overwritten(trained, capsys):
     assert trained.read_bytes() == before
 
 
-def test_resume_with_another_model_config_is_refused(trained, capsys):
-    code, _, err = cli(capsys, "train", "--exp_name", "done", "--resume", "--model", "small")
-    assert code == 2 and "--resume cannot change --model tiny -> small" in err
+@pytest.mark.parametrize("flags,change", [(["--model", "small"], "--model tiny -> small"),
+                                          (["--attributes", "Smiling"], "--attributes (none) -> Smiling")])
+def test_resume_with_another_model_config_is_refused(trained, capsys, flags, change):
+    code, _, err = cli(capsys, "train", "--exp_name", "done", "--resume", *flags)
+    assert code == 2 and f"--resume cannot change {change}" in err, err
 
 
 def test_resume_of_nothing_is_refused(workdir, capsys):
