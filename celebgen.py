@@ -9,10 +9,13 @@ noise (t=0) to an image (t=1). Part two is the machinery that runs it: data, dev
 the trainer, the CLI.
 
 Commands (all from this folder):
-    # CPU quickstart: procedurally drawn toy faces, no download, a few minutes on a laptop
+    # CPU quickstart: procedurally drawn toy faces, no download, 4 minutes of training on a laptop
+    # (the learning rate cools down over the last 20% of them), conditioned on the faces' attributes
     python celebgen.py train --exp_name quickstart --dataset toy --model tiny --image_size 32 \\
-        --lr 1e-3 --warmup_steps 100 --max_steps 1200
+        --lr 1e-3 --warmup_steps 100 --max_minutes 4 --attributes all
     python celebgen.py sample --exp_name quickstart --num_samples 64
+    python celebgen.py sample --exp_name quickstart --grid --cfg_scale 0 1 3 \\
+        --attributes Blond_Hair=1 Eyeglasses=1 Wearing_Hat=1 Smiling=1,Eyeglasses=0
     # CelebA 64x64 on one GPU, then on 8 GPUs of this machine (one process per GPU, DDP over NCCL;
     # without --nproc every GPU of the machine is used)
     python celebgen.py train --exp_name celeba64 --data_root ./data --nproc 1
@@ -23,11 +26,9 @@ Commands (all from this folder):
         celebgen.py train --exp_name celeba64 --data_root ./data
     # continue an interrupted run exactly where its last checkpoint left it
     python celebgen.py train --exp_name celeba64 --resume
-    # faces on request: condition on CelebA's attribute labels, then ask, with guidance weight 3,
-    # or see several requests (rows) at several guidance weights (columns) in one grid
+    # faces on request: condition on CelebA's attribute labels, then ask, with guidance weight 3
     python celebgen.py train --exp_name attr64 --data_root ./data --attributes Smiling,Eyeglasses,Male
     python celebgen.py sample --exp_name attr64 --attributes Smiling=1,Eyeglasses=1 --cfg_scale 3
-    python celebgen.py sample --exp_name attr64 --grid --attributes Smiling=1 Male=0 --cfg_scale 0 1 3
 Every command picks its device (--device auto: CUDA, then Apple MPS, then CPU) and precision
 (--precision auto: bf16 where the hardware has it, fp16 with loss scaling on older GPUs, else fp32),
 and its first line says which and why.
@@ -907,9 +908,10 @@ def resume_checkpoint(exp):
     return None
 
 
-def save_checkpoint(path, model, ema, optimizer, scaler, step, best_val, args):
+def save_checkpoint(path, model, ema, optimizer, scaler, step, best_val, elapsed, args):
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict(), "step": step, "best_val": best_val, "args": vars(args),
+             "scaler": scaler.state_dict(), "step": step, "best_val": best_val, "elapsed": elapsed,
+             "args": vars(args),
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
     tmp = path.with_name(path.name + ".tmp")
@@ -1043,10 +1045,16 @@ def validation_loss(model, val, t_eps, batch_size, device, precision):
     return total / len(val[0])
 
 
-def learning_rate(step, args):
-    """The learning rate of optimizer step `step` (0-based): a linear warm-up over --warmup_steps,
-    then constant. Warm-up lets AdamW's moment estimates settle before the steps get large."""
-    return args.lr * min(1.0, (step + 1) / args.warmup_steps)
+def learning_rate(step, progress, args):
+    """The learning rate of optimizer step `step` (0-based) taken at `progress` in [0, 1) of the run
+    (of its steps, or of its --max_minutes, whichever is further): a linear warm-up over
+    --warmup_steps, constant, then a linear cooldown to 0 over the last --cooldown of the run,
+        lr(step, p) = lr * min(1, (step + 1) / warmup_steps) * min(1, (1 - p) / cooldown).
+    Warm-up lets AdamW's moment estimates settle before the steps get large; the cooldown (the
+    "warmup-stable-decay" schedule of recent short-budget runs) lets the weights settle into the
+    valley they are in, so a run ends at a low loss instead of in the middle of its noise."""
+    cooldown = min(1.0, (1 - progress) / args.cooldown) if args.cooldown else 1.0
+    return args.lr * min(1.0, (step + 1) / args.warmup_steps) * max(cooldown, 0.0)
 
 
 @torch.no_grad()
@@ -1097,15 +1105,17 @@ def train_worker(rank, world_size, args, device_type):
 
 
 def start_or_resume(args, model, ema, optimizer, scaler, device, announce):
-    """(step, best_val) of the run: (0, inf) for a new run; for --resume, those of the checkpoint,
-    whose weights, EMA, optimizer moments, loss scale and random state are put back into place."""
+    """(step, best_val, seconds of training) of the run: (0, inf, 0) for a new run; for --resume,
+    those of the checkpoint, whose weights, EMA, optimizer moments, loss scale and random state are
+    put back into place."""
     if not args.resume:
-        return 0, math.inf
+        return 0, math.inf, 0.0
     path = resume_checkpoint(experiment_paths(args.exp_name))
-    step, best_val = restore(load_checkpoint(path), model, ema, optimizer, scaler, device)
+    ckpt = load_checkpoint(path)
+    step, best_val = restore(ckpt, model, ema, optimizer, scaler, device)
     if announce:
         print(f"resuming {args.exp_name} from step {step} ({path.name})", flush=True)
-    return step, best_val
+    return step, best_val, ckpt.get("elapsed", 0.0)  # no "elapsed": written before time budgets
 
 
 def train_loop(rank, world_size, args, device, interrupt):
@@ -1116,7 +1126,8 @@ def train_loop(rank, world_size, args, device, interrupt):
     # fp16 only: scale the loss up before backward, so small gradients do not flush to zero (section
     # 9)
     scaler = torch.amp.GradScaler(device.type, enabled=args.resolved_precision == "fp16")
-    step, best_val = start_or_resume(args, model, ema, optimizer, scaler, device, announce=rank == 0)
+    step, best_val, elapsed = start_or_resume(args, model, ema, optimizer, scaler, device, rank == 0)
+    budget = 60 * args.max_minutes if args.max_minutes else math.inf  # seconds of training
     ddp_model = model if world_size == 1 else \
         DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if args.compile:
@@ -1126,14 +1137,17 @@ def train_loop(rank, world_size, args, device, interrupt):
     sampler = DistributedSampler(examples, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
     steps_per_epoch = len(sampler) // args.batch_size
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    book = Bookkeeping(args, device, total_steps, model, ema, optimizer, scaler, best_val) \
-        if rank == 0 else None
+    book = Bookkeeping(args, device, total_steps, budget, model, ema, optimizer, scaler, best_val,
+                       elapsed) if rank == 0 else None
     if rank == 0 and step >= total_steps:
         print(f"{args.exp_name} is already at step {step} of {total_steps}; raise --max_steps or "
               f"--epochs to train further", flush=True)
+    if rank == 0 and elapsed >= budget:
+        print(f"{args.exp_name} has trained {elapsed / 60:.2f} of its {args.max_minutes:g} minutes; "
+              f"raise --max_minutes to train further", flush=True)
 
-    stop = False
-    while step < total_steps and not stop:
+    stop, clock = False, time.time() - elapsed  # the run's clock continues across resumes
+    while step < total_steps and elapsed < budget and not stop:
         # this epoch's order: a permutation fixed by (seed, epoch), this process's 1/world_size of
         # it; a resumed run skips the batches it has already seen
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
@@ -1146,8 +1160,8 @@ def train_loop(rank, world_size, args, device, interrupt):
         for x1, x0, t, a in loader:
             x1, x0 = x1.to(device, non_blocking=True), x0.to(device, non_blocking=True)  # (B, C, H, W)
             t, a = t.to(device), a.to(device)                                        # (B,), (B, K)
-            # set the learning rate
-            lr = learning_rate(step, args)
+            # set the learning rate, from how far the run is through its steps or its time
+            lr = learning_rate(step, max(step / total_steps, elapsed / budget), args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # forward + loss, matmuls in 16 bits under autocast
@@ -1172,18 +1186,20 @@ def train_loop(rank, world_size, args, device, interrupt):
             scaler.update()
             update_ema(ema, model, step, args.ema_decay)
             step += 1
-            # the mean loss over processes, and whether any process was asked to stop (Ctrl-C)
-            stats = torch.stack([loss.detach().float(),
-                                 torch.tensor(float(interrupt.requested), device=device)])
+            # the mean loss over processes, whether any process was asked to stop (Ctrl-C), and the
+            # run's time, averaged so that every process sets the same learning rate and stops together
+            stats = torch.stack([loss.detach().float(), torch.tensor(float(interrupt.requested), device=device),
+                                 torch.tensor(time.time() - clock, device=device)])
             if world_size > 1:
                 dist.all_reduce(stats, op=dist.ReduceOp.AVG)
-            loss, stop = stats[0].item(), stats[1].item() > 0
+            loss, stop, elapsed = stats[0].item(), stats[1].item() > 0, stats[2].item()
             if not math.isfinite(loss):  # fp16, where a non-finite step was skipped, not taken
                 raise divergence(loss, grad_norm, step, args.lr)
-            # rank 0: log, validate, sample a grid, save checkpoints, each at its interval
+            # rank 0: log, validate, sample a grid, save checkpoints, each at its interval and at the end
+            last = step == total_steps or elapsed >= budget
             if rank == 0:
-                book.after_step(step, loss, lr, grad_norm, images=len(x1) * world_size)
-            if step == total_steps or stop:
+                book.after_step(step, loss, lr, grad_norm, len(x1) * world_size, elapsed, last)
+            if last or stop:
                 break
     if rank == 0:
         book.close()
@@ -1207,11 +1223,12 @@ class Bookkeeping:
     """Rank 0's record of the run: progress lines and TensorBoard scalars, the validation loss and
     best.pt (it owns best_val, the lowest validation loss so far), sample grids, and last.pt."""
 
-    def __init__(self, args, device, total_steps, model, ema, optimizer, scaler, best_val):
+    def __init__(self, args, device, total_steps, budget, model, ema, optimizer, scaler, best_val,
+                 elapsed):
         from torch.utils.tensorboard import SummaryWriter  # imported here: only rank 0 pays for it
-        self.args, self.device, self.total_steps = args, device, total_steps
+        self.args, self.device, self.total_steps, self.budget = args, device, total_steps, budget
         self.model, self.ema, self.optimizer, self.scaler = model, ema, optimizer, scaler
-        self.best_val, self.saved_step = best_val, -1
+        self.best_val, self.saved_step, self.elapsed = best_val, -1, elapsed
         self.exp = experiment_paths(args.exp_name)
         self.flops_per_image = flops_per_image(model)
         self.writer = SummaryWriter(self.exp["logs"])
@@ -1221,14 +1238,15 @@ class Bookkeeping:
                                       generator=torch.Generator().manual_seed(args.seed + 1))
         self.clock, self.images_seen = time.time(), 0
         print(f"training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-              f"params) on {args.dataset} {args.image_size}x{args.image_size}, {total_steps} steps, "
-              f"device {device}, {args.resolved_precision}, experiment {self.exp['root']}", flush=True)
+              f"params) on {args.dataset} {args.image_size}x{args.image_size}, {total_steps} steps"
+              + (f" or {args.max_minutes:g} minutes, whichever ends first" if args.max_minutes else "")
+              + f", device {device}, {args.resolved_precision}, experiment {self.exp['root']}", flush=True)
 
-    def after_step(self, step, loss, lr, grad_norm, images):
-        """Whatever is due after optimizer step `step`: each at its --*_every interval and at the
-        end."""
-        self.images_seen += images
-        due = lambda every: step % every == 0 or step == self.total_steps
+    def after_step(self, step, loss, lr, grad_norm, images, elapsed, last):
+        """Whatever is due after optimizer step `step`, `elapsed` seconds into the run: each at its
+        --*_every interval and after the `last` step."""
+        self.images_seen, self.elapsed = self.images_seen + images, elapsed
+        due = lambda every: step % every == 0 or last
         if due(self.args.log_every):
             self.log_progress(step, loss, lr, grad_norm, images)
         if due(self.args.eval_every):
@@ -1240,7 +1258,7 @@ class Bookkeeping:
 
     def log_progress(self, step, loss, lr, grad_norm, images):
         speed = self.images_seen / (time.time() - self.clock)
-        eta = (self.total_steps - step) * images / speed
+        eta = min((self.total_steps - step) * images / speed, self.budget - self.elapsed)
         print(f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
               f"{speed:.1f} img/s | {speed * self.flops_per_image / 1e12:.3f} TFLOP/s | "
               f"ETA {eta / 60:.1f} min", flush=True)
@@ -1270,7 +1288,7 @@ class Bookkeeping:
 
     def save(self, name, step):
         save_checkpoint(self.exp["checkpoints"] / name, self.model, self.ema, self.optimizer,
-                        self.scaler, step, self.best_val, self.args)
+                        self.scaler, step, self.best_val, self.elapsed, self.args)
 
     def save_last(self, step):
         self.save("last.pt", step)
@@ -1597,6 +1615,11 @@ def make_parser():
     arg("--epochs", type=positive(int), default=100, help="passes over the training images")
     arg("--max_steps", type=positive(int), default=None,
         help="stop after this many optimizer steps (before --epochs ends)")
+    arg("--max_minutes", type=positive(float), default=None,
+        help="stop after this many minutes of training (counted across resumes), whatever the steps")
+    arg("--cooldown", type=number(float, at_least=0, below=1), default=0.2,
+        help="the learning rate decays linearly to 0 over this last fraction of the run (of "
+             "--max_minutes, or of the steps, whichever is further along); 0: no decay")
     arg("--lr", type=positive(float), default=1e-4, help="AdamW learning rate after the warm-up")
     arg("--warmup_steps", type=positive(int), default=500,
         help="steps of linear learning-rate warm-up from lr/warmup_steps to lr")

@@ -48,11 +48,35 @@ def test_validation_times_are_the_quantiles_of_the_training_times():
     assert torch.equal(again[1], x0) and torch.equal(again[2], t)
 
 
-@pytest.mark.parametrize("step,expected", [(0, 1e-3 / 100), (49, 0.5e-3), (98, 0.99e-3), (99, 1e-3),
-                                           (100, 1e-3), (5000, 1e-3)])
-def test_learning_rate_warms_up_linearly_then_stays_constant(step, expected):
-    args = argparse.Namespace(lr=1e-3, warmup_steps=100)
-    assert cg.learning_rate(step, args) == pytest.approx(expected, rel=1e-12)
+@pytest.mark.parametrize("step,progress,expected", [
+    (0, 0.0, 1e-3 / 100), (49, 0.0, 0.5e-3), (98, 0.0, 0.99e-3), (99, 0.0, 1e-3), (100, 0.0, 1e-3),
+    (5000, 0.5, 1e-3), (5000, 0.8, 1e-3), (5000, 0.9, 0.5e-3), (5000, 0.99, 0.05e-3), (5000, 1.0, 0.0),
+    (49, 0.9, 0.25e-3)])  # a warm-up that runs into the cooldown: both factors
+def test_learning_rate_warms_up_stays_constant_then_cools_down_to_0(step, progress, expected):
+    args = argparse.Namespace(lr=1e-3, warmup_steps=100, cooldown=0.2)
+    assert cg.learning_rate(step, progress, args) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    args.cooldown = 0.0  # no cooldown: constant after the warm-up
+    assert cg.learning_rate(step, progress, args) == pytest.approx(1e-3 * min(1, (step + 1) / 100), rel=1e-12)
+
+
+def test_a_time_budget_ends_on_time_cooled_down_and_resumes_on_the_same_clock(workdir, capsys):
+    """--max_minutes 0.05 (3 s) ends the run after the step that crosses 3 s of training, validated and
+    saved, with its learning rate near 0; the checkpoint records the seconds used; a resume with the same
+    budget has nothing to do, and one with 0.1 minutes trains 3 s more, not 6 s."""
+    args = [*TOY, "--batch_size", 4, "--lr", 1e-3, "--warmup_steps", 2, "--log_every", 1000,
+            "--eval_every", 1000, "--max_minutes", 0.05]
+    code, out, err = cli(capsys, "train", "--exp_name", "budget", *args)
+    assert code == 0, err
+    first = checkpoint("budget")
+    step_time = first["elapsed"] / first["step"]
+    assert 3.0 <= first["elapsed"] < 3.0 + 2 * step_time + 0.5 and first["step"] > 5
+    assert first["optimizer"]["param_groups"][0]["lr"] < 0.5e-3  # in the cooldown's last half
+    assert f"step {first['step']} | val loss (EMA)" in out  # the end validates, samples and saves
+    code, out, err = cli(capsys, "train", "--exp_name", "budget", "--resume")
+    assert code == 0 and "budget has trained 0.05 of its 0.05 minutes" in out and checkpoint("budget")["step"] == first["step"]
+    assert cli(capsys, "train", "--exp_name", "budget", "--resume", "--max_minutes", 0.1)[0] == 0
+    again = checkpoint("budget")
+    assert 6.0 <= again["elapsed"] < 6.0 + 2 * step_time + 0.5 and again["step"] > first["step"]
 
 
 # ----- through the real trainer (toy data or a small folder of images, a few steps) -----
@@ -62,12 +86,16 @@ from test_training import TOY, checkpoint, cli, random_image_folder  # noqa: E40
 
 
 def test_the_optimizer_gets_the_warm_up_learning_rate_also_after_a_resume(workdir, capsys):
-    """The lr in the saved optimizer state after step k is learning_rate(k - 1): lr * k / warmup."""
+    """The lr in the saved optimizer state after step k is learning_rate(k - 1): lr * k / warmup (no cooldown
+    yet: step k - 1 is at most 80% of the run)."""
     args = [*TOY, "--batch_size", 4, "--lr", 1e-3, "--warmup_steps", 10]
     assert cli(capsys, "train", "--exp_name", "lr", *args, "--max_steps", 3)[0] == 0
     assert checkpoint("lr")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(3e-4, rel=1e-12)
     assert cli(capsys, "train", "--exp_name", "lr", "--resume", "--max_steps", 5)[0] == 0
     assert checkpoint("lr")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-4, rel=1e-12)
+    # step 10 of 10 (index 9) is at 90% of the run, halfway through the cooldown of its last 20%
+    assert cli(capsys, "train", "--exp_name", "lr", "--resume", "--max_steps", 10)[0] == 0
+    assert checkpoint("lr")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.5e-3, rel=1e-12)
 
 
 def test_gradients_are_clipped_at_the_flag_and_the_log_shows_the_norm_before_clipping(workdir, capsys):

@@ -1,4 +1,6 @@
 """The trainer and the CLI: DDP equivalence, exact resume, files and logs, and every bad input."""
+import os
+import signal
 import subprocess
 import sys
 
@@ -63,9 +65,10 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(workdir, capsy
     assert all(torch.equal(two["model"][k], checkpoint("torchrun")["model"][k]) for k in two["model"])
 
 
-def test_resume_continues_exactly(workdir, capsys):
-    """Stopped at step 7 (in the second epoch of 5 steps) and resumed to 12 == 12 steps in one go, with
-    attribute conditioning on (official layout: 20 train and 4 val images, 15 of them labelled)."""
+def test_resume_continues_exactly(workdir, capsys, monkeypatch):
+    """Interrupted (Ctrl-C) after step 7, in the second epoch of 5 steps, and resumed to 12 == 12 steps in
+    one go: the same weights, EMA, moments and learning rates (the cooldown of the last 20% included),
+    with attribute conditioning on (official layout: 20 train and 4 val images, 15 of them labelled)."""
     (workdir / "images").mkdir()
     random_image_folder(workdir / "images" / "img_align_celeba", 24)
     names = [f"{i:03d}.png" for i in range(24)]
@@ -76,9 +79,18 @@ def test_resume_continues_exactly(workdir, capsys):
     args = [*TOY, "--dataset", "celeba", "--data_root", "images", "--batch_size", 4, "--eval_every", 3,
             "--attributes", "Smiling,Male"]
     assert cli(capsys, "train", "--exp_name", "straight", *args, "--max_steps", 12)[0] == 0
-    assert cli(capsys, "train", "--exp_name", "resumed", *args, "--max_steps", 7)[0] == 0
-    code, out, _ = cli(capsys, "train", "--exp_name", "resumed", "--resume", "--max_steps", 12)
-    assert code == 0 and "step 8/12" in out
+    update_ema = cg.update_ema
+
+    def ctrl_c_in_step_7(ema, model, step, decay):
+        update_ema(ema, model, step, decay)
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+    with monkeypatch.context() as patch:
+        patch.setattr(cg, "update_ema", ctrl_c_in_step_7)
+        code, out, err = cli(capsys, "train", "--exp_name", "resumed", *args, "--max_steps", 12)
+    assert code == 130 and "interrupted at step 7" in err, err
+    code, out, err = cli(capsys, "train", "--exp_name", "resumed", "--resume")
+    assert code == 0 and "step 8/12" in out, err
     a, b = checkpoint("straight"), checkpoint("resumed")
     assert a["step"] == b["step"] == 12 and a["best_val"] == b["best_val"]
     for part in ("model", "ema"):
