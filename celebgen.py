@@ -394,7 +394,9 @@ def drop_attributes(attributes, p_each, p_all, rng):
 def guided_prediction(model, x_t, t, attributes, cfg_scale):
     """x_pred (B, C, H, W) at x_t (B, C, H, W), t (B,), for attributes (B, K) or None (none asked),
     guided with weight cfg_scale."""
-    if attributes is None or cfg_scale == 1:
+    if attributes is None:
+        return model(x_t, t).float()
+    if cfg_scale == 1:
         return model(x_t, t, attributes).float()
     unconditional = torch.zeros_like(attributes)                              # (B, K)
     if cfg_scale == 0:
@@ -1258,7 +1260,7 @@ class Bookkeeping:
 
     def log_progress(self, step, loss, lr, grad_norm, images):
         speed = self.images_seen / (time.time() - self.clock)
-        eta = min((self.total_steps - step) * images / speed, self.budget - self.elapsed)
+        eta = max(0.0, min((self.total_steps - step) * images / speed, self.budget - self.elapsed))
         print(f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
               f"{speed:.1f} img/s | {speed * self.flops_per_image / 1e12:.3f} TFLOP/s | "
               f"ETA {eta / 60:.1f} min", flush=True)

@@ -173,8 +173,8 @@ def test_guidance_on_the_velocity_equals_guidance_on_the_prediction():
 def test_cfg_scale_1_is_conditional_and_0_unconditional_exactly():
     model = conditional_dit()
     noise, a = torch.randn(2, 3, 16, 16), torch.tensor([[1.0, -1, 0], [0, 1, 1]])
-    conditional = cg.sample(lambda x, t, _: model(x, t, a), noise, 4)
-    unconditional = cg.sample(lambda x, t, _: model(x, t), noise, 4)
+    conditional = cg.sample(lambda x, t: model(x, t, a), noise, 4)
+    unconditional = cg.sample(lambda x, t: model(x, t), noise, 4)
     assert torch.equal(cg.sample(model, noise, 4, attributes=a, cfg_scale=1.0), conditional)
     assert torch.equal(cg.sample(model, noise, 4, attributes=a, cfg_scale=0.0), unconditional)
     assert not torch.allclose(conditional, unconditional)

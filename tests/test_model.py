@@ -111,7 +111,7 @@ def test_near_t_1_the_loss_is_still_minimal_at_x1():
     under the default t distribution this region (t > 0.95) holds about one example in 700,000."""
     x1, x0 = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0)).unbind(0)
     t, eps = torch.tensor([0.96, 0.97, 0.98, 0.99]), 0.05
-    oracle = lambda prediction: (lambda x, t, attributes: prediction)
+    oracle = lambda prediction: (lambda x, t, attributes=None: prediction)
     assert cg.flow_loss(oracle(x1), x1, x0, t, eps) == 0
     assert cg.flow_loss(oracle(x1 + 0.01), x1, x0, t, eps) > 0
     beyond = torch.special.ndtr(-(torch.logit(torch.tensor(1 - eps, dtype=torch.float64)) + 0.8) / 0.8)
@@ -167,7 +167,7 @@ def test_sampler_lands_exactly_on_a_fixed_prediction(method, steps):
     """A model that always predicts the same image makes every path straight: both solvers are exact."""
     target = torch.rand(1, 3, 8, 8) * 2 - 1
     noise = torch.randn(4, 3, 8, 8)
-    out = cg.sample(lambda x, t, attributes: target.expand_as(x), noise, steps, method)
+    out = cg.sample(lambda x, t: target.expand_as(x), noise, steps, method)
     assert torch.allclose(out, target.expand_as(out), atol=1e-5)
 
 
@@ -177,7 +177,7 @@ def test_sampler_transports_a_gaussian_with_first_and_second_order_error():
     and quarters Heun's (second order)."""
     m, s = 0.5, 0.3
 
-    def oracle(x, t, attributes):
+    def oracle(x, t):
         t = t.view(-1, 1, 1, 1).double()
         return m + t * s**2 * (x.double() - t * m) / (t**2 * s**2 + (1 - t) ** 2)
 
