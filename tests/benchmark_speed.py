@@ -5,6 +5,7 @@
     python tests/benchmark_speed.py --precisions fp32     # on a CPU where bf16/fp16 are emulated (slow)
     python tests/benchmark_speed.py --sdpa                # also PyTorch's flash-attention kernel on CPU
     python tests/benchmark_speed.py --attributes 0 40     # unconditional, and conditioned on 40 attributes
+    python tests/benchmark_speed.py --plain               # also a plain DiT of the same shape, and the ratio
 
 Prints the machine (CPU model, PyTorch's CPU capability, the bf16-vs-fp32 matmul ratio that
 `--precision auto` measures, and what auto chooses), then per (model, image size, precision): images/s
@@ -22,6 +23,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import celebgen as cg  # noqa: E402
@@ -50,11 +53,45 @@ def cpu_model():
         return platform.processor() or platform.machine()
 
 
-def training_speed(model_name, image_size, patch_size, precision, batch_size, seconds, sdpa, attributes):
+class PlainAttention(cg.Attention):
+    """The reference's attention: that of the original DiT, with no QK-norm and no RoPE."""
+
+    def forward(self, x, rope):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+
+
+class AddPositions(nn.Module):
+    """Learned absolute position embeddings, added to the patch tokens (the original DiT's are fixed
+    sin-cos; both cost the same)."""
+
+    def __init__(self, tokens, dim):
+        super().__init__()
+        self.positions = nn.Parameter(torch.zeros(1, tokens, dim))
+
+    def forward(self, x):
+        return x + self.positions
+
+
+def plain_dit(model):
+    """The same DiT made plain, for reference: absolute positions instead of RoPE, no QK-norm."""
+    for block in model.blocks:
+        del block.attn.q_norm, block.attn.k_norm
+        block.attn.__class__ = PlainAttention
+    model.patch_embed = nn.Sequential(model.patch_embed, AddPositions(model.grid**2, model.patch_embed.out_features))
+    return model
+
+
+def training_speed(model_name, image_size, patch_size, precision, batch_size, seconds, sdpa, attributes,
+                   plain=False):
     args = argparse.Namespace(model=model_name, image_size=image_size, patch_size=patch_size,
                               attributes=cg.ATTRIBUTE_NAMES[:attributes])
     torch.manual_seed(0)
     model = cg.build_model(args)
+    flops_per_image = cg.flops_per_image(model)  # the plain DiT's FLOPs differ by the norms only
+    if plain:
+        model = plain_dit(model)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     x1 = torch.randn(batch_size, 3, image_size, image_size)
@@ -78,7 +115,7 @@ def training_speed(model_name, image_size, patch_size, precision, batch_size, se
             step(count)
             count += 1
     images_per_sec = count * batch_size / (time.perf_counter() - start)
-    return images_per_sec, images_per_sec * cg.flops_per_image(model)
+    return images_per_sec, images_per_sec * flops_per_image
 
 
 def main():
@@ -92,6 +129,9 @@ def main():
     parser.add_argument("--sdpa", action="store_true", help="also time PyTorch's default (flash) attention kernel")
     parser.add_argument("--attributes", type=int, nargs="+", default=[0],
                         help="time the model conditioned on this many attributes (0: unconditional)")
+    parser.add_argument("--plain", action="store_true",
+                        help="also time a plain DiT of the same shape (absolute positions, no QK-norm, no RoPE, "
+                             "PyTorch's default attention kernel) just before, and print celebgen's speed over it")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     auto, why = cg.resolve_precision("auto", torch.device("cpu"))
@@ -113,11 +153,16 @@ def main():
         for p in args.precisions:
             for sdpa in [False, True] if args.sdpa else [False]:
                 for k in args.attributes:
+                    if args.plain:
+                        plain, _ = training_speed(name, int(size), int(patch), p, args.batch_size, args.seconds,
+                                                  True, k, plain=True)
+                        print(f"{name:>6} {size:>4} {p:>9} {'plain DiT':>9} {k:>10} {plain:8.1f}", flush=True)
                     ips, flops = training_speed(name, int(size), int(patch), p, args.batch_size, args.seconds,
                                                 sdpa, k)
                     print(f"{name:>6} {size:>4} {p + ('=auto' if p == auto else ''):>9} "
                           f"{'flash' if sdpa else 'math':>9} {k:>10} {ips:8.1f} {flops / 1e9:8.1f} "
-                          f"{flops / peak:8.1%}", flush=True)
+                          f"{flops / peak:8.1%}" + (f"  {ips / plain:.2f}x the plain DiT" if args.plain else ""),
+                          flush=True)
 
 
 if __name__ == "__main__":
