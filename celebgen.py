@@ -1450,6 +1450,7 @@ def sample_command(args):
     if args.grid:
         noise = torch.randn(args.grid_samples, 3, ckpt["args"]["image_size"], ckpt["args"]["image_size"],
                             generator=torch.Generator().manual_seed(args.seed))
+        rows = rows if rows is not None else torch.zeros(1, 0)  # unconditional: one row, no request
         grid = guidance_grid(load_model(ckpt, device, not args.no_ema), rows, args.cfg_scale, noise,
                              args.num_sampling_steps, args.method, device, precision)
         name = out / f"{path.stem}_grid_{args.method}{args.num_sampling_steps}_seed{args.seed}.png"

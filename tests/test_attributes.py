@@ -245,6 +245,8 @@ def test_unconditional_and_old_checkpoints_refuse_requests_and_still_sample(trai
     torch.save(state, trained_unconditional)
     code, out, err = cli(capsys, "sample", "--exp_name", "done", "--num_samples", 2, "--num_sampling_steps", 1)
     assert code == 0, err
+    code, out, err = cli(capsys, "sample", "--exp_name", "done", "--grid", "--num_sampling_steps", 1)
+    assert code == 0 and "rows none; columns cfg_scale 1" in out, err  # one row of unconditional samples
     for argv in (["--attributes", "Smiling=1"], ["--cfg_scale", 2]):
         code, out, err = cli(capsys, "sample", "--exp_name", "done", "--num_samples", 2, *argv)
         assert code == 2 and "trained without --attributes: it draws random faces" in err, err
