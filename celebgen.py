@@ -447,7 +447,7 @@ def generate(ckpt, num_samples, num_steps, method, seed, batch_size, device, pre
         for n in range(0, num_samples, batch_size):
             noise = torch.randn((min(batch_size, num_samples - n), 3, size, size), generator=generator)
             asked = None if attributes is None else attributes[n:n + len(noise)].to(device)
-            with autocast(device, precision), attention_kernels(device):
+            with autocast(device, precision), attention_kernels(device, model.grid**2):
                 images = sample(model, noise.to(device), num_steps, method, asked, cfg_scale).cpu()
             done = n + len(noise)
             print(f"sampled {done}/{num_samples} images | {done / (time.time() - start):.2f} img/s",
@@ -465,7 +465,7 @@ def guidance_grid(model, rows, cfg_scales, noise, num_steps, method, device, pre
     for row in rows:
         asked = row.expand(len(noise), -1).to(device)                        # (n, K)
         for cfg_scale in cfg_scales:
-            with autocast(device, precision), attention_kernels(device):
+            with autocast(device, precision), attention_kernels(device, model.grid**2):
                 images = sample(model, noise.to(device), num_steps, method, asked, cfg_scale)
             cells.append(image_grid(images.cpu(), columns=len(noise)))       # (3, h, n*w)
     return torchvision.utils.make_grid(torch.stack(cells), nrow=len(cfg_scales), padding=8,
@@ -864,10 +864,12 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
-def attention_kernels(device):
-    """On the CPU, PyTorch's flash-attention kernel is slower than plain matmul + softmax for short
-    sequences: 1.1-1.25x for `tiny` at 64 tokens, even at 256 (tests/benchmark_speed.py --sdpa)."""
-    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" else nullcontext()
+def attention_kernels(device, tokens):
+    """Which attention kernel runs a model of `tokens` patches. On the CPU, PyTorch's default
+    (flash-attention) kernel was measured slower than plain matmul + softmax at 64 tokens (tiny at
+    32x32: 1.1-1.25x) and faster at 256 (small at 64x64: 1.1-1.35x; tests/benchmark_speed.py
+    --sdpa, README), so up to 64 tokens the CPU uses the plain one. GPUs keep the default."""
+    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" and tokens <= 64 else nullcontext()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1097,7 +1099,8 @@ def train_worker(rank, world_size, args, device_type):
             choice = [args.resolved_precision]
             dist.broadcast_object_list(choice, src=0)
             args.resolved_precision = choice[0]
-        with attention_kernels(device), InterruptRequest(announce=rank == 0) as interrupt:
+        tokens = (args.image_size // args.patch_size) ** 2
+        with attention_kernels(device, tokens), InterruptRequest(announce=rank == 0) as interrupt:
             if world_size == 1:
                 train_loop(rank, world_size, args, device, interrupt)
             else:  # rank 0 says why; spawn sees the exit status, and the parent exits with it

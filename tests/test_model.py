@@ -1,5 +1,6 @@
 """The model, the loss and the sampler: math identities and known answers."""
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -231,3 +232,12 @@ def test_flops_per_image_matches_a_count_of_multiply_adds():
     macs += len(model.blocks) * 2 * tokens**2 * dim  # q.k and attn.v inside scaled_dot_product_attention
     assert cg.flops_per_image(model) == 6 * macs
     assert math.isclose(cg.flops_per_image(model), 6 * macs)
+
+
+def test_cpu_attention_is_the_plain_kernel_up_to_64_tokens_and_pytorchs_default_above():
+    """attention_kernels' rule, measured in README: the math kernel is faster on the CPU at 64 tokens, the
+    default (flash) one at 256; GPUs always keep the default."""
+    cpu = torch.device("cpu")
+    assert not isinstance(cg.attention_kernels(cpu, 64), nullcontext)
+    assert isinstance(cg.attention_kernels(cpu, 256), nullcontext)
+    assert isinstance(cg.attention_kernels(torch.device("cuda"), 64), nullcontext)
