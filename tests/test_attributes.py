@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import celebgen as cg
-from test_training import TOY, checkpoint, cli
+from test_training import TOY, cli
 
 NAMES = " ".join(cg.ATTRIBUTE_NAMES)
 
