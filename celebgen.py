@@ -867,7 +867,7 @@ def autocast(device, precision):
 def attention_kernels(device, tokens):
     """Which attention kernel runs a model of `tokens` patches. On the CPU, PyTorch's default
     (flash-attention) kernel was measured slower than plain matmul + softmax at 64 tokens (tiny at
-    32x32: 1.1-1.25x) and faster at 256 (small at 64x64: 1.02-1.36x; tests/benchmark_speed.py
+    32x32: 1.08-1.24x) and faster at 256 (small at 64x64: 1.02-1.36x; tests/benchmark_speed.py
     --sdpa, README), so up to 64 tokens the CPU uses the plain one. GPUs keep the default."""
     return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" and tokens <= 64 else nullcontext()
 
