@@ -356,9 +356,8 @@ def flow_loss(model, x1, x0, t, t_eps, attributes=None):
 # Training for guidance. To be steered by attributes at sampling time (section 7), one network must
 # know three things at once: p(x | a), p(x | some of a) and p(x). So each training example hides
 # each of its attributes with probability p_each (set to 0, unspecified), and all of them with
-# probability p_all -- 0.1 each by default, the rate at which DiT drops its class label (the
-# classifier-free guidance paper found 0.1 and 0.2 better than 0.5). An attribute is then
-# unspecified with probability p_all + (1 - p_all) p_each (tested).
+# probability p_all -- 0.1 each by default, the rate at which DiT drops its class label. An
+# attribute is then unspecified with probability p_all + (1 - p_all) p_each (tested).
 
 def drop_attributes(attributes, p_each, p_all, rng):
     """(K,) attribute values -> the same with each set to 0 with probability p_each and all of them
@@ -531,44 +530,48 @@ ATTRIBUTE_NAMES = (
     "Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young"
 ).split()
 ATTRIBUTE_FILES = ("list_attr_celeba.txt", "list_attr_celeba.csv")  # official, Kaggle
+ATTRIBUTE_VALUES = {"1", "-1", "0", "-0"}  # 1 present; -1 absent (0 in copies written with 0/1)
 
 
 def read_attribute_file(path):
-    """{file name: {attribute name: -1 | +1}} from the official .txt (a count line, a line of the
-    names, then 'name v1 .. v40' rows of -1/1) or Kaggle's .csv ('image_id,5_o_Clock_Shadow,...'
-    then rows). A header line is recognised by its names, so a missing count line does no harm;
-    0 is read as absent, like -1, for copies written with 0/1."""
+    """(attribute names, {file name: its row as text}) from the official .txt (a count line, a line
+    of the names, then 'name v1 .. v40' rows of -1/1) or Kaggle's .csv ('image_id,5_o_Clock_Shadow,
+    ...' then rows). A header line is recognised by its names, so a missing count line does no
+    harm. Every row is checked here; only the rows of images in use are turned into numbers
+    (attribute_labels)."""
     names, rows = None, {}
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         fields = line.replace(",", " ").split()
-        if fields and fields[0] == "image_id":
-            fields = fields[1:]  # Kaggle's header
-        if fields and all(f in ATTRIBUTE_NAMES for f in fields):
-            names = fields
-        elif len(fields) > 1 and names is not None:
-            if len(fields) != len(names) + 1 or not all(re.fullmatch(r"-?[01]", f) for f in fields[1:]):
+        if names is None:
+            fields = fields[1:] if fields[:1] == ["image_id"] else fields  # Kaggle's header
+            if fields and all(f in ATTRIBUTE_NAMES for f in fields):
+                names = fields
+        elif len(fields) > 1:
+            if len(fields) != len(names) + 1 or not ATTRIBUTE_VALUES.issuperset(fields[1:]):
                 raise UserError(f"{path} line {number} is not 'image name' and {len(names)} values "
                                 f"of -1/1; is it CelebA's attribute file?")
-            rows[fields[0]] = {n: 1 if v == "1" else -1 for n, v in zip(names, fields[1:])}
+            rows[fields[0]] = line
     if names is None:
         raise UserError(f"{path} has no line of attribute names; is it CelebA's attribute file?")
-    return rows
+    return names, rows
 
 
 def attribute_labels(files, attributes, attribute_file):
     """(len(files), K) float tensor of -1 (absent), +1 (present) or 0 (unspecified: the image has
     no row in the attribute file), and how many images have no row."""
-    rows = read_attribute_file(attribute_file)
+    names, rows = read_attribute_file(attribute_file)
+    missing = [a for a in attributes if a not in names]
+    if missing:
+        raise UserError(f"{attribute_file} has no column {', '.join(missing)}; it has "
+                        f"{', '.join(names)}")
+    columns = [names.index(a) + 1 for a in attributes]  # + 1: a row starts with its image name
+    labelled = [i for i, path in enumerate(files) if path.name in rows]
     labels = torch.zeros(len(files), len(attributes))
-    for i, path in enumerate(files):
-        row = rows.get(path.name)
-        if row is not None:
-            missing = [a for a in attributes if a not in row]
-            if missing:
-                raise UserError(f"{attribute_file} has no column {', '.join(missing)}; it has "
-                                f"{', '.join(row)}")
-            labels[i] = torch.tensor([float(row[a]) for a in attributes])
-    return labels, sum(path.name not in rows for path in files)
+    if labelled:
+        values = (rows[files[i].name].replace(",", " ").split() for i in labelled)  # one at a time
+        labels[labelled] = torch.tensor([[1.0 if row[c] == "1" else -1.0 for c in columns]
+                                         for row in values])
+    return labels, len(files) - len(labelled)
 
 
 def celeba_files(root, split):
