@@ -54,6 +54,7 @@ import argparse
 import copy
 import difflib
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -594,9 +595,9 @@ def image_tensor(img):
     return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
 
 
-def load_image(path, size):
-    """An image file -> (3, size, size) float tensor in [-1, 1]. CelebA's 178x218 images get the
-    standard crop; other images a centred square crop."""
+def load_pixels(path, size):
+    """An image file -> (3, size, size) uint8 tensor. CelebA's 178x218 images get the standard crop;
+    other images a centred square crop."""
     with Image.open(path) as img:
         img = img.convert("RGB")  # reads the file now, inside the `with`
     if img.size == (178, 218):
@@ -606,16 +607,41 @@ def load_image(path, size):
         s = min(w, h)
         img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
     img = img.resize((size, size), Image.BILINEAR)  # antialiased shrink, as torchvision's Resize
-    return image_tensor(img).float() / 127.5 - 1
+    return image_tensor(img)
+
+
+def to_signed(pixels):
+    """uint8 pixels in [0, 255] -> floats in [-1, 1], the range the model sees."""
+    return pixels.float() / 127.5 - 1
+
+
+# The image cache. Decoding a JPEG, cropping and resizing it costs the same every epoch, and it
+# costs the training threads their cores (in the training process, or in DataLoader workers on the
+# same cores). So the training split is decoded once into a file of uint8 pixels, (N, 3, size,
+# size) in experiments/image_cache/ (12,288 bytes per image at 64x64: 2.0 GB for CelebA's 162,770
+# training images), and memory-mapped: the operating system keeps it in RAM when it fits and reads
+# it from disk when it does not. Its name holds a hash of the crop, the size and the file list
+# (names, byte sizes, modification times), so changing any of them builds a new cache. The cache
+# holds each image as read; flips and noise are drawn per example in the trainer (section 11).
+IMAGE_CACHE = Path("experiments") / "image_cache"
+
+
+def image_cache_path(files, size):
+    digest = hashlib.sha1(repr((CELEBA_CROP, size, str(files[0].parent.resolve()))).encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return IMAGE_CACHE / f"{len(files)}x{size}px-{digest.hexdigest()[:16]}.u8"
 
 
 class CelebA(Dataset):
     """CelebA (or any folder of images) at size x size: dataset[i] is image i, dataset.label(i)
     its values of `attributes` (names from ATTRIBUTE_NAMES), read from the attribute file next to
-    the split file. An unreadable file is reported once and replaced by the next image (and its
+    the split file. cache=True reads the images from the image cache (built on first use), else
+    from their files. An unreadable file is reported once and replaced by the next image (and its
     label), so one bad JPEG never stops a run in the middle of an epoch."""
 
-    def __init__(self, root, split, size, attributes=(), download=False):
+    def __init__(self, root, split, size, attributes=(), download=False, cache=False):
         if download:
             download_celeba(root)
         self.files, self.size, self.reported = celeba_files(root, split), size, set()
@@ -629,6 +655,7 @@ class CelebA(Dataset):
                 raise UserError(f"--attributes needs CelebA's labels, {' or '.join(ATTRIBUTE_FILES)}, "
                                 f"{where}; there is none: add it, or train without --attributes")
             self.labels, self.unlabelled = attribute_labels(self.files, attributes, found[0])
+        self.cache, self.pixels = self.open_cache() if cache else None, None
 
     def __len__(self):
         return len(self.files)
@@ -638,15 +665,72 @@ class CelebA(Dataset):
             raise IndexError(i)  # ends `for image in dataset`
         for j in range(i, i + len(self.files)):
             path = self.files[j % len(self.files)]
+            if path in self.reported:
+                continue
             try:
-                return load_image(path, self.size)
+                return to_signed(self.read(j % len(self.files)))
             except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt files
-                if path not in self.reported:
-                    self.reported.add(path)
-                    print(f"warning: skipping unreadable image {path} ({e}); "
-                          f"{len(self.reported)} skipped so far in this process", file=sys.stderr)
+                self.report(path, e)
         raise UserError(f"none of the {len(self.files)} images under {self.files[0].parent} "
                         f"can be read")
+
+    def read(self, i):
+        """(3, size, size) uint8 pixels of image i, from the cache or from its file."""
+        if self.cache is None:
+            return load_pixels(self.files[i], self.size)
+        if self.pixels is None:  # mapped on first use, in each process that reads
+            self.pixels = np.memmap(self.cache, np.uint8, "r", shape=(len(self.files), 3, self.size,
+                                                                       self.size))
+        return torch.from_numpy(self.pixels[i].copy())  # a copy: the map is read-only
+
+    def __getstate__(self):  # a DataLoader worker started by spawn (macOS) maps the cache itself
+        return {**self.__dict__, "pixels": None}
+
+    def report(self, path, error):
+        if path not in self.reported:
+            self.reported.add(path)
+            print(f"warning: skipping unreadable image {path} ({error}); "
+                  f"{len(self.reported)} skipped so far in this process", file=sys.stderr)
+
+    def open_cache(self):
+        """The path of this dataset's image cache, built now if there is none; the files it found
+        unreadable are reported again. None if it cannot be written (a full disk, a read-only
+        folder): then each image is decoded when it is read, as without a cache."""
+        path = image_cache_path(self.files, self.size)
+        unreadable_list = path.with_suffix(".unreadable")
+        if unreadable_list.is_file() and path.is_file():
+            for name in unreadable_list.read_text().splitlines():
+                self.report(self.files[0].parent / name, "unreadable when the cache was built")
+            return path
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # only complete caches get
+        start, shown = time.time(), time.time()                         # the cache's name
+        print(f"decoding {len(self.files)} images once into {path} "
+              f"({len(self.files) * 3 * self.size**2 / 1e9:.2f} GB)", flush=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "wb") as out:
+                for i, file in enumerate(self.files):
+                    try:
+                        pixels = load_pixels(file, self.size)
+                    except (OSError, ValueError, SyntaxError) as e:
+                        self.report(file, e)
+                        pixels = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+                    out.write(pixels.numpy().tobytes())
+                    if time.time() - shown > 10:
+                        shown, rate = time.time(), (i + 1) / (time.time() - start)
+                        print(f"  {i + 1} of {len(self.files)} images, "
+                              f"{(len(self.files) - i - 1) / rate / 60:.1f} min left", flush=True)
+            unreadable_list.write_text("".join(f"{p.name}\n" for p in sorted(self.reported)))
+            os.replace(partial, path)
+        except OSError as e:
+            print(f"warning: cannot write the image cache {path} ({e}); decoding each image "
+                  f"when it is read instead, which is slower", file=sys.stderr, flush=True)
+            return None
+        finally:
+            partial.unlink(missing_ok=True)
+        print(f"  done in {time.time() - start:.0f} s; later runs on these images reuse it",
+              flush=True)
+        return path
 
     def label(self, i):
         """(K,) attribute values of image i: -1 absent, +1 present, 0 unspecified. Cheap: no image is
@@ -743,15 +827,18 @@ class ToyFaces(Dataset):
             draw.rectangle([cx - 0.8 * rx, cy - 1.45 * ry, cx + 0.8 * rx, cy - 0.7 * ry], f["hat"])
             draw.rectangle([cx - 1.25 * rx, cy - 0.8 * ry, cx + 1.25 * rx, cy - 0.65 * ry], f["hat"])
         img = img.resize((self.size, self.size), Image.LANCZOS)
-        return image_tensor(img).float() / 127.5 - 1
+        return to_signed(image_tensor(img))
 
 
-def make_dataset(args, split):
+def make_dataset(args, split, cache=True):
+    """The images of a split; CelebA's training split through the image cache (unless cache=False),
+    because it is read every epoch."""
     if args.dataset == "toy":
         offset = {"train": 0, "val": 10**6, "test": 2 * 10**6}[split]  # three disjoint sets
         return ToyFaces(args.image_size, offset=offset, attributes=args.attributes)
-    download = args.download and split == "train"
-    return CelebA(args.data_root, split, args.image_size, args.attributes, download=download)
+    train = split == "train"
+    return CelebA(args.data_root, split, args.image_size, args.attributes,
+                  download=args.download and train, cache=cache and train)
 
 
 def to_unit(images):
@@ -1142,7 +1229,10 @@ def train_loop(rank, world_size, args, device, interrupt):
     if args.compile:
         ddp_model = torch.compile(ddp_model)
 
+    if world_size > 1:  # under torchrun: wait until validate_train_args has built the image cache
+        dist.barrier()
     examples = FlowExamples(make_dataset(args, "train"), args)
+    workers = args.workers if args.workers is not None else 0 if device.type == "cpu" else 4
     sampler = DistributedSampler(examples, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
     steps_per_epoch = len(sampler) // args.batch_size
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
@@ -1164,7 +1254,7 @@ def train_loop(rank, world_size, args, device, interrupt):
         examples.epoch = epoch
         order = list(sampler)[done_in_epoch * args.batch_size:]
         loader = DataLoader(examples, args.batch_size, sampler=order, drop_last=True,
-                            num_workers=args.workers, pin_memory=device.type == "cuda",
+                            num_workers=workers, pin_memory=device.type == "cuda",
                             worker_init_fn=ignore_interrupts)
         for x1, x0, t, a in loader:
             x1, x0 = x1.to(device, non_blocking=True), x0.to(device, non_blocking=True)  # (B, C, H, W)
@@ -1428,7 +1518,9 @@ def validate_train_args(args, device, torchrun):
         if unknown:
             raise UserError(f"toy faces have no {', '.join(unknown)}; their attributes are "
                             f"{','.join(TOY_ATTRIBUTES)}")
-    train_images = make_dataset(args, "train")
+    # the image cache is built here, before any process starts; under torchrun by the first process
+    # of each machine only (the others wait for it in train_loop)
+    train_images = make_dataset(args, "train", cache=int(os.environ.get("LOCAL_RANK", 0)) == 0)
     if args.attributes and train_images.unlabelled and int(os.environ.get("RANK", 0)) == 0:
         print(f"note: {train_images.unlabelled} of {len(train_images)} training images have no row in "
               f"the attribute file: their attributes are unspecified (0), so they train the "
@@ -1646,8 +1738,10 @@ def make_parser():
     arg("--compile", action="store_true", help="torch.compile the model")
     arg("--nproc", type=positive(int), default=None,
         help="processes on this machine (default: one per GPU on CUDA, else 1)")
-    arg("--workers", type=number(int, at_least=0), default=2,
-        help="DataLoader worker processes per process (0: load in the training process)")
+    arg("--workers", type=number(int, at_least=0), default=None,
+        help="DataLoader worker processes per process (0: load in the training process). Default: "
+             "0 on CPU, where workers would take cores from the training threads (CelebA comes "
+             "decoded from the image cache; toy faces are quick to draw); 4 on a GPU")
     arg("--seed", type=number(int, at_least=0), default=0, help="for weights, data order and noise")
     arg("--val_size", type=positive(int), default=256,
         help="fixed validation images (and noise and times) that choose best.pt")

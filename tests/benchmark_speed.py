@@ -6,17 +6,26 @@
     python tests/benchmark_speed.py --sdpa                # also PyTorch's default kernel where celebgen uses math
     python tests/benchmark_speed.py --attributes 0 40     # unconditional, and conditioned on 40 attributes
     python tests/benchmark_speed.py --plain               # also a plain DiT of the same shape, and the ratio
+    python tests/benchmark_speed.py --configs tiny:32:4 --precisions bf16 --trainer DATA_ROOT --workers 0 2
+                                                          # also `celebgen.py train` on real images
 
 Prints the machine (CPU model, PyTorch's CPU capability, the bf16-vs-fp32 matmul ratio that
 `--precision auto` measures, and what auto chooses), then per (model, image size, precision): images/s
 of full training steps (forward, backward, AdamW, EMA; data already in memory), model GFLOP/s by
 celebgen.flops_per_image, and that as a share of the machine's peak: the fastest of the fp32, bf16 and
 fp16 2048x2048 matmul rates measured at the start of the same run (an emulated type is not timed).
+With --trainer, after each in-memory measurement the real trainer runs on the images under DATA_ROOT
+(the image cache of ./experiments is built first if needed, outside the timing): its speed is the
+median of the images/s of its progress lines after the first, over that of an in-memory run just before.
 """
 import argparse
 import copy
 import os
 import platform
+import re
+import shutil
+import statistics
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -118,6 +127,21 @@ def training_speed(model_name, image_size, patch_size, precision, batch_size, se
     return images_per_sec, images_per_sec * flops_per_image
 
 
+def trainer_speed(model_name, image_size, patch_size, precision, batch_size, data_root, workers, steps):
+    """Median images/s of `celebgen.py train`'s progress lines (every 25 steps) after the first."""
+    exp_name = f"benchmark_trainer_{os.getpid()}"
+    command = [sys.executable, str(Path(cg.__file__)), "train", "--exp_name", exp_name, "--data_root", data_root,
+               "--model", model_name, "--image_size", str(image_size), "--patch_size", str(patch_size),
+               "--precision", precision, "--batch_size", str(batch_size), "--workers", str(workers),
+               "--max_steps", str(steps), "--log_every", "25", "--eval_every", str(10 * steps),
+               "--sample_every", str(10 * steps), "--ckpt_every", str(10 * steps)]
+    try:
+        log = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    finally:
+        shutil.rmtree(Path("experiments") / exp_name, ignore_errors=True)
+    return statistics.median(float(x) for x in re.findall(r"([\d.]+) img/s", log)[1:])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["tiny:32:4", "small:64:4"], help="model:image_size:patch")
@@ -132,6 +156,11 @@ def main():
     parser.add_argument("--plain", action="store_true",
                         help="also time a plain DiT of the same shape (absolute positions, no QK-norm, no RoPE, "
                              "PyTorch's default attention kernel) just before, and print celebgen's speed over it")
+    parser.add_argument("--trainer", metavar="DATA_ROOT",
+                        help="also run `celebgen.py train` on the images under DATA_ROOT, and print its speed "
+                             "over the in-memory one")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0], help="--workers of the trainer runs")
+    parser.add_argument("--trainer_steps", type=int, default=300, help="steps of each trainer run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     auto, why = cg.resolve_precision("auto", torch.device("cpu"))
@@ -164,6 +193,15 @@ def main():
                           f"{kernel:>9} {k:>10} {ips:8.1f} {flops / 1e9:8.1f} "
                           f"{flops / peak:8.1%}" + (f"  {ips / plain:.2f}x the plain DiT" if args.plain else ""),
                           flush=True)
+                    for i, workers in enumerate(args.workers if args.trainer else []):
+                        if i > 0:  # each trainer run against an in-memory run just before it
+                            ips, _ = training_speed(name, int(size), int(patch), p, args.batch_size, args.seconds,
+                                                    sdpa, k)
+                            print(f"{name:>6} {size:>4} {p:>9} {'in memory':>9} {k:>10} {ips:8.1f}", flush=True)
+                        real = trainer_speed(name, int(size), int(patch), p, args.batch_size, args.trainer, workers,
+                                             args.trainer_steps)
+                        print(f"{name:>6} {size:>4} {p:>9} {'trainer':>9} {k:>10} {real:8.1f}  with --workers "
+                              f"{workers} on {args.trainer}: {real / ips:.2f}x the in-memory speed", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""The CelebA loader in every supported layout, the toy faces, and the per-example randomness."""
+"""The CelebA loader in every supported layout, its image cache, the toy faces, and the per-example
+randomness."""
+import pickle
+
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -62,6 +66,85 @@ def test_corrupt_image_is_skipped_with_a_warning(tmp_path, capsys):
     data[1]
     err = capsys.readouterr().err
     assert err.count("skipping unreadable image") == 1 and "1.png" in err  # reported once
+
+
+def image_folder(folder, n, size=(20, 24)):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def test_image_cache_holds_the_decoded_images_and_follows_changes(tmp_path, monkeypatch, capsys):
+    """The cached dataset gives the very tensors of the files (an unreadable image replaced by the
+    next), read from the cache once built; the next run reuses it without decoding; another size, an
+    added image or a rewritten one builds a new cache."""
+    monkeypatch.setattr(cg, "IMAGE_CACHE", tmp_path / "cache")
+    image_folder(tmp_path / "data", 5)
+    (tmp_path / "data" / "2.png").write_bytes(b"not a png")
+    cached = cg.CelebA(tmp_path / "data", "train", 8, cache=True)
+    out, err = capsys.readouterr()
+    assert "decoding 5 images once" in out and err.count("skipping unreadable image") == 1 and "2.png" in err
+    assert cached.cache.stat().st_size == 5 * 3 * 8 * 8
+    plain = [cg.CelebA(tmp_path / "data", "train", 8)[i] for i in range(5)]
+    assert all(torch.equal(cached[i], plain[i]) for i in range(5)) and torch.equal(cached[2], cached[3])
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(cg, "load_pixels", lambda *args: pytest.fail("decoded an image, not read from the cache"))
+        again = cg.CelebA(tmp_path / "data", "train", 8, cache=True)
+        assert all(torch.equal(again[i], plain[i]) for i in range(5))
+    out, err = capsys.readouterr()
+    assert again.cache == cached.cache and "decoding" not in out and "2.png" in err  # reported again
+    assert cg.CelebA(tmp_path / "data", "train", 16, cache=True).cache != cached.cache
+    Image.new("RGB", (20, 24), (0, 255, 0)).save(tmp_path / "data" / "0.png")  # rewritten
+    rewritten = cg.CelebA(tmp_path / "data", "train", 8, cache=True)
+    green = torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, 8, 8)
+    assert rewritten.cache != cached.cache and torch.equal(rewritten[0], green)
+    Image.new("RGB", (20, 24)).save(tmp_path / "data" / "5.png")  # added
+    assert cg.CelebA(tmp_path / "data", "train", 8, cache=True).cache.name.startswith("6x8px-")
+    assert len(list((tmp_path / "cache").glob("*.u8"))) == 4
+
+
+def test_an_interrupted_or_failed_cache_leaves_nothing_half_written(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the cache is built, or an error writing it, leaves no cache file; after the error
+    the images are read from their files; a new run builds the cache whole."""
+    monkeypatch.setattr(cg, "IMAGE_CACHE", tmp_path / "cache")
+    image_folder(tmp_path / "data", 4)
+    load_pixels, calls = cg.load_pixels, []
+
+    def ctrl_c_at_the_third(path, size):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return load_pixels(path, size)
+    with monkeypatch.context() as patch:
+        patch.setattr(cg, "load_pixels", ctrl_c_at_the_third)
+        with pytest.raises(KeyboardInterrupt):
+            cg.CelebA(tmp_path / "data", "train", 8, cache=True)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as patch:
+        patch.setattr(cg.os, "replace", disk_full)
+        failed = cg.CelebA(tmp_path / "data", "train", 8, cache=True)
+    assert failed.cache is None and "cannot write the image cache" in capsys.readouterr().err
+    assert not list((tmp_path / "cache").glob("*.u8")) and not list((tmp_path / "cache").glob("*.partial"))
+    plain = cg.CelebA(tmp_path / "data", "train", 8)
+    assert all(torch.equal(failed[i], plain[i]) for i in range(4))
+    whole = cg.CelebA(tmp_path / "data", "train", 8, cache=True)
+    assert whole.cache.is_file() and all(torch.equal(whole[i], plain[i]) for i in range(4))
+
+
+def test_a_cached_dataset_travels_to_a_spawned_worker_without_its_pixels(tmp_path, monkeypatch):
+    """DataLoader workers started by spawn (macOS) receive the dataset pickled: the memory map must not
+    be pickled as a copy of every image."""
+    monkeypatch.setattr(cg, "IMAGE_CACHE", tmp_path / "cache")
+    image_folder(tmp_path / "data", 8)
+    data = cg.CelebA(tmp_path / "data", "train", 64, cache=True)
+    first = data[0]  # maps the cache in this process
+    packed = pickle.dumps(data)
+    assert len(packed) < 8 * 3 * 64 * 64 / 4 and torch.equal(pickle.loads(packed)[0], first)
 
 
 @pytest.mark.parametrize("make,message", [

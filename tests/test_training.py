@@ -38,21 +38,33 @@ def random_image_folder(folder, n, size=16):
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
 
 
+def labelled_celeba(root):
+    """CelebA's official layout: 20 train and 4 val images, 15 of them with a row of attributes."""
+    root.mkdir()
+    random_image_folder(root / "img_align_celeba", 24)
+    names = [f"{i:03d}.png" for i in range(24)]
+    (root / "list_eval_partition.txt").write_text("".join(f"{n} {int(i >= 20)}\n" for i, n in enumerate(names)))
+    (root / "list_attr_celeba.txt").write_text("15\n" + " ".join(cg.ATTRIBUTE_NAMES) + "\n" + "".join(
+        f"{n} " + " ".join("1" if (7 * i + k) % 3 else "-1" for k in range(40)) + "\n" for i, n in enumerate(names[:15])))
+
+
 def test_ddp_two_processes_equal_one_process_with_twice_the_batch(workdir, capsys):
     """2 gloo processes x batch 4 and 1 process x batch 8 see the same examples and take the same steps;
     they differ only by float rounding in the gradient all-reduce (tolerance 1e-5 on weights of size ~0.1).
     Started by torchrun instead of by celebgen's spawn, the 2 processes give the very same weights. The
-    runs are conditioned on the toy attributes, so the examples' dropped attributes must agree too."""
-    toy = [*TOY, "--attributes", "all"]
-    code, out, _ = cli(capsys, "train", "--exp_name", "one", *toy, "--batch_size", 8, "--max_steps", 3)
-    assert code == 0 and "step 3/3" in out
+    runs read CelebA's layout through the image cache (built before the processes start) and are
+    conditioned on two attributes, so the examples' dropped attributes must agree too."""
+    labelled_celeba(workdir / "images")
+    toy = [*TOY, "--dataset", "celeba", "--data_root", "images", "--attributes", "Smiling,Male"]
     code, out, err = cli(capsys, "train", "--exp_name", "two", *toy, "--batch_size", 4, "--max_steps", 3, "--nproc", 2)
     assert code == 0, err
+    code, out, _ = cli(capsys, "train", "--exp_name", "one", *toy, "--batch_size", 8, "--max_steps", 3)
+    assert code == 0 and "step 3/3" in out and "decoding" not in out  # the cache of the run before
     one, two = checkpoint("one"), checkpoint("two")
     torch.manual_seed(0)
     init = cg.DiT(16, 4, **cg.MODELS["tiny"]).state_dict()
     moved = max((one["model"][k] - init[k]).abs().max().item() for k in init)
-    assert moved > 1e-3 and one["model"]["attribute_embed.weight"].shape == (192, 4)  # training did change the weights...
+    assert moved > 1e-3 and one["model"]["attribute_embed.weight"].shape == (192, 2)  # training did change the weights...
     for part in ("model", "ema"):  # ...and both runs changed them the same way
         diff = max((one[part][k] - two[part][k]).abs().max().item() for k in one[part])
         assert diff < 1e-5, (part, diff)
@@ -68,14 +80,8 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(workdir, capsy
 def test_resume_continues_exactly(workdir, capsys, monkeypatch):
     """Interrupted (Ctrl-C) after step 7, in the second epoch of 5 steps, and resumed to 12 == 12 steps in
     one go: the same weights, EMA, moments and learning rates (the cooldown of the last 20% included),
-    with attribute conditioning on (official layout: 20 train and 4 val images, 15 of them labelled)."""
-    (workdir / "images").mkdir()
-    random_image_folder(workdir / "images" / "img_align_celeba", 24)
-    names = [f"{i:03d}.png" for i in range(24)]
-    (workdir / "images" / "list_eval_partition.txt").write_text("".join(f"{n} {int(i >= 20)}\n"
-                                                                       for i, n in enumerate(names)))
-    (workdir / "images" / "list_attr_celeba.txt").write_text("15\n" + " ".join(cg.ATTRIBUTE_NAMES) + "\n" + "".join(
-        f"{n} " + " ".join("1" if (7 * i + k) % 3 else "-1" for k in range(40)) + "\n" for i, n in enumerate(names[:15])))
+    with attribute conditioning on (labelled_celeba)."""
+    labelled_celeba(workdir / "images")
     args = [*TOY, "--dataset", "celeba", "--data_root", "images", "--batch_size", 4, "--eval_every", 3,
             "--attributes", "Smiling,Male"]
     code, out, _ = cli(capsys, "train", "--exp_name", "straight", *args, "--max_steps", 12)
@@ -98,6 +104,28 @@ def test_resume_continues_exactly(workdir, capsys, monkeypatch):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_ctrl_c_while_the_image_cache_is_built_stops_at_once(workdir, capsys, monkeypatch):
+    """Before the first step there is no step to finish: Ctrl-C stops at once (exit 130), leaving no
+    checkpoint and no cache file, and the same command then runs."""
+    labelled_celeba(workdir / "images")
+    args = ["train", "--exp_name", "x", *TOY, "--dataset", "celeba", "--data_root", "images", "--batch_size", 4,
+            "--max_steps", 2]
+    load_pixels, calls = cg.load_pixels, []
+
+    def ctrl_c(path, size):  # once, at the first image
+        calls.append(path)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return load_pixels(path, size)
+    with monkeypatch.context() as patch:
+        patch.setattr(cg, "load_pixels", ctrl_c)
+        code, out, err = cli(capsys, *args)
+    assert code == 130 and "interrupted" in err and "decoding 20 images" in out, (out, err)
+    assert not list((workdir / "experiments").glob("*/*/*.pt")) and not list((workdir / "experiments").glob("*/*"))
+    code, out, err = cli(capsys, *args)
+    assert code == 0 and "decoding 20 images" in out and checkpoint("x")["step"] == 2, err
 
 
 def test_cli_trains_logs_and_samples(workdir):
