@@ -43,7 +43,8 @@ Part one, the algorithm:
     7. Sampler             Euler (and Heun) from noise to image, classifier-free guidance;
                            `generate` from a checkpoint
 Part two, running it:
-    8. Data                CelebA and its attribute labels in the layouts people have, toy faces
+    8. Data                CelebA and its attribute labels in the layouts people have, its
+                           download, the decoded-image cache; toy faces
     9. Device, precision   CUDA / MPS / CPU, and bf16 / fp16 / fp32 autocast
     10. Experiments        experiments/{exp_name}/{checkpoints,logs,samples}, atomic checkpoints
     11. Trainer            reproducible examples, DDP, the training step, EMA, bookkeeping, Ctrl-C
@@ -740,16 +741,47 @@ class CelebA(Dataset):
         return self.labels[i]
 
 
+# --download fetches the three files celebgen reads from CelebA's Google Drive (ids and MD5s as
+# torchvision lists them) with gdown, an optional package, into torchvision's layout.
+CELEBA_DRIVE_FILES = (  # (Google Drive id, MD5, file name)
+    ("0B7EVK8r0v71pZjFTYXZWM3FlRnM", "00d2c5bc6d35e252742224ab0c1e8fcb", "img_align_celeba.zip"),
+    ("0B7EVK8r0v71pY0NSMzRuSXJEVkk", "d32c9cbf5e040fd4025c592c306e6668", "list_eval_partition.txt"),
+    ("0B7EVK8r0v71pblRyaVFSWGxPY0U", "75e246fa4810816ffd6ee81facbd244c", "list_attr_celeba.txt"),
+)
+CELEBA_IMAGES = 202_599
+BY_HAND = ("or fetch the files by hand from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html "
+           "(Google Drive: Img/img_align_celeba.zip, Eval/list_eval_partition.txt, "
+           "Anno/list_attr_celeba.txt), unzip the images, put list_attr_celeba.txt next to the split "
+           "file, and " + LAYOUTS_HELP)
+
+
 def download_celeba(root):
-    """torchvision's downloader (from Google Drive, which often refuses with a quota error)."""
-    import torchvision
-    try:
-        torchvision.datasets.CelebA(root, split="all", download=True)
-    except Exception as e:  # network, quota or checksum: all end the same way for the user
-        first_line = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"CelebA download failed ({type(e).__name__}: {first_line}); "
-                        f"download img_align_celeba.zip and list_eval_partition.txt by hand and "
-                        f"{LAYOUTS_HELP}") from None
+    """Unless CelebA is under ROOT in a layout with a split file, fetch its aligned images, split file
+    and attribute file into ROOT/celeba/ (files there and intact are kept) and unzip the images; then
+    check that all 202,599 images and split rows are there."""
+    from torchvision.datasets import utils
+    import importlib.util
+    folder, split_file = find_celeba(root) if Path(root).is_dir() else (None, None)
+    if split_file is None:
+        if importlib.util.find_spec("gdown") is None:
+            raise UserError(f"--download needs the gdown package: pip install gdown; {BY_HAND}")
+        target = Path(root) / "celeba"
+        try:
+            for drive_id, md5, name in CELEBA_DRIVE_FILES:
+                utils.download_file_from_google_drive(drive_id, target, name, md5)
+            utils.extract_archive(str(target / "img_align_celeba.zip"))
+        except Exception as e:  # network, quota or checksum: all end the same way for the user
+            first_line = str(e).splitlines()[0] if str(e) else ""
+            raise UserError(f"CelebA download failed ({type(e).__name__}: {first_line}); Google "
+                            f"Drive often refuses for a day when too many have downloaded; try "
+                            f"again later, {BY_HAND}") from None
+        folder, split_file = target / "img_align_celeba", target / "list_eval_partition.txt"
+    images, rows = len(os.listdir(folder)), len(read_split_file(split_file))
+    if images != CELEBA_IMAGES or rows != CELEBA_IMAGES:
+        raise UserError(f"{folder} holds {images} images and {split_file.name} {rows} rows, not "
+                        f"{CELEBA_IMAGES:,} of each: a download or unzip stopped part way (delete "
+                        f"{folder} and run again with --download; an intact zip is not fetched "
+                        f"again), or this is not the whole of CelebA (then drop --download)")
 
 
 TOY_ATTRIBUTES = ("Blond_Hair", "Eyeglasses", "Smiling", "Wearing_Hat")  # exact in toy faces
@@ -1232,7 +1264,6 @@ def train_loop(rank, world_size, args, device, interrupt):
     if world_size > 1:  # under torchrun: wait until validate_train_args has built the image cache
         dist.barrier()
     examples = FlowExamples(make_dataset(args, "train"), args)
-    workers = args.workers if args.workers is not None else 0 if device.type == "cpu" else 4
     sampler = DistributedSampler(examples, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
     steps_per_epoch = len(sampler) // args.batch_size
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
@@ -1254,7 +1285,7 @@ def train_loop(rank, world_size, args, device, interrupt):
         examples.epoch = epoch
         order = list(sampler)[done_in_epoch * args.batch_size:]
         loader = DataLoader(examples, args.batch_size, sampler=order, drop_last=True,
-                            num_workers=workers, pin_memory=device.type == "cuda",
+                            num_workers=args.workers, pin_memory=device.type == "cuda",
                             worker_init_fn=ignore_interrupts)
         for x1, x0, t, a in loader:
             x1, x0 = x1.to(device, non_blocking=True), x0.to(device, non_blocking=True)  # (B, C, H, W)
@@ -1518,9 +1549,7 @@ def validate_train_args(args, device, torchrun):
         if unknown:
             raise UserError(f"toy faces have no {', '.join(unknown)}; their attributes are "
                             f"{','.join(TOY_ATTRIBUTES)}")
-    # the image cache is built here, before any process starts; under torchrun by the first process
-    # of each machine only (the others wait for it in train_loop)
-    train_images = make_dataset(args, "train", cache=int(os.environ.get("LOCAL_RANK", 0)) == 0)
+    train_images = make_dataset(args, "train", cache=False)
     if args.attributes and train_images.unlabelled and int(os.environ.get("RANK", 0)) == 0:
         print(f"note: {train_images.unlabelled} of {len(train_images)} training images have no row in "
               f"the attribute file: their attributes are unspecified (0), so they train the "
@@ -1530,6 +1559,10 @@ def validate_train_args(args, device, torchrun):
     if images < args.batch_size * args.world_size:
         raise UserError(f"only {images} training images for a global batch of "
                         f"{args.batch_size} x {args.world_size} processes; lower --batch_size or --nproc")
+    # all is well: build the image cache now, before any process starts (under torchrun by the first
+    # process of each machine only; the others wait for it in train_loop)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        make_dataset(args, "train")
 
 
 def free_port():
@@ -1699,7 +1732,8 @@ def make_parser():
     arg("--dataset", choices=["celeba", "toy"], default="celeba",
         help="celeba: images under --data_root; toy: procedurally drawn faces, no download")
     arg("--data_root", default="./data", help="where CelebA is (see README for the layouts)")
-    arg("--download", action="store_true", help="try torchvision's CelebA downloader first")
+    arg("--download", action="store_true",
+        help="fetch CelebA into DATA_ROOT/celeba first (needs: pip install gdown), unless there")
     arg("--image_size", type=positive(int), default=64, help="side of the square training images")
     arg("--attributes", type=attribute_list, default=[],
         help="condition on these CelebA attributes, comma-separated (e.g. Smiling,Eyeglasses), or "
@@ -1738,10 +1772,8 @@ def make_parser():
     arg("--compile", action="store_true", help="torch.compile the model")
     arg("--nproc", type=positive(int), default=None,
         help="processes on this machine (default: one per GPU on CUDA, else 1)")
-    arg("--workers", type=number(int, at_least=0), default=None,
-        help="DataLoader worker processes per process (0: load in the training process). Default: "
-             "0 on CPU, where workers would take cores from the training threads (CelebA comes "
-             "decoded from the image cache; toy faces are quick to draw); 4 on a GPU")
+    arg("--workers", type=number(int, at_least=0), default=2,
+        help="DataLoader worker processes per process (0: load in the training process)")
     arg("--seed", type=number(int, at_least=0), default=0, help="for weights, data order and noise")
     arg("--val_size", type=positive(int), default=256,
         help="fixed validation images (and noise and times) that choose best.pt")

@@ -7,11 +7,13 @@ a Gaussian (mean mu, covariance Sigma) to each set's features, then
 Published numbers (DDIM on CelebA-64: 9.17 at 50 steps) use the TensorFlow Inception graph of
 2015-12-05; pytorch-fid ported it to PyTorch, and this file rebuilds the same network from
 torchvision's Inception-v3. Images stream through it a batch at a time: memory does not grow with
-the number of images.
+the number of images. KID, whose estimate is unbiased even from 1,000 images, is reported beside FID.
 
 Commands:
-    # sample 10k images from an experiment's EMA weights, compare them with held-out CelebA images
-    python fid.py --exp_name celeba64 --num_samples 10000 [--checkpoint best.pt]
+    # 10k samples of an experiment's EMA weights against 10k held-out (val + test) CelebA images
+    python fid.py --exp_name celeba64 [--checkpoint best.pt]
+    # the protocol of published CelebA-64 FIDs: 50k samples against the 162,770 training images
+    python fid.py --exp_name celeba64 --protocol published
     # a model trained with --attributes is asked for the reference images' own labels
     python fid.py --exp_name celeba64_attr --cfg_scale 2
     # compare two folders of images, or saved statistics (.npz with mu and sigma), like pytorch-fid
@@ -125,10 +127,29 @@ def load_weights(path=None):
     try:
         return torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location="cpu", progress=True)
     except Exception as e:  # no network, a proxy, a partial download: the remedy is the same
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(WEIGHTS_URL).name
         raise celebgen.UserError(f"cannot download the FID Inception weights ({type(e).__name__}); "
-                                 f"download {WEIGHTS_URL} to {cache}, or pass --inception_weights "
-                                 f"PATH, or set {WEIGHTS_ENV}") from None
+                                 f"download {WEIGHTS_URL} to {weights_file()}, or pass "
+                                 f"--inception_weights PATH, or set {WEIGHTS_ENV}") from None
+
+
+def weights_file(path=None):
+    """Where load_weights(path) reads the weights from."""
+    path = path or os.environ.get(WEIGHTS_ENV)
+    return Path(path) if path else Path(torch.hub.get_dir()) / "checkpoints" / Path(WEIGHTS_URL).name
+
+
+def inception(path, device):
+    """The FID network with the weights of load_weights(path), and that file and its SHA-256 (which
+    fid.json records) as .weights_file and .weights_sha256."""
+    model = FIDFeatures(load_weights(path)).to(device)
+    model.weights_file, model.weights_sha256 = weights_file(path), None
+    if model.weights_file.is_file():
+        digest = hashlib.sha256()
+        with open(model.weights_file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        model.weights_sha256 = digest.hexdigest()
+    return model
 
 
 class FIDFeatures(torch.nn.Module):
@@ -164,12 +185,14 @@ class FIDFeatures(torch.nn.Module):
 
 def extract(model, batches, total, device, score=None):
     """Run the network over an iterable of (B, 3, H, W) batches in [0, 1], printing progress; return
-    the features' RunningStatistics, and feed the logits to an InceptionScore if one is given.
-    Nothing of size N is kept, so memory does not grow with the number of images."""
-    stats, done, start = RunningStatistics(), 0, time.time()
+    the features' RunningStatistics and a FeatureSample of them (for KID), and feed the logits to an
+    InceptionScore if one is given. Nothing of size N is kept, so memory does not grow with the
+    number of images."""
+    stats, sample, done, start = RunningStatistics(), FeatureSample(), 0, time.time()
     for batch in batches:
         features, logits = model(batch.to(device))
         stats.add(features.cpu().numpy())
+        sample.add(features.cpu().numpy())
         if score is not None:
             score.add(logits.cpu())
         done += len(batch)
@@ -177,7 +200,7 @@ def extract(model, batches, total, device, score=None):
         print(f"\rInception features: {done}/{total} images | {speed:.1f} img/s", end="",
               file=sys.stderr, flush=True)
     print(file=sys.stderr)
-    return stats
+    return stats, sample
 
 
 class RunningStatistics:
@@ -232,6 +255,55 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         covmean = covmean.real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+# KID, the kernel inception distance (Binkowski et al., 2018), is the squared maximum mean
+# discrepancy between the two sets of features under the cubic kernel k(a, b) = (a.b / d + 1)^3.
+# Unlike FID it has an unbiased estimator: its expected value does not depend on the number of
+# images, so the 1,000-sample runs of a CPU can be compared with each other and with bigger ones. On
+# m features x_i and m features y_j,
+#     MMD^2_u = sum_{i != j} k(x_i, x_j) / (m (m-1)) + sum_{i != j} k(y_i, y_j) / (m (m-1))
+#               - 2 sum_{i, j} k(x_i, y_j) / m^2,
+# averaged over random subsets of m = min(1000, N_x, N_y) per side; the spread over the subsets is
+# reported with it. KID needs the features themselves, so each side keeps a uniform random sample of
+# at most 10,000 (82 MB) of them.
+KID_FEATURES, KID_SUBSETS, KID_SUBSET_SIZE = 10_000, 100, 1000
+
+
+class FeatureSample:
+    """A uniform random sample of at most `capacity` of the feature vectors that pass, a batch at a
+    time (reservoir sampling: the i-th vector, counting from 0, replaces a random kept one with
+    probability capacity / (i + 1)); seeded, so the same images keep the same sample."""
+
+    def __init__(self, capacity=KID_FEATURES, seed=0):
+        self.capacity, self.rng, self.kept, self.seen = capacity, np.random.default_rng(seed), [], 0
+
+    def add(self, features):                                   # (B, D)
+        for vector in features.astype(np.float32):
+            if self.seen < self.capacity:
+                self.kept.append(vector)
+            elif (j := self.rng.integers(self.seen + 1)) < self.capacity:
+                self.kept[j] = vector
+            self.seen += 1
+
+    def features(self):                                        # (min(seen, capacity), D)
+        return np.stack(self.kept)
+
+
+def kernel_inception_distance(x, y, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=0):
+    """(mean, standard deviation) of MMD^2_u over `subsets` random subsets of features x (N_x, D) and
+    y (N_y, D), in float64."""
+    m = min(subset_size, len(x), len(y))
+    if m < 2:
+        raise celebgen.UserError(f"KID needs at least 2 images per side, got {min(len(x), len(y))}")
+    rng, d, estimates = np.random.default_rng(seed), x.shape[1], []
+    for _ in range(subsets):
+        a = x[rng.choice(len(x), m, replace=False)].astype(np.float64)    # (m, D)
+        b = y[rng.choice(len(y), m, replace=False)].astype(np.float64)    # (m, D)
+        k_aa, k_bb, k_ab = ((u @ v.T / d + 1) ** 3 for u, v in ((a, a), (b, b), (a, b)))  # (m, m)
+        within = (k_aa.sum() - np.trace(k_aa) + k_bb.sum() - np.trace(k_bb)) / (m * (m - 1))
+        estimates.append(within - 2 * k_ab.mean())
+    return float(np.mean(estimates)), float(np.std(estimates))
 
 
 class InceptionScore:
@@ -314,19 +386,20 @@ def folder_batches(files, batch_size):
 
 
 def npz_statistics(path):
-    """(mu, sigma) saved by pytorch-fid (--save-stats) or fid.py."""
+    """(mu, sigma, features or None) saved by pytorch-fid (--save-stats: no features) or fid.py."""
     if not Path(path).is_file():
         raise celebgen.UserError(f"{path} does not exist")
     try:
         with np.load(path) as stats:
             mu, sigma = stats["mu"], stats["sigma"]
+            features = stats["features"] if "features" in stats else None
     except (OSError, ValueError, KeyError) as e:
         raise celebgen.UserError(f"{path} is not an .npz of FID statistics with arrays mu and "
                                  f"sigma ({type(e).__name__})") from None
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise celebgen.UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean "
                                  f"and its covariance")
-    return mu, sigma
+    return mu, sigma, features
 
 
 def quantized(images):
@@ -335,33 +408,45 @@ def quantized(images):
 
 
 REF_SPLITS = {"heldout": ["val", "test"], "train": ["train"], "val": ["val"], "test": ["test"]}
+# heldout: samples against CelebA's val + test images, which the model never saw -- the default, and
+# the honest comparison for small runs. published: 50,000 samples against the 162,770 training
+# images, as DDIM, PNDM and U-ViT report CelebA-64 FID: quote it only beside their numbers.
+PROTOCOLS = {"heldout": {"num_samples": 10_000, "ref_split": "heldout", "ref_images": 10_000},
+             "published": {"num_samples": 50_000, "ref_split": "train", "ref_images": 162_770}}
 
 
 def reference_statistics(train_args, model, args, device):
-    """Statistics of the first --ref_images real images of --ref_split, computed once and cached
-    in experiments/fid_refs/ under a key of the data, the split, the count and the weights."""
+    """{mu, sigma, features (a sample, for KID), count, path} of the first --ref_images real images
+    of --ref_split, computed once and cached in experiments/fid_refs/ under a key of the data, the
+    split, the count and the weights."""
     if train_args.dataset == "celeba" and args.ref_split != "train":
         folder, split_file = celebgen.find_celeba(train_args.data_root)
         if split_file is None:
             raise celebgen.UserError(f"{folder} has no split file, so its {args.ref_split} images "
                                      f"are its training images; pass --ref_split train to compare "
                                      f"with them anyway, or add list_eval_partition.txt")
-    sets = [celebgen.make_dataset(train_args, split) for split in REF_SPLITS[args.ref_split]]
+    sets = [celebgen.make_dataset(train_args, split, cache=False)
+            for split in REF_SPLITS[args.ref_split]]
     count = min(args.ref_images, sum(len(s) for s in sets))
     source = "toy" if train_args.dataset == "toy" else str(Path(train_args.data_root).resolve())
-    key = f"{source}|{args.ref_split}|{count}|{model.fingerprint}"
+    key = f"{source}|{args.ref_split}|{count}|{model.fingerprint}|kid"
     key = hashlib.sha1(key.encode()).hexdigest()[:10]
-    cache = Path("experiments") / "fid_refs" / (f"{train_args.dataset}_{args.ref_split}_celeba-crop_"
-                                                f"{train_args.image_size}px_n{count}_{key}.npz")
-    if cache.is_file():
-        print(f"reference statistics from {cache}")
-        return (*npz_statistics(cache), cache)
+    path = Path("experiments") / "fid_refs" / (f"{train_args.dataset}_{args.ref_split}_celeba-crop_"
+                                               f"{train_args.image_size}px_n{count}_{key}.npz")
+    if path.is_file():
+        print(f"reference statistics from {path}")
+        mu, sigma, features = npz_statistics(path)
+        return {"mu": mu, "sigma": sigma, "features": features, "count": count, "path": path}
     images = itertools.islice((s[i] for s in sets for i in range(len(s))), count)  # decodes these
     batches = (quantized(batch) for batch in batched(images, args.batch_size))
-    mu, sigma = extract(model, batches, count, device).mean_and_covariance()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, mu=mu, sigma=sigma)
-    return mu, sigma, cache
+    stats, sample = extract(model, batches, count, device)
+    mu, sigma = stats.mean_and_covariance()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")  # a cache file is complete or absent
+    with open(partial, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma, features=sample.features())
+    os.replace(partial, path)
+    return {"mu": mu, "sigma": sigma, "features": sample.features(), "count": count, "path": path}
 
 
 def sample_attributes(train_args, args):
@@ -384,20 +469,25 @@ def sample_attributes(train_args, args):
 def experiment_fid(args, checkpoint, ckpt, model, device, precision):
     exp = celebgen.experiment_paths(args.exp_name)
     train_args = argparse.Namespace(**ckpt["args"])
-    mu_ref, sigma_ref, cache = reference_statistics(train_args, model, args, device)
+    ref = reference_statistics(train_args, model, args, device)
     attributes, source = sample_attributes(train_args, args) if train_args.attributes else (None, None)
     samples = celebgen.generate(ckpt, args.num_samples, args.num_sampling_steps, args.method,
                                 args.seed, args.batch_size, device, precision,
                                 attributes=attributes, cfg_scale=args.cfg_scale)  # batch by batch
     has_classifier = bool((model.classifier.weight != 0).any())  # else no Inception Score
     score = InceptionScore(args.num_samples) if has_classifier else None
-    stats = extract(model, (quantized(batch) for batch in samples), args.num_samples, device, score)
-    fid = frechet_distance(*stats.mean_and_covariance(), mu_ref, sigma_ref)
-    result = {"fid": fid, "step": ckpt["step"], "checkpoint": str(checkpoint),
-              "num_samples": args.num_samples, "num_sampling_steps": args.num_sampling_steps,
-              "method": args.method, "seed": args.seed,
-              "device": device.type, "precision": precision,
-              "reference": str(cache), "ref_split": args.ref_split}
+    stats, sample = extract(model, (quantized(batch) for batch in samples), args.num_samples, device,
+                            score)
+    fid = frechet_distance(*stats.mean_and_covariance(), ref["mu"], ref["sigma"])
+    kid, kid_std = kernel_inception_distance(sample.features(), ref["features"])
+    result = {"fid": fid, "kid": kid, "kid_std": kid_std, "protocol": args.protocol,
+              "num_samples": args.num_samples, "ref_images": ref["count"], "ref_split": args.ref_split,
+              "step": ckpt["step"], "checkpoint": str(checkpoint),
+              "num_sampling_steps": args.num_sampling_steps, "method": args.method, "seed": args.seed,
+              "device": device.type, "precision": precision, "reference": str(ref["path"]),
+              "inception_weights": str(model.weights_file), "inception_sha256": model.weights_sha256,
+              "kid_subsets": KID_SUBSETS, "kid_subset_size": min(KID_SUBSET_SIZE, args.num_samples,
+                                                                 len(ref["features"]))}
     if attributes is not None:
         result.update(attributes=train_args.attributes, attribute_source=source,
                       cfg_scale=args.cfg_scale)
@@ -413,6 +503,7 @@ def experiment_fid(args, checkpoint, ckpt, model, device, precision):
         tag = f"fid/{args.num_samples}_samples_{args.method}{args.num_sampling_steps}"
         tag += f"_cfg{args.cfg_scale:g}" if attributes is not None else ""
         writer.add_scalar(tag, fid, ckpt["step"])
+        writer.add_scalar(tag.replace("fid/", "kid/"), kid, ckpt["step"])
     return result
 
 
@@ -426,8 +517,12 @@ def main(argv=None):
     parser.add_argument("--exp_name", type=celebgen.experiment_name,
                         help="sample from this experiment and compare with real images")
     parser.add_argument("--checkpoint", default="best.pt", help="a name in checkpoints/ or a path")
-    parser.add_argument("--num_samples", type=celebgen.positive(int), default=10_000,
-                        help="images to sample from the experiment")
+    parser.add_argument("--protocol", choices=list(PROTOCOLS),
+                        help="heldout (default): 10000 samples vs up to 10000 val+test images; "
+                             "published: 50000 samples vs the 162770 training images, as published "
+                             "CelebA-64 FIDs")
+    parser.add_argument("--num_samples", type=celebgen.positive(int),
+                        help="images to sample from the experiment (default: the protocol's)")
     parser.add_argument("--num_sampling_steps", type=celebgen.positive(int), default=50,
                         help="sampler steps from noise to image")
     parser.add_argument("--method", choices=["euler", "heun"], default="euler", help="the sampler")
@@ -438,10 +533,11 @@ def main(argv=None):
                         help="seed of the noise")
     parser.add_argument("--precision", choices=celebgen.PRECISIONS, default="auto",
                         help=f"for sampling: {celebgen.PRECISION_HELP}")
-    parser.add_argument("--ref_split", choices=["heldout", "train", "val", "test"], default="heldout",
-                        help="real images to compare with (heldout = val + test)")
-    parser.add_argument("--ref_images", type=celebgen.positive(int), default=10_000,
-                        help="at most this many real images")
+    parser.add_argument("--ref_split", choices=list(REF_SPLITS),
+                        help="real images to compare with (heldout = val + test; default: the "
+                             "protocol's)")
+    parser.add_argument("--ref_images", type=celebgen.positive(int),
+                        help="at most this many real images (default: the protocol's)")
     parser.add_argument("--inception_weights",
                         help=f"pytorch-fid's weights file (or set ${WEIGHTS_ENV})")
     parser.add_argument("--batch_size", type=celebgen.positive(int), default=50,
@@ -457,27 +553,45 @@ def run(args):
     if bool(args.exp_name) == bool(args.paths) or (args.paths and len(args.paths) != 2):
         raise celebgen.UserError("give either --exp_name or exactly two paths (see fid.py --help)")
     if args.exp_name:  # --precision matters only here, for sampling
+        choose_protocol(args)
         device, precision = celebgen.device_and_precision(args.device, args.precision)
         checkpoint = celebgen.checkpoint_path(args.exp_name, args.checkpoint)
         ckpt = celebgen.load_checkpoint(checkpoint)
         # a --cfg_scale needs a model trained with --attributes: refused now, before any work
         celebgen.attribute_rows([{}], [args.cfg_scale], ckpt["args"]["attributes"])
-        model = FIDFeatures(load_weights(args.inception_weights)).to(device)
-        experiment_fid(args, checkpoint, ckpt, model, device, precision)
+        experiment_fid(args, checkpoint, ckpt, inception(args.inception_weights, device), device,
+                       precision)
         return
     device = celebgen.pick_device(args.device)
     sources = [npz_statistics(p) if p.endswith(".npz") else folder_files(p) for p in args.paths]
     if not all(isinstance(source, tuple) for source in sources):  # a folder: features to extract
-        model = FIDFeatures(load_weights(args.inception_weights)).to(device)
-    stats = [source if isinstance(source, tuple) else
-             extract(model, folder_batches(source, args.batch_size), len(source),
-                     device).mean_and_covariance()
+        model = inception(args.inception_weights, device)
+    sides = [source if isinstance(source, tuple) else
+             extract(model, folder_batches(source, args.batch_size), len(source), device)
              for source in sources]
-    if stats[0][0].shape != stats[1][0].shape:
+    sides = [side if len(side) == 3 else (*side[0].mean_and_covariance(), side[1].features())
+             for side in sides]  # (mu, sigma, features or None)
+    if sides[0][0].shape != sides[1][0].shape:
         raise celebgen.UserError(f"the two sides have features of different dimensions "
-                                 f"({len(stats[0][0])} and {len(stats[1][0])}); compare statistics of the "
+                                 f"({len(sides[0][0])} and {len(sides[1][0])}); compare statistics of the "
                                  f"same Inception layer")
-    print(f"FID: {frechet_distance(*stats[0], *stats[1]):.6f}")
+    print(f"FID: {frechet_distance(*sides[0][:2], *sides[1][:2]):.6f}")
+    if sides[0][2] is not None and sides[1][2] is not None:  # pytorch-fid's .npz has no features
+        print("KID: {:.6f} +- {:.6f}".format(*kernel_inception_distance(sides[0][2], sides[1][2])))
+
+
+def choose_protocol(args):
+    """Fill --num_samples, --ref_split and --ref_images from --protocol. A value given that differs
+    from the published protocol's is refused; with the held-out default it makes the run 'custom'."""
+    preset = PROTOCOLS[args.protocol or "heldout"]
+    given = {k: getattr(args, k) for k in preset if getattr(args, k) is not None}
+    differ = [f"--{k} {v}" for k, v in given.items() if v != preset[k]]
+    if args.protocol == "published" and differ:
+        raise celebgen.UserError(f"--protocol published compares 50000 samples with the 162770 "
+                                 f"training images; drop {', '.join(differ)}, or drop --protocol")
+    for k, v in preset.items():
+        setattr(args, k, given.get(k, v))
+    args.protocol = "custom" if differ else args.protocol or "heldout"
 
 
 if __name__ == "__main__":

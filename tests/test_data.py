@@ -1,6 +1,10 @@
 """The CelebA loader in every supported layout, its image cache, the toy faces, and the per-example
 randomness."""
+import importlib.util
 import pickle
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -168,12 +172,78 @@ def test_split_file_that_names_other_images_is_an_error(tmp_path):
         cg.CelebA(tmp_path, "train", 16)
 
 
-def test_failed_download_ends_in_a_clear_message(tmp_path, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise RuntimeError("Too many users have viewed or downloaded this file recently")
-    monkeypatch.setattr(torchvision.datasets, "CelebA", refuse)
-    with pytest.raises(cg.UserError, match="download failed .*Too many users.*layouts"):
+@pytest.fixture
+def google_drive(monkeypatch):
+    """A stand-in for CelebA's Google Drive, as seen through torchvision's downloader, with gdown
+    'installed': CelebA of 3 images; .fetched lists the files asked for, .images what the zip holds,
+    .refusal an error to raise instead."""
+    drive = SimpleNamespace(fetched=[], images=3, refusal=None)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "gdown" else find_spec(name, *a))
+    monkeypatch.setattr(cg, "CELEBA_IMAGES", 3)
+    names = [f"00000{i}.jpg" for i in range(1, 4)]
+
+    def download(drive_id, root, filename, md5):
+        if drive.refusal:
+            raise drive.refusal
+        drive.fetched.append(filename)
+        Path(root).mkdir(parents=True, exist_ok=True)
+        path = Path(root) / filename
+        if filename == "img_align_celeba.zip":
+            with zipfile.ZipFile(path, "w") as z:
+                for name in names[:drive.images]:
+                    aligned_face(Path(root) / name)
+                    z.write(Path(root) / name, f"img_align_celeba/{name}")
+                    (Path(root) / name).unlink()
+        elif filename == "list_eval_partition.txt":
+            path.write_text("".join(f"{n} {i % 3}\r\n" for i, n in enumerate(names)))
+        else:
+            path.write_text("3\n" + " ".join(cg.ATTRIBUTE_NAMES) + "\n" + "".join(f"{n}" + " 1" * 40 + "\n" for n in names))
+    monkeypatch.setattr(torchvision.datasets.utils, "download_file_from_google_drive", download)
+    return drive
+
+
+def test_download_fetches_the_three_files_read_and_checks_them(tmp_path, google_drive):
+    data = cg.CelebA(tmp_path, "train", 16, attributes=["Smiling"], download=True)
+    assert google_drive.fetched == ["img_align_celeba.zip", "list_eval_partition.txt", "list_attr_celeba.txt"]
+    assert len(data) == 1 and data[0].shape == (3, 16, 16) and data.label(0).tolist() == [1.0]
+    cg.CelebA(tmp_path, "val", 16, download=True)  # there already: nothing fetched again
+    assert len(google_drive.fetched) == 3
+
+
+def test_an_incomplete_download_is_found(tmp_path, google_drive):
+    google_drive.images = 2  # a zip that lost an image
+    with pytest.raises(cg.UserError, match="img_align_celeba holds 2 images and list_eval_partition.txt 3 rows, not 3 "
+                                           "of each.*delete .*img_align_celeba and run again"):
         cg.CelebA(tmp_path, "train", 16, download=True)
+    assert google_drive.fetched == ["img_align_celeba.zip", "list_eval_partition.txt", "list_attr_celeba.txt"]
+
+
+def test_download_keeps_celeba_in_another_layout(tmp_path, google_drive):
+    """CelebA already under ROOT in the official layout: nothing is fetched, and it is checked."""
+    (tmp_path / "img_align_celeba").mkdir()
+    for name in ("000001.jpg", "000002.jpg", "000003.jpg"):
+        aligned_face(tmp_path / "img_align_celeba" / name)
+    (tmp_path / "list_eval_partition.txt").write_text("000001.jpg 0\n000002.jpg 0\n000003.jpg 1\n")
+    assert len(cg.CelebA(tmp_path, "train", 16, download=True)) == 2 and google_drive.fetched == []
+    (tmp_path / "img_align_celeba" / "000003.jpg").unlink()
+    with pytest.raises(cg.UserError, match="holds 2 images .* not the whole of CelebA"):
+        cg.CelebA(tmp_path, "train", 16, download=True)
+
+
+@pytest.mark.parametrize("gdown", [False, True])
+def test_a_download_that_cannot_work_says_what_to_fetch_by_hand(tmp_path, google_drive, monkeypatch, gdown):
+    """Without gdown, or when Google Drive refuses (its quota), one error names the fix, the three files
+    and where they go."""
+    google_drive.refusal = RuntimeError("Too many users have viewed or downloaded this file recently")
+    if not gdown:
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(cg.UserError) as e:
+        cg.CelebA(tmp_path, "train", 16, download=True)
+    message = str(e.value)
+    assert ("pip install gdown" in message) == (not gdown) and ("Too many users" in message) == gdown
+    assert all(name in message for name in ("img_align_celeba.zip", "list_eval_partition.txt", "list_attr_celeba.txt",
+                                            "ROOT/celeba/img_align_celeba", "Kaggle"))
 
 
 def test_toy_faces_are_deterministic_and_varied():

@@ -1,4 +1,5 @@
 """fid.py: the Frechet distance in closed-form cases, and agreement with pytorch-fid (the reference)."""
+import hashlib
 import json
 import math
 
@@ -56,6 +57,82 @@ def test_inception_score_streamed_equals_the_direct_formula():
     for start in range(0, 53, 7):  # batches that straddle the chunks' borders
         score.add(logits[start:start + 7])
     assert score.score() == pytest.approx(direct, rel=1e-12)
+
+
+def direct_kid(x, y):
+    """MMD^2_u written pair by pair: the slow formula the vectorized KID must equal."""
+    d, m = x.shape[1], len(x)
+    k = lambda a, b: (a @ b / d + 1) ** 3
+    within = sum(k(x[i], x[j]) + k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    return within - 2 * sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / m**2
+
+
+def test_kid_equals_the_direct_formula():
+    """With m rows per side every subset is the whole set, reordered, which MMD^2_u does not see."""
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(0, 1, (9, 5)), rng.normal(1.5, 1.2, (9, 5))
+    mean, std = fid.kernel_inception_distance(x, y, subsets=3, subset_size=9)
+    assert mean == pytest.approx(direct_kid(x, y), rel=1e-12) and std < 1e-12 and mean > 0
+
+
+def test_kid_of_one_distribution_is_zero_within_its_spread():
+    """Unbiased: two samples of one distribution give ~0, within the spread over subsets and far below a
+    shift of 0.2 standard deviations. A set against itself gives ~0 too (slightly below: an image drawn on
+    both sides adds its own k(x, x) to the cross term only, an O(1/m) effect)."""
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(0, 1, (3000, 32)), rng.normal(0, 1, (3000, 32))
+    same, same_std = fid.kernel_inception_distance(x, y, subsets=50, subset_size=500)
+    itself, _ = fid.kernel_inception_distance(x, x.copy(), subsets=50, subset_size=500)
+    shifted, _ = fid.kernel_inception_distance(x, y + 0.2, subsets=50, subset_size=500)
+    assert abs(same) < same_std and abs(same) < 0.05 * shifted and abs(itself) < 0.05 * shifted
+
+
+def test_feature_sample_keeps_a_uniform_sample():
+    """Every vector is kept with probability capacity / N, whatever the batches (here: 10 of 40, 400 seeds,
+    so each frequency is 0.25 +- 0.022); up to the capacity, everything is kept in order."""
+    vectors = np.arange(40, dtype=np.float32)[:, None]
+    kept = np.zeros(40)
+    for seed in range(400):
+        sample = fid.FeatureSample(capacity=10, seed=seed)
+        for start in range(0, 40, 7):
+            sample.add(vectors[start:start + 7])
+        assert sample.seen == 40 and len(set(sample.features()[:, 0])) == 10
+        kept[sample.features()[:, 0].astype(int)] += 1
+    assert np.all(np.abs(kept / 400 - 0.25) < 0.1), kept / 400
+    small = fid.FeatureSample(capacity=50)
+    small.add(vectors)
+    assert np.array_equal(small.features(), vectors)
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ([], ("heldout", 10_000, "heldout", 10_000)),
+    (["--protocol", "published"], ("published", 50_000, "train", 162_770)),
+    (["--num_samples", "1000", "--ref_images", "1440"], ("custom", 1000, "heldout", 1440)),
+    (["--protocol", "heldout", "--num_samples", "10000"], ("heldout", 10_000, "heldout", 10_000)),
+])
+def test_protocols_fill_the_counts_and_split(flags, expected):
+    args = fid_parser_args(flags)
+    fid.choose_protocol(args)
+    assert (args.protocol, args.num_samples, args.ref_split, args.ref_images) == expected
+
+
+def test_the_published_protocol_refuses_other_counts(capsys):
+    with pytest.raises(SystemExit) as e:
+        fid.main(["--exp_name", "x", "--protocol", "published", "--num_samples", "1000"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--protocol published compares 50000 samples" in err and "--num_samples 1000" in err
+
+
+def fid_parser_args(flags):
+    """fid.py's parsed arguments, without running it."""
+    captured = {}
+    original = fid.run
+    fid.run = lambda args: captured.setdefault("args", args)
+    try:
+        fid.main(["--exp_name", "x", *flags])
+    finally:
+        fid.run = original
+    return captured["args"]
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +194,16 @@ def test_fid_of_two_folders_matches_pytorch_fid(tmp_path, random_weights, refere
     a, b = image_folders(tmp_path)
     with pytest.warns(UserWarning, match="< 2048 images"):
         fid.main([str(a), str(b), "--inception_weights", str(random_weights), "--batch_size", "8"])
-    ours = float(capsys.readouterr().out.split("FID:")[1])
-    stats = [fid_score.calculate_activation_statistics(sorted(map(str, folder.glob("*.png"))), reference,
-                                                        batch_size=8, dims=2048, device="cpu", num_workers=0)
-             for folder in (a, b)]
+    out = capsys.readouterr().out
+    ours, (kid, kid_std) = float(out.split("FID:")[1].split()[0]), map(float, out.split("KID:")[1].split("+-"))
+    features = [fid_score.get_activations(sorted(map(str, folder.glob("*.png"))), reference, batch_size=8,
+                                          dims=2048, device="cpu", num_workers=0) for folder in (a, b)]
+    stats = [(f.mean(axis=0), np.cov(f, rowvar=False)) for f in features]  # as calculate_activation_statistics
     with np.errstate(all="ignore"):
         theirs = fid_score.calculate_frechet_distance(*stats[0], *stats[1])
     assert ours > 0 and ours == pytest.approx(theirs, rel=1e-5)
+    # 24 images a side: every KID subset is all of them, so KID is the direct formula on their features
+    assert kid > 0 and kid == pytest.approx(direct_kid(*features), rel=1e-4) and kid_std < 1e-6 * kid
 
 
 def test_cli_writes_fid_json_for_an_experiment(workdir, capsys, random_weights):
@@ -135,6 +215,10 @@ def test_cli_writes_fid_json_for_an_experiment(workdir, capsys, random_weights):
     result = json.loads((workdir / "experiments" / "tiny" / "fid.json").read_text())
     assert result["step"] == 2 and result["num_samples"] == 6 and math.isfinite(result["fid"]) and result["fid"] > 0
     assert "inception_score" in result  # these random weights have a (random) classifier
+    assert result["protocol"] == "custom" and result["ref_images"] == 6 and result["ref_split"] == "heldout"
+    assert result["inception_sha256"] == hashlib.sha256(random_weights.read_bytes()).hexdigest()
+    assert result["device"] == "cpu" and result["precision"] in ("fp32", "bf16") and result["kid_subset_size"] == 6
+    assert math.isfinite(result["kid"]) and result["kid_std"] >= 0
     cached = list((workdir / "experiments" / "fid_refs").glob("toy_heldout_*_16px_n6_*.npz"))
     assert len(cached) == 1
     with pytest.warns(UserWarning):
