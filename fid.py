@@ -566,18 +566,20 @@ def run(args):
     sources = [npz_statistics(p) if p.endswith(".npz") else folder_files(p) for p in args.paths]
     if not all(isinstance(source, tuple) for source in sources):  # a folder: features to extract
         model = inception(args.inception_weights, device)
-    sides = [source if isinstance(source, tuple) else
-             extract(model, folder_batches(source, args.batch_size), len(source), device)
-             for source in sources]
-    sides = [side if len(side) == 3 else (*side[0].mean_and_covariance(), side[1].features())
-             for side in sides]  # (mu, sigma, features or None)
-    if sides[0][0].shape != sides[1][0].shape:
+
+    def statistics(source):  # (mu, sigma, features or None) of an .npz or a folder's files
+        if isinstance(source, tuple):
+            return source
+        stats, sample = extract(model, folder_batches(source, args.batch_size), len(source), device)
+        return (*stats.mean_and_covariance(), sample.features())
+    (mu1, sigma1, features1), (mu2, sigma2, features2) = map(statistics, sources)
+    if mu1.shape != mu2.shape:
         raise celebgen.UserError(f"the two sides have features of different dimensions "
-                                 f"({len(sides[0][0])} and {len(sides[1][0])}); compare statistics of the "
-                                 f"same Inception layer")
-    print(f"FID: {frechet_distance(*sides[0][:2], *sides[1][:2]):.6f}")
-    if sides[0][2] is not None and sides[1][2] is not None:  # pytorch-fid's .npz has no features
-        print("KID: {:.6f} +- {:.6f}".format(*kernel_inception_distance(sides[0][2], sides[1][2])))
+                                 f"({len(mu1)} and {len(mu2)}); compare statistics of the same "
+                                 f"Inception layer")
+    print(f"FID: {frechet_distance(mu1, sigma1, mu2, sigma2):.6f}")
+    if features1 is not None and features2 is not None:  # pytorch-fid's .npz has no features
+        print("KID: {:.6f} +- {:.6f}".format(*kernel_inception_distance(features1, features2)))
 
 
 def choose_protocol(args):
