@@ -1561,8 +1561,8 @@ def validate_train_args(args, device, torchrun):
                         f"{args.batch_size} x {args.world_size} processes; lower --batch_size or --nproc")
     # all is well: build the image cache now, before any process starts (under torchrun by the first
     # process of each machine only; the others wait for it in train_loop)
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        make_dataset(args, "train")
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and isinstance(train_images, CelebA):
+        train_images.cache = train_images.open_cache()
 
 
 def free_port():

@@ -440,13 +440,13 @@ def reference_statistics(train_args, model, args, device):
     images = itertools.islice((s[i] for s in sets for i in range(len(s))), count)  # decodes these
     batches = (quantized(batch) for batch in batched(images, args.batch_size))
     stats, sample = extract(model, batches, count, device)
-    mu, sigma = stats.mean_and_covariance()
+    mu, sigma, features = *stats.mean_and_covariance(), sample.features()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")  # a cache file is complete or absent
     with open(partial, "wb") as f:
-        np.savez(f, mu=mu, sigma=sigma, features=sample.features())
+        np.savez(f, mu=mu, sigma=sigma, features=features)
     os.replace(partial, path)
-    return {"mu": mu, "sigma": sigma, "features": sample.features(), "count": count, "path": path}
+    return {"mu": mu, "sigma": sigma, "features": features, "count": count, "path": path}
 
 
 def sample_attributes(train_args, args):
