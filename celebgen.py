@@ -1276,7 +1276,9 @@ def train_loop(rank, world_size, args, device, interrupt):
         print(f"{args.exp_name} has trained {elapsed / 60:.2f} of its {args.max_minutes:g} minutes; "
               f"raise --max_minutes to train further", flush=True)
 
-    stop, clock = False, time.time() - elapsed  # the run's clock continues across resumes
+    # the run's clock: monotonic (a change of the system time does not move it), continued across
+    # resumes
+    stop, clock = False, time.monotonic() - elapsed
     while step < total_steps and elapsed < budget and not stop:
         # this epoch's order: a permutation fixed by (seed, epoch), this process's 1/world_size of
         # it; a resumed run skips the batches it has already seen
@@ -1319,7 +1321,7 @@ def train_loop(rank, world_size, args, device, interrupt):
             # the mean loss over processes, whether any process was asked to stop (Ctrl-C), and the
             # run's time, averaged so that every process sets the same learning rate and stops together
             stats = torch.stack([loss.detach().float(), torch.tensor(float(interrupt.requested), device=device),
-                                 torch.tensor(time.time() - clock, device=device)])
+                                 torch.tensor(time.monotonic() - clock, device=device)])
             if world_size > 1:
                 dist.all_reduce(stats, op=dist.ReduceOp.AVG)
             loss, stop, elapsed = stats[0].item(), stats[1].item() > 0, stats[2].item()
@@ -1810,8 +1812,8 @@ def make_parser():
 
 
 def exit_on_user_error(command, *args, quiet=False):
-    """Run a command. Bad input (UserError) and an op without an MPS kernel end as one line `error:
-    ...` and exit status 2; Ctrl-C as one line and status 130 (the shell's code for SIGINT). No
+    """Run a command. Bad input (UserError), an op without an MPS kernel and a --compile that finds no
+    working compiler end as one line `error: ...` and exit status 2; Ctrl-C as one line and status 130 (the shell's code for SIGINT). No
     traceback. quiet: a DDP rank other than 0, which says nothing and leaves with status 0, because
     spawn stops every process as soon as one fails: rank 0 must be the one whose status and message
     the user gets."""
@@ -1826,6 +1828,10 @@ def exit_on_user_error(command, *args, quiet=False):
             raise
         message = (f"error: {str(e).splitlines()[0]} Set PYTORCH_ENABLE_MPS_FALLBACK=1 to run such ops "
                    f"on the CPU, or use --device cpu")
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # --compile without a working compiler
+        reason = e.inner_exception
+        message = (f"error: --compile failed ({type(reason).__name__}: {str(reason).splitlines()[0]}); "
+                   f"train without --compile, which runs the same model")
     except Interrupted as e:
         code, message = 130, str(e)
     except KeyboardInterrupt:

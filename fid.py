@@ -273,21 +273,24 @@ KID_FEATURES, KID_SUBSETS, KID_SUBSET_SIZE = 10_000, 100, 1000
 class FeatureSample:
     """A uniform random sample of at most `capacity` of the feature vectors that pass, a batch at a
     time (reservoir sampling: the i-th vector, counting from 0, replaces a random kept one with
-    probability capacity / (i + 1)); seeded, so the same images keep the same sample."""
+    probability capacity / (i + 1)); seeded, so the same images keep the same sample. The sample
+    lives in one array of `capacity` rows, allocated at the first batch and filled in place."""
 
     def __init__(self, capacity=KID_FEATURES, seed=0):
-        self.capacity, self.rng, self.kept, self.seen = capacity, np.random.default_rng(seed), [], 0
+        self.capacity, self.rng, self.kept, self.seen = capacity, np.random.default_rng(seed), None, 0
 
     def add(self, features):                                   # (B, D)
-        for vector in features.astype(np.float32):
+        if self.kept is None:
+            self.kept = np.empty((self.capacity, features.shape[1]), np.float32)  # (capacity, D)
+        for vector in features:
             if self.seen < self.capacity:
-                self.kept.append(vector)
+                self.kept[self.seen] = vector
             elif (j := self.rng.integers(self.seen + 1)) < self.capacity:
                 self.kept[j] = vector
             self.seen += 1
 
     def features(self):                                        # (min(seen, capacity), D)
-        return np.stack(self.kept)
+        return self.kept[:min(self.seen, self.capacity)]
 
 
 def kernel_inception_distance(x, y, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=0):

@@ -6,6 +6,7 @@
     python tests/benchmark_speed.py --sdpa                # also PyTorch's default kernel where celebgen uses math
     python tests/benchmark_speed.py --attributes 0 40     # unconditional, and conditioned on 40 attributes
     python tests/benchmark_speed.py --plain               # also a plain DiT of the same shape, and the ratio
+    python tests/benchmark_speed.py --plain --compile     # and both again under torch.compile
     python tests/benchmark_speed.py --configs tiny:32:4 --precisions bf16 --trainer DATA_ROOT --workers 0 2
                                                           # also `celebgen.py train` on real images
 
@@ -20,6 +21,8 @@ median of the images/s of its progress lines after the first, over that of an in
 """
 import argparse
 import copy
+import functools
+import itertools
 import os
 import platform
 import re
@@ -92,8 +95,10 @@ def plain_dit(model):
     return model
 
 
-def training_speed(model_name, image_size, patch_size, precision, batch_size, seconds, sdpa, attributes,
-                   plain=False):
+def training_speed(model_name, image_size, patch_size, precision, batch_size, seconds, attributes, sdpa,
+                   plain=False, compile=False):
+    """(images/s, model FLOP/s, seconds of the first step) of training steps on data in memory; with
+    compile, of the model under torch.compile, whose first step compiles it."""
     args = argparse.Namespace(model=model_name, image_size=image_size, patch_size=patch_size,
                               attributes=cg.ATTRIBUTE_NAMES[:attributes])
     torch.manual_seed(0)
@@ -106,11 +111,12 @@ def training_speed(model_name, image_size, patch_size, precision, batch_size, se
     x1 = torch.randn(batch_size, 3, image_size, image_size)
     labels = torch.randint(-1, 2, (batch_size, attributes)).float()  # -1, 0 or 1
     device = torch.device("cpu")
+    network = torch.compile(model) if compile else model
 
     def step(i):
         x0, t = torch.randn_like(x1), torch.rand(batch_size)
         with cg.autocast(device, precision):
-            loss = cg.flow_loss(model, x1, x0, t, 0.05, labels)
+            loss = cg.flow_loss(network, x1, x0, t, 0.05, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -118,13 +124,15 @@ def training_speed(model_name, image_size, patch_size, precision, batch_size, se
         cg.update_ema(ema, model, i, 0.9999)
 
     with cg.attention_kernels(device, (image_size // patch_size) ** 2) if not sdpa else nullcontext():
-        step(0)  # warm-up
+        start = time.perf_counter()
+        step(0)  # warm-up (and compilation)
+        first_step = time.perf_counter() - start
         count, start = 0, time.perf_counter()
         while count == 0 or time.perf_counter() - start < seconds:
             step(count)
             count += 1
     images_per_sec = count * batch_size / (time.perf_counter() - start)
-    return images_per_sec, images_per_sec * flops_per_image
+    return images_per_sec, images_per_sec * flops_per_image, first_step
 
 
 def trainer_speed(model_name, image_size, patch_size, precision, batch_size, data_root, workers, steps):
@@ -156,6 +164,8 @@ def main():
     parser.add_argument("--plain", action="store_true",
                         help="also time a plain DiT of the same shape (absolute positions, no QK-norm, no RoPE, "
                              "PyTorch's default attention kernel) just before, and print celebgen's speed over it")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each model under torch.compile (its first step, which compiles, apart)")
     parser.add_argument("--trainer", metavar="DATA_ROOT",
                         help="also run `celebgen.py train` on the images under DATA_ROOT, and print its speed "
                              "over the in-memory one")
@@ -181,22 +191,23 @@ def main():
         name, size, patch = config.split(":")
         for p in args.precisions:
             for sdpa in [False, True] if args.sdpa else [False]:
-                for k in args.attributes:
+                for k, compiled in itertools.product(args.attributes, [False, True] if args.compile else [False]):
+                    timed = functools.partial(training_speed, name, int(size), int(patch), p, args.batch_size,
+                                              args.seconds, attributes=k, compile=compiled)
+                    note = lambda first: f"  compiled (first step {first:.0f} s)" if compiled else ""
                     if args.plain:
-                        plain, _ = training_speed(name, int(size), int(patch), p, args.batch_size, args.seconds,
-                                                  True, k, plain=True)
-                        print(f"{name:>6} {size:>4} {p:>9} {'plain DiT':>9} {k:>10} {plain:8.1f}", flush=True)
-                    ips, flops = training_speed(name, int(size), int(patch), p, args.batch_size, args.seconds,
-                                                sdpa, k)
+                        plain, _, first = timed(sdpa=True, plain=True)
+                        print(f"{name:>6} {size:>4} {p:>9} {'plain DiT':>9} {k:>10} {plain:8.1f}" + note(first),
+                              flush=True)
+                    ips, flops, first = timed(sdpa=sdpa)
                     kernel = "math" if not sdpa and (int(size) // int(patch)) ** 2 <= 64 else "default"
                     print(f"{name:>6} {size:>4} {p + ('=auto' if p == auto else ''):>9} "
                           f"{kernel:>9} {k:>10} {ips:8.1f} {flops / 1e9:8.1f} "
-                          f"{flops / peak:8.1%}" + (f"  {ips / plain:.2f}x the plain DiT" if args.plain else ""),
-                          flush=True)
+                          f"{flops / peak:8.1%}" + (f"  {ips / plain:.2f}x the plain DiT" if args.plain else "")
+                          + note(first), flush=True)
                     for i, workers in enumerate(args.workers if args.trainer else []):
                         if i > 0:  # each trainer run against an in-memory run just before it
-                            ips, _ = training_speed(name, int(size), int(patch), p, args.batch_size, args.seconds,
-                                                    sdpa, k)
+                            ips, _, _ = timed(sdpa=sdpa)
                             print(f"{name:>6} {size:>4} {p:>9} {'in memory':>9} {k:>10} {ips:8.1f}", flush=True)
                         real = trainer_speed(name, int(size), int(patch), p, args.batch_size, args.trainer, workers,
                                              args.trainer_steps)

@@ -85,6 +85,27 @@ def test_a_start_that_failed_before_its_first_checkpoint_can_simply_be_rerun(wor
     assert checkpoint("x")["step"] == 2
 
 
+def test_compile_without_a_working_compiler_is_one_line_and_the_run_can_go_on_without_it(
+        workdir, capsys, monkeypatch):
+    """torch.compile compiles at the first step; without a C++ compiler (as on Windows without MSVC)
+    inductor raises a BackendCompilerFailed (seen with CXX=/nonexistent: InductorError, its subclass,
+    'InvalidCxxCompiler: No working C++ compiler found'). Simulated here: one line naming the fix, exit
+    2, no checkpoint; the same command without --compile then starts the experiment afresh."""
+    def no_compiler(model):
+        def fail(*args, **kwargs):
+            raise torch._dynamo.exc.BackendCompilerFailed(
+                "inductor", RuntimeError("InvalidCxxCompiler: No working C++ compiler found"), None)
+        return fail
+    monkeypatch.setattr(cg.torch, "compile", no_compiler)
+    args = ["train", "--exp_name", "c", *TOY, "--batch_size", 4, "--max_steps", 2]
+    code, out, err = cli(capsys, *args, "--compile")
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --compile failed (")
+    assert "No working C++ compiler found" in err and "train without --compile" in err, err
+    assert not (workdir / "experiments/c/checkpoints/last.pt").exists()
+    code, out, err = cli(capsys, *args)
+    assert code == 0 and "starting it afresh" in out and checkpoint("c")["step"] == 2, err
+
+
 def test_ctrl_c_saves_the_finished_step_and_resumes_exactly(workdir):
     """Ctrl-C in a terminal signals the whole process group (here: the trainer and its DataLoader worker).
     The run finishes its step, saves it, prints one line and exits 130; resuming from there gives the

@@ -99,6 +99,12 @@ def test_feature_sample_keeps_a_uniform_sample():
         assert sample.seen == 40 and len(set(sample.features()[:, 0])) == 10
         kept[sample.features()[:, 0].astype(int)] += 1
     assert np.all(np.abs(kept / 400 - 0.25) < 0.1), kept / 400
+    # one place for 3 vectors: each is the one kept with probability 1/3 (600 seeds: +- 0.019)
+    last = [fid.FeatureSample(capacity=1, seed=seed) for seed in range(600)]
+    for sample in last:
+        sample.add(vectors[:3])
+    frequencies = np.bincount([int(sample.features()[0, 0]) for sample in last], minlength=3) / 600
+    assert np.all(np.abs(frequencies - 1 / 3) < 0.08), frequencies
     small = fid.FeatureSample(capacity=50)
     small.add(vectors)
     assert np.array_equal(small.features(), vectors)
@@ -224,6 +230,34 @@ def test_cli_writes_fid_json_for_an_experiment(workdir, capsys, random_weights):
     with pytest.warns(UserWarning):
         fid.main(argv)  # the second run reads the cached reference statistics
     assert "reference statistics from" in capsys.readouterr().out
+
+
+def test_an_experiments_fid_is_that_of_its_sample_pngs_against_the_reference_pngs(workdir, capsys,
+                                                                                 random_weights):
+    """fid.py --exp_name computes, without writing a file, what the two-folder FID (the pytorch-fid
+    path) gives for the PNGs `celebgen.py sample` writes of the same checkpoint and noise, against PNGs
+    of the first --ref_images held-out images: the same sampler, EMA weights, 8-bit rounding and
+    references, so the same FID and KID."""
+    assert cli(capsys, "train", "--exp_name", "e", *TOY, "--batch_size", 4, "--max_steps", 3)[0] == 0
+    common = ["--exp_name", "e", "--checkpoint", "last.pt", "--num_sampling_steps", "2", "--precision",
+              "fp32", "--batch_size", "4"]
+    with pytest.warns(UserWarning, match="< 2048 images"):
+        fid.main([*common, "--num_samples", "6", "--ref_images", "6", "--inception_weights",
+                  str(random_weights)])
+    result = json.loads((workdir / "experiments" / "e" / "fid.json").read_text())
+    assert cli(capsys, "sample", *common, "--num_samples", 6)[0] == 0
+    references = workdir / "references"
+    references.mkdir()
+    held_out = cg.ToyFaces(16, offset=10**6)  # val; its first 6 images are the first 6 of val + test
+    for i in range(6):
+        cg.save_png(cg.to_unit(held_out[i]), references / f"{i:03d}.png")
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="< 2048 images"):
+        fid.main([str(workdir / "experiments/e/samples/last_euler2_seed0"), str(references),
+                  "--inception_weights", str(random_weights)])
+    out = capsys.readouterr().out
+    folder_fid, (folder_kid, _) = float(out.split("FID:")[1].split()[0]), map(float, out.split("KID:")[1].split("+-"))
+    assert result["fid"] == pytest.approx(folder_fid, rel=1e-6) and result["kid"] == pytest.approx(folder_kid, rel=1e-5)
 
 
 def test_a_conditional_model_is_asked_for_the_references_labels(workdir, capsys, random_weights, monkeypatch):

@@ -56,6 +56,25 @@ def test_rope_logits_depend_only_on_relative_position():
     assert torch.allclose(cg.apply_rope(q, cg.rope_angles(rows, cols, head_dim)).norm(dim=-1), q.norm(dim=-1))
 
 
+def test_attention_logits_depend_only_on_relative_position(monkeypatch):
+    """Inside Attention, RoPE turns the queries and the keys: with the same token at all 16 places of
+    a 4x4 grid, the logit of (query at p, key at r) is unchanged when both move by a row or a column,
+    and it does change from key to key."""
+    torch.manual_seed(0)
+    attention = cg.Attention(64, 1)
+    rows, cols = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    rope = cg.rope_angles(rows.flatten(), cols.flatten(), 64)                 # (16, 32)
+    logits = []
+    monkeypatch.setattr(cg.F, "scaled_dot_product_attention",
+                        lambda q, k, v: logits.append(q @ k.transpose(-1, -2)) or v)
+    with torch.no_grad():
+        attention(torch.randn(1, 1, 64).expand(1, 16, 64), rope)
+    grid = logits[0].view(4, 4, 4, 4)  # [query row, query column, key row, key column]
+    assert torch.allclose(grid[:, :-1, :, :-1], grid[:, 1:, :, 1:], atol=1e-4)  # both a column on
+    assert torch.allclose(grid[:-1, :, :-1], grid[1:, :, 1:], atol=1e-4)        # both a row down
+    assert (logits[0][0, 0, 0] - logits[0][0, 0, 0, 0]).abs().max() > 0.1      # keys differ
+
+
 def test_uniform_time_rotation_leaves_attention_unchanged():
     """Rotating all queries and keys by the same time angle t*w cancels in q.k: t would be invisible."""
     torch.manual_seed(0)
@@ -191,6 +210,25 @@ def test_sampler_transports_a_gaussian_with_first_and_second_order_error():
     assert 1.7 < error(20, "euler") / error(40, "euler") < 2.3
     assert error(20, "heun") / error(40, "heun") > 3.5
     assert error(40, "heun") < 0.005 and error(400, "euler") < 0.01
+
+
+def test_generate_draws_fresh_noise_per_image_whatever_the_batch_size():
+    """Sampling a checkpoint 3 at a time gives the very images of 6 at once (the noise is one stream
+    from the seed, and each batch takes its own rows of the requests), and all 6 differ. (This holds
+    for 8x8 images, 192 normals each: the CPU draws normals in blocks of 16, so a batch boundary that
+    splits a block would give other numbers.)"""
+    torch.manual_seed(0)
+    model = randomized(cg.DiT(8, 4, **cg.MODELS["tiny"], num_attributes=2))
+    ckpt = {"args": dict(model="tiny", image_size=8, patch_size=4, attributes=["Smiling", "Male"]),
+            "ema": model.state_dict()}
+    asked = torch.tensor([[1.0, -1], [-1, 1], [1, 1], [-1, -1], [0, 1], [1, 0]])  # (6, 2)
+    cpu = torch.device("cpu")
+    draw = lambda batch_size: torch.cat(list(cg.generate(ckpt, 6, 3, "euler", 7, batch_size, cpu, "fp32",
+                                                         attributes=asked)))  # (6, 3, 8, 8)
+    whole, in_halves = draw(6), draw(3)
+    assert torch.allclose(whole, in_halves, atol=1e-5)
+    distance = (whole[:, None] - whole[None]).abs().flatten(2).max(-1).values   # (6, 6)
+    assert (distance + torch.eye(6)).min() > 1e-3
 
 
 def test_overfits_a_few_images():

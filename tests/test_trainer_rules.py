@@ -1,5 +1,6 @@
 """Rules of the training loop, each measured on something the test controls."""
 import argparse
+import sys
 
 import pytest
 import torch
@@ -59,24 +60,41 @@ def test_learning_rate_warms_up_stays_constant_then_cools_down_to_0(step, progre
     assert cg.learning_rate(step, progress, args) == pytest.approx(1e-3 * min(1, (step + 1) / 100), rel=1e-12)
 
 
-def test_a_time_budget_ends_on_time_cooled_down_and_resumes_on_the_same_clock(workdir, capsys):
-    """--max_minutes 0.05 (3 s) ends the run after the step that crosses 3 s of training, validated and
-    saved, with its learning rate near 0; the checkpoint records the seconds used; a resume with the same
-    budget has nothing to do, and one with 0.1 minutes trains 3 s more, not 6 s."""
+def fake_training_clock(monkeypatch, seconds_per_reading):
+    """The trainer's clock made exact: train_loop reads time.monotonic() once before its first step
+    and once after each step; here each of its readings advances by seconds_per_reading, whatever
+    the machine's load. Other callers get the real clock."""
+    real, now = cg.time.monotonic, [0.0]
+
+    def clock():
+        if sys._getframe(1).f_code is not cg.train_loop.__code__:
+            return real()
+        now[0] += seconds_per_reading
+        return now[0]
+    monkeypatch.setattr(cg.time, "monotonic", clock)
+
+
+def test_a_time_budget_ends_on_time_cooled_down_and_resumes_on_the_same_clock(workdir, capsys, monkeypatch):
+    """--max_minutes 0.05 (3 s) at 0.125 s per step ends the run after the step that reaches 3 s of
+    training, step 24, validated and saved; that step's learning rate is set from 2.875 s, 23 steps
+    in: lr (1 - 2.875 / 3) / 0.2. A resume with the same budget has nothing to do, and one with 0.1
+    minutes continues the same clock: 24 steps more, to 6.0 s, not 3 s more after a fresh start."""
+    fake_training_clock(monkeypatch, 0.125)
     args = [*TOY, "--batch_size", 4, "--lr", 1e-3, "--warmup_steps", 2, "--log_every", 1000,
             "--eval_every", 1000, "--max_minutes", 0.05]
     code, out, err = cli(capsys, "train", "--exp_name", "budget", *args)
     assert code == 0, err
     first = checkpoint("budget")
-    step_time = first["elapsed"] / first["step"]
-    assert 3.0 <= first["elapsed"] < 3.0 + 2 * step_time + 0.5 and first["step"] > 5
-    assert first["optimizer"]["param_groups"][0]["lr"] < 0.5e-3  # in the cooldown's last half
-    assert f"step {first['step']} | val loss (EMA)" in out  # the end validates, samples and saves
+    assert first["step"] == 24 and first["elapsed"] == 3.0
+    lr = first["optimizer"]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(1e-3 * (1 - 2.875 / 3) / 0.2, rel=1e-6)
+    assert "step 24 | val loss (EMA)" in out  # the end validates, samples and saves
     code, out, err = cli(capsys, "train", "--exp_name", "budget", "--resume")
-    assert code == 0 and "budget has trained 0.05 of its 0.05 minutes" in out and checkpoint("budget")["step"] == first["step"]
+    assert code == 0 and "budget has trained 0.05 of its 0.05 minutes" in out
+    assert checkpoint("budget")["step"] == 24
     assert cli(capsys, "train", "--exp_name", "budget", "--resume", "--max_minutes", 0.1)[0] == 0
     again = checkpoint("budget")
-    assert 6.0 <= again["elapsed"] < 6.0 + 2 * step_time + 0.5 and again["step"] > first["step"]
+    assert again["step"] == 48 and again["elapsed"] == 6.0
 
 
 # ----- through the real trainer (toy data or a small folder of images, a few steps) -----
@@ -98,40 +116,65 @@ def test_the_optimizer_gets_the_warm_up_learning_rate_also_after_a_resume(workdi
     assert checkpoint("lr")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.5e-3, rel=1e-12)
 
 
-def test_gradients_are_clipped_at_the_flag_and_the_log_shows_the_norm_before_clipping(workdir, capsys):
-    """AdamW's first step moves each weight by about lr whatever the gradient's scale -- unless the
-    clipped gradient falls far below Adam's eps (1e-8): a clip of 1e-12 all but stops training."""
+def test_gradients_are_clipped_at_the_flag_and_the_log_shows_the_norm_before_clipping(workdir, capsys,
+                                                                                    monkeypatch):
+    """AdamW steps with a gradient of norm min(--grad_clip, the norm before clipping), and the log shows
+    the norm before. So AdamW's first step moves each weight by about lr whatever the gradient's scale --
+    unless the clipped gradient falls far below Adam's eps (1e-8): a clip of 1e-12 all but stops training."""
+    stepped, adamw_step = [], torch.optim.AdamW.step
+
+    def record_norm_then_step(self, *args, **kwargs):
+        stepped.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]
+                                  if p.grad is not None]).norm().item())
+        return adamw_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", record_norm_then_step)
     moved = {}
-    for clip in (1.0, 1e-12):
+    for clip in (0.01, 1e-12):
         name = f"clip{clip:g}"
         code, out, _ = cli(capsys, "train", "--exp_name", name, *TOY, "--batch_size", 4, "--max_steps", 1,
                            "--warmup_steps", 1, "--grad_clip", clip)
         assert code == 0
         logged = float(out.split("| grad ")[1].split()[0])
-        assert logged > 0.01  # the norm before clipping, not the clipped 1e-12
+        assert logged > 0.02  # the norm before clipping, not the clipped one
+        assert stepped.pop() == pytest.approx(clip, rel=1e-4)
         torch.manual_seed(0)
         init = cg.DiT(16, 4, **cg.MODELS["tiny"]).state_dict()
         weights = checkpoint(name)["model"]
         moved[clip] = max((weights[k] - init[k]).abs().max().item() for k in init)
-    assert moved[1.0] > 5e-4 and moved[1e-12] < 1e-5
+    assert moved[0.01] > 5e-4 and moved[1e-12] < 1e-5
+    code, out, _ = cli(capsys, "train", "--exp_name", "unclipped", *TOY, "--batch_size", 4, "--max_steps", 1,
+                       "--grad_clip", 1000)
+    assert code == 0 and stepped.pop() == pytest.approx(float(out.split("| grad ")[1].split()[0]), abs=5e-4)
 
 
 def record_training_images(monkeypatch):
-    """Which image indices the trainer's examples are read at, in order (--workers 0: in this process)."""
-    seen, real_getitem = [], cg.FlowExamples.__getitem__
-    monkeypatch.setattr(cg.FlowExamples, "__getitem__", lambda self, i: seen.append(i) or real_getitem(self, i))
-    return seen
+    """Which image indices the trainer's examples are read at, in order (--workers 0: in this process),
+    and {index: the (noise, time) of each of its examples}."""
+    seen, drawn, real_getitem = [], {}, cg.FlowExamples.__getitem__
+
+    def getitem(self, i):
+        x1, x0, t, a = real_getitem(self, i)
+        seen.append(i)
+        drawn.setdefault(i, []).append((x0, t))
+        return x1, x0, t, a
+    monkeypatch.setattr(cg.FlowExamples, "__getitem__", getitem)
+    return seen, drawn
 
 
 def test_every_epoch_is_a_new_permutation_of_all_images_and_a_resume_sees_the_same(workdir, capsys, monkeypatch):
+    """Each epoch reads every image once, in a new order, and with new noise and a new time; a resume
+    reads exactly what the uninterrupted run read."""
     random_image_folder(workdir / "images", 12)
     args = [*TOY, "--dataset", "celeba", "--data_root", "images", "--batch_size", 4]
-    seen = record_training_images(monkeypatch)
+    seen, drawn = record_training_images(monkeypatch)
     assert cli(capsys, "train", "--exp_name", "straight", *args, "--max_steps", 9)[0] == 0
     straight = list(seen)
     epochs = [straight[0:12], straight[12:24], straight[24:36]]
     assert all(sorted(epoch) == list(range(12)) for epoch in epochs)  # no repeats, no omissions
     assert epochs[0] != epochs[1] != epochs[2]
+    for examples in drawn.values():  # 3 epochs: 3 different noises and times for each image
+        assert len(examples) == 3 and len({t.item() for _, t in examples}) == 3
+        assert not any(torch.equal(examples[i][0], examples[j][0]) for i, j in [(0, 1), (0, 2), (1, 2)])
     seen.clear()
     assert cli(capsys, "train", "--exp_name", "resumed", *args, "--max_steps", 5)[0] == 0
     assert cli(capsys, "train", "--exp_name", "resumed", "--resume", "--max_steps", 9)[0] == 0

@@ -48,6 +48,12 @@ def labelled_celeba(root):
         f"{n} " + " ".join("1" if (7 * i + k) % 3 else "-1" for k in range(40)) + "\n" for i, n in enumerate(names[:15])))
 
 
+def logged_scalars(logs, tag):
+    """The events of one TensorBoard scalar, in order of step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    return EventAccumulator(str(logs)).Reload().Scalars(tag)
+
+
 def test_ddp_two_processes_equal_one_process_with_twice_the_batch(workdir, capsys):
     """2 gloo processes x batch 4 and 1 process x batch 8 see the same examples and take the same steps;
     they differ only by float rounding in the gradient all-reduce (tolerance 1e-5 on weights of size ~0.1).
@@ -68,6 +74,10 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(workdir, capsy
     for part in ("model", "ema"):  # ...and both runs changed them the same way
         diff = max((one[part][k] - two[part][k]).abs().max().item() for k in one[part])
         assert diff < 1e-5, (part, diff)
+    # the logged loss of 2 processes is their mean, the loss of the global batch of 8
+    losses = [[e.value for e in logged_scalars(workdir / f"experiments/{run}/logs", "train/loss")]
+              for run in ("one", "two")]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-4)
 
     # the same 2 processes started by torchrun, which celebgen joins instead of spawning its own
     torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -75,6 +85,23 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(workdir, capsy
                                "--batch_size", "4", "--max_steps", "3"], capture_output=True, text=True, timeout=300)
     assert torchrun.returncode == 0, torchrun.stderr
     assert all(torch.equal(two["model"][k], checkpoint("torchrun")["model"][k]) for k in two["model"])
+
+
+@pytest.mark.slow
+def test_compile_takes_the_same_steps_as_eager(workdir, capsys):
+    """--compile (torch.compile, whose inductor fuses the elementwise ops between matmuls into
+    generated kernels) trains the same weights as eager PyTorch, up to float rounding. Slow: the first
+    step compiles for about a minute on 2 cores."""
+    args = [*TOY, "--batch_size", 4, "--max_steps", 3]
+    assert cli(capsys, "train", "--exp_name", "eager", *args)[0] == 0
+    code, out, err = cli(capsys, "train", "--exp_name", "compiled", *args, "--compile")
+    assert code == 0 and "step 3/3" in out, err
+    eager, compiled = checkpoint("eager"), checkpoint("compiled")
+    torch.manual_seed(0)
+    init = cg.DiT(16, 4, **cg.MODELS["tiny"]).state_dict()
+    assert max((eager["model"][k] - init[k]).abs().max().item() for k in init) > 1e-3
+    for part in ("model", "ema"):
+        assert max((eager[part][k] - compiled[part][k]).abs().max().item() for k in init) < 1e-5, part
 
 
 def test_resume_continues_exactly(workdir, capsys, monkeypatch):
