@@ -1258,7 +1258,7 @@ def train_loop(rank, world_size, args, device, interrupt):
     budget = 60 * args.max_minutes if args.max_minutes else math.inf  # seconds of training
     ddp_model = model if world_size == 1 else \
         DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if args.compile:
+    if args.compile:  # fused kernels for the elementwise ops between the matmuls, made at step 1
         ddp_model = torch.compile(ddp_model)
 
     if world_size > 1:  # under torchrun: wait until validate_train_args has built the image cache
@@ -1276,8 +1276,8 @@ def train_loop(rank, world_size, args, device, interrupt):
         print(f"{args.exp_name} has trained {elapsed / 60:.2f} of its {args.max_minutes:g} minutes; "
               f"raise --max_minutes to train further", flush=True)
 
-    # the run's clock: monotonic (a change of the system time does not move it), continued across
-    # resumes
+    # the run's clock continues across resumes; monotonic, so a change of the system time does not
+    # move it
     stop, clock = False, time.monotonic() - elapsed
     while step < total_steps and elapsed < budget and not stop:
         # this epoch's order: a permutation fixed by (seed, epoch), this process's 1/world_size of
@@ -1771,7 +1771,9 @@ def make_parser():
     arg("--num_sampling_steps", type=positive(int), default=50, help="Euler steps of the sample grids")
     arg("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     arg("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
-    arg("--compile", action="store_true", help="torch.compile the model")
+    arg("--compile", action="store_true",
+        help="torch.compile the model: fused kernels for the work between matmuls; the first step "
+             "compiles (up to minutes on a CPU, which needs a C++ compiler), later steps run faster")
     arg("--nproc", type=positive(int), default=None,
         help="processes on this machine (default: one per GPU on CUDA, else 1)")
     arg("--workers", type=number(int, at_least=0), default=2,
@@ -1813,10 +1815,10 @@ def make_parser():
 
 def exit_on_user_error(command, *args, quiet=False):
     """Run a command. Bad input (UserError), an op without an MPS kernel and a --compile that finds no
-    working compiler end as one line `error: ...` and exit status 2; Ctrl-C as one line and status 130 (the shell's code for SIGINT). No
-    traceback. quiet: a DDP rank other than 0, which says nothing and leaves with status 0, because
-    spawn stops every process as soon as one fails: rank 0 must be the one whose status and message
-    the user gets."""
+    working compiler end as one line `error: ...` and exit status 2; Ctrl-C as one line and status
+    130 (the shell's code for SIGINT). No traceback. quiet: a DDP rank other than 0, which says
+    nothing and leaves with status 0, because spawn stops every process as soon as one fails: rank 0
+    must be the one whose status and message the user gets."""
     code = 2
     try:
         return command(*args)

@@ -6,9 +6,10 @@
 For each count N, writes N toy faces (64x64 PNGs) to a temporary folder, runs
 `python fid.py FOLDER reference.npz` in a fresh process (the .npz side needs no images), and prints that
 process's peak resident memory, its wall time and images/s. Images, features and their statistics
-stream a batch at a time; KID keeps a sample of at most 10,000 features (8 KB each). So the peak may
-differ by that sample (about 65 MB more at 20,000 than at 2,000), and no more; holding every image as
-float32 would add 48 KB per image (0.9 GB at 20k).
+stream a batch at a time; KID keeps a sample of at most 10,000 features (8 KB each) in one array, of
+which only the rows written take memory: 16 MB at 2,000 images, 82 MB from 10,000 on. So the peak may
+differ by about 66 MB between 2,000 and 20,000 images, and no more; holding every image as float32
+would add 48 KB per image (0.9 GB at 20k).
 Slow on a CPU: Inception runs at a few images/s per core.
 """
 import argparse

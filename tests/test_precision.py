@@ -79,6 +79,25 @@ def val_losses(out):
     return [float(v) for v in re.findall(r"val loss \(EMA\) ([0-9.]+)", out)]
 
 
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_the_trainers_matmuls_run_at_the_precision_asked(workdir, capsys, monkeypatch, precision, dtype):
+    """Every Linear of the training step (and of the EMA's validation and sample grid) gives outputs of
+    the autocast dtype: bf16 under --precision bf16, fp32 under fp32."""
+    seen, build_model = set(), cg.build_model
+
+    def recorded(args):  # the EMA, a deep copy, keeps the hooks
+        model = build_model(args)
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.Linear):
+                layer.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+        return model
+    monkeypatch.setattr(cg, "build_model", recorded)
+    code, _, err = cli(capsys, "train", "--exp_name", precision, *TOY, "--precision", precision,
+                       "--batch_size", 4, "--max_steps", 1)
+    assert code == 0, err
+    assert seen == {dtype}
+
+
 def test_fp16_with_loss_scaling_trains_like_fp32(workdir, capsys):
     """The same 24 steps in fp16 (GradScaler on) and fp32: finite, falling, and close to each other."""
     losses = {}

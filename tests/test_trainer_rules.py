@@ -100,7 +100,7 @@ def test_a_time_budget_ends_on_time_cooled_down_and_resumes_on_the_same_clock(wo
 # ----- through the real trainer (toy data or a small folder of images, a few steps) -----
 
 from test_data import LAYOUTS  # noqa: E402
-from test_training import TOY, checkpoint, cli, random_image_folder  # noqa: E402
+from test_training import TOY, checkpoint, cli, logged_scalars, random_image_folder  # noqa: E402
 
 
 def test_the_optimizer_gets_the_warm_up_learning_rate_also_after_a_resume(workdir, capsys):
@@ -145,6 +145,43 @@ def test_gradients_are_clipped_at_the_flag_and_the_log_shows_the_norm_before_cli
     code, out, _ = cli(capsys, "train", "--exp_name", "unclipped", *TOY, "--batch_size", 4, "--max_steps", 1,
                        "--grad_clip", 1000)
     assert code == 0 and stepped.pop() == pytest.approx(float(out.split("| grad ")[1].split()[0]), abs=5e-4)
+
+
+def test_the_first_step_is_plain_adamw_and_the_logs_show_the_ema(workdir, capsys):
+    """AdamW's first step moves each weight by -lr g / (|g| + eps): by lr where the gradient is well
+    above eps, and not at all where it is 0 (no weight decay) -- which at initialisation is
+    every weight but the output layer's, whose zeros pass no gradient back. update_ema's warm-up
+    d = 1/10 at step 0 then puts the EMA at 0.1 init + 0.9 model, and the validation loss and
+    the sample grid after that step are the EMA's, not the raw weights'."""
+    lr = 1e-2
+    code, _, err = cli(capsys, "train", "--exp_name", "one", *TOY, "--batch_size", 4, "--max_steps", 1,
+                       "--warmup_steps", 1, "--lr", lr, "--eval_every", 1, "--sample_every", 1)
+    assert code == 0, err
+    ckpt = checkpoint("one")
+    torch.manual_seed(0)
+    init = cg.DiT(16, 4, **cg.MODELS["tiny"]).state_dict()
+    for k in init:
+        moved = (ckpt["model"][k] - init[k]).abs()
+        if k.startswith("out."):
+            assert moved.max() < lr * (1 + 1e-5) and ((moved - lr).abs() < 1e-3 * lr).float().mean() > 0.95
+        else:  # the zero output layer passes no gradient back: nothing else moves, not even by decay
+            assert not moved.any(), k
+        assert torch.allclose(ckpt["ema"][k], 0.1 * init[k] + 0.9 * ckpt["model"][k], atol=1e-7), k
+
+    args = argparse.Namespace(**ckpt["args"])
+    val = cg.validation_set(cg.make_dataset(args, "val"), args.val_size, args.seed, args.t_mu, args.t_sigma)
+    cpu, weights = torch.device("cpu"), {}
+    for part in ("ema", "model"):
+        weights[part] = cg.load_model(ckpt, cpu, use_ema=part == "ema")
+    logged = logged_scalars(workdir / "experiments/one/logs", "val/loss")[0].value
+    losses = {part: cg.validation_loss(m, val, args.t_eps, 16, cpu, "fp32") for part, m in weights.items()}
+    assert logged == pytest.approx(losses["ema"], rel=1e-5) and abs(losses["model"] - logged) > 1e-3 * logged
+
+    noise = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(args.seed + 1))
+    saved = cg.to_signed(cg.image_tensor(cg.Image.open(workdir / "experiments/one/samples/step_0000001.png")))
+    drawn = {part: cg.image_grid(cg.sample(m, noise, args.num_sampling_steps)) * 2 - 1 for part, m in weights.items()}
+    assert (drawn["ema"] - saved).abs().max() <= 1.01 / 127.5  # the same up to 8-bit rounding
+    assert (drawn["model"] - saved).abs().max() > 3 / 127.5
 
 
 def record_training_images(monkeypatch):
