@@ -234,7 +234,7 @@ def test_cli_writes_fid_json_for_an_experiment(workdir, capsys, random_weights):
 
 def test_an_experiments_fid_is_that_of_its_sample_pngs_against_the_reference_pngs(workdir, capsys,
                                                                                  random_weights):
-    """fid.py --exp_name computes, without writing a file, what the two-folder FID (the pytorch-fid
+    """fid.py --exp_name computes, without writing an image, what the two-folder FID (the pytorch-fid
     path) gives for the PNGs `celebgen.py sample` writes of the same checkpoint and noise, against PNGs
     of the first --ref_images held-out images: the same sampler, EMA weights, 8-bit rounding and
     references, so the same FID and KID."""

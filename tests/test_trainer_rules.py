@@ -100,7 +100,8 @@ def test_a_time_budget_ends_on_time_cooled_down_and_resumes_on_the_same_clock(wo
 # ----- through the real trainer (toy data or a small folder of images, a few steps) -----
 
 from test_data import LAYOUTS  # noqa: E402
-from test_training import TOY, checkpoint, cli, logged_scalars, random_image_folder  # noqa: E402
+from test_training import (TOY, checkpoint, cli, logged_scalars, random_image_folder,  # noqa: E402
+                           toy_initial_weights)
 
 
 def test_the_optimizer_gets_the_warm_up_learning_rate_also_after_a_resume(workdir, capsys):
@@ -128,7 +129,7 @@ def test_gradients_are_clipped_at_the_flag_and_the_log_shows_the_norm_before_cli
                                   if p.grad is not None]).norm().item())
         return adamw_step(self, *args, **kwargs)
     monkeypatch.setattr(torch.optim.AdamW, "step", record_norm_then_step)
-    moved = {}
+    moved, init = {}, toy_initial_weights()
     for clip in (0.01, 1e-12):
         name = f"clip{clip:g}"
         code, out, _ = cli(capsys, "train", "--exp_name", name, *TOY, "--batch_size", 4, "--max_steps", 1,
@@ -137,8 +138,6 @@ def test_gradients_are_clipped_at_the_flag_and_the_log_shows_the_norm_before_cli
         logged = float(out.split("| grad ")[1].split()[0])
         assert logged > 0.02  # the norm before clipping, not the clipped one
         assert stepped.pop() == pytest.approx(clip, rel=1e-4)
-        torch.manual_seed(0)
-        init = cg.DiT(16, 4, **cg.MODELS["tiny"]).state_dict()
         weights = checkpoint(name)["model"]
         moved[clip] = max((weights[k] - init[k]).abs().max().item() for k in init)
     assert moved[0.01] > 5e-4 and moved[1e-12] < 1e-5
@@ -158,8 +157,7 @@ def test_the_first_step_is_plain_adamw_and_the_logs_show_the_ema(workdir, capsys
                        "--warmup_steps", 1, "--lr", lr, "--eval_every", 1, "--sample_every", 1)
     assert code == 0, err
     ckpt = checkpoint("one")
-    torch.manual_seed(0)
-    init = cg.DiT(16, 4, **cg.MODELS["tiny"]).state_dict()
+    init = toy_initial_weights()
     for k in init:
         moved = (ckpt["model"][k] - init[k]).abs()
         if k.startswith("out."):

@@ -48,6 +48,13 @@ def labelled_celeba(root):
         f"{n} " + " ".join("1" if (7 * i + k) % 3 else "-1" for k in range(40)) + "\n" for i, n in enumerate(names[:15])))
 
 
+def toy_initial_weights():
+    """The weights a TOY run starts from: a tiny DiT at 16x16 built after torch.manual_seed(0), the
+    trainer's seed."""
+    torch.manual_seed(0)
+    return cg.DiT(16, 4, **cg.MODELS["tiny"]).state_dict()
+
+
 def logged_scalars(logs, tag):
     """The events of one TensorBoard scalar, in order of step."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -67,8 +74,7 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(workdir, capsy
     code, out, _ = cli(capsys, "train", "--exp_name", "one", *toy, "--batch_size", 8, "--max_steps", 3)
     assert code == 0 and "step 3/3" in out and "decoding" not in out  # the cache of the run before
     one, two = checkpoint("one"), checkpoint("two")
-    torch.manual_seed(0)
-    init = cg.DiT(16, 4, **cg.MODELS["tiny"]).state_dict()
+    init = toy_initial_weights()
     moved = max((one["model"][k] - init[k]).abs().max().item() for k in init)
     assert moved > 1e-3 and one["model"]["attribute_embed.weight"].shape == (192, 2)  # training did change the weights...
     for part in ("model", "ema"):  # ...and both runs changed them the same way
@@ -94,13 +100,12 @@ def test_compile_takes_the_same_steps_as_eager(workdir, capsys, monkeypatch):
     step compiles for about a minute on 2 cores."""
     args = [*TOY, "--batch_size", 4, "--max_steps", 3]
     assert cli(capsys, "train", "--exp_name", "eager", *args)[0] == 0
-    compiled, compile = [], torch.compile
-    monkeypatch.setattr(cg.torch, "compile", lambda model: compiled.append(model) or compile(model))
+    calls, compile = [], torch.compile
+    monkeypatch.setattr(cg.torch, "compile", lambda model: calls.append(model) or compile(model))
     code, out, err = cli(capsys, "train", "--exp_name", "compiled", *args, "--compile")
-    assert code == 0 and "step 3/3" in out and len(compiled) == 1, err
+    assert code == 0 and "step 3/3" in out and len(calls) == 1, err
     eager, compiled = checkpoint("eager"), checkpoint("compiled")
-    torch.manual_seed(0)
-    init = cg.DiT(16, 4, **cg.MODELS["tiny"]).state_dict()
+    init = toy_initial_weights()
     assert max((eager["model"][k] - init[k]).abs().max().item() for k in init) > 1e-3
     for part in ("model", "ema"):
         assert max((eager[part][k] - compiled[part][k]).abs().max().item() for k in init) < 1e-5, part
