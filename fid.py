@@ -187,8 +187,10 @@ def extract(model, batches, total, device, score=None):
     """Run the network over an iterable of (B, 3, H, W) batches in [0, 1], printing progress; return
     the features' RunningStatistics and a FeatureSample of them (for KID), and feed the logits to an
     InceptionScore if one is given. Nothing of size N is kept, so memory does not grow with the
-    number of images."""
+    number of images. Progress is a whole line every 10 seconds and at the end (whole lines, so they
+    interleave cleanly with the sampler's when the batches are being generated)."""
     stats, sample, done, start = RunningStatistics(), FeatureSample(), 0, time.time()
+    reported = start
     for batch in batches:
         features, logits = model(batch.to(device))
         stats.add(features.cpu().numpy())
@@ -196,10 +198,11 @@ def extract(model, batches, total, device, score=None):
         if score is not None:
             score.add(logits.cpu())
         done += len(batch)
-        speed = done / (time.time() - start)
-        print(f"\rInception features: {done}/{total} images | {speed:.1f} img/s", end="",
-              file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+        now = time.time()
+        if now - reported >= 10 or done == total:
+            print(f"Inception features: {done}/{total} images | {done / (now - start):.1f} img/s",
+                  file=sys.stderr, flush=True)
+            reported = now
     return stats, sample
 
 

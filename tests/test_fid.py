@@ -218,6 +218,8 @@ def test_cli_writes_fid_json_for_an_experiment(workdir, capsys, random_weights):
             "--ref_images", "6", "--inception_weights", str(random_weights), "--batch_size", "6"]
     with pytest.warns(UserWarning, match="< 2048 images"):
         fid.main(argv)
+    err = capsys.readouterr().err  # progress as whole lines, which interleave with the sampler's
+    assert "\r" not in err and "Inception features: 6/6 images" in err.splitlines()[-1], err
     result = json.loads((workdir / "experiments" / "tiny" / "fid.json").read_text())
     assert result["step"] == 2 and result["num_samples"] == 6 and math.isfinite(result["fid"]) and result["fid"] > 0
     assert "inception_score" in result  # these random weights have a (random) classifier
