@@ -138,6 +138,28 @@ def test_near_t_1_the_loss_is_still_minimal_at_x1():
     assert 1 / 750_000 < beyond < 1 / 650_000
 
 
+def test_the_time_distributions_tail_shares_in_section_1():
+    """Section 1's comment and README's table: the settings that drew blocky faces, (mu, sigma) =
+    (-0.8, 0.6) and (-1.6, 0.8), put 0.01% of their times above 0.8, 6.9 and 4.8 expected of their
+    10-minute runs' examples (3,193 and 3,167 steps of 16); the recipe's (-0.6, 0.8) 0.65%, the
+    default 0.31% -- in the closed form and in logit_normal's draws."""
+    def above(t, mu, sigma):
+        return torch.special.ndtr(-(torch.logit(torch.tensor(t, dtype=torch.float64)) - mu) / sigma).item()
+    for mu, sigma, steps, expected in ((-0.8, 0.6, 3193, 6.9), (-1.6, 0.8, 3167, 4.8)):
+        assert round(above(0.8, mu, sigma) * steps * 16, 1) == expected
+    table = {(0, 1.0): (8.3, 8.3), (-0.4, 1.0): (3.7, 16.2), (-0.6, 0.8): (0.65, 16.3),
+             (-0.8, 0.8): (0.31, 23.2), (-1.2, 0.8): (0.06, 40.8), (-1.6, 0.8): (0.01, 60.5),
+             (-0.8, 0.6): (0.01, 16.4)}  # README's shares of times above 0.8 and below 0.2, in %
+    for (mu, sigma), (high, low) in table.items():
+        digits = 2 if high < 1 else 1
+        assert round(100 * above(0.8, mu, sigma), digits) == high
+        assert round(100 * (1 - above(0.2, mu, sigma)), 1) == low
+    n = torch.randn(4_000_000, generator=torch.Generator().manual_seed(0))
+    for mu, share in ((-0.6, 0.0065), (-0.8, 0.0031)):
+        assert round(above(0.8, mu, 0.8), 4) == share
+        assert abs((cg.logit_normal(n, mu, 0.8) > 0.8).double().mean().item() - share) < 2e-4
+
+
 def test_qk_norm_bounds_the_attention_logits_by_the_gains(monkeypatch):
     """The QK-norm comment: |q.k| / sqrt(d) <= sqrt(d) max|gain_q| max|gain_k|, however large x is --
     measured on the q and k that Attention.forward hands to attention."""
