@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def commands(text):
     """The argument lists of `celebgen.py ...` lines of text, with their backslash continuations
     joined and "[--optional flag]" notation dropped."""
-    text = text.replace("\\\\\n", " ").replace("\\\n", " ")  # the docstring's escaped backslash too
+    text = text.replace("\\\n", " ")
     found = []
     for line in text.splitlines():
         if "celebgen.py " in line and not line.lstrip().startswith("#"):

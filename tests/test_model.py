@@ -126,6 +126,11 @@ def test_v_loss_is_a_weighted_x_loss_capped_near_t_1():
     assert torch.allclose(cg.velocity(x1, x_t, t, eps)[low], (x1 - x0)[low], atol=1e-5)
 
 
+def share_above(t, mu, sigma):
+    """The share of logit-normal times above t: P(mu + sigma n > logit t), n ~ N(0, 1)."""
+    return torch.special.ndtr(-(torch.logit(torch.tensor(t, dtype=torch.float64)) - mu) / sigma).item()
+
+
 def test_near_t_1_the_loss_is_still_minimal_at_x1():
     """For 1 - t < t_eps the clamped target keeps the minimiser at x1 (what the sampler assumes), and
     under the default t distribution this region (t > 0.95) holds about one example in 700,000."""
@@ -134,8 +139,7 @@ def test_near_t_1_the_loss_is_still_minimal_at_x1():
     oracle = lambda prediction: (lambda x, t, attributes=None: prediction)
     assert cg.flow_loss(oracle(x1), x1, x0, t, eps) == 0
     assert cg.flow_loss(oracle(x1 + 0.01), x1, x0, t, eps) > 0
-    beyond = torch.special.ndtr(-(torch.logit(torch.tensor(1 - eps, dtype=torch.float64)) + 0.8) / 0.8)
-    assert 1 / 750_000 < beyond < 1 / 650_000
+    assert 1 / 750_000 < share_above(1 - eps, -0.8, 0.8) < 1 / 650_000
 
 
 def test_the_time_distributions_tail_shares_in_section_1():
@@ -143,21 +147,18 @@ def test_the_time_distributions_tail_shares_in_section_1():
     (-0.8, 0.6) and (-1.6, 0.8), put 0.01% of their times above 0.8, 6.9 and 4.8 expected of their
     10-minute runs' examples (3,193 and 3,167 steps of 16); the recipe's (-0.6, 0.8) 0.65%, the
     default 0.31% -- in the closed form and in logit_normal's draws."""
-    def above(t, mu, sigma):
-        return torch.special.ndtr(-(torch.logit(torch.tensor(t, dtype=torch.float64)) - mu) / sigma).item()
     for mu, sigma, steps, expected in ((-0.8, 0.6, 3193, 6.9), (-1.6, 0.8, 3167, 4.8)):
-        assert round(above(0.8, mu, sigma) * steps * 16, 1) == expected
+        assert round(share_above(0.8, mu, sigma) * steps * 16, 1) == expected
     table = {(0, 1.0): (8.3, 8.3), (-0.4, 1.0): (3.7, 16.2), (-0.6, 0.8): (0.65, 16.3),
              (-0.8, 0.8): (0.31, 23.2), (-1.2, 0.8): (0.06, 40.8), (-1.6, 0.8): (0.01, 60.5),
              (-0.8, 0.6): (0.01, 16.4)}  # README's shares of times above 0.8 and below 0.2, in %
     for (mu, sigma), (high, low) in table.items():
         digits = 2 if high < 1 else 1
-        assert round(100 * above(0.8, mu, sigma), digits) == high
-        assert round(100 * (1 - above(0.2, mu, sigma)), 1) == low
+        assert round(100 * share_above(0.8, mu, sigma), digits) == high
+        assert round(100 * (1 - share_above(0.2, mu, sigma)), 1) == low
     n = torch.randn(4_000_000, generator=torch.Generator().manual_seed(0))
-    for mu, share in ((-0.6, 0.0065), (-0.8, 0.0031)):
-        assert round(above(0.8, mu, 0.8), 4) == share
-        assert abs((cg.logit_normal(n, mu, 0.8) > 0.8).double().mean().item() - share) < 2e-4
+    for mu in (-0.6, -0.8):  # the closed form is that of logit_normal's draws
+        assert abs((cg.logit_normal(n, mu, 0.8) > 0.8).double().mean().item() - share_above(0.8, mu, 0.8)) < 2e-4
 
 
 def test_qk_norm_bounds_the_attention_logits_by_the_gains(monkeypatch):
