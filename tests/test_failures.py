@@ -153,7 +153,7 @@ def test_ctrl_c_under_ddp_saves_and_says_so_once(workdir):
 
 
 @pytest.mark.parametrize("flag,value", [("--batch_size", 8), ("--seed", 1), ("--val_size", 4), ("--t_mu", 0.0),
-                                        ("--t_sigma", 1.0)])
+                                        ("--t_sigma", 1.0), ("--t_eps", 0.1)])
 def test_resume_refuses_changes_that_would_make_it_inexact(workdir, capsys, flag, value):
     assert cli(capsys, "train", "--exp_name", "run", *SMALL_RUN, "--max_steps", 2)[0] == 0
     before = checkpoint("run")
