@@ -22,8 +22,8 @@ Commands (all from this folder):
     python celebgen.py train --exp_name celeba64 --data_root ./data --nproc 8
     # CelebA 32x32 on a CPU: the recipe measured best per CPU-minute on 2 cores (README)
     python celebgen.py train --exp_name celeba32 --data_root ./data --model tiny --image_size 32 \\
-        --lr 2e-3 --warmup_steps 200 --batch_size 16 --t_mu -0.6 --t_eps 0.2 --compile \\
-        --max_minutes 20
+        --lr 2e-3 --warmup_steps 200 --batch_size 16 --t_mu -0.6 --t_eps 0.2 --ema_decay 0.995 \\
+        --compile --max_minutes 20
     # several machines: torchrun starts the processes and this file joins their group
     # (experiments/ must be on a filesystem all machines share, for --resume)
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
@@ -1204,7 +1204,10 @@ def update_ema(ema, model, step, decay):
     """ema <- d ema + (1 - d) model, with the warm-up d = min(decay, (1 + step) / (10 + step)).
     Measured as the lag behind a weight that grows by 1 per step (tested), the average spans the
     last (step + 1) / 10 steps while the warm-up rules -- so even a 5-minute run samples from a
-    useful EMA -- and d / (1 - d), about 1 / (1 - decay) steps, once d reaches decay."""
+    useful EMA -- and d / (1 - d), about 1 / (1 - decay) steps, once d reaches decay. The CPU
+    recipe (README) sets decay 0.995, an average over about 200 steps: after 4,075 steps (a
+    10-minute run on 2 cores) it sampled better (FID 45.9) than the warm-up's 400-step average
+    (47.3) and the raw weights (46.3) of the same run (README, Measured, sixth session)."""
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - d)
