@@ -1205,9 +1205,10 @@ def update_ema(ema, model, step, decay):
     Measured as the lag behind a weight that grows by 1 per step (tested), the average spans the
     last (step + 1) / 10 steps while the warm-up rules -- so even a 5-minute run samples from a
     useful EMA -- and d / (1 - d), about 1 / (1 - decay) steps, once d reaches decay. The CPU
-    recipe (README) sets decay 0.995, an average over about 200 steps: after 4,075 steps (a
-    10-minute run on 2 cores) it sampled better (FID 45.9) than the warm-up's 400-step average
-    (47.3) and the raw weights (46.3) of the same run (README, Measured, sixth session)."""
+    recipe (README) sets decay 0.995, an average over about 200 steps: after 4,075 steps (what a
+    10-minute run on 2 cores took in the fifth session) it sampled better (FID 45.9) than the
+    warm-up's 400-step average (47.3) and the raw weights (46.3) of the same run (README,
+    Measured, sixth session)."""
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - d)
