@@ -7,6 +7,7 @@
     python tests/benchmark_speed.py --attributes 0 40     # unconditional, and conditioned on 40 attributes
     python tests/benchmark_speed.py --plain               # also a plain DiT of the same shape, and the ratio
     python tests/benchmark_speed.py --plain --compile     # and both again under torch.compile
+    python tests/benchmark_speed.py --unfused             # also AdamW unfused: the steps, and AdamW alone
     python tests/benchmark_speed.py --configs tiny:32:4 --precisions bf16 --trainer DATA_ROOT --workers 0 2
                                                           # also `celebgen.py train` on real images
 
@@ -16,8 +17,9 @@ of full training steps (forward, backward, AdamW, EMA; data already in memory), 
 celebgen.flops_per_image, and that as a share of the machine's peak: the fastest of the fp32, bf16 and
 fp16 2048x2048 matmul rates measured at the start of the same run (an emulated type is not timed).
 With --trainer, after each in-memory measurement the real trainer runs on the images under DATA_ROOT
-(the image cache of ./experiments is built first if needed, outside the timing): its speed is the
-median of the images/s of its progress lines after the first, over that of an in-memory run just before.
+(the image cache of ./experiments is built first if needed, outside the timing), then the in-memory
+run again: the trainer's speed is the median of the images/s of its progress lines after the first,
+over the mean of the in-memory runs just before and just after it.
 """
 import argparse
 import copy
@@ -96,7 +98,7 @@ def plain_dit(model):
 
 
 def training_speed(model_name, image_size, patch_size, precision, batch_size, seconds, attributes, sdpa,
-                   plain=False, compile=False):
+                   plain=False, compile=False, fused=True):
     """(images/s, model FLOP/s, seconds of the first step) of training steps on data in memory; with
     compile, of the model under torch.compile, whose first step compiles it."""
     args = argparse.Namespace(model=model_name, image_size=image_size, patch_size=patch_size,
@@ -107,7 +109,7 @@ def training_speed(model_name, image_size, patch_size, precision, batch_size, se
     if plain:
         model = plain_dit(model)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
     x1 = torch.randn(batch_size, 3, image_size, image_size)
     labels = torch.randint(-1, 2, (batch_size, attributes)).float()  # -1, 0 or 1
     device = torch.device("cpu")
@@ -133,6 +135,25 @@ def training_speed(model_name, image_size, patch_size, precision, batch_size, se
             count += 1
     images_per_sec = count * batch_size / (time.perf_counter() - start)
     return images_per_sec, images_per_sec * flops_per_image, first_step
+
+
+def optimizer_step_ms(model_name, image_size, patch_size, rounds=7, steps=20):
+    """Median milliseconds of one AdamW step alone, unfused and fused, timed in alternating rounds so
+    that a change of the machine's speed falls on both."""
+    args = argparse.Namespace(model=model_name, image_size=image_size, patch_size=patch_size, attributes=[])
+    model = cg.build_model(args)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    times = {False: [], True: []}
+    opts = {fused: torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
+            for fused in times}
+    for _, fused in itertools.product(range(rounds), times):
+        opts[fused].step()  # warm-up
+        start = time.perf_counter()
+        for _ in range(steps):
+            opts[fused].step()
+        times[fused].append((time.perf_counter() - start) / steps * 1e3)
+    return statistics.median(times[False]), statistics.median(times[True])
 
 
 def trainer_speed(model_name, image_size, patch_size, precision, batch_size, data_root, workers, steps):
@@ -164,6 +185,9 @@ def main():
     parser.add_argument("--plain", action="store_true",
                         help="also time a plain DiT of the same shape (absolute positions, no QK-norm, no RoPE, "
                              "PyTorch's default attention kernel) just before, and print celebgen's speed over it")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also time the same steps with AdamW unfused (on a CPU, PyTorch's loop over the "
+                             "tensors; train uses fused=True) just before, and print the fused speed over it")
     parser.add_argument("--compile", action="store_true",
                         help="also time each model under torch.compile (its first step, which compiles, apart)")
     parser.add_argument("--trainer", metavar="DATA_ROOT",
@@ -199,20 +223,32 @@ def main():
                         plain, _, first = timed(sdpa=True, plain=True)
                         print(f"{name:>6} {size:>4} {p:>9} {'plain DiT':>9} {k:>10} {plain:8.1f}" + note(first),
                               flush=True)
+                    if args.unfused:
+                        unfused, _, first = timed(sdpa=sdpa, fused=False)
+                        print(f"{name:>6} {size:>4} {p:>9} {'unfused':>9} {k:>10} {unfused:8.1f}" + note(first),
+                              flush=True)
                     ips, flops, first = timed(sdpa=sdpa)
                     kernel = "math" if not sdpa and (int(size) // int(patch)) ** 2 <= 64 else "default"
                     print(f"{name:>6} {size:>4} {p + ('=auto' if p == auto else ''):>9} "
                           f"{kernel:>9} {k:>10} {ips:8.1f} {flops / 1e9:8.1f} "
                           f"{flops / peak:8.1%}" + (f"  {ips / plain:.2f}x the plain DiT" if args.plain else "")
+                          + (f"  {ips / unfused:.2f}x AdamW unfused" if args.unfused else "")
                           + note(first), flush=True)
-                    for i, workers in enumerate(args.workers if args.trainer else []):
-                        if i > 0:  # each trainer run against an in-memory run just before it
-                            ips, _, _ = timed(sdpa=sdpa)
-                            print(f"{name:>6} {size:>4} {p:>9} {'in memory':>9} {k:>10} {ips:8.1f}", flush=True)
+                    if args.unfused:
+                        ms = optimizer_step_ms(name, int(size), int(patch))
+                        print(f"{name:>6} {size:>4} AdamW's step alone: {ms[0]:.1f} ms unfused, {ms[1]:.1f} ms "
+                              f"fused ({ms[0] / ms[1]:.1f}x)", flush=True)
+                    for workers in args.workers if args.trainer else []:
+                        # each trainer run against the mean of the in-memory runs just before and just
+                        # after it, so a drift of the shared machine's speed counts half on each side
+                        before = ips
                         real = trainer_speed(name, int(size), int(patch), p, args.batch_size, args.trainer, workers,
                                              args.trainer_steps)
+                        ips, _, _ = timed(sdpa=sdpa)
                         print(f"{name:>6} {size:>4} {p:>9} {'trainer':>9} {k:>10} {real:8.1f}  with --workers "
-                              f"{workers} on {args.trainer}: {real / ips:.2f}x the in-memory speed", flush=True)
+                              f"{workers} on {args.trainer}: {real / ((before + ips) / 2):.2f}x the in-memory "
+                              f"speed", flush=True)
+                        print(f"{name:>6} {size:>4} {p:>9} {'in memory':>9} {k:>10} {ips:8.1f}", flush=True)
 
 
 if __name__ == "__main__":
