@@ -213,6 +213,10 @@ def main():
           f"{'GFLOP/s':>8} {'of peak':>8}")
     for config in args.configs:
         name, size, patch = config.split(":")
+        if args.unfused:
+            ms = optimizer_step_ms(name, int(size), int(patch))
+            print(f"{name:>6} {size:>4} AdamW's step alone: {ms[0]:.1f} ms unfused, {ms[1]:.1f} ms fused "
+                  f"({ms[0] / ms[1]:.1f}x)", flush=True)
         for p in args.precisions:
             for sdpa in [False, True] if args.sdpa else [False]:
                 for k, compiled in itertools.product(args.attributes, [False, True] if args.compile else [False]):
@@ -234,10 +238,6 @@ def main():
                           f"{flops / peak:8.1%}" + (f"  {ips / plain:.2f}x the plain DiT" if args.plain else "")
                           + (f"  {ips / unfused:.2f}x AdamW unfused" if args.unfused else "")
                           + note(first), flush=True)
-                    if args.unfused:
-                        ms = optimizer_step_ms(name, int(size), int(patch))
-                        print(f"{name:>6} {size:>4} AdamW's step alone: {ms[0]:.1f} ms unfused, {ms[1]:.1f} ms "
-                              f"fused ({ms[0] / ms[1]:.1f}x)", flush=True)
                     for workers in args.workers if args.trainer else []:
                         # each trainer run against the mean of the in-memory runs just before and just
                         # after it, so a drift of the shared machine's speed counts half on each side
