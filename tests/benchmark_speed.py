@@ -97,6 +97,11 @@ def plain_dit(model):
     return model
 
 
+def adamw(params, fused=True):
+    """celebgen's training optimizer (train_loop's AdamW; its learning rate does not change the speed)."""
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
+
+
 def training_speed(model_name, image_size, patch_size, precision, batch_size, seconds, attributes, sdpa,
                    plain=False, compile=False, fused=True):
     """(images/s, model FLOP/s, seconds of the first step) of training steps on data in memory; with
@@ -109,7 +114,7 @@ def training_speed(model_name, image_size, patch_size, precision, batch_size, se
     if plain:
         model = plain_dit(model)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
+    opt = adamw(model.parameters(), fused)
     x1 = torch.randn(batch_size, 3, image_size, image_size)
     labels = torch.randint(-1, 2, (batch_size, attributes)).float()  # -1, 0 or 1
     device = torch.device("cpu")
@@ -145,8 +150,7 @@ def optimizer_step_ms(model_name, image_size, patch_size, rounds=7, steps=20):
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     times = {False: [], True: []}
-    opts = {fused: torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
-            for fused in times}
+    opts = {fused: adamw(model.parameters(), fused) for fused in times}
     for _, fused in itertools.product(range(rounds), times):
         opts[fused].step()  # warm-up
         start = time.perf_counter()
@@ -187,7 +191,8 @@ def main():
                              "PyTorch's default attention kernel) just before, and print celebgen's speed over it")
     parser.add_argument("--unfused", action="store_true",
                         help="also time the same steps with AdamW unfused (on a CPU, PyTorch's loop over the "
-                             "tensors; train uses fused=True) just before, and print the fused speed over it")
+                             "tensors; train uses fused=True) just before, and print the fused speed over it; "
+                             "and AdamW's step alone, both ways")
     parser.add_argument("--compile", action="store_true",
                         help="also time each model under torch.compile (its first step, which compiles, apart)")
     parser.add_argument("--trainer", metavar="DATA_ROOT",
