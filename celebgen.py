@@ -11,28 +11,28 @@ the trainer, the CLI.
 Commands (all from this folder):
     # CPU quickstart: procedurally drawn toy faces, no download, 4 minutes of training on a laptop
     # (the learning rate cools down over the last 20% of them), conditioned on the faces' attributes
-    python celebgen.py train --exp_name quickstart --dataset toy --model tiny --image_size 32 \\
-        --lr 1e-3 --warmup_steps 100 --max_minutes 4 --attributes all
+    python celebgen.py train --exp_name quickstart --dataset toy --lr 1e-3 --warmup_steps 100 \\
+        --max_minutes 4 --attributes all
     python celebgen.py sample --exp_name quickstart --num_samples 64
     python celebgen.py sample --exp_name quickstart --grid --cfg_scale 0 1 3 \\
         --attributes Blond_Hair=1 Eyeglasses=1 Wearing_Hat=1 Smiling=1,Eyeglasses=0
-    # CelebA 64x64 on one GPU, then on 8 GPUs of this machine (one process per GPU, DDP over NCCL;
-    # without --nproc every GPU of the machine is used)
-    python celebgen.py train --exp_name celeba64 --data_root ./data --nproc 1
-    python celebgen.py train --exp_name celeba64 --data_root ./data --nproc 8
-    # CelebA 32x32 on a CPU: the recipe measured best per CPU-minute on 2 cores (README)
-    python celebgen.py train --exp_name celeba32 --data_root ./data --model tiny --image_size 32 \\
-        --lr 2e-3 --warmup_steps 200 --batch_size 16 --t_mu -0.6 --t_eps 0.2 --ema_decay 0.995 \\
-        --compile --max_minutes 20
+    # CelebA on a CPU: the defaults are the recipe measured best per CPU-minute on 2 cores (README):
+    # DiT "tiny" at 32x32. --compile (it needs a C++ compiler) makes the steps 1.2-1.3x faster
+    python celebgen.py train --exp_name celeba32 --data_root ./data --compile --max_minutes 20
+    # CelebA 64x64 on 8 GPUs of this machine (one process per GPU, DDP over NCCL; without --nproc
+    # every GPU is used, --nproc 1 uses one): DiT-S with DiT's learning rate and EMA decay
+    python celebgen.py train --exp_name celeba64 --data_root ./data --nproc 8 --model small \\
+        --image_size 64 --batch_size 32 --lr 1e-4 --ema_decay 0.9999
     # several machines: torchrun starts the processes and this file joins their group
     # (experiments/ must be on a filesystem all machines share, for --resume)
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
-        celebgen.py train --exp_name celeba64 --data_root ./data
+        celebgen.py train --exp_name celeba64 --data_root ./data --model small --image_size 64 \\
+        --batch_size 32 --lr 1e-4 --ema_decay 0.9999
     # continue an interrupted run exactly where its last checkpoint left it
     python celebgen.py train --exp_name celeba64 --resume
     # faces on request: condition on CelebA's attribute labels, then ask, with guidance weight 3
-    python celebgen.py train --exp_name attr64 --data_root ./data --attributes Smiling,Eyeglasses,Male
-    python celebgen.py sample --exp_name attr64 --attributes Smiling=1,Eyeglasses=1 --cfg_scale 3
+    python celebgen.py train --exp_name attr32 --data_root ./data --attributes Smiling,Eyeglasses,Male
+    python celebgen.py sample --exp_name attr32 --attributes Smiling=1,Eyeglasses=1 --cfg_scale 3
 Every command picks its device (--device auto: CUDA, then Apple MPS, then CPU) and precision
 (--precision auto: bf16 where the hardware has it, fp16 with loss scaling on older GPUs, else fp32),
 and its first line says which and why.
@@ -101,16 +101,16 @@ class UserError(Exception):
 # Training shows the network x_t at a random t and asks which image it is heading to (sections 5-6);
 # sampling starts from noise and follows the predicted velocity to t = 1 (section 7). Images are
 # tensors (B, 3, H, W) in [-1, 1], the scale of the noise.
-# Times come from a logit-normal, t = sigmoid(mu + sigma * n) with n ~ N(0, 1): JiT's mu=-0.8,
-# sigma=0.8 puts most of the training effort at t < 0.5, the noisy end, where the coarse structure of
-# a face is decided. Where the effort goes matters more than any other setting measured for short CPU
-# runs (README, Measured: FID 57 to 168 over eight 10-minute runs at 32x32): with too few times near
+# Times come from a logit-normal, t = sigmoid(mu + sigma * n) with n ~ N(0, 1): the defaults,
+# mu = -0.6 and sigma = 0.8 (JiT uses -0.8 and 0.8), put most of the training effort (77% of the
+# times) at t < 0.5, the noisy end, where the coarse structure of a face is decided. Where the
+# effort goes matters more than any other setting measured for short CPU runs (README, Measured:
+# FID 57 to 168 over eight 10-minute runs at 32x32, mu = -0.6 the best): with too few times near
 # t = 1 (0.01% above 0.8: 4.8 and 6.9 of two runs' 50,000 examples, expected) the faces came out
 # blocky, the sampler's last steps left to a network that had hardly trained there; with sigma = 1
 # their structure broke. More times near t = 1 by another route did not help either: with 5% of
 # the times drawn uniformly from (0, 1), a 10-minute run drew grainy faces (FID 141, against 66 for
 # the recipe beside it; README, fifth session).
-# The CPU recipe (README, Training) uses mu = -0.6.
 
 def logit_normal(n, mu, sigma):
     """Map standard normal draws n to times t = sigmoid(mu + sigma * n) in (0, 1)."""
@@ -278,8 +278,8 @@ class Block(nn.Module):
 
 # named sizes: width, depth and heads (head width 64 throughout); parameters at 4x4 patches
 MODELS = {
-    "tiny": dict(dim=192, depth=6, heads=3),     # CPU quickstart (4.2M parameters)
-    "small": dict(dim=384, depth=12, heads=6),   # DiT-S: the default for CelebA 64x64 (33M)
+    "tiny": dict(dim=192, depth=6, heads=3),     # the default, for CPUs (4.2M parameters)
+    "small": dict(dim=384, depth=12, heads=6),   # DiT-S: for CelebA 64x64 on GPUs (33M)
     "base": dict(dim=768, depth=12, heads=12),   # DiT-B, for multi-GPU runs (130M)
 }
 TIME_FEATURES = 256  # width of the [cos, sin] time features fed to the conditioning MLP
@@ -346,14 +346,14 @@ def flops_per_image(model):
 #     v_pred = (x_pred - x_t) / max(1 - t, t_eps),     v_target = (x1 - x_t) / max(1 - t, t_eps),
 #     loss = || v_pred - v_target ||^2 = || x_pred - x1 ||^2 / max(1 - t, t_eps)^2:
 # an x-loss weighted by 1 / (1 - t)^2, capped at 1 / t_eps^2 near the image end. For 1 - t >= t_eps
-# the target is exactly x1 - x0. Beyond (with JiT's t_eps = 0.05 and the default times, t > 0.95:
-# about one training example in 700,000) the target is clamped like the prediction, as in JiT, so
-# the loss is smallest at x_pred = x1 at every t -- which is what the sampler assumes when, at its
-# last steps (t = 0.96 and 0.98 of a 50-step run), it turns x_pred into a velocity without the
-# clamp. The cap also bounds how much the few examples near t = 1 weigh: the CPU recipe (README)
-# raises t_eps to 0.2, a weight of at most 25: at 32x32 that measured better after 2,800 steps
-# (FID 62.5 against 65.8, side by side) and the same after 20 minutes on 2 cores (38.8 against
-# 38.9 without it, measured on another day).
+# the target is exactly x1 - x0. Beyond (t > 0.8 with the default t_eps = 0.2: 0.65% of the
+# training times; t > 0.95 with JiT's t_eps = 0.05 and times: about one in 700,000) the target is
+# clamped like the prediction, as in JiT, so the loss is smallest at x_pred = x1 at every t --
+# which is what the sampler assumes when, at its last steps (t = 0.82 to 0.98 of a 50-step run), it
+# turns x_pred into a velocity without the clamp. The cap also bounds how much the examples near
+# t = 1 weigh: at most 1 / 0.2^2 = 25 with the default (JiT's 0.05: 400), which at 32x32 measured
+# better after 2,800 steps (FID 62.5 against 65.8 with 0.05, side by side) and the same after 20
+# minutes on 2 cores (38.8 against 38.9, measured on another day).
 # Why not v_pred = x_pred - x0 with the true noise? That is exactly x_pred - x1 + (x1 - x0), so the
 # loss collapses to a plain unweighted x-loss -- and at sampling time x0 is unknown anyway.
 
@@ -1204,10 +1204,10 @@ def update_ema(ema, model, step, decay):
     """ema <- d ema + (1 - d) model, with the warm-up d = min(decay, (1 + step) / (10 + step)).
     Measured as the lag behind a weight that grows by 1 per step (tested), the average spans the
     last (step + 1) / 10 steps while the warm-up rules -- so even a 5-minute run samples from a
-    useful EMA -- and d / (1 - d), about 1 / (1 - decay) steps, once d reaches decay. The CPU
-    recipe (README) sets decay 0.995, an average over about 200 steps: after 4,075 steps (what a
-    10-minute run on 2 cores took in the fifth session) it sampled better (FID 45.9) than the
-    warm-up's 400-step average (47.3) and the raw weights (46.3) of the same run (README,
+    useful EMA -- and d / (1 - d), about 1 / (1 - decay) steps, once d reaches decay. The default
+    decay 0.995 averages about 200 steps (DiT's 0.9999, for long GPU runs, 10,000): after 4,075
+    steps (what a 10-minute run on 2 cores took in the fifth session) it sampled better (FID 45.9)
+    than the warm-up's 400-step average (47.3) and the raw weights (46.3) of the same run (README,
     Measured, sixth session)."""
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -1759,7 +1759,7 @@ def make_parser():
     arg("--data_root", default="./data", help="where CelebA is (see README for the layouts)")
     arg("--download", action="store_true",
         help="fetch CelebA into DATA_ROOT/celeba first (needs: pip install gdown), unless there")
-    arg("--image_size", type=positive(int), default=64, help="side of the square training images")
+    arg("--image_size", type=positive(int), default=32, help="side of the square training images")
     arg("--attributes", type=attribute_list, default=[],
         help="condition on these CelebA attributes, comma-separated (e.g. Smiling,Eyeglasses), or "
              "all; toy faces have " + ",".join(TOY_ATTRIBUTES) + ". Default: unconditional")
@@ -1768,11 +1768,11 @@ def make_parser():
     arg("--attr_dropout_all", type=number(float, at_least=0, below=1), default=0.1,
         help="hide all attributes of a training example with this probability (the unconditional "
              "model of classifier-free guidance)")
-    arg("--model", choices=list(MODELS), default="small",
+    arg("--model", choices=list(MODELS), default="tiny",
         help="named size: " + ", ".join(f"{k} (width {v['dim']}, depth {v['depth']})" for k, v in
                                         MODELS.items()))
     arg("--patch_size", type=positive(int), default=4, help="side of the square patches (tokens)")
-    arg("--batch_size", type=positive(int), default=32, help="images per step per process")
+    arg("--batch_size", type=positive(int), default=16, help="images per step per process")
     arg("--epochs", type=positive(int), default=100, help="passes over the training images")
     arg("--max_steps", type=positive(int), default=None,
         help="stop after this many optimizer steps (before --epochs ends)")
@@ -1781,15 +1781,17 @@ def make_parser():
     arg("--cooldown", type=number(float, at_least=0, below=1), default=0.2,
         help="the learning rate decays linearly to 0 over this last fraction of the run (of "
              "--max_minutes, or of the steps, whichever is further along); 0: no decay")
-    arg("--lr", type=positive(float), default=1e-4, help="AdamW learning rate after the warm-up")
-    arg("--warmup_steps", type=positive(int), default=500,
+    arg("--lr", type=positive(float), default=2e-3,
+        help="AdamW learning rate after the warm-up (DiT's, for long GPU runs of DiT-S or -B: 1e-4)")
+    arg("--warmup_steps", type=positive(int), default=200,
         help="steps of linear learning-rate warm-up from lr/warmup_steps to lr")
     arg("--grad_clip", type=positive(float), default=1.0, help="clip the gradient norm to this")
-    arg("--ema_decay", type=number(float, at_least=0, below=1), default=0.9999,
-        help="EMA decay d in [0, 1): the average spans about 1 / (1 - d) steps")
-    arg("--t_mu", type=number(float), default=-0.8, help="logit-normal mean of the training times t")
+    arg("--ema_decay", type=number(float, at_least=0, below=1), default=0.995,
+        help="EMA decay d in [0, 1): the average spans about 1 / (1 - d) steps (DiT's, for runs of "
+             "hundreds of thousands of steps: 0.9999)")
+    arg("--t_mu", type=number(float), default=-0.6, help="logit-normal mean of the training times t")
     arg("--t_sigma", type=positive(float), default=0.8, help="logit-normal std of the training times t")
-    arg("--t_eps", type=positive(float), default=0.05,
+    arg("--t_eps", type=positive(float), default=0.2,
         help="the loss's velocities divide by max(1 - t, t_eps)")
     arg("--num_sampling_steps", type=positive(int), default=50, help="Euler steps of the sample grids")
     arg("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)

@@ -13,7 +13,8 @@
 
 Prints the machine (CPU model, PyTorch's CPU capability, the bf16-vs-fp32 matmul ratio that
 `--precision auto` measures, and what auto chooses), then per (model, image size, precision): images/s
-of full training steps (forward, backward, AdamW, EMA; data already in memory), model GFLOP/s by
+of full training steps (forward, backward, AdamW, EMA; data already in memory; the median of five
+rounds, which alternate with the rounds of --plain's and --unfused's variants), model GFLOP/s by
 celebgen.flops_per_image, and that as a share of the machine's peak: the fastest of the fp32, bf16 and
 fp16 2048x2048 matmul rates measured at the start of the same run (an emulated type is not timed).
 With --trainer, after each in-memory measurement the real trainer runs on the images under DATA_ROOT
@@ -102,10 +103,10 @@ def adamw(params, fused=True):
     return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
 
 
-def training_speed(model_name, image_size, patch_size, precision, batch_size, seconds, attributes, sdpa,
-                   plain=False, compile=False, fused=True):
-    """(images/s, model FLOP/s, seconds of the first step) of training steps on data in memory; with
-    compile, of the model under torch.compile, whose first step compiles it."""
+def training_step(model_name, image_size, patch_size, precision, batch_size, attributes, sdpa, plain=False,
+                  compile=False, fused=True):
+    """(step, model FLOPs per image): step(i) runs training step i (forward, backward, AdamW, EMA) on data
+    in memory; with compile, of the model under torch.compile, whose first step compiles it."""
     args = argparse.Namespace(model=model_name, image_size=image_size, patch_size=patch_size,
                               attributes=cg.ATTRIBUTE_NAMES[:attributes])
     torch.manual_seed(0)
@@ -119,10 +120,11 @@ def training_speed(model_name, image_size, patch_size, precision, batch_size, se
     labels = torch.randint(-1, 2, (batch_size, attributes)).float()  # -1, 0 or 1
     device = torch.device("cpu")
     network = torch.compile(model) if compile else model
+    kernels = nullcontext if sdpa else functools.partial(cg.attention_kernels, device, (image_size // patch_size) ** 2)
 
     def step(i):
         x0, t = torch.randn_like(x1), torch.rand(batch_size)
-        with cg.autocast(device, precision):
+        with kernels(), cg.autocast(device, precision):
             loss = cg.flow_loss(network, x1, x0, t, 0.05, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -130,16 +132,29 @@ def training_speed(model_name, image_size, patch_size, precision, batch_size, se
         opt.step()
         cg.update_ema(ema, model, i, 0.9999)
 
-    with cg.attention_kernels(device, (image_size // patch_size) ** 2) if not sdpa else nullcontext():
-        start = time.perf_counter()
-        step(0)  # warm-up (and compilation)
-        first_step = time.perf_counter() - start
-        count, start = 0, time.perf_counter()
-        while count == 0 or time.perf_counter() - start < seconds:
-            step(count)
-            count += 1
-    images_per_sec = count * batch_size / (time.perf_counter() - start)
-    return images_per_sec, images_per_sec * flops_per_image, first_step
+    return step, flops_per_image
+
+
+def run_for(step, seconds, first=0):
+    """Steps first, first + 1, ... until `seconds` have passed (at least one): (steps, seconds taken)."""
+    count, start = 0, time.perf_counter()
+    while count == 0 or time.perf_counter() - start < seconds:
+        step(first + count)
+        count += 1
+    return count, time.perf_counter() - start
+
+
+def alternating_speeds(steps, batch_size, seconds, rounds=5):
+    """Median images/s of each training step of `steps`, timed in `rounds` alternating rounds of
+    seconds / rounds each (after one warm-up step each, whose seconds are returned too), so that a
+    change of the shared machine's speed falls on all of them."""
+    firsts = [run_for(step, 0)[1] for step in steps]
+    speeds, done = [[] for _ in steps], [1] * len(steps)
+    for _, (j, step) in itertools.product(range(rounds), enumerate(steps)):
+        count, elapsed = run_for(step, seconds / rounds, first=done[j])
+        speeds[j].append(count * batch_size / elapsed)
+        done[j] += count
+    return [statistics.median(s) for s in speeds], firsts
 
 
 def optimizer_step_ms(model_name, image_size, patch_size, rounds=7, steps=20):
@@ -181,18 +196,19 @@ def main():
     parser.add_argument("--precisions", nargs="+", choices=list(DTYPES), default=list(DTYPES),
                         help="autocast precisions to time")
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per configuration")
+    parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per configuration (and per variant of it), in five rounds")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--sdpa", action="store_true", help="also time PyTorch's default (flash) attention kernel")
     parser.add_argument("--attributes", type=int, nargs="+", default=[0],
                         help="time the model conditioned on this many attributes (0: unconditional)")
     parser.add_argument("--plain", action="store_true",
                         help="also time a plain DiT of the same shape (absolute positions, no QK-norm, no RoPE, "
-                             "PyTorch's default attention kernel) just before, and print celebgen's speed over it")
+                             "PyTorch's default attention kernel) in rounds alternating with celebgen's, and print "
+                             "celebgen's speed over it")
     parser.add_argument("--unfused", action="store_true",
                         help="also time the same steps with AdamW unfused (on a CPU, PyTorch's loop over the "
-                             "tensors; train uses fused=True) just before, and print the fused speed over it; "
-                             "and AdamW's step alone, both ways")
+                             "tensors; train uses fused=True) in alternating rounds, and print the fused speed "
+                             "over it; and AdamW's step alone, both ways")
     parser.add_argument("--compile", action="store_true",
                         help="also time each model under torch.compile (its first step, which compiles, apart)")
     parser.add_argument("--trainer", metavar="DATA_ROOT",
@@ -225,36 +241,36 @@ def main():
         for p in args.precisions:
             for sdpa in [False, True] if args.sdpa else [False]:
                 for k, compiled in itertools.product(args.attributes, [False, True] if args.compile else [False]):
-                    timed = functools.partial(training_speed, name, int(size), int(patch), p, args.batch_size,
-                                              args.seconds, attributes=k, compile=compiled)
+                    # the variants asked for, then celebgen's as train runs it, timed in alternating rounds
+                    variants = ([("plain DiT", dict(sdpa=True, plain=True))] if args.plain else []) + (
+                        [("unfused", dict(sdpa=sdpa, fused=False))] if args.unfused else []) + [("", dict(sdpa=sdpa))]
+                    steps = [training_step(name, int(size), int(patch), p, args.batch_size, k, compile=compiled,
+                                           **options) for _, options in variants]
+                    flops_per_image = steps[-1][1]
+                    steps = [step for step, _ in steps]
+                    speeds, firsts = alternating_speeds(steps, args.batch_size, args.seconds)
                     note = lambda first: f"  compiled (first step {first:.0f} s)" if compiled else ""
-                    if args.plain:
-                        plain, _, first = timed(sdpa=True, plain=True)
-                        print(f"{name:>6} {size:>4} {p:>9} {'plain DiT':>9} {k:>10} {plain:8.1f}" + note(first),
+                    for (label, _), speed, first in zip(variants[:-1], speeds, firsts):
+                        print(f"{name:>6} {size:>4} {p:>9} {label:>9} {k:>10} {speed:8.1f}" + note(first),
                               flush=True)
-                    if args.unfused:
-                        unfused, _, first = timed(sdpa=sdpa, fused=False)
-                        print(f"{name:>6} {size:>4} {p:>9} {'unfused':>9} {k:>10} {unfused:8.1f}" + note(first),
-                              flush=True)
-                    ips, flops, first = timed(sdpa=sdpa)
+                    ips, flops = speeds[-1], speeds[-1] * flops_per_image
                     kernel = "math" if not sdpa and (int(size) // int(patch)) ** 2 <= 64 else "default"
                     print(f"{name:>6} {size:>4} {p + ('=auto' if p == auto else ''):>9} "
-                          f"{kernel:>9} {k:>10} {ips:8.1f} {flops / 1e9:8.1f} "
-                          f"{flops / peak:8.1%}" + (f"  {ips / plain:.2f}x the plain DiT" if args.plain else "")
-                          + (f"  {ips / unfused:.2f}x AdamW unfused" if args.unfused else "")
-                          + note(first), flush=True)
+                          f"{kernel:>9} {k:>10} {ips:8.1f} {flops / 1e9:8.1f} {flops / peak:8.1%}"
+                          + "".join(f"  {ips / speed:.2f}x {'the plain DiT' if label == 'plain DiT' else 'AdamW unfused'}"
+                                    for (label, _), speed in zip(variants[:-1], speeds))
+                          + note(firsts[-1]), flush=True)
                     for workers in args.workers if args.trainer else []:
                         # each trainer run against the mean of the in-memory runs just before and just
                         # after it, so a drift of the shared machine's speed counts half on each side
                         before = ips
                         real = trainer_speed(name, int(size), int(patch), p, args.batch_size, args.trainer, workers,
                                              args.trainer_steps)
-                        ips, _, _ = timed(sdpa=sdpa)
+                        ips = alternating_speeds(steps[-1:], args.batch_size, args.seconds)[0][0]
                         print(f"{name:>6} {size:>4} {p:>9} {'trainer':>9} {k:>10} {real:8.1f}  with --workers "
                               f"{workers} on {args.trainer}: {real / ((before + ips) / 2):.2f}x the in-memory "
                               f"speed", flush=True)
                         print(f"{name:>6} {size:>4} {p:>9} {'in memory':>9} {k:>10} {ips:8.1f}", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -27,6 +27,7 @@ def test_ema_spans_a_tenth_of_the_run_early_and_one_over_one_minus_decay_later()
         assert lag == pytest.approx((step + 1) / 10, rel=1e-3)
     assert ema_lag(0.9, [1000])[1000] == pytest.approx(0.9 / 0.1, rel=1e-3)
     assert ema_lag(0.99, [3000])[3000] == pytest.approx(0.99 / 0.01, rel=1e-3)
+    assert round(ema_lag(0.995, [6000])[6000]) == 199  # the default's "about 200 steps"
 
 
 class Images(list):
