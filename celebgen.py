@@ -11,8 +11,7 @@ the trainer, the CLI.
 Commands (all from this folder):
     # CPU quickstart: procedurally drawn toy faces, no download, 4 minutes of training on a laptop
     # (the learning rate cools down over the last 20% of them), conditioned on the faces' attributes
-    python celebgen.py train --exp_name quickstart --dataset toy --lr 1e-3 --warmup_steps 100 \\
-        --max_minutes 4 --attributes all
+    python celebgen.py train --exp_name quickstart --dataset toy --max_minutes 4 --attributes all
     python celebgen.py sample --exp_name quickstart --num_samples 64
     python celebgen.py sample --exp_name quickstart --grid --cfg_scale 0 1 3 \\
         --attributes Blond_Hair=1 Eyeglasses=1 Wearing_Hat=1 Smiling=1,Eyeglasses=0
@@ -1224,8 +1223,10 @@ def distributed_setup(rank, world_size, device_type):
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs outside autocast
     elif device.type == "cpu":
+        # PyTorch starts with at most a thread per CPU this process may use (fewer under taskset,
+        # a container's CPU set or OMP_NUM_THREADS); the processes of one machine share them
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))  # no oversubscribed cores
+        torch.set_num_threads(max(1, torch.get_num_threads() // local_world))
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
                                 world_size=world_size, device_id=device if device.type == "cuda" else None)

@@ -286,3 +286,17 @@ def test_the_flip_is_horizontal():
         assert torch.equal(x1, images[i]) or torch.equal(x1, images[i].flip(-1))
         flipped += not torch.equal(x1, images[i])
     assert 8 < flipped < 32
+
+
+@pytest.mark.parametrize("threads, local_world, expected", [(1, 1, 1), (2, 1, 2), (2, 2, 1), (1, 2, 1)])
+def test_cpu_processes_split_the_threads_pytorch_was_given(monkeypatch, threads, local_world, expected):
+    """A CPU process keeps PyTorch's thread count (at most one per CPU it may use: fewer under
+    taskset or OMP_NUM_THREADS), shared among the processes of its machine, never more."""
+    before = torch.get_num_threads()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    try:
+        torch.set_num_threads(threads)
+        assert cg.distributed_setup(0, 1, "cpu") == torch.device("cpu")
+        assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
