@@ -197,7 +197,8 @@ def main():
                         help="autocast precisions to time")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per configuration (and per variant of it), in five rounds")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="PyTorch threads (default: PyTorch's own count, which train keeps in one process)")
     parser.add_argument("--sdpa", action="store_true", help="also time PyTorch's default (flash) attention kernel")
     parser.add_argument("--attributes", type=int, nargs="+", default=[0],
                         help="time the model conditioned on this many attributes (0: unconditional)")
