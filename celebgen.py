@@ -16,7 +16,7 @@ Commands (all from this folder):
     python celebgen.py sample --exp_name quickstart --grid --cfg_scale 0 1 3 \\
         --attributes Blond_Hair=1 Eyeglasses=1 Wearing_Hat=1 Smiling=1,Eyeglasses=0
     # CelebA on a CPU: the defaults are the recipe measured best per CPU-minute on 2 cores (README):
-    # DiT "tiny" at 32x32. --compile (it needs a C++ compiler) makes the steps 1.2-1.3x faster
+    # DiT "tiny" at 32x32. --compile (it needs a C++ compiler) makes the steps up to 1.24x faster
     python celebgen.py train --exp_name celeba32 --data_root ./data --compile --max_minutes 20
     # CelebA 64x64 on 8 GPUs of this machine (one process per GPU, DDP over NCCL; without --nproc
     # every GPU is used, --nproc 1 uses one): DiT-S with DiT's learning rate and EMA decay
@@ -68,6 +68,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -178,11 +179,16 @@ def rope_angles(rows, cols, head_dim, base=100.0):
 
 
 def apply_rope(x, angles):
-    """Rotate channel pairs (x_i, x_{i+d/2}) of x (B, H, N, d) by angles (N, d/2), each pair by
-        [x_i, x_{i+d/2}] -> [x_i cos a - x_{i+d/2} sin a,  x_i sin a + x_{i+d/2} cos a]."""
-    x1, x2 = x.chunk(2, dim=-1)                                            # (B, H, N, d/2) each
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)         # (N, d/2)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, H, N, d)
+    """Rotate the channel pairs (x_2k, x_2k+1) of x (B, H, N, d) by angles (N, d/2), pair k by angle
+    a_k. Read as a complex number z_k = x_2k + i x_2k+1, a rotation by a is a product with
+    e^(ia) = cos a + i sin a, as LLaMA writes it:
+        z_k e^(ia) = (x_2k cos a - x_2k+1 sin a) + i (x_2k sin a + x_2k+1 cos a).
+    One product per pair, so the rotation reads and writes x once (written with cos and sin, as the
+    line above, it takes four products, two sums and a concatenation, each a pass over x). In fp32,
+    as PyTorch has no bf16 complex numbers; the caller casts back."""
+    z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))               # (B, H, N, d/2) complex
+    rotation = torch.view_as_complex(torch.stack([angles.cos(), angles.sin()], -1))   # (N, d/2) e^(ia)
+    return torch.view_as_real(z * rotation).flatten(-2)                       # (B, H, N, d) fp32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,19 +229,23 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        # Per-head RMSNorm on q and k ("QK-norm"): each becomes a vector of RMS 1 times a learned
-        # gain per channel, so |q.k| / sqrt(d) <= sqrt(d) max|gain_q| max|gain_k| however large the
-        # activations grow, and attention does not saturate with a large learning rate or in bf16.
-        self.q_norm = nn.RMSNorm(dim // heads, eps=1e-6)
-        self.k_norm = nn.RMSNorm(dim // heads, eps=1e-6)
+        # Per-head LayerNorm on q and k ("QK-norm", as ViT-22B applies it): each becomes a vector of
+        # mean 0 and RMS at most 1 times a learned gain per channel, so, RoPE's rotation keeping
+        # lengths, |q.k| / sqrt(d) <= sqrt(d) max|gain_q| max|gain_k| however large the activations
+        # grow, and attention does not saturate with a large learning rate or in bf16. (SD3 uses
+        # RMSNorm, which bounds the logits alike; PyTorch runs LayerNorm as one fused kernel, forward
+        # and backward, and RMSNorm on the CPU as separate operations, four of them passes over q.)
+        # The kernel computes its mean and variance in fp32 for bf16 inputs too.
+        self.q_norm = nn.LayerNorm(dim // heads, eps=1e-6, bias=False)
+        self.k_norm = nn.LayerNorm(dim // heads, eps=1e-6, bias=False)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, rope):
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)           # (B, N, 3, H, D/H)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                                  # (B, H, N, D/H) each
-        q = apply_rope(self.q_norm(q.float()), rope).to(v.dtype)  # norm in fp32  (B, H, N, D/H)
-        k = apply_rope(self.k_norm(k.float()), rope).to(v.dtype)              # (B, H, N, D/H)
+        q = apply_rope(self.q_norm(q), rope).to(v.dtype)                      # (B, H, N, D/H)
+        k = apply_rope(self.k_norm(k), rope).to(v.dtype)                      # (B, H, N, D/H)
         x = F.scaled_dot_product_attention(q, k, v)  # flash/fused kernels on GPU  (B, H, N, D/H)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))                  # (B, N, D)
 
@@ -247,8 +257,10 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         # A plain GELU MLP, as in DiT. (LLMs and JiT use SwiGLU, often a little better per FLOP; the
-        # plain MLP is simpler to read, and no difference has been measured for this project.)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(approximate="tanh"),
+        # plain MLP is simpler to read, and no difference has been measured for this project.) The
+        # exact GELU, x Phi(x), not DiT's tanh approximation of it, which PyTorch computes more slowly
+        # on the CPU (`tests/benchmark_speed.py --version1` times both, README).
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(),
                                  nn.Linear(mlp_ratio * dim, dim))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         # the "Zero" in AdaIN-Zero: gate = 0, so the block is the identity
@@ -1026,6 +1038,12 @@ MODEL_ARGS = ("model", "image_size", "patch_size", "attributes")  # what the wei
 # (seed, batch size, processes), the example times, and the validation set and loss that pick best.pt
 RESUME_FIXED = ("batch_size", "world_size", "seed", "t_mu", "t_sigma", "t_eps", "val_size")
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "best_val", "args", "rng")
+# What the weights mean: the same tensors under another version of the network's arithmetic load
+# without an error and draw noise, so a checkpoint records the version it was trained under.
+# 1 (before 2026-12-03, written without the key): RMSNorm on q and k, RoPE on channel halves,
+# DiT's tanh GELU; 2: LayerNorm on q and k, RoPE on adjacent channel pairs, the exact GELU (sections
+# 3 and 4).
+ARCHITECTURE = 2
 
 
 def experiment_paths(exp_name):
@@ -1051,7 +1069,7 @@ def resume_checkpoint(exp):
 def save_checkpoint(path, model, ema, optimizer, scaler, step, best_val, elapsed, args):
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict(), "step": step, "best_val": best_val, "elapsed": elapsed,
-             "args": vars(args),
+             "args": vars(args), "architecture": ARCHITECTURE,
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
     tmp = path.with_name(path.name + ".tmp")
@@ -1091,6 +1109,11 @@ def load_checkpoint(path):
         what = f"no {', '.join(missing)}" if missing else f"unknown model {ckpt['args']['model']!r}"
         raise UserError(f"{path} is not a CelebGen checkpoint ({what}); pass a last.pt or best.pt "
                         f"written by celebgen.py train")
+    if ckpt.get("architecture", 1) != ARCHITECTURE:
+        raise UserError(f"{path} was trained by a celebgen.py of network version "
+                        f"{ckpt.get('architecture', 1)}, whose blocks compute differently from this "
+                        f"one's (version {ARCHITECTURE}); train it again, or sample it with that "
+                        f"celebgen.py (version 1: git checkout 533a38b)")
     return ckpt
 
 
@@ -1283,6 +1306,9 @@ def train_loop(rank, world_size, args, device, interrupt):
     ddp_model = model if world_size == 1 else \
         DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if args.compile:  # fused kernels for the elementwise ops between the matmuls, made at step 1
+        # Inductor leaves RoPE's complex product (section 3) to PyTorch's own kernel, one pass as in
+        # eager, and warns that the model may run slower than eager; measured, it does not (README)
+        warnings.filterwarnings("ignore", "Torchinductor does not support code generation for complex")
         ddp_model = torch.compile(ddp_model)
 
     if world_size > 1:  # under torchrun: wait until validate_train_args has built the image cache
@@ -1562,7 +1588,9 @@ def validate_train_args(args, device, torchrun):
     if device.type == "mps" and (args.nproc > 1 or torchrun):
         raise UserError("DDP cannot run on MPS (torch.distributed has no MPS backend); use --nproc 1, "
                         "or --device cpu for several processes")
-    devices = torch.cuda.device_count() if device.type == "cuda" else (os.cpu_count() or 1)
+    # CPU cores: those this process may run on (taskset, a container's CPU set), where the OS tells
+    devices = torch.cuda.device_count() if device.type == "cuda" else \
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     kind = "GPUs" if device.type == "cuda" else "CPU cores"
     if args.nproc > devices and not torchrun:  # torchrun counts its own processes
         raise UserError(f"--nproc {args.nproc} is more than the {devices} {kind} here; "

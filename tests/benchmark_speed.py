@@ -7,6 +7,7 @@
     python tests/benchmark_speed.py --attributes 0 40     # unconditional, and conditioned on 40 attributes
     python tests/benchmark_speed.py --plain               # also a plain DiT of the same shape, and the ratio
     python tests/benchmark_speed.py --plain --compile     # and both again under torch.compile
+    python tests/benchmark_speed.py --version1            # also celebgen's network of version 1 (before 2026-12-03)
     python tests/benchmark_speed.py --unfused             # also AdamW unfused: the steps, and AdamW alone
     python tests/benchmark_speed.py --configs tiny:32:4 --precisions bf16 --trainer DATA_ROOT --workers 0 2
                                                           # also `celebgen.py train` on real images
@@ -14,7 +15,7 @@
 Prints the machine (CPU model, PyTorch's CPU capability, the bf16-vs-fp32 matmul ratio that
 `--precision auto` measures, and what auto chooses), then per (model, image size, precision): images/s
 of full training steps (forward, backward, AdamW, EMA; data already in memory; the median of five
-rounds, which alternate with the rounds of --plain's and --unfused's variants), model GFLOP/s by
+rounds, which alternate with the rounds of --plain's, --version1's and --unfused's variants), model GFLOP/s by
 celebgen.flops_per_image, and that as a share of the machine's peak: the fastest of the fp32, bf16 and
 fp16 2048x2048 matmul rates measured at the start of the same run (an emulated type is not timed).
 With --trainer, after each in-memory measurement the real trainer runs on the images under DATA_ROOT
@@ -79,14 +80,15 @@ class PlainAttention(cg.Attention):
 
 class AddPositions(nn.Module):
     """Learned absolute position embeddings, added to the patch tokens (the original DiT's are fixed
-    sin-cos; both cost the same)."""
+    sin-cos; both cost the same), in the tokens' dtype: under autocast celebgen's tokens stay bf16 from
+    the patch embedding on, and an fp32 parameter added to them would make every block's sums fp32."""
 
     def __init__(self, tokens, dim):
         super().__init__()
         self.positions = nn.Parameter(torch.zeros(1, tokens, dim))
 
     def forward(self, x):
-        return x + self.positions
+        return x + self.positions.to(x.dtype)
 
 
 def plain_dit(model):
@@ -98,13 +100,41 @@ def plain_dit(model):
     return model
 
 
+class Version1Attention(cg.Attention):
+    """celebgen's attention of network version 1 (before 2026-12-03): RMSNorm on q and k in fp32, RoPE
+    on channel halves by cos and sin."""
+
+    def forward(self, x, rope):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q = rope_on_halves(self.q_norm(q.float()), rope).to(v.dtype)
+        k = rope_on_halves(self.k_norm(k.float()), rope).to(v.dtype)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D))
+
+
+def rope_on_halves(x, angles):
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def version1_dit(model):
+    """The same DiT as celebgen's network version 1 computed it: Version1Attention, DiT's tanh GELU."""
+    for block in model.blocks:
+        head_dim = block.attn.q_norm.normalized_shape[0]
+        block.attn.q_norm, block.attn.k_norm = (nn.RMSNorm(head_dim, eps=1e-6) for _ in range(2))
+        block.attn.__class__ = Version1Attention
+        block.mlp[1] = nn.GELU(approximate="tanh")
+    return model
+
+
 def adamw(params, fused=True):
     """celebgen's training optimizer (train_loop's AdamW; its learning rate does not change the speed)."""
     return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
 
 
 def training_step(model_name, image_size, patch_size, precision, batch_size, attributes, sdpa, plain=False,
-                  compile=False, fused=True):
+                  version1=False, compile=False, fused=True):
     """(step, model FLOPs per image): step(i) runs training step i (forward, backward, AdamW, EMA) on data
     in memory; with compile, of the model under torch.compile, whose first step compiles it."""
     args = argparse.Namespace(model=model_name, image_size=image_size, patch_size=patch_size,
@@ -114,6 +144,8 @@ def training_step(model_name, image_size, patch_size, precision, batch_size, att
     flops_per_image = cg.flops_per_image(model)  # the plain DiT's FLOPs differ by the norms only
     if plain:
         model = plain_dit(model)
+    if version1:
+        model = version1_dit(model)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = adamw(model.parameters(), fused)
     x1 = torch.randn(batch_size, 3, image_size, image_size)
@@ -175,6 +207,23 @@ def optimizer_step_ms(model_name, image_size, patch_size, rounds=7, steps=20):
     return statistics.median(times[False]), statistics.median(times[True])
 
 
+def gelu_ms(model_name, image_size, patch_size, batch_size, precision, rounds=7, steps=10):
+    """Median milliseconds of the MLP's GELU alone, forward and backward, on the hidden activations of a
+    batch (B * N tokens, 4D channels, in the precision's dtype): exact, and DiT's tanh approximation,
+    timed in alternating rounds."""
+    dim = cg.MODELS[model_name]["dim"]
+    x = torch.randn(batch_size * (image_size // patch_size) ** 2, 4 * dim, dtype=DTYPES[precision])
+    x.requires_grad_(True)
+    grad, times = torch.randn_like(x), {"none": [], "tanh": []}
+    for _, approximate in itertools.product(range(rounds), times):
+        F.gelu(x, approximate=approximate).backward(grad)  # warm-up
+        start = time.perf_counter()
+        for _ in range(steps):
+            F.gelu(x, approximate=approximate).backward(grad)
+        times[approximate].append((time.perf_counter() - start) / steps * 1e3)
+    return statistics.median(times["none"]), statistics.median(times["tanh"])
+
+
 def trainer_speed(model_name, image_size, patch_size, precision, batch_size, data_root, workers, steps):
     """Median images/s of `celebgen.py train`'s progress lines (every 25 steps) after the first."""
     exp_name = f"benchmark_trainer_{os.getpid()}"
@@ -188,6 +237,9 @@ def trainer_speed(model_name, image_size, patch_size, precision, batch_size, dat
     finally:
         shutil.rmtree(Path("experiments") / exp_name, ignore_errors=True)
     return statistics.median(float(x) for x in re.findall(r"([\d.]+) img/s", log)[1:])
+
+
+VARIANT_NAMES = {"plain DiT": "the plain DiT", "version 1": "version 1", "unfused": "AdamW unfused"}
 
 
 def main():
@@ -206,6 +258,10 @@ def main():
                         help="also time a plain DiT of the same shape (absolute positions, no QK-norm, no RoPE, "
                              "PyTorch's default attention kernel) in rounds alternating with celebgen's, and print "
                              "celebgen's speed over it")
+    parser.add_argument("--version1", action="store_true",
+                        help="also time celebgen's network of version 1 (before 2026-12-03: RMSNorm on q and "
+                             "k, RoPE on channel halves by cos and sin, DiT's tanh GELU) in alternating rounds, "
+                             "and print the speed over it; and the GELU alone, both ways")
     parser.add_argument("--unfused", action="store_true",
                         help="also time the same steps with AdamW unfused (on a CPU, PyTorch's loop over the "
                              "tensors; train uses fused=True) in alternating rounds, and print the fused speed "
@@ -244,6 +300,7 @@ def main():
                 for k, compiled in itertools.product(args.attributes, [False, True] if args.compile else [False]):
                     # the variants asked for, then celebgen's as train runs it, timed in alternating rounds
                     variants = ([("plain DiT", dict(sdpa=True, plain=True))] if args.plain else []) + (
+                        [("version 1", dict(sdpa=sdpa, version1=True))] if args.version1 else []) + (
                         [("unfused", dict(sdpa=sdpa, fused=False))] if args.unfused else []) + [("", dict(sdpa=sdpa))]
                     steps = [training_step(name, int(size), int(patch), p, args.batch_size, k, compile=compiled,
                                            **options) for _, options in variants]
@@ -254,11 +311,15 @@ def main():
                     for (label, _), speed, first in zip(variants[:-1], speeds, firsts):
                         print(f"{name:>6} {size:>4} {p:>9} {label:>9} {k:>10} {speed:8.1f}" + note(first),
                               flush=True)
+                    if args.version1:
+                        exact, tanh = gelu_ms(name, int(size), int(patch), args.batch_size, p)
+                        print(f"{name:>6} {size:>4} {p:>9} GELU alone, forward and backward: {exact:.2f} ms exact, "
+                              f"{tanh:.2f} ms tanh ({tanh / exact:.1f}x)", flush=True)
                     ips, flops = speeds[-1], speeds[-1] * flops_per_image
                     kernel = "math" if not sdpa and (int(size) // int(patch)) ** 2 <= 64 else "default"
                     print(f"{name:>6} {size:>4} {p + ('=auto' if p == auto else ''):>9} "
                           f"{kernel:>9} {k:>10} {ips:8.1f} {flops / 1e9:8.1f} {flops / peak:8.1%}"
-                          + "".join(f"  {ips / speed:.2f}x {'the plain DiT' if label == 'plain DiT' else 'AdamW unfused'}"
+                          + "".join(f"  {ips / speed:.2f}x {VARIANT_NAMES[label]}"
                                     for (label, _), speed in zip(variants[:-1], speeds))
                           + note(firsts[-1]), flush=True)
                     for workers in args.workers if args.trainer else []:

@@ -162,6 +162,15 @@ def test_resume_refuses_changes_that_would_make_it_inexact(workdir, capsys, flag
     assert torch.equal(checkpoint("run")["model"]["out.weight"], before["model"]["out.weight"])
 
 
+def test_nproc_is_bounded_by_the_cpu_cores_this_process_may_use(workdir, capsys, monkeypatch):
+    """Under taskset or a container's CPU set, --nproc counts the cores the process may run on, not the
+    machine's: two processes on one allowed core are refused."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    code, _, err = cli(capsys, "train", "--exp_name", "bad", *SMALL_RUN, "--nproc", 2, "--max_steps", 1)
+    one_line_error(code, err, "--nproc 2 is more than the 1 CPU cores here; use --nproc 1 or fewer")
+    assert files_under(workdir) == []
+
+
 def test_global_batch_under_torchrun_counts_its_processes(workdir, capsys, monkeypatch):
     random_image_folder(workdir / "images", 6)
     monkeypatch.setenv("RANK", "0")
@@ -203,6 +212,27 @@ def test_resume_whose_weights_do_not_fit_its_arguments(trained, capsys):
     code, _, err = cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 4)
     one_line_error(code, err, "do not fit the model its arguments describe (--model tiny, --image_size 16, "
                               "--patch_size 2, --attributes (none))")
+
+
+@pytest.mark.parametrize("architecture", [None, 1, cg.ARCHITECTURE + 1])
+def test_a_checkpoint_of_another_network_version_is_refused_in_one_line(trained, capsys, architecture):
+    """Weights of another version of the network's arithmetic load without an error and draw noise, so
+    sample, train --resume and fid.py refuse them in one line that names the versions (a checkpoint
+    written before versions were recorded is version 1)."""
+    ckpt = torch.load(trained, weights_only=True)
+    assert ckpt["architecture"] == cg.ARCHITECTURE
+    if architecture is None:
+        del ckpt["architecture"]
+    else:
+        ckpt["architecture"] = architecture
+    torch.save(ckpt, trained)
+    expected = f"network version {architecture or 1}, whose blocks compute differently"
+    for argv in (["sample", "--exp_name", "done"], ["train", "--exp_name", "done", "--resume"]):
+        code, _, err = cli(capsys, *argv)
+        one_line_error(code, err, expected)
+    with pytest.raises(SystemExit) as e:
+        fid.main(["--exp_name", "done", "--checkpoint", "last.pt", "--num_samples", "3", "--ref_images", "3"])
+    one_line_error(e.value.code, capsys.readouterr().err, expected)
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(workdir, capsys, monkeypatch):

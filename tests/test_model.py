@@ -56,6 +56,19 @@ def test_rope_logits_depend_only_on_relative_position():
     assert torch.allclose(cg.apply_rope(q, cg.rope_angles(rows, cols, head_dim)).norm(dim=-1), q.norm(dim=-1))
 
 
+def test_rope_is_the_rotation_of_adjacent_channel_pairs_its_docstring_writes():
+    """apply_rope's complex product equals its docstring's real formula: pair (x_2k, x_2k+1) turned by
+    angle a_k into (x_2k cos a - x_2k+1 sin a, x_2k sin a + x_2k+1 cos a); in fp32 for bf16 inputs."""
+    torch.manual_seed(0)
+    x, angles = torch.randn(2, 3, 5, 8), 10 * torch.randn(5, 4)                # (B, H, N, d), (N, d/2)
+    even, odd = x[..., 0::2], x[..., 1::2]                                       # (B, H, N, d/2) each
+    cos, sin = angles.cos(), angles.sin()
+    expected = torch.stack([even * cos - odd * sin, even * sin + odd * cos], -1).flatten(-2)
+    assert torch.allclose(cg.apply_rope(x, angles), expected, atol=1e-5)
+    rotated = cg.apply_rope(x.bfloat16(), angles)
+    assert rotated.dtype == torch.float32 and torch.allclose(rotated, cg.apply_rope(x.bfloat16().float(), angles))
+
+
 def test_attention_logits_depend_only_on_relative_position(monkeypatch):
     """Inside Attention, RoPE turns the queries and the keys: with the same token at all 16 places of
     a 4x4 grid, the logit of (query at p, key at r) is unchanged when both move by a row or a column,
@@ -181,6 +194,18 @@ def test_qk_norm_bounds_the_attention_logits_by_the_gains(monkeypatch):
     logits = q @ k.transpose(-1, -2) / 8                                            # (B, H, N, N)
     bound = 8 * attn.q_norm.weight.abs().max() * attn.k_norm.weight.abs().max()
     assert logits.abs().max() <= bound * (1 + 1e-5) and logits.abs().max() > bound / 10
+
+
+def test_layer_norm_keeps_its_statistics_in_fp32_for_bf16_inputs():
+    """The QK-norm comment: LayerNorm of bf16 numbers far from 0 (mean 300, spread 1) equals the fp32
+    LayerNorm of the same numbers up to bf16's rounding of the result; statistics summed in bf16 (8 bits)
+    would have lost the spread to the mean's rounding."""
+    torch.manual_seed(0)
+    x = (300 + torch.randn(1000, 64)).bfloat16()
+    norm = torch.nn.LayerNorm(64, eps=1e-6, bias=False)
+    exact = norm(x.float())
+    assert torch.allclose(norm(x).float(), exact, rtol=2**-8, atol=2**-8)
+    assert exact.abs().max() > 2  # the numbers normalised are of the spread, not 0
 
 
 @pytest.mark.parametrize("name,millions", [("tiny", 4.2), ("small", 33), ("base", 130)])
