@@ -1109,9 +1109,10 @@ def load_checkpoint(path):
         what = f"no {', '.join(missing)}" if missing else f"unknown model {ckpt['args']['model']!r}"
         raise UserError(f"{path} is not a CelebGen checkpoint ({what}); pass a last.pt or best.pt "
                         f"written by celebgen.py train")
-    if ckpt.get("architecture", 1) != ARCHITECTURE:
+    version = ckpt.get("architecture", 1)  # written without the key: version 1
+    if version != ARCHITECTURE:
         raise UserError(f"{path} was trained by a celebgen.py of network version "
-                        f"{ckpt.get('architecture', 1)}, whose blocks compute differently from this "
+                        f"{version}, whose blocks compute differently from this "
                         f"one's (version {ARCHITECTURE}); train it again, or sample it with that "
                         f"celebgen.py (version 1: git checkout 533a38b)")
     return ckpt
@@ -1588,9 +1589,12 @@ def validate_train_args(args, device, torchrun):
     if device.type == "mps" and (args.nproc > 1 or torchrun):
         raise UserError("DDP cannot run on MPS (torch.distributed has no MPS backend); use --nproc 1, "
                         "or --device cpu for several processes")
-    # CPU cores: those this process may run on (taskset, a container's CPU set), where the OS tells
-    devices = torch.cuda.device_count() if device.type == "cuda" else \
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cuda":
+        devices = torch.cuda.device_count()
+    elif hasattr(os, "sched_getaffinity"):  # the cores this process may run on (taskset, a CPU set)
+        devices = len(os.sched_getaffinity(0))
+    else:
+        devices = os.cpu_count() or 1
     kind = "GPUs" if device.type == "cuda" else "CPU cores"
     if args.nproc > devices and not torchrun:  # torchrun counts its own processes
         raise UserError(f"--nproc {args.nproc} is more than the {devices} {kind} here; "
