@@ -1805,7 +1805,7 @@ def make_parser():
         help="named size: " + ", ".join(f"{k} (width {v['dim']}, depth {v['depth']})" for k, v in
                                         MODELS.items()))
     arg("--patch_size", type=positive(int), default=4, help="side of the square patches (tokens)")
-    arg("--batch_size", type=positive(int), default=16, help="images per step per process")
+    arg("--batch_size", type=positive(int), default=32, help="images per step per process")
     arg("--epochs", type=positive(int), default=100, help="passes over the training images")
     arg("--max_steps", type=positive(int), default=None,
         help="stop after this many optimizer steps (before --epochs ends)")

@@ -224,14 +224,15 @@ def gelu_ms(model_name, image_size, patch_size, batch_size, precision, rounds=7,
     return statistics.median(times["none"]), statistics.median(times["tanh"])
 
 
-def trainer_speed(model_name, image_size, patch_size, precision, batch_size, data_root, workers, steps):
-    """Median images/s of `celebgen.py train`'s progress lines (every 25 steps) after the first."""
+def trainer_speed(model_name, image_size, patch_size, precision, batch_size, data_root, workers, steps, compiled):
+    """Median images/s of `celebgen.py train`'s progress lines (every 25 steps) after the first (with
+    --compile if compiled: the first holds the compilation)."""
     exp_name = f"benchmark_trainer_{os.getpid()}"
     command = [sys.executable, str(Path(cg.__file__)), "train", "--exp_name", exp_name, "--data_root", data_root,
                "--model", model_name, "--image_size", str(image_size), "--patch_size", str(patch_size),
                "--precision", precision, "--batch_size", str(batch_size), "--workers", str(workers),
                "--max_steps", str(steps), "--log_every", "25", "--eval_every", str(10 * steps),
-               "--sample_every", str(10 * steps), "--ckpt_every", str(10 * steps)]
+               "--sample_every", str(10 * steps), "--ckpt_every", str(10 * steps)] + (["--compile"] if compiled else [])
     try:
         log = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     finally:
@@ -269,8 +270,8 @@ def main():
     parser.add_argument("--compile", action="store_true",
                         help="also time each model under torch.compile (its first step, which compiles, apart)")
     parser.add_argument("--trainer", metavar="DATA_ROOT",
-                        help="also run `celebgen.py train` on the images under DATA_ROOT, and print its speed "
-                             "over the in-memory one")
+                        help="also run `celebgen.py train` on the images under DATA_ROOT (with --compile after a "
+                             "compiled in-memory run), and print its speed over the in-memory one")
     parser.add_argument("--workers", type=int, nargs="+", default=[0], help="--workers of the trainer runs")
     parser.add_argument("--trainer_steps", type=int, default=300, help="steps of each trainer run")
     args = parser.parse_args()
@@ -327,7 +328,7 @@ def main():
                         # after it, so a drift of the shared machine's speed counts half on each side
                         before = ips
                         real = trainer_speed(name, int(size), int(patch), p, args.batch_size, args.trainer, workers,
-                                             args.trainer_steps)
+                                             args.trainer_steps, compiled)
                         ips = alternating_speeds(steps[-1:], args.batch_size, args.seconds)[0][0]
                         print(f"{name:>6} {size:>4} {p:>9} {'trainer':>9} {k:>10} {real:8.1f}  with --workers "
                               f"{workers} on {args.trainer}: {real / ((before + ips) / 2):.2f}x the in-memory "

@@ -39,3 +39,14 @@ def test_a_documented_command_parses(argv):
     parser, _ = cg.make_parser()
     args = parser.parse_args(argv)
     assert args.command == argv[0]
+
+
+def test_the_defaults_readme_names_are_the_parsers():
+    """README's Training section lists the CPU recipe as flags and values; they are train's defaults."""
+    listed = re.search(r"The defaults \(`([^`]*)`\)", (ROOT / "README.md").read_text().replace("\n", " "))
+    pairs = shlex.split(listed.group(1))
+    _, train = cg.make_parser()
+    assert len(pairs) >= 16
+    for flag, value in zip(pairs[::2], pairs[1::2]):
+        parse = train._option_string_actions[flag].type or str
+        assert train.get_default(flag[2:]) == parse(value), flag
