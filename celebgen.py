@@ -1586,6 +1586,13 @@ def validate_train_args(args, device, torchrun):
                         f"use e.g. --image_size {nearest}")
     if args.nproc is None:
         args.nproc = torch.cuda.device_count() if device.type == "cuda" else 1
+    if args.workers is None:
+        # A GPU waits for its examples: workers make them meanwhile. A CPU's cores are its training
+        # threads': CelebA's examples, read from the image cache, cost a few percent of a step made
+        # in the training process, less than workers taking those cores; toy faces, drawn anew for
+        # every example, cost more, and two workers drawing them beside training cost less
+        # (README, Measured, 2026-12-03, third session)
+        args.workers = 0 if device.type == "cpu" and args.dataset == "celeba" else 2
     if device.type == "mps" and (args.nproc > 1 or torchrun):
         raise UserError("DDP cannot run on MPS (torch.distributed has no MPS backend); use --nproc 1, "
                         "or --device cpu for several processes")
@@ -1834,8 +1841,9 @@ def make_parser():
              "compiles (up to minutes on a CPU, which needs a C++ compiler), later steps run faster")
     arg("--nproc", type=positive(int), default=None,
         help="processes on this machine (default: one per GPU on CUDA, else 1)")
-    arg("--workers", type=number(int, at_least=0), default=2,
-        help="DataLoader worker processes per process (0: load in the training process)")
+    arg("--workers", type=number(int, at_least=0), default=None,
+        help="DataLoader worker processes per process (0: make the examples in the training process; "
+             "default: 0 for CelebA on a CPU, whose cores workers would take from training, else 2)")
     arg("--seed", type=number(int, at_least=0), default=0, help="for weights, data order and noise")
     arg("--val_size", type=positive(int), default=256,
         help="fixed validation images (and noise and times) that choose best.pt")

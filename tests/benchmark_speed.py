@@ -18,24 +18,24 @@ of full training steps (forward, backward, AdamW, EMA; data already in memory; t
 rounds, which alternate with the rounds of --plain's, --version1's and --unfused's variants), model GFLOP/s by
 celebgen.flops_per_image, and that as a share of the machine's peak: the fastest of the fp32, bf16 and
 fp16 2048x2048 matmul rates measured at the start of the same run (an emulated type is not timed).
-With --trainer, after each in-memory measurement the real trainer runs on the images under DATA_ROOT
-(the image cache of ./experiments is built first if needed, outside the timing), then the in-memory
-run again: the trainer's speed is the median of the images/s of its progress lines after the first,
-over the mean of the in-memory runs just before and just after it.
+With --trainer, after each in-memory measurement the real trainer runs in this process on the images
+under DATA_ROOT (the image cache of ./experiments is built first if needed, outside the timing), then
+the in-memory run again: the trainer's speed is the median of the images/s of its progress lines after
+the first, over the mean of the in-memory runs just before and just after it.
 """
 import argparse
+import contextlib
 import copy
 import functools
+import io
 import itertools
 import os
 import platform
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -152,7 +152,8 @@ def training_step(model_name, image_size, patch_size, precision, batch_size, att
     labels = torch.randint(-1, 2, (batch_size, attributes)).float()  # -1, 0 or 1
     device = torch.device("cpu")
     network = torch.compile(model) if compile else model
-    kernels = nullcontext if sdpa else functools.partial(cg.attention_kernels, device, (image_size // patch_size) ** 2)
+    kernels = (contextlib.nullcontext if sdpa else
+               functools.partial(cg.attention_kernels, device, (image_size // patch_size) ** 2))
 
     def step(i):
         x0, t = torch.randn_like(x1), torch.rand(batch_size)
@@ -226,18 +227,22 @@ def gelu_ms(model_name, image_size, patch_size, batch_size, precision, rounds=7,
 
 def trainer_speed(model_name, image_size, patch_size, precision, batch_size, data_root, workers, steps, compiled):
     """Median images/s of `celebgen.py train`'s progress lines (every 25 steps) after the first (with
-    --compile if compiled: the first holds the compilation)."""
+    --compile if compiled: the first holds the compilation). The trainer runs in this process, as
+    `python celebgen.py train` runs it (one process, no spawn), so that it and the in-memory steps it
+    is compared with share one allocator and one set of threads."""
     exp_name = f"benchmark_trainer_{os.getpid()}"
-    command = [sys.executable, str(Path(cg.__file__)), "train", "--exp_name", exp_name, "--data_root", data_root,
-               "--model", model_name, "--image_size", str(image_size), "--patch_size", str(patch_size),
-               "--precision", precision, "--batch_size", str(batch_size), "--workers", str(workers),
-               "--max_steps", str(steps), "--log_every", "25", "--eval_every", str(10 * steps),
-               "--sample_every", str(10 * steps), "--ckpt_every", str(10 * steps)] + (["--compile"] if compiled else [])
+    command = ["train", "--exp_name", exp_name, "--data_root", data_root, "--model", model_name,
+               "--image_size", str(image_size), "--patch_size", str(patch_size), "--precision", precision,
+               "--batch_size", str(batch_size), "--workers", str(workers), "--max_steps", str(steps),
+               "--log_every", "25", "--eval_every", str(10 * steps), "--sample_every", str(10 * steps),
+               "--ckpt_every", str(10 * steps)] + (["--compile"] if compiled else [])
+    log = io.StringIO()
     try:
-        log = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        with contextlib.redirect_stdout(log):
+            cg.main(command)
     finally:
         shutil.rmtree(Path("experiments") / exp_name, ignore_errors=True)
-    return statistics.median(float(x) for x in re.findall(r"([\d.]+) img/s", log)[1:])
+    return statistics.median(float(x) for x in re.findall(r"([\d.]+) img/s", log.getvalue())[1:])
 
 
 VARIANT_NAMES = {"plain DiT": "the plain DiT", "version 1": "version 1", "unfused": "AdamW unfused"}

@@ -101,7 +101,7 @@ def test_a_time_budget_ends_on_time_cooled_down_and_resumes_on_the_same_clock(wo
 # ----- through the real trainer (toy data or a small folder of images, a few steps) -----
 
 from test_data import LAYOUTS  # noqa: E402
-from test_training import (TOY, checkpoint, cli, logged_scalars, random_image_folder,  # noqa: E402
+from test_training import (TOY, checkpoint, cli, labelled_celeba, logged_scalars, random_image_folder,  # noqa: E402
                            toy_initial_weights)
 
 
@@ -300,3 +300,20 @@ def test_cpu_processes_split_the_threads_pytorch_was_given(monkeypatch, threads,
         assert torch.get_num_threads() == expected
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("device, dataset, given, expected", [
+    ("cpu", "celeba", None, 0), ("cpu", "toy", None, 2), ("cuda", "celeba", None, 2), ("cpu", "celeba", 3, 3)])
+def test_workers_default_to_0_for_celeba_on_a_cpu_else_2(workdir, monkeypatch, device, dataset, given,
+                                                              expected):
+    """--workers' default: 0 where the examples come from the image cache and the workers would take the
+    training threads' cores (CelebA on a CPU), 2 where they cost more (toy faces, drawn per example) or a
+    GPU waits for them; a value given is kept. validate_train_args decides, and args.json records it."""
+    labelled_celeba(workdir / "data")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    parser, _ = cg.make_parser()
+    args = parser.parse_args(["train", "--exp_name", "w", "--dataset", dataset, "--data_root", "data",
+                              "--batch_size", "2"] + ([] if given is None else ["--workers", str(given)]))
+    assert args.workers is None or given is not None  # the parser leaves the choice to the device
+    cg.validate_train_args(args, torch.device(device), torchrun=False)
+    assert args.workers == expected
