@@ -304,16 +304,15 @@ def test_cpu_processes_split_the_threads_pytorch_was_given(monkeypatch, threads,
 
 @pytest.mark.parametrize("device, dataset, given, expected", [
     ("cpu", "celeba", None, 0), ("cpu", "toy", None, 2), ("cuda", "celeba", None, 2), ("cpu", "celeba", 3, 3)])
-def test_workers_default_to_0_for_celeba_on_a_cpu_else_2(workdir, monkeypatch, device, dataset, given,
-                                                              expected):
+def test_workers_default_to_0_for_celeba_on_a_cpu_else_2(workdir, monkeypatch, device, dataset, given, expected):
     """--workers' default: 0 where the examples come from the image cache and the workers would take the
     training threads' cores (CelebA on a CPU), 2 where they cost more (toy faces, drawn per example) or a
-    GPU waits for them; a value given is kept. validate_train_args decides, and args.json records it."""
+    GPU waits for them; a value given is kept. The parser leaves it open; validate_train_args decides."""
     labelled_celeba(workdir / "data")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     parser, _ = cg.make_parser()
     args = parser.parse_args(["train", "--exp_name", "w", "--dataset", dataset, "--data_root", "data",
                               "--batch_size", "2"] + ([] if given is None else ["--workers", str(given)]))
-    assert args.workers is None or given is not None  # the parser leaves the choice to the device
+    assert (args.workers is None) == (given is None)
     cg.validate_train_args(args, torch.device(device), torchrun=False)
     assert args.workers == expected
