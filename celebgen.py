@@ -102,10 +102,11 @@ class UserError(Exception):
 # sampling starts from noise and follows the predicted velocity to t = 1 (section 7). Images are
 # tensors (B, 3, H, W) in [-1, 1], the scale of the noise.
 # Times come from a logit-normal, t = sigmoid(mu + sigma * n) with n ~ N(0, 1): the defaults,
-# mu = -0.6 and sigma = 0.8 (JiT uses -0.8 and 0.8), put most of the training effort (77% of the
+# mu = -0.4 and sigma = 0.8 (JiT uses -0.8 and 0.8), put most of the training effort (69% of the
 # times) at t < 0.5, the noisy end, where the coarse structure of a face is decided. Where the
 # effort goes matters more than any other setting measured for short CPU runs (README, Measured:
-# FID 57 to 168 over eight 10-minute runs at 32x32, mu = -0.6 the best): with too few times near
+# FID 57 to 168 over eight 10-minute runs at 32x32, mu = -0.6 the best of them; -0.4, tried
+# later, 42.3 against -0.6's 46.7 at 2,500 equal steps): with too few times near
 # t = 1 (0.01% above 0.8: 4.8 and 6.9 of two runs' 50,000 examples, expected) the faces came out
 # blocky, the sampler's last steps left to a network that had hardly trained there; with sigma = 1
 # their structure broke. More times near t = 1 by another route did not help either: with 5% of
@@ -357,7 +358,7 @@ def flops_per_image(model):
 #     v_pred = (x_pred - x_t) / max(1 - t, t_eps),     v_target = (x1 - x_t) / max(1 - t, t_eps),
 #     loss = || v_pred - v_target ||^2 = || x_pred - x1 ||^2 / max(1 - t, t_eps)^2:
 # an x-loss weighted by 1 / (1 - t)^2, capped at 1 / t_eps^2 near the image end. For 1 - t >= t_eps
-# the target is exactly x1 - x0. Beyond (t > 0.8 with the default t_eps = 0.2: 0.65% of the
+# the target is exactly x1 - x0. Beyond (t > 0.8 with the default t_eps = 0.2: 1.28% of the
 # training times; t > 0.95 with JiT's t_eps = 0.05 and times: about one in 700,000) the target is
 # clamped like the prediction, as in JiT, so the loss is smallest at x_pred = x1 at every t --
 # which is what the sampler assumes when, at its last steps (t = 0.82 to 0.98 of a 50-step run), it
@@ -664,9 +665,9 @@ def image_cache_path(files, size):
 class CelebA(Dataset):
     """CelebA (or any folder of images) at size x size: dataset[i] is image i, dataset.label(i)
     its values of `attributes` (names from ATTRIBUTE_NAMES), read from the attribute file next to
-    the split file. cache=True reads the images from the image cache (built on first use), else
-    from their files. An unreadable file is reported once and replaced by the next image (and its
-    label), so one bad JPEG never stops a run in the middle of an epoch."""
+    the split file. cache=True reads the images from the image cache when it has been built
+    (build_cache), else from their files. An unreadable file is reported once and replaced by the
+    next image (and its label), so one bad JPEG never stops a run in the middle of an epoch."""
 
     def __init__(self, root, split, size, attributes=(), download=False, cache=False):
         if download:
@@ -682,7 +683,7 @@ class CelebA(Dataset):
                 raise UserError(f"--attributes needs CelebA's labels, {' or '.join(ATTRIBUTE_FILES)}, "
                                 f"{where}; there is none: add it, or train without --attributes")
             self.labels, self.unlabelled = attribute_labels(self.files, attributes, found[0])
-        self.cache, self.pixels = self.open_cache() if cache else None, None
+        self.cache, self.pixels = self.find_cache() if cache else None, None
 
     def __len__(self):
         return len(self.files)
@@ -719,16 +720,28 @@ class CelebA(Dataset):
             print(f"warning: skipping unreadable image {path} ({error}); "
                   f"{len(self.reported)} skipped so far in this process", file=sys.stderr)
 
-    def open_cache(self):
-        """The path of this dataset's image cache, built now if there is none; the files it found
-        unreadable are reported again. None if it cannot be written (a full disk, a read-only
-        folder): then each image is decoded when it is read, as without a cache."""
+    def find_cache(self):
+        """The path of this dataset's image cache if it has been built, else None; the files it
+        found unreadable are reported again."""
         path = image_cache_path(self.files, self.size)
         unreadable_list = path.with_suffix(".unreadable")
-        if unreadable_list.is_file() and path.is_file():
-            for name in unreadable_list.read_text().splitlines():
-                self.report(self.files[0].parent / name, "unreadable when the cache was built")
-            return path
+        if not (unreadable_list.is_file() and path.is_file()):
+            return None
+        for name in unreadable_list.read_text().splitlines():
+            self.report(self.files[0].parent / name, "unreadable when the cache was built")
+        return path
+
+    def build_cache(self):
+        """Build this dataset's image cache unless it is there, and read from it from now on. If it
+        cannot be written (a full disk, a read-only folder), each image is still decoded when it
+        is read, as without a cache. The trainer calls it once per run (validate_train_args), so
+        its processes never decode every image a second time."""
+        self.cache = self.find_cache() or self.write_cache()
+
+    def write_cache(self):
+        """Decode every image into a new image cache; its path, or None if it cannot be written."""
+        path = image_cache_path(self.files, self.size)
+        unreadable_list = path.with_suffix(".unreadable")
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # only complete caches get
         start, shown = time.time(), time.time()                         # the cache's name
         print(f"decoding {len(self.files)} images once into {path} "
@@ -754,7 +767,8 @@ class CelebA(Dataset):
                   f"when it is read instead, which is slower", file=sys.stderr, flush=True)
             return None
         finally:
-            partial.unlink(missing_ok=True)
+            if partial.exists():  # False too where the cache's folder is a file
+                partial.unlink()
         print(f"  done in {time.time() - start:.0f} s; later runs on these images reuse it",
               flush=True)
         return path
@@ -1589,9 +1603,10 @@ def validate_train_args(args, device, torchrun):
     if args.workers is None:
         # A GPU waits for its examples: workers make them meanwhile. A CPU's cores are its training
         # threads': CelebA's examples, read from the image cache, cost a few percent of a step made
-        # in the training process, less than workers taking those cores; toy faces, drawn anew for
-        # every example, cost more, and two workers drawing them beside training cost less
-        # (README, Measured, 2026-12-03, third session)
+        # in the training process, less than workers taking those cores (decoded from their files,
+        # where no cache can be written, 7% of a step at 32x32, and two workers were no faster);
+        # toy faces, drawn anew for every example, cost more, and two workers drawing them beside
+        # training cost less (README, Measured, 2026-12-03, third and fourth sessions)
         args.workers = 0 if device.type == "cpu" and args.dataset == "celeba" else 2
     if device.type == "mps" and (args.nproc > 1 or torchrun):
         raise UserError("DDP cannot run on MPS (torch.distributed has no MPS backend); use --nproc 1, "
@@ -1627,7 +1642,7 @@ def validate_train_args(args, device, torchrun):
     # all is well: build the image cache now, before any process starts (under torchrun by the first
     # process of each machine only; the others wait for it in train_loop)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and isinstance(train_images, CelebA):
-        train_images.cache = train_images.open_cache()
+        train_images.build_cache()
 
 
 def free_port():
@@ -1821,7 +1836,7 @@ def make_parser():
     arg("--cooldown", type=number(float, at_least=0, below=1), default=0.2,
         help="the learning rate decays linearly to 0 over this last fraction of the run (of "
              "--max_minutes, or of the steps, whichever is further along); 0: no decay")
-    arg("--lr", type=positive(float), default=2e-3,
+    arg("--lr", type=positive(float), default=1.5e-3,
         help="AdamW learning rate after the warm-up (DiT's, for long GPU runs of DiT-S or -B: 1e-4)")
     arg("--warmup_steps", type=positive(int), default=200,
         help="steps of linear learning-rate warm-up from lr/warmup_steps to lr")
@@ -1829,7 +1844,7 @@ def make_parser():
     arg("--ema_decay", type=number(float, at_least=0, below=1), default=0.995,
         help="EMA decay d in [0, 1): the average spans about 1 / (1 - d) steps (DiT's, for runs of "
              "hundreds of thousands of steps: 0.9999)")
-    arg("--t_mu", type=number(float), default=-0.6, help="logit-normal mean of the training times t")
+    arg("--t_mu", type=number(float), default=-0.4, help="logit-normal mean of the training times t")
     arg("--t_sigma", type=positive(float), default=0.8, help="logit-normal std of the training times t")
     arg("--t_eps", type=positive(float), default=0.2,
         help="the loss's velocities divide by max(1 - t, t_eps)")

@@ -79,6 +79,13 @@ def image_folder(folder, n, size=(20, 24)):
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"{i}.png")
 
 
+def cached(root, size):
+    """The training split of the folder root at size x size, read from its image cache, built now."""
+    data = cg.CelebA(root, "train", size, cache=True)
+    data.build_cache()
+    return data
+
+
 def test_image_cache_holds_the_decoded_images_and_follows_changes(tmp_path, monkeypatch, capsys):
     """The cached dataset gives the very tensors of the files (an unreadable image replaced by the
     next), read from the cache once built; the next run reuses it without decoding; another size, an
@@ -86,26 +93,27 @@ def test_image_cache_holds_the_decoded_images_and_follows_changes(tmp_path, monk
     monkeypatch.setattr(cg, "IMAGE_CACHE", tmp_path / "cache")
     image_folder(tmp_path / "data", 5)
     (tmp_path / "data" / "2.png").write_bytes(b"not a png")
-    cached = cg.CelebA(tmp_path / "data", "train", 8, cache=True)
+    assert cg.CelebA(tmp_path / "data", "train", 8, cache=True).cache is None  # none built yet
+    built = cached(tmp_path / "data", 8)
     out, err = capsys.readouterr()
     assert "decoding 5 images once" in out and err.count("skipping unreadable image") == 1 and "2.png" in err
-    assert cached.cache.stat().st_size == 5 * 3 * 8 * 8
+    assert built.cache.stat().st_size == 5 * 3 * 8 * 8
     plain = [cg.CelebA(tmp_path / "data", "train", 8)[i] for i in range(5)]
-    assert all(torch.equal(cached[i], plain[i]) for i in range(5)) and torch.equal(cached[2], cached[3])
+    assert all(torch.equal(built[i], plain[i]) for i in range(5)) and torch.equal(built[2], built[3])
     capsys.readouterr()
     with monkeypatch.context() as patch:
         patch.setattr(cg, "load_pixels", lambda *args: pytest.fail("decoded an image, not read from the cache"))
         again = cg.CelebA(tmp_path / "data", "train", 8, cache=True)
         assert all(torch.equal(again[i], plain[i]) for i in range(5))
     out, err = capsys.readouterr()
-    assert again.cache == cached.cache and "decoding" not in out and "2.png" in err  # reported again
-    assert cg.CelebA(tmp_path / "data", "train", 16, cache=True).cache != cached.cache
+    assert again.cache == built.cache and "decoding" not in out and "2.png" in err  # reported again
+    assert cached(tmp_path / "data", 16).cache != built.cache
     Image.new("RGB", (20, 24), (0, 255, 0)).save(tmp_path / "data" / "0.png")  # rewritten
-    rewritten = cg.CelebA(tmp_path / "data", "train", 8, cache=True)
+    rewritten = cached(tmp_path / "data", 8)
     green = torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, 8, 8)
-    assert rewritten.cache != cached.cache and torch.equal(rewritten[0], green)
+    assert rewritten.cache != built.cache and torch.equal(rewritten[0], green)
     Image.new("RGB", (20, 24)).save(tmp_path / "data" / "5.png")  # added
-    assert cg.CelebA(tmp_path / "data", "train", 8, cache=True).cache.name.startswith("6x8px-")
+    assert cached(tmp_path / "data", 8).cache.name.startswith("6x8px-")
     assert len(list((tmp_path / "cache").glob("*.u8"))) == 4
 
 
@@ -124,19 +132,19 @@ def test_an_interrupted_or_failed_cache_leaves_nothing_half_written(tmp_path, mo
     with monkeypatch.context() as patch:
         patch.setattr(cg, "load_pixels", ctrl_c_at_the_third)
         with pytest.raises(KeyboardInterrupt):
-            cg.CelebA(tmp_path / "data", "train", 8, cache=True)
+            cached(tmp_path / "data", 8)
     assert list((tmp_path / "cache").iterdir()) == []
 
     def disk_full(*args):
         raise OSError(28, "No space left on device")
     with monkeypatch.context() as patch:
         patch.setattr(cg.os, "replace", disk_full)
-        failed = cg.CelebA(tmp_path / "data", "train", 8, cache=True)
+        failed = cached(tmp_path / "data", 8)
     assert failed.cache is None and "cannot write the image cache" in capsys.readouterr().err
     assert not list((tmp_path / "cache").glob("*.u8")) and not list((tmp_path / "cache").glob("*.partial"))
     plain = cg.CelebA(tmp_path / "data", "train", 8)
     assert all(torch.equal(failed[i], plain[i]) for i in range(4))
-    whole = cg.CelebA(tmp_path / "data", "train", 8, cache=True)
+    whole = cached(tmp_path / "data", 8)
     assert whole.cache.is_file() and all(torch.equal(whole[i], plain[i]) for i in range(4))
 
 
@@ -145,7 +153,7 @@ def test_a_cached_dataset_travels_to_a_spawned_worker_without_its_pixels(tmp_pat
     be pickled as a copy of every image."""
     monkeypatch.setattr(cg, "IMAGE_CACHE", tmp_path / "cache")
     image_folder(tmp_path / "data", 8)
-    data = cg.CelebA(tmp_path / "data", "train", 64, cache=True)
+    data = cached(tmp_path / "data", 64)
     first = data[0]  # maps the cache in this process
     packed = pickle.dumps(data)
     assert len(packed) < 8 * 3 * 64 * 64 / 4 and torch.equal(pickle.loads(packed)[0], first)

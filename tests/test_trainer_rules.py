@@ -316,3 +316,16 @@ def test_workers_default_to_0_for_celeba_on_a_cpu_else_2(workdir, monkeypatch, d
     assert (args.workers is None) == (given is None)
     cg.validate_train_args(args, torch.device(device), torchrun=False)
     assert args.workers == expected
+
+
+def test_a_cache_that_cannot_be_written_is_tried_once(workdir, monkeypatch, capsys):
+    """Where the image cache cannot be written (its folder would be inside a file here; a read-only
+    folder or a full disk alike), the run warns once and trains on images decoded from their files: the
+    training process does not decode every image a second time trying to build the cache again."""
+    labelled_celeba(workdir / "data")
+    (workdir / "blocked").write_text("")
+    monkeypatch.setattr(cg, "IMAGE_CACHE", workdir / "blocked" / "image_cache")
+    code, out, err = cli(capsys, "train", "--exp_name", "nocache", *TOY, "--dataset", "celeba", "--data_root", "data",
+                         "--batch_size", 4, "--max_steps", 2)
+    assert code == 0 and "step 2/2" in out, err
+    assert out.count("decoding 20 images once") == 1 and err.count("cannot write the image cache") == 1
