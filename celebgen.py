@@ -721,11 +721,13 @@ class CelebA(Dataset):
                   f"{len(self.reported)} skipped so far in this process", file=sys.stderr)
 
     def find_cache(self):
-        """The path of this dataset's image cache if it has been built, else None; the files it
-        found unreadable are reported again."""
+        """The path of this dataset's image cache if it has been built, else None (also for a file
+        of the wrong size, cut short outside celebgen, which build_cache then replaces); the files
+        it found unreadable are reported again."""
         path = image_cache_path(self.files, self.size)
         unreadable_list = path.with_suffix(".unreadable")
-        if not (unreadable_list.is_file() and path.is_file()):
+        expected_bytes = len(self.files) * 3 * self.size**2
+        if not (unreadable_list.is_file() and path.is_file() and path.stat().st_size == expected_bytes):
             return None
         for name in unreadable_list.read_text().splitlines():
             self.report(self.files[0].parent / name, "unreadable when the cache was built")

@@ -119,7 +119,8 @@ def test_image_cache_holds_the_decoded_images_and_follows_changes(tmp_path, monk
 
 def test_an_interrupted_or_failed_cache_leaves_nothing_half_written(tmp_path, monkeypatch, capsys):
     """Ctrl-C while the cache is built, or an error writing it, leaves no cache file; after the error
-    the images are read from their files; a new run builds the cache whole."""
+    the images are read from their files; a new run builds the cache whole, and builds it again if the
+    file is cut short later."""
     monkeypatch.setattr(cg, "IMAGE_CACHE", tmp_path / "cache")
     image_folder(tmp_path / "data", 4)
     load_pixels, calls = cg.load_pixels, []
@@ -146,6 +147,10 @@ def test_an_interrupted_or_failed_cache_leaves_nothing_half_written(tmp_path, mo
     assert all(torch.equal(failed[i], plain[i]) for i in range(4))
     whole = cached(tmp_path / "data", 8)
     assert whole.cache.is_file() and all(torch.equal(whole[i], plain[i]) for i in range(4))
+    whole.cache.write_bytes(whole.cache.read_bytes()[:-1])  # cut short outside celebgen: built anew
+    assert cg.CelebA(tmp_path / "data", "train", 8, cache=True).cache is None
+    again = cached(tmp_path / "data", 8)
+    assert again.cache == whole.cache and all(torch.equal(again[i], plain[i]) for i in range(4))
 
 
 def test_a_cached_dataset_travels_to_a_spawned_worker_without_its_pixels(tmp_path, monkeypatch):
