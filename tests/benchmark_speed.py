@@ -21,7 +21,11 @@ fp16 2048x2048 matmul rates measured at the start of the same run (an emulated t
 With --trainer, after each in-memory measurement the real trainer runs in this process on the images
 under DATA_ROOT (the image cache of ./experiments is built first if needed, outside the timing), then
 the in-memory run again: the trainer's speed is the median of the images/s of its progress lines after
-the first, over the mean of the in-memory runs just before and just after it.
+the first, over the mean of the in-memory runs just before and just after it (and the median of those
+ratios when a --workers value is run more than once). Since the shared machine's speed drifts between
+runs of half a minute, it also times the in-memory steps on the trainer's batches (from a DataLoader
+over DATA_ROOT made as train_loop makes it, each --workers value once) in rounds alternating with the
+in-memory ones: the cost of the data alone, measured with that drift cancelled.
 """
 import argparse
 import contextlib
@@ -134,9 +138,10 @@ def adamw(params, fused=True):
 
 
 def training_step(model_name, image_size, patch_size, precision, batch_size, attributes, sdpa, plain=False,
-                  version1=False, compile=False, fused=True):
+                  version1=False, compile=False, fused=True, batches=None):
     """(step, model FLOPs per image): step(i) runs training step i (forward, backward, AdamW, EMA) on data
-    in memory; with compile, of the model under torch.compile, whose first step compiles it."""
+    in memory, or on the next of `batches` (x1, x0, t, a) if given; with compile, of the model under
+    torch.compile, whose first step compiles it."""
     args = argparse.Namespace(model=model_name, image_size=image_size, patch_size=patch_size,
                               attributes=cg.ATTRIBUTE_NAMES[:attributes])
     torch.manual_seed(0)
@@ -156,9 +161,10 @@ def training_step(model_name, image_size, patch_size, precision, batch_size, att
                functools.partial(cg.attention_kernels, device, (image_size // patch_size) ** 2))
 
     def step(i):
-        x0, t = torch.randn_like(x1), torch.rand(batch_size)
+        x1_i, x0, t, a = (x1, torch.randn_like(x1), torch.rand(batch_size), labels) if batches is None \
+            else next(batches)
         with kernels(), cg.autocast(device, precision):
-            loss = cg.flow_loss(network, x1, x0, t, 0.05, labels)
+            loss = cg.flow_loss(network, x1_i, x0, t, 0.05, a)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -225,6 +231,22 @@ def gelu_ms(model_name, image_size, patch_size, batch_size, precision, rounds=7,
     return statistics.median(times["none"]), statistics.median(times["tanh"])
 
 
+def trainer_batches(data_root, image_size, batch_size, workers):
+    """Endless training batches (x1, x0, t, a) of the images under data_root, epoch after epoch, from
+    a DataLoader made as train_loop makes it (one process, the image cache of ./experiments built
+    first if needed)."""
+    args = cg.make_parser()[1].parse_args(["--exp_name", "benchmark", "--data_root", data_root,
+                                           "--image_size", str(image_size)])
+    images = cg.make_dataset(args, "train")
+    images.build_cache()
+    examples = cg.FlowExamples(images, args)
+    for epoch in itertools.count():
+        examples.epoch = epoch
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(epoch)).tolist()
+        yield from cg.DataLoader(examples, batch_size, sampler=order, drop_last=True, num_workers=workers,
+                                 worker_init_fn=cg.ignore_interrupts)
+
+
 def trainer_speed(model_name, image_size, patch_size, precision, batch_size, data_root, workers, steps, compiled):
     """Median images/s of `celebgen.py train`'s progress lines (every 25 steps) after the first (with
     --compile if compiled: the first holds the compilation). The trainer runs in this process, as
@@ -276,7 +298,8 @@ def main():
                         help="also time each model under torch.compile (its first step, which compiles, apart)")
     parser.add_argument("--trainer", metavar="DATA_ROOT",
                         help="also run `celebgen.py train` on the images under DATA_ROOT (with --compile after a "
-                             "compiled in-memory run), and print its speed over the in-memory one")
+                             "compiled in-memory run), and time the in-memory steps on its batches; print "
+                             "both speeds over the in-memory one (unconditional models only)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0], help="--workers of the trainer runs")
     parser.add_argument("--trainer_steps", type=int, default=300, help="steps of each trainer run")
     args = parser.parse_args()
@@ -305,9 +328,13 @@ def main():
             for sdpa in [False, True] if args.sdpa else [False]:
                 for k, compiled in itertools.product(args.attributes, [False, True] if args.compile else [False]):
                     # the variants asked for, then celebgen's as train runs it, timed in alternating rounds
+                    trainer = args.trainer and k == 0  # the trainer runs unconditional
                     variants = ([("plain DiT", dict(sdpa=True, plain=True))] if args.plain else []) + (
                         [("version 1", dict(sdpa=sdpa, version1=True))] if args.version1 else []) + (
-                        [("unfused", dict(sdpa=sdpa, fused=False))] if args.unfused else []) + [("", dict(sdpa=sdpa))]
+                        [("unfused", dict(sdpa=sdpa, fused=False))] if args.unfused else []) + [
+                        (f"loader {w}", dict(sdpa=sdpa, batches=trainer_batches(args.trainer, int(size),
+                                                                                args.batch_size, w)))
+                        for w in (sorted(set(args.workers)) if trainer else [])] + [("", dict(sdpa=sdpa))]
                     steps = [training_step(name, int(size), int(patch), p, args.batch_size, k, compile=compiled,
                                            **options) for _, options in variants]
                     flops_per_image = steps[-1][1]
@@ -315,7 +342,10 @@ def main():
                     speeds, firsts = alternating_speeds(steps, args.batch_size, args.seconds)
                     note = lambda first: f"  compiled (first step {first:.0f} s)" if compiled else ""
                     for (label, _), speed, first in zip(variants[:-1], speeds, firsts):
-                        print(f"{name:>6} {size:>4} {p:>9} {label:>9} {k:>10} {speed:8.1f}" + note(first),
+                        loader = label.startswith("loader")
+                        print(f"{name:>6} {size:>4} {p:>9} {label:>9} {k:>10} {speed:8.1f}" + note(first)
+                              + (f"  the same steps on batches from the trainer's DataLoader (--workers "
+                                 f"{label.split()[1]}): {speed / speeds[-1]:.2f}x in memory" if loader else ""),
                               flush=True)
                     if args.version1:
                         exact, tanh = gelu_ms(name, int(size), int(patch), args.batch_size, p)
@@ -326,9 +356,10 @@ def main():
                     print(f"{name:>6} {size:>4} {p + ('=auto' if p == auto else ''):>9} "
                           f"{kernel:>9} {k:>10} {ips:8.1f} {flops / 1e9:8.1f} {flops / peak:8.1%}"
                           + "".join(f"  {ips / speed:.2f}x {VARIANT_NAMES[label]}"
-                                    for (label, _), speed in zip(variants[:-1], speeds))
+                                    for (label, _), speed in zip(variants[:-1], speeds) if label in VARIANT_NAMES)
                           + note(firsts[-1]), flush=True)
-                    for workers in args.workers if args.trainer else []:
+                    ratios = {}
+                    for workers in args.workers if trainer else []:
                         # each trainer run against the mean of the in-memory runs just before and just
                         # after it, so a drift of the shared machine's speed counts half on each side
                         before = ips
@@ -339,6 +370,12 @@ def main():
                               f"{workers} on {args.trainer}: {real / ((before + ips) / 2):.2f}x the in-memory "
                               f"speed", flush=True)
                         print(f"{name:>6} {size:>4} {p:>9} {'in memory':>9} {k:>10} {ips:8.1f}", flush=True)
+                        ratios.setdefault(workers, []).append(real / ((before + ips) / 2))
+                    for workers, runs in ratios.items():
+                        if len(runs) > 1:
+                            print(f"{name:>6} {size:>4} {p:>9} the trainer with --workers {workers}: median "
+                                  f"{statistics.median(runs):.2f}x the in-memory speed over {len(runs)} runs",
+                                  flush=True)
 
 if __name__ == "__main__":
     main()
