@@ -117,19 +117,33 @@ def fid_inception():
 
 def load_weights(path=None):
     """The state dict from PATH, $FID_INCEPTION_WEIGHTS, or torch.hub's cache or download (no
-    fallback to other weights)."""
-    path = path or os.environ.get(WEIGHTS_ENV)
-    if path:
-        if not Path(path).is_file():
-            raise celebgen.UserError(f"Inception weights {path} do not exist; download "
-                                     f"{WEIGHTS_URL} there")
-        return torch.load(path, map_location="cpu", weights_only=True)
+    fallback to other weights), checked to be the FID Inception's: every name and shape."""
+    given = path or os.environ.get(WEIGHTS_ENV)
+    if given and not Path(given).is_file():
+        raise celebgen.UserError(f"Inception weights {given} do not exist; download {WEIGHTS_URL} "
+                                 f"there")
+    file = weights_file(path)
+    if not given and not file.is_file():
+        try:  # to a temporary file, renamed when complete: a cut download leaves no file
+            file.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(WEIGHTS_URL, str(file), progress=True)
+        except Exception as e:  # no network, a proxy, a full disk: the remedy is the same
+            raise celebgen.UserError(f"cannot download the FID Inception weights "
+                                     f"({type(e).__name__}); download {WEIGHTS_URL} to {file}, or "
+                                     f"pass --inception_weights PATH, or set {WEIGHTS_ENV}") from None
     try:
-        return torch.hub.load_state_dict_from_url(WEIGHTS_URL, map_location="cpu", progress=True)
-    except Exception as e:  # no network, a proxy, a partial download: the remedy is the same
-        raise celebgen.UserError(f"cannot download the FID Inception weights ({type(e).__name__}); "
-                                 f"download {WEIGHTS_URL} to {weights_file()}, or pass "
-                                 f"--inception_weights PATH, or set {WEIGHTS_ENV}") from None
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, not a PyTorch file at all
+        state, error = None, type(e).__name__
+    with torch.device("meta"):  # the names and shapes the network expects, without memory
+        expected = {name: t.shape for name, t in fid_inception().state_dict().items()}
+    if not (isinstance(state, dict) and expected == {name: getattr(t, "shape", None)
+                                                     for name, t in state.items()}):
+        what = f"is unreadable ({error})" if state is None else "holds other weights"
+        fix = (f"pass pytorch-fid's file ({WEIGHTS_URL}) instead" if given else
+               "delete it, and the next run downloads it again")
+        raise celebgen.UserError(f"{file} {what}, not the FID Inception weights; {fix}")
+    return state
 
 
 def weights_file(path=None):

@@ -287,16 +287,31 @@ def test_a_conditional_model_is_asked_for_the_references_labels(workdir, capsys,
     assert exit.value.code == 2 and "trained without --attributes" in capsys.readouterr().err
 
 
-def test_missing_weights_fail_with_a_clear_message(tmp_path, monkeypatch, capsys):
+def test_missing_or_wrong_weights_fail_with_a_clear_message(tmp_path, monkeypatch, capsys):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
     monkeypatch.delenv(fid.WEIGHTS_ENV, raising=False)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty download cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     a, b = image_folders(tmp_path, n=2)
-    with pytest.raises(SystemExit) as e:
-        fid.main([str(a), str(b)])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "cannot download the FID Inception weights" in err and "--inception_weights" in err
-    with pytest.raises(SystemExit):
-        fid.main([str(a), str(b), "--inception_weights", str(tmp_path / "nope.pth")])
-    assert "do not exist" in capsys.readouterr().err
+
+    def error(*flags):
+        with pytest.raises(SystemExit) as e:
+            fid.main([str(a), str(b), *flags])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ")
+        return err
+    err = error()
+    assert "cannot download the FID Inception weights" in err and "--inception_weights" in err
+    assert "do not exist" in error("--inception_weights", str(tmp_path / "nope.pth"))
+    not_torch = tmp_path / "notes.txt"
+    not_torch.write_text("not weights")
+    assert "notes.txt is unreadable (UnpicklingError), not the FID Inception weights; pass" in \
+        error("--inception_weights", str(not_torch))
+    other = tmp_path / "other.pth"
+    torch.save({"weight": torch.zeros(3)}, other)  # a PyTorch file, but not the Inception's names
+    assert "other.pth holds other weights" in error("--inception_weights", str(other))
+    cached = fid.weights_file()  # a corrupt file where the download is kept
+    assert cached.parent.is_dir() and not cached.exists()  # the failed download left no file
+    cached.write_bytes(other.read_bytes()[:100])
+    assert "is unreadable" in error() and "delete it, and the next run downloads it again" in error()
