@@ -64,6 +64,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -922,7 +923,13 @@ def to_unit(images):
 def save_png(image, path):
     """(C, H, W) in [0, 1] -> an 8-bit PNG (lossless, so FID reads exactly what was generated)."""
     array = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(array).save(path)
+    try:
+        Image.fromarray(array).save(path)
+    except OSError as e:  # a full disk, no permission: no half-written PNG is left behind
+        if path.exists():
+            path.unlink()
+        raise UserError(f"cannot write {path} ({e.strerror or e}); free some space, then run the "
+                        f"command again (a training run: with --resume)") from None
 
 
 def image_grid(images, columns=None):
@@ -1683,14 +1690,27 @@ def sample_command(args):
     name = f"{path.stem}_{args.method}{args.num_sampling_steps}_seed{args.seed}"  # e.g. best_euler50_seed0
     if args.attributes[0] or args.cfg_scale[0] != 1:
         name += f"_{setting_text(args.attributes[0])}_cfg{args.cfg_scale[0]:g}"
-    out = out / name
-    out.mkdir(exist_ok=True)
-    count, first = 0, []
-    for images in batches:  # written as they come: memory does not grow with --num_samples
-        for image in to_unit(images):
-            save_png(image, out / f"{count:06d}.png")
-            count += 1
-        first += list(images[:64 - len(first)])
+    # written into {name}.partial/, which replaces {name}/ when complete: the folder never holds a
+    # cut-short set, nor mixes these images with those of an earlier run (another checkpoint behind
+    # last.pt, more samples)
+    out, count, first = out / name, 0, []
+    partial = out.with_name(name + ".partial")
+    try:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a kill
+        partial.mkdir()
+        for images in batches:  # written as they come: memory does not grow with --num_samples
+            for image in to_unit(images):
+                save_png(image, partial / f"{count:06d}.png")
+                count += 1
+            first += list(images[:64 - len(first)])
+        if out.is_dir():
+            shutil.rmtree(out)
+        partial.rename(out)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted after {count} of {args.num_samples} images; {out}/ is as it was: "
+                          f"run the command again to write them") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     save_png(image_grid(torch.stack(first)), out.with_suffix(".png"))
     print(f"wrote {count} images to {out}/ and a grid of the first {len(first)} to {out.with_suffix('.png')}")
 

@@ -251,6 +251,59 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(workdir, caps
     assert sorted(p.name for p in (workdir / "experiments/full/checkpoints").iterdir()) == ["last.pt"]
 
 
+def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
+    """`sample` writes into a .partial folder that replaces the old one when complete: fewer samples
+    than an earlier run leave no stale images, and Ctrl-C or a full disk midway leaves the old folder as
+    it was, no .partial folder and no half-written PNG."""
+    samples = trained.parents[1] / "samples"
+    folder = samples / "last_euler2_seed0"
+    command = ["sample", "--exp_name", "done", "--num_sampling_steps", 2, "--batch_size", 3, "--precision", "fp32"]
+    assert cli(capsys, *command, "--num_samples", 6)[0] == 0
+    six = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert cli(capsys, *command, "--num_samples", 3)[0] == 0
+    three = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert sorted(three) == ["000000.png", "000001.png", "000002.png"]
+    assert all(six[name] == image for name, image in three.items())  # the same seed, the same images
+
+    real_save, calls = Image.Image.save, []
+    def save(image, path, *args, **kwargs):  # the 4th PNG: interrupted, or the disk fills while writing it
+        calls.append(path)
+        if len(calls) == 4:
+            with open(path, "wb") as f:
+                f.write(b"\x89PNG half")
+            raise failure
+        return real_save(image, path, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "save", save)
+    for failure in (KeyboardInterrupt(), OSError(28, "No space left on device")):
+        calls.clear()
+        code, _, err = cli(capsys, *command, "--num_samples", 6)
+        if isinstance(failure, KeyboardInterrupt):
+            assert code == 130 and "interrupted after 3 of 6 images" in err and "is as it was" in err
+        else:
+            one_line_error(code, err, "last_euler2_seed0.partial/000003.png (No space left on device)")
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == three
+        assert sorted(p.name for p in samples.iterdir() if "euler2" in p.name) == ["last_euler2_seed0",
+                                                                                 "last_euler2_seed0.png"]
+
+
+def test_a_full_disk_at_a_sample_grid_is_one_line_and_the_run_resumes(workdir, capsys, monkeypatch):
+    def full(image, path, *args, **kwargs):  # PNG files; TensorBoard's in-memory PNGs still work
+        if not isinstance(path, os.PathLike):
+            return real_save(image, path, *args, **kwargs)
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+    real_save = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", full)
+    code, _, err = cli(capsys, "train", "--exp_name", "grid", *SMALL_RUN, "--max_steps", 4, "--ckpt_every", 1,
+                       "--sample_every", 2, "--eval_every", 100)
+    one_line_error(code, err, "step_0000002.png (No space left on device); free some space")
+    assert checkpoint("grid")["step"] == 1 and not list((workdir / "experiments/grid/samples").iterdir())
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    assert cli(capsys, "train", "--exp_name", "grid", "--resume")[0] == 0
+    assert checkpoint("grid")["step"] == 4
+
+
 def test_checkpoints_are_synced_and_a_stale_temporary_file_is_removed(trained, capsys, monkeypatch):
     synced, real_fsync = [], os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or
