@@ -921,15 +921,19 @@ def to_unit(images):
 
 
 def save_png(image, path):
-    """(C, H, W) in [0, 1] -> an 8-bit PNG (lossless, so FID reads exactly what was generated)."""
+    """(C, H, W) in [0, 1] -> an 8-bit PNG (lossless, so FID reads exactly what was generated),
+    written to a temporary file and renamed: after a full disk or Ctrl-C it is whole or absent."""
     array = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        Image.fromarray(array).save(path)
-    except OSError as e:  # a full disk, no permission: no half-written PNG is left behind
-        if path.exists():
-            path.unlink()
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, no permission
         raise UserError(f"cannot write {path} ({e.strerror or e}); free some space, then run the "
                         f"command again (a training run: with --resume)") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def image_grid(images, columns=None):
@@ -1940,7 +1944,8 @@ def exit_on_user_error(command, *args, quiet=False):
     except Interrupted as e:
         code, message = 130, str(e)
     except KeyboardInterrupt:
-        code, message = 130, "interrupted (a checkpoint is only ever replaced whole: the last one is intact)"
+        code, message = 130, ("interrupted (checkpoints, images and FID statistics are only ever written "
+                              "whole: those written before are intact)")
     if not quiet:
         print(message, file=sys.stderr, flush=True)
     sys.exit(0 if quiet else code)

@@ -517,7 +517,9 @@ def experiment_fid(args, checkpoint, ckpt, model, device, precision):
         print("Inception Score omitted: these Inception weights have no classifier (fc is zero)")
     print(json.dumps(result, indent=2))  # first, so that no failure below can lose the number
     exp["root"].mkdir(parents=True, exist_ok=True)  # --checkpoint PATH may name a new experiment
-    (exp["root"] / "fid.json").write_text(json.dumps(result, indent=2))
+    partial = exp["root"] / "fid.json.partial"  # fid.json is complete or the previous one
+    partial.write_text(json.dumps(result, indent=2))
+    os.replace(partial, exp["root"] / "fid.json")
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(exp["logs"]) as writer:
         tag = f"fid/{args.num_samples}_samples_{args.method}{args.num_sampling_steps}"

@@ -303,6 +303,15 @@ def test_a_full_disk_at_a_sample_grid_is_one_line_and_the_run_resumes(workdir, c
     assert cli(capsys, "train", "--exp_name", "grid", "--resume")[0] == 0
     assert checkpoint("grid")["step"] == 4
 
+    def interrupted(image, path, *args, **kwargs):  # a second Ctrl-C while a PNG is being written
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Image.Image, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cg.save_png(torch.zeros(3, 2, 2), workdir / "grid.png")
+    assert not list(workdir.glob("grid.png*"))
+
 
 def test_checkpoints_are_synced_and_a_stale_temporary_file_is_removed(trained, capsys, monkeypatch):
     synced, real_fsync = [], os.fsync
