@@ -528,7 +528,8 @@ def find_celeba(root):
     """Return (image folder, split file or None) for the layouts people actually have."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"--data_root {root} does not exist; {LAYOUTS_HELP}")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise UserError(f"--data_root {root} {what}; {LAYOUTS_HELP}")
     for folder, split_file in [
         # torchvision, Kaggle's zip, official
         (root / "celeba" / "img_align_celeba", root / "celeba" / "list_eval_partition.txt"),

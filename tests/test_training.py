@@ -194,6 +194,7 @@ def test_cli_trains_logs_and_samples(workdir):
 @pytest.mark.parametrize("argv,message", [
     (["--data_root", "missing"], "--data_root missing does not exist"),
     (["--data_root", "empty"], "no images in empty"),
+    (["--data_root", "three/000.png"], "--data_root three/000.png is a file, not a folder"),
     ([*TOY, "--image_size", 30], "--image_size 30 is not divisible by --patch_size 4"),
     ([*TOY, "--batch_size", 0], "argument --batch_size: must be positive, got 0"),
     ([*TOY, "--image_size", -8], "argument --image_size: must be positive"),
