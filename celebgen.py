@@ -775,6 +775,11 @@ class CelebA(Dataset):
                 partial.unlink()
         print(f"  done in {time.time() - start:.0f} s; later runs on these images reuse it",
               flush=True)
+        others = [p for p in path.parent.glob("*.u8") if p != path]  # nothing deletes an old cache
+        if others:
+            print(f"  {path.parent} also holds {len(others)} other cache{'s' * (len(others) > 1)} "
+                  f"({sum(p.stat().st_size for p in others) / 1e9:.2f} GB) of other image sizes or "
+                  f"files; delete those no run reads", flush=True)
         return path
 
     def label(self, i):

@@ -96,7 +96,7 @@ def test_image_cache_holds_the_decoded_images_and_follows_changes(tmp_path, monk
     assert cg.CelebA(tmp_path / "data", "train", 8, cache=True).cache is None  # none built yet
     built = cached(tmp_path / "data", 8)
     out, err = capsys.readouterr()
-    assert "decoding 5 images once" in out and err.count("skipping unreadable image") == 1 and "2.png" in err
+    assert "decoding 5 images once" in out and "other cache" not in out and err.count("skipping unreadable image") == 1 and "2.png" in err
     assert built.cache.stat().st_size == 5 * 3 * 8 * 8
     plain = [cg.CelebA(tmp_path / "data", "train", 8)[i] for i in range(5)]
     assert all(torch.equal(built[i], plain[i]) for i in range(5)) and torch.equal(built[2], built[3])
@@ -108,6 +108,7 @@ def test_image_cache_holds_the_decoded_images_and_follows_changes(tmp_path, monk
     out, err = capsys.readouterr()
     assert again.cache == built.cache and "decoding" not in out and "2.png" in err  # reported again
     assert cached(tmp_path / "data", 16).cache != built.cache
+    assert "cache also holds 1 other cache (0.00 GB) of other image sizes or files" in capsys.readouterr()[0]
     Image.new("RGB", (20, 24), (0, 255, 0)).save(tmp_path / "data" / "0.png")  # rewritten
     rewritten = cached(tmp_path / "data", 8)
     green = torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, 8, 8)
@@ -115,6 +116,7 @@ def test_image_cache_holds_the_decoded_images_and_follows_changes(tmp_path, monk
     Image.new("RGB", (20, 24)).save(tmp_path / "data" / "5.png")  # added
     assert cached(tmp_path / "data", 8).cache.name.startswith("6x8px-")
     assert len(list((tmp_path / "cache").glob("*.u8"))) == 4
+    assert "also holds 3 other caches" in capsys.readouterr()[0]
 
 
 def test_an_interrupted_or_failed_cache_leaves_nothing_half_written(tmp_path, monkeypatch, capsys):
