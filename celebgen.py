@@ -1704,9 +1704,10 @@ def sample_command(args):
     # cut-short set, nor mixes these images with those of an earlier run (another checkpoint behind
     # last.pt, more samples)
     out, count, first = out / name, 0, []
-    partial = out.with_name(name + ".partial")
+    partial, old = out.with_name(name + ".partial"), out.with_name(name + ".old")
     try:
-        shutil.rmtree(partial, ignore_errors=True)  # left by a kill
+        for folder in (partial, old):  # left by a kill
+            shutil.rmtree(folder, ignore_errors=True)
         partial.mkdir()
         for images in batches:  # written as they come: memory does not grow with --num_samples
             for image in to_unit(images):
@@ -1714,13 +1715,14 @@ def sample_command(args):
                 count += 1
             first += list(images[:64 - len(first)])
         if out.is_dir():
-            shutil.rmtree(out)
-        partial.rename(out)
+            out.rename(old)
+        partial.rename(out)  # between these two renames, and only there, there is no {name}/
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted after {count} of {args.num_samples} images; {out}/ is as it was: "
                           f"run the command again to write them") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     save_png(image_grid(torch.stack(first)), out.with_suffix(".png"))
     print(f"wrote {count} images to {out}/ and a grid of the first {len(first)} to {out.with_suffix('.png')}")
 

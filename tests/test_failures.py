@@ -263,6 +263,8 @@ def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
     assert cli(capsys, *command, "--num_samples", 3)[0] == 0
     three = {p.name: p.read_bytes() for p in folder.iterdir()}
     assert sorted(three) == ["000000.png", "000001.png", "000002.png"]
+    euler2 = lambda: sorted(p.name for p in samples.iterdir() if "euler2" in p.name)
+    assert euler2() == ["last_euler2_seed0", "last_euler2_seed0.png"]  # the replaced folder is gone too
     assert all(six[name] == image for name, image in three.items())  # the same seed, the same images
 
     real_save, calls = Image.Image.save, []
@@ -282,8 +284,7 @@ def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
         else:
             one_line_error(code, err, "last_euler2_seed0.partial/000003.png (No space left on device)")
         assert {p.name: p.read_bytes() for p in folder.iterdir()} == three
-        assert sorted(p.name for p in samples.iterdir() if "euler2" in p.name) == ["last_euler2_seed0",
-                                                                                 "last_euler2_seed0.png"]
+        assert euler2() == ["last_euler2_seed0", "last_euler2_seed0.png"]
 
 
 def test_a_full_disk_at_a_sample_grid_is_one_line_and_the_run_resumes(workdir, capsys, monkeypatch):
