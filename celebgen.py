@@ -70,7 +70,7 @@ import socket
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -722,11 +722,15 @@ class CelebA(Dataset):
             print(f"warning: skipping unreadable image {path} ({error}); "
                   f"{len(self.reported)} skipped so far in this process", file=sys.stderr)
 
+    @functools.cached_property
+    def cache_path(self):  # a stat of every file: once per dataset
+        return image_cache_path(self.files, self.size)
+
     def find_cache(self):
         """The path of this dataset's image cache if it has been built, else None (also for a file
         of the wrong size, cut short outside celebgen, which build_cache then replaces); the files
         it found unreadable are reported again."""
-        path = image_cache_path(self.files, self.size)
+        path = self.cache_path
         unreadable_list = path.with_suffix(".unreadable")
         expected_bytes = len(self.files) * 3 * self.size**2
         if not (unreadable_list.is_file() and path.is_file() and path.stat().st_size == expected_bytes):
@@ -744,7 +748,7 @@ class CelebA(Dataset):
 
     def write_cache(self):
         """Decode every image into a new image cache; its path, or None if it cannot be written."""
-        path = image_cache_path(self.files, self.size)
+        path = self.cache_path
         unreadable_list = path.with_suffix(".unreadable")
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # only complete caches get
         start, shown = time.time(), time.time()                         # the cache's name
@@ -926,20 +930,30 @@ def to_unit(images):
     return ((images.float().cpu() + 1) / 2).clamp(0, 1)
 
 
-def save_png(image, path):
-    """(C, H, W) in [0, 1] -> an 8-bit PNG (lossless, so FID reads exactly what was generated),
-    written to a temporary file and renamed: after a full disk or Ctrl-C it is whole or absent."""
-    array = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+@contextmanager
+def written_whole(path):
+    """`with written_whole(path) as tmp:` write tmp (next to path); when the block ends it is
+    renamed over path -- atomic: path is the old file or the new one, never half of one -- or
+    deleted if the block failed (a full disk, Ctrl-C)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        Image.fromarray(array).save(tmp, format="PNG")
+        yield tmp
         os.replace(tmp, path)
-    except OSError as e:  # a full disk, no permission
-        raise UserError(f"cannot write {path} ({e.strerror or e}); free some space, then run the "
-                        f"command again (a training run: with --resume)") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_png(image, path):
+    """(C, H, W) in [0, 1] -> an 8-bit PNG (lossless, so FID reads exactly what was generated),
+    whole or absent after a full disk or Ctrl-C."""
+    array = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    try:
+        with written_whole(path) as tmp:
+            Image.fromarray(array).save(tmp, format="PNG")
+    except OSError as e:  # a full disk, no permission
+        raise UserError(f"cannot write {path} ({e.strerror or e}); free some space, then run the "
+                        f"command again (a training run: with --resume)") from None
 
 
 def image_grid(images, columns=None):
@@ -1105,20 +1119,17 @@ def save_checkpoint(path, model, ema, optimizer, scaler, step, best_val, elapsed
              "args": vars(args), "architecture": ARCHITECTURE,
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with written_whole(path) as tmp, open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on the disk before the rename makes them last.pt
-        os.replace(tmp, path)  # atomic: last.pt is either the old or the new checkpoint, never half of one
         folder = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(folder)  # and the rename itself survives a power cut
         finally:
             os.close(folder)
     except OSError as e:  # a full disk, a lost mount, no permission
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path} ({e.strerror or e}); the previous {path.name}, if any, is "
                         f"intact: free some space and resume with --resume") from None
 

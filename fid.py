@@ -462,10 +462,8 @@ def reference_statistics(train_args, model, args, device):
     stats, sample = extract(model, batches, count, device)
     mu, sigma, features = *stats.mean_and_covariance(), sample.features()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")  # a cache file is complete or absent
-    with open(partial, "wb") as f:
+    with celebgen.written_whole(path) as tmp, open(tmp, "wb") as f:  # complete or absent
         np.savez(f, mu=mu, sigma=sigma, features=features)
-    os.replace(partial, path)
     return {"mu": mu, "sigma": sigma, "features": features, "count": count, "path": path}
 
 
@@ -517,9 +515,8 @@ def experiment_fid(args, checkpoint, ckpt, model, device, precision):
         print("Inception Score omitted: these Inception weights have no classifier (fc is zero)")
     print(json.dumps(result, indent=2))  # first, so that no failure below can lose the number
     exp["root"].mkdir(parents=True, exist_ok=True)  # --checkpoint PATH may name a new experiment
-    partial = exp["root"] / "fid.json.partial"  # fid.json is complete or the previous one
-    partial.write_text(json.dumps(result, indent=2))
-    os.replace(partial, exp["root"] / "fid.json")
+    with celebgen.written_whole(exp["root"] / "fid.json") as tmp:  # complete, or the previous one
+        tmp.write_text(json.dumps(result, indent=2))
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(exp["logs"]) as writer:
         tag = f"fid/{args.num_samples}_samples_{args.method}{args.num_sampling_steps}"
