@@ -1,76 +1,40 @@
 """
 CelebGen: a rectified-flow diffusion transformer (DiT) that learns to draw CelebA faces, in a file.
 
-Read it top to bottom: part one follows the data's path. An image x1 and Gaussian noise x0 are
-blended into x_t = t*x1 + (1-t)*x0; x_t is cut into patch tokens; a DiT (RoPE attention + AdaIN-Zero
-time conditioning) looks at them and predicts the clean image; that prediction is turned into a
-velocity and compared with the true velocity x1 - x0. Sampling integrates that velocity from pure
-noise (t=0) to an image (t=1). Part two is the machinery that runs it: data, devices, checkpoints,
-the trainer, the CLI.
+Part one is the algorithm, in the order the data flows; part two trains and samples it; part
+three keeps runs safe (checks, Ctrl-C, atomic writes, CelebA's layouts, caches): skip it.
 
-Commands (all from this folder):
-    # CPU quickstart: procedurally drawn toy faces, no download, 4 minutes of training on a laptop
-    # (the learning rate cools down over the last 20% of them), conditioned on the faces' attributes
+    # CPU quickstart: toy faces drawn on the fly, no download; 4 minutes, with attributes
     python celebgen.py train --exp_name quickstart --dataset toy --max_minutes 4 --attributes all
     python celebgen.py sample --exp_name quickstart --num_samples 64
     python celebgen.py sample --exp_name quickstart --grid --cfg_scale 0 1 3 \\
         --attributes Blond_Hair=1 Eyeglasses=1 Wearing_Hat=1 Smiling=1,Eyeglasses=0
-    # CelebA on a CPU: the defaults are the recipe measured best per CPU-minute on 2 cores (README):
-    # DiT "tiny" at 32x32. --compile (it needs a C++ compiler) makes the steps up to 1.24x faster
+    # CelebA 32x32 on a CPU with the defaults (the recipe per CPU-minute, RESULTS.md); --compile
+    # needs a C++ compiler and fuses the work between the matmuls
     python celebgen.py train --exp_name celeba32 --data_root ./data --compile --max_minutes 20
-    # CelebA 64x64 on 8 GPUs of this machine (one process per GPU, DDP over NCCL; without --nproc
-    # every GPU is used, --nproc 1 uses one): DiT-S with DiT's learning rate and EMA decay
+    # CelebA 64x64 on 8 GPUs (one process each, DDP over NCCL; several machines: torchrun, see
+    # README): DiT-S with DiT's learning rate and EMA decay
     python celebgen.py train --exp_name celeba64 --data_root ./data --nproc 8 --model small \\
         --image_size 64 --batch_size 32 --lr 1e-4 --ema_decay 0.9999
-    # several machines: torchrun starts the processes and this file joins their group
-    # (experiments/ must be on a filesystem all machines share, for --resume)
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
-        celebgen.py train --exp_name celeba64 --data_root ./data --model small --image_size 64 \\
-        --batch_size 32 --lr 1e-4 --ema_decay 0.9999
+    # the 6,000-image CelebA subset of RESULTS.md's CPU benchmarks, copied out of a full CelebA
+    python celebgen.py subset --image_list assets/celeba_subset.txt --out ./data/celeba_subset
     # continue an interrupted run exactly where its last checkpoint left it
     python celebgen.py train --exp_name celeba64 --resume
-    # faces on request: condition on CelebA's attribute labels, then ask, with guidance weight 3
-    python celebgen.py train --exp_name attr32 --data_root ./data --attributes Smiling,Eyeglasses,Male
-    python celebgen.py sample --exp_name attr32 --attributes Smiling=1,Eyeglasses=1 --cfg_scale 3
-Every command picks its device (--device auto: CUDA, then Apple MPS, then CPU) and precision
-(--precision auto: bf16 where the hardware has it, fp16 with loss scaling on older GPUs, else fp32),
-and its first line says which and why.
-
-Part one, the algorithm:
-    1. The straight path   noise and image, x_t between them, the times t training draws
-    2. Patches             an image as a sequence of tokens
-    3. RoPE                where a token is, as a rotation of its query and key
-    4. AdaIN-Zero block    attention + MLP, modulated by time (and attributes), identity at init
-    5. DiT                 patches -> blocks -> final AdaIN-Zero layer -> patches: predicts x1
-    6. Loss                x-prediction -> velocity -> the v-loss; attribute dropout for guidance
-    7. Sampler             Euler (and Heun) from noise to image, classifier-free guidance;
-                           `generate` from a checkpoint
-Part two, running it:
-    8. Data                CelebA and its attribute labels in the layouts people have, its
-                           download, the decoded-image cache; toy faces
-    9. Device, precision   CUDA / MPS / CPU, and bf16 / fp16 / fp32 autocast
-    10. Experiments        experiments/{exp_name}/{checkpoints,logs,samples}, atomic checkpoints
-    11. Trainer            reproducible examples, DDP, the training step, EMA, bookkeeping, Ctrl-C
-    12. CLI                argparse subcommands `train` and `sample`
+    # faces on request: condition on CelebA's labels, then ask, with guidance weight 3
+    python celebgen.py train --exp_name attr32 --data_root ./data --attributes Smiling,Male
+    python celebgen.py sample --exp_name attr32 --attributes Smiling=1,Male=0 --cfg_scale 3
+Each command says early on which device and precision it chose, and why.
 """
 
 import argparse
+import collections
 import copy
-import difflib
 import functools
-import hashlib
-import json
-import logging
 import math
 import os
-import re
-import shutil
-import signal
-import socket
-import sys
 import time
-import warnings
-from contextlib import contextmanager, nullcontext
+from collections import namedtuple
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +43,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
@@ -103,16 +66,9 @@ class UserError(Exception):
 # sampling starts from noise and follows the predicted velocity to t = 1 (section 7). Images are
 # tensors (B, 3, H, W) in [-1, 1], the scale of the noise.
 # Times come from a logit-normal, t = sigmoid(mu + sigma * n) with n ~ N(0, 1): the defaults,
-# mu = -0.4 and sigma = 0.8 (JiT uses -0.8 and 0.8), put most of the training effort (69% of the
-# times) at t < 0.5, the noisy end, where the coarse structure of a face is decided. Where the
-# effort goes matters more than any other setting measured for short CPU runs (README, Measured:
-# FID 57 to 168 over eight 10-minute runs at 32x32, mu = -0.6 the best of them; -0.4, tried
-# later, 42.3 against -0.6's 46.7 at 2,500 equal steps): with too few times near
-# t = 1 (0.01% above 0.8: 4.8 and 6.9 of two runs' 50,000 examples, expected) the faces came out
-# blocky, the sampler's last steps left to a network that had hardly trained there; with sigma = 1
-# their structure broke. More times near t = 1 by another route did not help either: with 5% of
-# the times drawn uniformly from (0, 1), a 10-minute run drew grainy faces (FID 141, against 66 for
-# the recipe beside it; README, fifth session).
+# mu = -0.4 and sigma = 0.8 (JiT uses -0.8 and 0.8), put 69% of the times at t < 0.5, the noisy
+# end, where the coarse structure of a face is decided: of the settings tried for short CPU runs,
+# the one that mattered most (RESULTS.md).
 
 def logit_normal(n, mu, sigma):
     """Map standard normal draws n to times t = sigmoid(mu + sigma * n) in (0, 1)."""
@@ -129,9 +85,8 @@ def interpolate(x1, x0, t):
 #                                   2. Patches: an image as a sequence of tokens
 # --------------------------------------------------------------------------------------------------
 # A transformer reads a sequence of vectors ("tokens"). The image is cut into p x p patches, read in
-# row-major order; each patch's p*p*3 numbers become one token (a linear layer in section 5 maps
-# them to the model's width D). A 32x32 image with p = 4 is an 8 x 8 grid of N = 64 tokens of
-# 48 numbers each.
+# row-major order; each patch's p*p*3 numbers become one token (section 5 maps them linearly to
+# the model's width D). A 32x32 image with p = 4 is an 8 x 8 grid of N = 64 tokens of 48 numbers.
 
 def patchify(x, p):
     """(B, C, H, W) -> (B, N, p*p*C) with N = (H/p)(W/p) tokens in row-major order."""
@@ -154,19 +109,19 @@ def unpatchify(x, p, grid):
 # k, and token i takes from token j in proportion to exp(q_i . k_j / sqrt(d)) -- in several
 # independent "heads", each working on its own slice of d = 64 channels. Nothing in that formula
 # says where a token is. Rotary embeddings (RoPE) say it: before the product, rotate pairs of q's
-# and k's channels by angles p*w_k, p the token's position, with a geometric bank of frequencies
+# and k's channels by angles m*w_k, m the token's position, with a geometric bank of frequencies
 # w_k. Because rotations satisfy R(a)^T R(b) = R(b - a),
-#     <R(p*w) q, R(r*w) k> = <q, R((r - p)*w) k>,
+#     <R(m*w) q, R(n*w) k> = <q, R((n - m)*w) k>,
 # so an attention logit sees only the *difference* of positions. For images we use axial 2D RoPE:
 # half of each head's rotation pairs turn with the patch's row, the other half with its column.
 #
 # Design note, why time is NOT a rotation: rotating every query and key by the same time angle t*w
-# is a shift of all positions by the same amount, and the difference (r - p) is unchanged -- the
+# is a shift of all positions by the same amount, and the difference (n - m) is unchanged -- the
 # logits, and so attention, would not see t at all. Time enters through AdaIN-Zero instead
-# (section 4), as features built from the same frequency bank.
+# (section 4), as sinusoidal features of t.
 
 def frequency_bank(n, base):
-    """w_k = base^(-k/n) for k = 0..n-1, shape (n,): from 1 radian per unit down to almost 1/base."""
+    """w_k = base^(-k/n) for k = 0..n-1, shape (n,): from 1 radian per unit to almost 1/base."""
     return base ** (-torch.arange(n, dtype=torch.float32) / n)
 
 
@@ -175,7 +130,7 @@ def rope_angles(rows, cols, head_dim, base=100.0):
     The first head_dim/4 pairs rotate by row*w_k, the last head_dim/4 by col*w_k. With
     base=100 and head width 64 the fastest pair turns 1 radian per patch and the slowest 0.0133;
     across 8, 16 and 32 patches the slowest turns 0.09, 0.20 and 0.41 radians, less than half a
-    turn, so it never wraps around and tells near from far on every grid size celebgen uses."""
+    turn, so it never wraps around and tells near from far on grids of up to 32 x 32 patches."""
     w = frequency_bank(head_dim // 4, base)                                     # (head_dim/4,)
     return torch.cat([rows.float()[:, None] * w, cols.float()[:, None] * w], -1)  # (N, head_dim/2)
 
@@ -184,13 +139,12 @@ def apply_rope(x, angles):
     """Rotate the channel pairs (x_2k, x_2k+1) of x (B, H, N, d) by angles (N, d/2), pair k by angle
     a_k. Read as a complex number z_k = x_2k + i x_2k+1, a rotation by a is a product with
     e^(ia) = cos a + i sin a, as LLaMA writes it:
-        z_k e^(ia) = (x_2k cos a - x_2k+1 sin a) + i (x_2k sin a + x_2k+1 cos a).
-    One product per pair, so the rotation reads and writes x once (written with cos and sin, as the
-    line above, it takes four products, two sums and a concatenation, each a pass over x). In fp32,
-    as PyTorch has no bf16 complex numbers; the caller casts back."""
-    z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))               # (B, H, N, d/2) complex
-    rotation = torch.view_as_complex(torch.stack([angles.cos(), angles.sin()], -1))   # (N, d/2) e^(ia)
-    return torch.view_as_real(z * rotation).flatten(-2)                       # (B, H, N, d) fp32
+        z_k e^(ia) = (x_2k cos a - x_2k+1 sin a) + i (x_2k sin a + x_2k+1 cos a),
+    one complex product per pair. In fp32, as PyTorch has no bf16 complex numbers; the caller casts
+    back."""
+    z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))        # (B, H, N, d/2) complex
+    rotation = torch.view_as_complex(torch.stack([angles.cos(), angles.sin()], -1))  # (N, d/2)
+    return torch.view_as_real(z * rotation).flatten(-2)                # (B, H, N, d) fp32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,8 +159,8 @@ def apply_rope(x, angles):
 # (LayerNorm) instead; the idea is the same -- normalise, then let the condition choose scale and
 # shift. "Zero": the layer that produces (shift, scale, gate) starts at zero, so gate = 0 and every
 # block is the identity at initialisation -- a deep stack starts as a shallow, well-behaved network
-# and grows into its depth. The time embedding c starts from features
-# [cos(1000 t w_k), sin(1000 t w_k)] of section 3's frequency bank.
+# and grows into its depth. The time embedding c starts from the features
+# [cos(1000 t w_k), sin(1000 t w_k)], w_k a frequency bank like RoPE's with base 10,000.
 # Faces on request ride the same path: a vector a of CelebA attributes (Smiling, Eyeglasses, ...),
 # each -1 (absent), +1 (present) or 0 (unspecified), is embedded linearly and added to c,
 #     c = time_mlp(features(t)) + W a,            a (B, K), W (D, K), c (B, D),
@@ -234,10 +188,7 @@ class Attention(nn.Module):
         # Per-head LayerNorm on q and k ("QK-norm", as ViT-22B applies it): each becomes a vector of
         # mean 0 and RMS at most 1 times a learned gain per channel, so, RoPE's rotation keeping
         # lengths, |q.k| / sqrt(d) <= sqrt(d) max|gain_q| max|gain_k| however large the activations
-        # grow, and attention does not saturate with a large learning rate or in bf16. (SD3 uses
-        # RMSNorm, which bounds the logits alike; PyTorch runs LayerNorm as one fused kernel, forward
-        # and backward, and RMSNorm on the CPU as separate operations, four of them passes over q.)
-        # The kernel computes its mean and variance in fp32 for bf16 inputs too.
+        # grow, and attention does not saturate with a large learning rate or in bf16.
         self.q_norm = nn.LayerNorm(dim // heads, eps=1e-6, bias=False)
         self.k_norm = nn.LayerNorm(dim // heads, eps=1e-6, bias=False)
         self.proj = nn.Linear(dim, dim)
@@ -248,7 +199,7 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                                  # (B, H, N, D/H) each
         q = apply_rope(self.q_norm(q), rope).to(v.dtype)                      # (B, H, N, D/H)
         k = apply_rope(self.k_norm(k), rope).to(v.dtype)                      # (B, H, N, D/H)
-        x = F.scaled_dot_product_attention(q, k, v)  # flash/fused kernels on GPU  (B, H, N, D/H)
+        x = F.scaled_dot_product_attention(q, k, v)                           # (B, H, N, D/H)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))                  # (B, N, D)
 
 
@@ -258,10 +209,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # AdaIN is the affine
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        # A plain GELU MLP, as in DiT. (LLMs and JiT use SwiGLU, often a little better per FLOP; the
-        # plain MLP is simpler to read, and no difference has been measured for this project.) The
-        # exact GELU, x Phi(x), not DiT's tanh approximation of it, which PyTorch computes more slowly
-        # on the CPU (`tests/benchmark_speed.py --version1` times both, README).
+        # A plain GELU MLP, as in DiT, but with the exact GELU, x Phi(x), not DiT's tanh
+        # approximation of it (tests/benchmark_speed.py --version1 times the two on your CPU).
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(),
                                  nn.Linear(mlp_ratio * dim, dim))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -270,9 +219,9 @@ class Block(nn.Module):
         nn.init.zeros_(self.modulation[-1].bias)
 
     def forward(self, x, c, rope):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, -1)  # (B, D) each
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)  # (B, N, D)
-        x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))      # (B, N, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, -1)  # (B, D)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))  # (B, N, D)
         return x
 
 
@@ -285,9 +234,8 @@ class Block(nn.Module):
 # network of width D can represent, while noise fills all p*p*3 dimensions of a patch (the argument
 # of JiT, "Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025). That argument is
 # strongest when a patch holds more numbers than a token's width; here a 4x4 patch holds 48 numbers
-# against D = 192 (tiny) or 384 (small), so it applies only weakly, and noise- or
-# velocity-prediction might do as well at these sizes (not measured in this project). Section 6
-# turns the prediction into a velocity.
+# against D = 192 (tiny) or 384 (small), so at these sizes it applies only weakly. Section 6 turns
+# the prediction into a velocity.
 
 # named sizes: width, depth and heads (head width 64 throughout); parameters at 4x4 patches
 MODELS = {
@@ -304,8 +252,9 @@ class DiT(nn.Module):
         self.patch_size, self.grid = patch_size, image_size // patch_size
         self.patch_embed = nn.Linear(channels * patch_size**2, dim)
         self.time_mlp = nn.Sequential(nn.Linear(TIME_FEATURES, dim), nn.SiLU(), nn.Linear(dim, dim))
-        # W a of section 4; absent from unconditional models, so their checkpoints keep their keys
-        self.attribute_embed = nn.Linear(num_attributes, dim, bias=False) if num_attributes else None
+        # W a of section 4; None in an unconditional model, whose weights then have no such key
+        self.attribute_embed = nn.Linear(num_attributes, dim, bias=False) if num_attributes \
+            else None
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
@@ -336,37 +285,20 @@ def build_model(args):
                num_attributes=len(args.attributes))
 
 
-def flops_per_image(model):
-    """Training FLOPs per image, the accounting of PaLM and nanoGPT: a multiply-add is 2 FLOPs and
-    backward costs twice forward, so 6 x (multiply-adds of one forward). Per-token layers run on N
-    tokens; the time MLP and the modulations run once per image; attention adds q.k and attn.v,
-    2 N^2 D per block."""
-    tokens, dim = model.grid**2, model.patch_embed.out_features
-    per_image = {model.time_mlp[0], model.time_mlp[2], model.final_modulation[-1]}
-    per_image |= {block.modulation[-1] for block in model.blocks} | {model.attribute_embed}
-    linear = sum(m.weight.numel() * (1 if m in per_image else tokens)
-                 for m in model.modules() if isinstance(m, nn.Linear))
-    attention = len(model.blocks) * 2 * tokens**2 * dim
-    return 6 * (linear + attention)
-
-
 # --------------------------------------------------------------------------------------------------
 #                                   6. Loss: x-prediction -> velocity -> v-loss
 # --------------------------------------------------------------------------------------------------
 # The network predicts the clean image x_pred (section 5). Since x0 = (x_t - t x1) / (1 - t), the
-# velocity can be written without x0 as v = (x1 - x_t) / (1 - t); substituting the prediction for
-# x1,
+# velocity is v = (x1 - x_t) / (1 - t) without x0; with the prediction in place of x1,
 #     v_pred = (x_pred - x_t) / max(1 - t, t_eps),     v_target = (x1 - x_t) / max(1 - t, t_eps),
 #     loss = || v_pred - v_target ||^2 = || x_pred - x1 ||^2 / max(1 - t, t_eps)^2:
 # an x-loss weighted by 1 / (1 - t)^2, capped at 1 / t_eps^2 near the image end. For 1 - t >= t_eps
 # the target is exactly x1 - x0. Beyond (t > 0.8 with the default t_eps = 0.2: 1.28% of the
-# training times; t > 0.95 with JiT's t_eps = 0.05 and times: about one in 700,000) the target is
-# clamped like the prediction, as in JiT, so the loss is smallest at x_pred = x1 at every t --
-# which is what the sampler assumes when, at its last steps (t = 0.82 to 0.98 of a 50-step run), it
-# turns x_pred into a velocity without the clamp. The cap also bounds how much the examples near
-# t = 1 weigh: at most 1 / 0.2^2 = 25 with the default (JiT's 0.05: 400), which at 32x32 measured
-# better after 2,800 steps (FID 62.5 against 65.8 with 0.05, side by side) and the same after 20
-# minutes on 2 cores (38.8 against 38.9, measured on another day).
+# training times) the target is clamped like the prediction, as in JiT, so the loss is smallest at
+# x_pred = x1 at every t -- which is what the sampler assumes when, at its last steps (t = 0.82 to
+# 0.98 of a 50-step run), it turns x_pred into a velocity without the clamp. The cap also bounds
+# how much the examples near t = 1 weigh: at most 1 / 0.2^2 = 25 with the default (JiT's 0.05:
+# 400), which at 32x32 sampled no worse than JiT's by FID (RESULTS.md).
 # Why not v_pred = x_pred - x0 with the true noise? That is exactly x_pred - x1 + (x1 - x0), so the
 # loss collapses to a plain unweighted x-loss -- and at sampling time x0 is unknown anyway.
 
@@ -399,16 +331,14 @@ def drop_attributes(attributes, p_each, p_all, rng):
 # --------------------------------------------------------------------------------------------------
 #                                   7. Sampler: integrate the velocity from noise to image
 # --------------------------------------------------------------------------------------------------
-# Generation solves dx/dt = v(x, t) from x(0) = noise to t = 1 on a uniform grid t_i = i/N. Euler
-# takes
-#     x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i);
-# Heun averages that slope with the slope at the Euler guess (second order, two model calls per
-# step). On a perfectly straight path (a model that always predicts the same image) the velocity is
-# constant and Euler is exact -- rectified flow trains the paths to be as straight as it can. Here t
-# <= 1 - 1/N, so 1 - t > 0 and no clamp is needed (t_eps = 0): the last Euler step, from 1 - 1/N to
-# 1, lands exactly on the model's clean-image prediction. Heun's last step is Euler because v(x, 1)
-# would divide by zero. `generate` draws many samples from a checkpoint (section 10) at a precision
-# (section 9), a batch at a time.
+# Generation solves dx/dt = v(x, t) from x(0) = noise to t = 1 on a uniform grid t_i = i/S. Euler:
+#     x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i).
+# Heun averages that slope with the slope at the Euler guess (second order, two model
+# calls per step). On a perfectly straight path (a model that always predicts the same image) the
+# velocity is constant and Euler is exact: the straighter the paths the model has learnt, the
+# fewer steps it needs. Here t <= 1 - 1/S, so 1 - t > 0 and no clamp is needed (t_eps = 0): the
+# last step lands exactly on the model's clean-image prediction. Heun's last step is Euler, as
+# v(x, 1) would divide by 0.
 #
 # Classifier-free guidance (CFG) turns a request up. For attributes a the network gives a
 # conditional prediction x_c = model(x_t, t, a) and an unconditional one x_u = model(x_t, t, 0)
@@ -456,70 +386,1371 @@ def sample(model, noise, num_steps, method="euler", attributes=None, cfg_scale=1
     return x
 
 
-def load_model(ckpt, device, use_ema=True):
-    """The network of a loaded checkpoint (its EMA weights by default), ready to sample. Weights
-    that do not fit fail here, before any work."""
-    model = build_model(argparse.Namespace(**ckpt["args"]))
-    load_weights(model, ckpt["ema" if use_ema else "model"], ckpt["args"])
-    return model.to(device).eval()
-
-
-def generate(ckpt, num_samples, num_steps, method, seed, batch_size, device, precision,
-             use_ema=True, attributes=None, cfg_scale=1.0):
-    """num_samples images from a loaded checkpoint, as an iterator over batches (B, C, H, W) in [-1,
-    1], printing progress; attributes (num_samples, K) or None, guided with weight cfg_scale. The
-    noise is drawn on the CPU, so a seed gives the same noise on every device."""
-    model, size = load_model(ckpt, device, use_ema), ckpt["args"]["image_size"]
-
-    def batches():
-        generator, start = torch.Generator().manual_seed(seed), time.time()
-        for n in range(0, num_samples, batch_size):
-            noise = torch.randn((min(batch_size, num_samples - n), 3, size, size), generator=generator)
-            asked = None if attributes is None else attributes[n:n + len(noise)].to(device)
-            with autocast(device, precision), attention_kernels(device, model.grid**2):
-                images = sample(model, noise.to(device), num_steps, method, asked, cfg_scale).cpu()
-            done = n + len(noise)
-            print(f"sampled {done}/{num_samples} images | {done / (time.time() - start):.2f} img/s",
-                  flush=True)
-            yield images
-    return batches()
-
-
-def guidance_grid(model, rows, cfg_scales, noise, num_steps, method, device, precision):
-    """The effect of a request at a glance: one image (3, H', W') in [0, 1] with a row per attribute
-    setting in rows (R, K), a column per guidance weight, each cell the samples of the same noise
-    (n, C, H, W) side by side."""
-    import torchvision
-    cells = []
-    for row in rows:
-        asked = row.expand(len(noise), -1).to(device)                        # (n, K)
-        for cfg_scale in cfg_scales:
-            with autocast(device, precision), attention_kernels(device, model.grid**2):
-                images = sample(model, noise.to(device), num_steps, method, asked, cfg_scale)
-            cells.append(image_grid(images.cpu(), columns=len(noise)))       # (3, h, n*w)
-    return torchvision.utils.make_grid(torch.stack(cells), nrow=len(cfg_scales), padding=8,
-                                       pad_value=1.0)
-
-
 # ==================================================================================================
-#                                   PART TWO: RUNNING IT
+#                                   PART TWO: TRAINING AND SAMPLING
 # ==================================================================================================
 
 # --------------------------------------------------------------------------------------------------
 #                                   8. Data: CelebA and toy faces, as tensors in [-1, 1]
 # --------------------------------------------------------------------------------------------------
-# CelebA's aligned images are 178x218. The standard CelebA-64 preprocessing of DDIM, PNDM and U-ViT
-# crops a 128x128 box centred at (x=89, y=121) and resizes it; using the same crop makes FIDs
-# comparable with published numbers. The split file maps each image to 0 (train), 1 (val) or 2
-# (test).
+# CelebA's official layout: its 202,599 aligned 178x218 JPEGs in img_align_celeba/, a split file
+# list_eval_partition.txt mapping each to 0 (train), 1 (val) or 2 (test), and list_attr_celeba.txt
+# with 40 labels of -1/1 per image (Part three, D, reads the other layouts, and downloads). The
+# CelebA-64 preprocessing of DDIM, PNDM and U-ViT crops a 128x128 box centred at (x=89, y=121) and
+# resizes it; the same crop makes FIDs comparable with published ones. Toy faces (Part three, G)
+# are drawn, not read, with four exact attribute labels: the quickstart and tests run anywhere.
 
 CELEBA_CROP = (89 - 64, 121 - 64, 89 + 64, 121 + 64)  # (left, top, right, bottom) in 178x218
 SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+def load_pixels(path, size):
+    """An image file -> (3, size, size) uint8 tensor. CelebA's 178x218 images get the standard crop;
+    other images a centred square crop."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")  # reads the file now, inside the `with`
+    if img.size == (178, 218):
+        img = img.crop(CELEBA_CROP)
+    else:
+        w, h = img.size
+        s = min(w, h)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    img = img.resize((size, size), Image.BILINEAR)  # antialiased shrink, as torchvision's Resize
+    return image_tensor(img)                                       # D: (3, size, size) uint8
+
+
+def to_signed(pixels):
+    """uint8 pixels in [0, 255] -> floats in [-1, 1], the range the model sees."""
+    return pixels.float() / 127.5 - 1
+
+
+class CelebA(Dataset):
+    """CelebA (or any folder of images) at size x size: dataset[i] is image i, dataset.label(i)
+    its values of `attributes` (names from ATTRIBUTE_NAMES). cache=True reads the pixels from the
+    image cache once it has been built (build_cache). An unreadable file is reported once and
+    replaced by the next image (and its label), so one bad JPEG never stops a run mid-epoch."""
+
+    def __init__(self, root, split, size, attributes=(), download=False, cache=False):
+        if download:
+            download_celeba(root)                                  # Part three, D
+        self.files, self.size, self.reported = celeba_files(root, split), size, set()  # D
+        self.labels, self.unlabelled = celeba_labels(root, self.files, attributes)    # D: (N, K)
+        self.cache, self.pixels = find_cache(self) if cache else None, None          # E
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self.files):
+            raise IndexError(i)  # ends `for image in dataset`
+        return to_signed(read_or_skip(self, i))  # D: an unreadable file gives the next image
+
+    def read(self, i):
+        """(3, size, size) uint8 pixels of image i, from the cache or from its file."""
+        if self.cache is None:
+            return load_pixels(self.files[i], self.size)
+        if self.pixels is None:  # mapped on first use, in each process that reads
+            shape = (len(self.files), 3, self.size, self.size)
+            self.pixels = np.memmap(self.cache, np.uint8, "r", shape=shape)
+        return torch.from_numpy(self.pixels[i].copy())  # a copy: the map is read-only
+
+    def label(self, i):
+        """(K,) attribute values of image i: -1 absent, +1 present, 0 unspecified; no image is
+        decoded. An unreadable image gives its replacement's label (D)."""
+        return self.labels[readable_index(self, i)]
+
+    def build_cache(self):  # E: decode the images once into a file, and read that from now on
+        self.cache = find_cache(self) or write_cache(self)
+
+    @functools.cached_property
+    def cache_path(self):  # a stat of every file: once per dataset
+        return image_cache_path(self.files, self.size)
+
+    def __getstate__(self):  # a DataLoader worker started by spawn (macOS) maps the cache itself
+        return {**self.__dict__, "pixels": None}
+
+
+def make_dataset(args, split, cache=True):
+    """The images of a split; CelebA's training split through the image cache (unless cache=False),
+    because it is read every epoch."""
+    if args.dataset == "toy":
+        offset = {"train": 0, "val": 10**6, "test": 2 * 10**6}[split]  # three disjoint sets
+        return ToyFaces(args.image_size, offset=offset, attributes=args.attributes)
+    train = split == "train"
+    return CelebA(args.data_root, split, args.image_size, args.attributes,
+                  download=args.download and train, cache=cache and train)
+
+
+# --------------------------------------------------------------------------------------------------
+#                                   9. Precision: bf16, fp16 or fp32
+# --------------------------------------------------------------------------------------------------
+# Under autocast every matmul (each Linear, attention's products) runs in a 16-bit type. Autocast
+# casts each op's inputs, not the model: weights, gradients and AdamW's moments stay fp32. But an
+# op's output keeps the op's dtype, so the residual stream itself (every block's output) is 16-bit
+# too; flow_loss computes the loss in fp32.
+#   bf16 keeps fp32's 8 exponent bits and drops mantissa bits: a gradient of 1e-10 is still
+#        representable, so bf16 needs no loss scaling.
+#   fp16 has 5 exponent bits: values below ~6e-8 flush to zero, and small gradients with them.
+#        GradScaler multiplies the loss by a large factor before backward and divides the gradients
+#        by it before the step, and skips a step whose gradients overflowed (lowering the factor).
+# GPUs of compute capability >= 8.0 and CPUs with AVX512-BF16 or AMX multiply bf16 natively; on
+# other CPUs it is emulated, many times slower than fp32. --precision auto picks (Part three, F).
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
+
+
+def autocast(device, precision):
+    """The context that runs a forward pass at `precision` (bf16, fp16 or fp32) on `device`."""
+    if precision not in AUTOCAST_DTYPES:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
+# --------------------------------------------------------------------------------------------------
+#                                   10. Checkpoints: what a run leaves behind
+# --------------------------------------------------------------------------------------------------
+# experiments/{exp_name}/args.json               the arguments of the run
+#                       /checkpoints/last.pt      written every --ckpt_every steps and at the end
+#                       /checkpoints/best.pt      the lowest validation loss so far
+#                       /logs/                    TensorBoard: tensorboard --logdir experiments
+#                       /samples/                 grids during training; `sample` writes here too
+# A checkpoint holds the weights, their EMA, the optimizer's moments, the fp16 loss scale, the step,
+# the run's arguments and its random state: all a run needs to continue exactly. Only tensors and
+# plain Python values, so it loads with torch.load(weights_only=True), which cannot execute code
+# from a downloaded file. Saving writes it whole, and loading checks it (Part three, B and C).
+
+TrainingParts = namedtuple("TrainingParts", "model ema optimizer scaler")  # what is trained
+
+
+def experiment_paths(exp_name):
+    root = Path("experiments") / exp_name
+    return {"root": root, "checkpoints": root / "checkpoints", "logs": root / "logs",
+            "samples": root / "samples"}
+
+
+def checkpoint_state(parts, step, best_val, elapsed, args):
+    """Everything a run needs to continue exactly, as a dict of tensors and plain values."""
+    state = {name: part.state_dict() for name, part in parts._asdict().items()}
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    return {**state, "step": step, "best_val": best_val, "elapsed": elapsed, "args": vars(args),
+            "architecture": ARCHITECTURE, "rng": {"torch": torch.get_rng_state(), "cuda": cuda}}
+
+
+# --------------------------------------------------------------------------------------------------
+#                                   11. Trainer: examples, DDP, the training loop, EMA
+# --------------------------------------------------------------------------------------------------
+# One process per GPU (or per CPU slot with --nproc), started by torch.multiprocessing.spawn, or by
+# torchrun for several machines. Each holds a full copy of the model; DistributedDataParallel
+# averages the gradients over processes in backward(), so all copies take the same optimizer step.
+# Each process reads its own 1/world_size of every epoch (DistributedSampler): the global batch is
+# world_size x --batch_size.
+#
+# Reproducibility by construction: every random choice about a training example -- its flip, its
+# noise x0, its time t -- is a pure function of (seed, epoch, image index). So 2 processes x batch B
+# see exactly the examples 1 process x batch 2B sees, and a run resumed at step k sees exactly what
+# the uninterrupted run saw: the data order of an epoch is a function of (seed, epoch), and the
+# resume skips the k mod (steps per epoch) batches of that epoch already done.
+
+class FlowExamples(Dataset):
+    """Training examples (x1, x0, t, a): an image (randomly flipped), its noise, its time, its
+    attributes with some hidden (section 6; (0,) for an unconditional run). Set .epoch before
+    iterating (the DataLoader workers receive a fresh copy each epoch)."""
+
+    def __init__(self, images, args):
+        self.images, self.args, self.epoch = images, args, 0
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        args = self.args
+        rng = np.random.default_rng([args.seed, self.epoch, i])
+        x1 = self.images[i]                                                   # (C, H, W)
+        if rng.random() < 0.5:
+            x1 = x1.flip(-1)                                                  # horizontal flip
+        x0 = torch.from_numpy(rng.standard_normal(x1.shape, dtype=np.float32))  # (C, H, W)
+        t = logit_normal(rng.standard_normal(), args.t_mu, args.t_sigma)      # ()
+        a = drop_attributes(self.images.label(i), args.attr_dropout, args.attr_dropout_all, rng)
+        return x1, x0, t, a                                                   # a: (K,)
+
+
+def epoch_batches(examples, sampler, step, steps_per_epoch, args, device):
+    """The batches (x1, x0, t, a) left in the epoch of step `step`: this process's share of a
+    permutation fixed by (seed, epoch), less the batches a resumed run has already seen."""
+    epoch, done_in_epoch = divmod(step, steps_per_epoch)
+    sampler.set_epoch(epoch)
+    examples.epoch = epoch
+    order = list(sampler)[done_in_epoch * args.batch_size:]
+    loader = DataLoader(examples, args.batch_size, sampler=order, drop_last=True,
+                        num_workers=args.workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=ignore_interrupts)                    # Part three, B
+    for x1, x0, t, a in loader:
+        yield (x1.to(device, non_blocking=True), x0.to(device, non_blocking=True),  # (B, C, H, W)
+               t.to(device), a.to(device))                                           # (B,), (B, K)
+
+
+def validation_set(images, n, seed, t_mu, t_sigma):
+    """Fixed images, noise, times and attributes (all shown), so the val loss is comparable across
+    steps. The times are the n quantiles of the training distribution,
+    t_k = sigmoid(mu + sigma * Phi^-1((k + 1/2) / n))."""
+    x1 = torch.stack([images[i] for i in range(min(n, len(images)))])      # (n, C, H, W)
+    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
+    quantiles = (torch.arange(len(x1)) + 0.5) / len(x1)
+    a = torch.stack([images.label(i) for i in range(len(x1))])             # (n, K)
+    return x1, x0, logit_normal(torch.special.ndtri(quantiles), t_mu, t_sigma), a
+
+
+@torch.no_grad()
+def validation_loss(model, val, t_eps, batch_size, device, precision):
+    total = 0.0
+    for start in range(0, len(val[0]), batch_size):
+        x1, x0, t, a = (part[start:start + batch_size].to(device) for part in val)
+        with autocast(device, precision):
+            total += flow_loss(model, x1, x0, t, t_eps, a).item() * len(x1)
+    return total / len(val[0])
+
+
+def learning_rate(step, progress, args):
+    """The learning rate of optimizer step `step` (0-based) taken at `progress` in [0, 1) of the run
+    (of its steps, or of its --max_minutes, whichever is further): a linear warm-up over
+    --warmup_steps, constant, then a linear cooldown to 0 over the last --cooldown of the run,
+        lr(step, p) = lr * min(1, (step + 1) / warmup_steps) * clamp((1 - p) / cooldown, 0, 1)
+    (no cooldown factor with --cooldown 0). Warm-up lets AdamW's moment estimates settle before
+    the steps get large. The cooldown makes this the "warmup-stable-decay" (WSD) schedule: a run
+    of any length, or stopped by a clock, still ends with small steps, settled, not mid-noise."""
+    cooldown = min(1.0, (1 - progress) / args.cooldown) if args.cooldown else 1.0
+    return args.lr * min(1.0, (step + 1) / args.warmup_steps) * max(cooldown, 0.0)
+
+
+def clip_gradients(parts, loss, step, args):
+    """Clip the gradients (unscaled first, in fp16) to norm --grad_clip; their norm before. A
+    non-finite loss or gradient stops the run before the step is taken or saved (in fp16 the scaler
+    skips an overflowed step instead, and the loop checks the loss after it)."""
+    parts.scaler.unscale_(parts.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), args.grad_clip)
+    local_loss, grad_norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+    finite = math.isfinite(local_loss) and math.isfinite(grad_norm)
+    if not parts.scaler.is_enabled() and not finite:
+        raise divergence(local_loss, grad_norm, step + 1, args.lr)           # Part three, A
+    return grad_norm
+
+
+@torch.no_grad()
+def update_ema(ema, model, step, decay):
+    """ema <- d ema + (1 - d) model, with the warm-up d = min(decay, (1 + step) / (10 + step)).
+    Measured as the lag behind a weight that grows by 1 per step (tested), the average spans the
+    last (step + 1) / 10 steps while the warm-up rules -- so even a 5-minute run samples from a
+    useful EMA -- and d / (1 - d), about 1 / (1 - decay) steps, once d reaches decay. The default
+    decay 0.995 averages about 200 steps (DiT's 0.9999, for long GPU runs, 10,000), chosen for
+    short CPU runs by FID against longer and shorter windows and the raw weights (RESULTS.md)."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - d)
+
+
+def training_parts(args, device):
+    """The model, its EMA copy, AdamW and the fp16 loss scaler; seeded: equal in every process."""
+    torch.manual_seed(args.seed)
+    model = build_model(args).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    # fused: one kernel updates every weight, instead of several small ops per tensor
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
+                                  weight_decay=0.0, fused=True)
+    # fp16 only: scale the loss up before backward, so small gradients do not flush to zero
+    scaler = torch.amp.GradScaler(device.type, enabled=args.resolved_precision == "fp16")
+    return TrainingParts(model, ema, optimizer, scaler)
+
+
+def train_loop(rank, world_size, args, device, interrupt):
+    """Process `rank`'s training, started by train_worker (B); interrupt.requested turns True at
+    Ctrl-C, and args.resolved_precision is --precision resolved for this machine (F)."""
+    # 1. the model, its EMA, AdamW and the loss scaler: new, or as the checkpoint left them
+    parts = training_parts(args, device)
+    step, best_val, elapsed = start_or_resume(args, parts, device, announce=rank == 0)
+    model = parts.model if world_size == 1 else DistributedDataParallel(
+        parts.model, device_ids=[device] if device.type == "cuda" else None)
+    if args.compile:  # fused kernels for the elementwise ops between the matmuls, made at step 1
+        model = compiled(model)                                               # Part three, F
+    # 2. the data, and how long the run is: --epochs, --max_steps or --max_minutes
+    if world_size > 1:  # wait for the image cache, built by one process per machine (A)
+        dist.barrier()
+    examples = FlowExamples(make_dataset(args, "train"), args)
+    sampler = DistributedSampler(examples, world_size, rank, shuffle=True, seed=args.seed,
+                                 drop_last=True)
+    steps_per_epoch = len(sampler) // args.batch_size
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
+    budget = 60 * args.max_minutes if args.max_minutes else math.inf  # seconds of training
+    book = Bookkeeping(args, device, parts, total_steps, budget, best_val) if rank == 0 else None
+    if rank == 0:
+        say_if_finished(args, step, elapsed, total_steps, budget)           # Part three, C
+    stop, clock = False, time.monotonic() - elapsed  # the run's clock, continued across resumes
+    while step < total_steps and elapsed < budget and not stop:
+        for x1, x0, t, a in epoch_batches(examples, sampler, step, steps_per_epoch, args, device):
+            # 3. the learning rate, from how far the run is through its steps or its time
+            lr = learning_rate(step, max(step / total_steps, elapsed / budget), args)
+            for group in parts.optimizer.param_groups:
+                group["lr"] = lr
+            # 4. forward + loss, the matmuls in 16 bits under autocast
+            with autocast(device, args.resolved_precision):
+                loss = flow_loss(model, x1, x0, t, args.t_eps, a)
+            # 5. backward: DDP averages the gradients over processes here (fp16: the scaled loss)
+            parts.optimizer.zero_grad(set_to_none=True)
+            parts.scaler.scale(loss).backward()
+            grad_norm = clip_gradients(parts, loss, step, args)
+            # 6. the optimizer step (in fp16 skipped if a gradient overflowed), then the EMA
+            parts.scaler.step(parts.optimizer)
+            parts.scaler.update()
+            update_ema(parts.ema, parts.model, step, args.ema_decay)
+            step += 1
+            # 7. the mean loss over processes, whether any was asked to stop (Ctrl-C), and the
+            # run's time, averaged so that every process sets the same lr and stops together
+            stats = torch.tensor([loss.item(), interrupt.requested, time.monotonic() - clock],
+                                 device=device)
+            if world_size > 1:
+                dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+            loss, stop, elapsed = stats[0].item(), stats[1].item() > 0, stats[2].item()
+            if not math.isfinite(loss):  # fp16, where a non-finite step was skipped, not taken
+                raise divergence(loss, grad_norm, step, args.lr)
+            # 8. rank 0: log, validate, sample a grid, save, each at its interval and at the end
+            last = step == total_steps or elapsed >= budget
+            if rank == 0:
+                book.after_step(step, (loss, lr, grad_norm), len(x1) * world_size, elapsed, last)
+            if last or stop:
+                break
+    if rank == 0:
+        book.close(step, stop)
+    if stop:  # Ctrl-C: the step in flight has finished and is saved; every rank leaves together
+        stopped_by_ctrl_c(args, step, world_size)                             # Part three, B
+
+
+class Bookkeeping:
+    """Rank 0's record of the run: progress lines and TensorBoard scalars, the validation loss and
+    best.pt (the lowest validation loss so far: best_val), sample grids, and last.pt."""
+
+    def __init__(self, args, device, parts, total_steps, budget, best_val):
+        from torch.utils.tensorboard import SummaryWriter  # imported here: only rank 0 pays for it
+        self.args, self.device, self.parts = args, device, parts
+        self.total_steps, self.budget, self.best_val = total_steps, budget, best_val
+        self.exp = experiment_paths(args.exp_name)
+        self.flops_per_image = flops_per_image(parts.model)                    # Part three, F
+        self.writer = SummaryWriter(self.exp["logs"])
+        self.val = validation_set(make_dataset(args, "val"), args.val_size, args.seed, args.t_mu,
+                                  args.t_sigma)
+        self.grid_noise = torch.randn(16, 3, args.image_size, args.image_size,
+                                      generator=torch.Generator().manual_seed(args.seed + 1))
+        self.clock, self.images_seen, self.elapsed, self.saved_step = time.time(), 0, 0.0, -1
+        params, size = sum(p.numel() for p in parts.model.parameters()) / 1e6, args.image_size
+        until = f" or {args.max_minutes:g} minutes, whichever ends first" if args.max_minutes \
+            else ""
+        print(f"training {args.model} ({params:.2f}M params) on {args.dataset} {size}x{size}, "
+              f"{total_steps} steps{until}, device {device}, {args.resolved_precision}, "
+              f"experiment {self.exp['root']}", flush=True)
+
+    def after_step(self, step, numbers, images, elapsed, last):
+        """What is due after step `step` (numbers: loss, lr, gradient norm), `elapsed` seconds in:
+        each at its --*_every interval and after the `last` step."""
+        self.images_seen, self.elapsed = self.images_seen + images, elapsed
+        due = lambda every: step % every == 0 or last
+        if due(self.args.log_every):
+            log_progress(self, step, *numbers, images)                       # F: the speed
+        if due(self.args.eval_every):
+            self.validate(step)
+        if due(self.args.ckpt_every):  # before the grid, so a grid that fails loses no step
+            self.save("last.pt", step)
+        if due(self.args.sample_every):
+            self.sample_grid(step)
+
+    def validate(self, step):
+        """The EMA's loss on the fixed validation set; a new lowest value is saved as best.pt."""
+        val = validation_loss(self.parts.ema, self.val, self.args.t_eps, 4 * self.args.batch_size,
+                              self.device, self.args.resolved_precision)
+        self.writer.add_scalar("val/loss", val, step)
+        new_best = val < self.best_val
+        print(f"step {step} | val loss (EMA) {val:.4f}" + (" | new best" if new_best else ""),
+              flush=True)
+        if new_best:
+            self.best_val = val
+            self.save("best.pt", step)
+
+    def sample_grid(self, step):
+        """16 samples of the EMA from fixed noise: the same faces, improving, at every interval."""
+        with autocast(self.device, self.args.resolved_precision):
+            images = sample(self.parts.ema, self.grid_noise.to(self.device),
+                            self.args.num_sampling_steps)
+        grid = image_grid(images)
+        self.writer.add_image("samples", grid, step)
+        save_png(grid, self.exp["samples"] / f"step_{step:07d}.png")          # B: written whole
+
+    def save(self, name, step):
+        state = checkpoint_state(self.parts, step, self.best_val, self.elapsed, self.args)
+        save_checkpoint(self.exp["checkpoints"] / name, state)  # B: whole, or the old one intact
+        if name == "last.pt":
+            self.saved_step = step
+
+    def close(self, step, stopped):  # after Ctrl-C, last.pt is saved for the step just finished
+        self.writer.close()
+        if stopped and self.saved_step < step:
+            self.save("last.pt", step)
+
+
+# --------------------------------------------------------------------------------------------------
+#                                   12. Sampling from a checkpoint
+# --------------------------------------------------------------------------------------------------
+
+def load_model(ckpt, device, use_ema=True):
+    """The network of a loaded checkpoint (its EMA weights by default), ready to sample. Weights
+    that do not fit fail here, before any work."""
+    model = build_model(argparse.Namespace(**ckpt["args"]))
+    load_weights(model, ckpt["ema" if use_ema else "model"], ckpt["args"])    # Part three, C
+    return model.to(device).eval()
+
+
+def generate(model, args, device, precision, attributes=None, cfg_scale=1.0):
+    """args.num_samples images of a loaded model, as batches (B, C, H, W) in [-1, 1] of
+    args.batch_size: args.num_sampling_steps of args.method from the noise of args.seed, asking for
+    attributes (num_samples, K) (or None) with guidance weight cfg_scale. The noise is drawn on the
+    CPU, so a seed gives the same noise on every device."""
+    size, total = model.grid * model.patch_size, args.num_samples
+    generator, start = torch.Generator().manual_seed(args.seed), time.time()
+    for n in range(0, total, args.batch_size):
+        noise = torch.randn((min(args.batch_size, total - n), 3, size, size), generator=generator)
+        asked = None if attributes is None else attributes[n:n + len(noise)].to(device)
+        with autocast(device, precision), attention_kernels(device, model.grid**2):   # F
+            images = sample(model, noise.to(device), args.num_sampling_steps, args.method, asked,
+                            cfg_scale).cpu()
+        done = n + len(noise)
+        print(f"sampled {done}/{total} images | {done / (time.time() - start):.2f} img/s",
+              flush=True)
+        yield images
+
+
+# --------------------------------------------------------------------------------------------------
+#                                   13. CLI: train and sample
+# --------------------------------------------------------------------------------------------------
+
+def train_command(args, saved):
+    """`train`: check everything, create the experiment, then run one process or spawn several.
+    saved: the arguments of the run being resumed (--resume), else None."""
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun started this process
+    first = int(os.environ.get("RANK", 0)) == 0  # under torchrun only rank 0 creates the experiment
+    with experiment_lock(args, first):  # B: one `train` per experiment at a time
+        device = check_train_command(args, saved, torchrun)  # A: before any file is written
+        if first:
+            create_experiment(args)                                 # B: its folders, args.json
+        # each process runs train_worker (B): its device, the process group, Ctrl-C, train_loop
+        if torchrun:  # join torchrun's group instead of spawning
+            train_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, device.type)
+        elif args.nproc == 1:
+            train_worker(0, 1, args, device.type)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+            with quiet_spawn(args):  # B: Ctrl-C goes to the workers; a worker's death is told
+                mp.spawn(train_worker, args=(args.nproc, args, device.type), nprocs=args.nproc)
+
+
+def sample_command(args):
+    """`sample`: --num_samples PNGs of a checkpoint into a folder of experiments/{exp_name}/samples/
+    (and a grid of the first 64 beside it), or with --grid one picture of requests x weights."""
+    device, precision = device_and_precision(args.device, args.precision)
+    path = checkpoint_path(args.exp_name, args.checkpoint)
+    ckpt = load_checkpoint(path)                                               # C: checked
+    rows = attribute_rows(args.attributes, args.cfg_scale, ckpt["args"]["attributes"])  # (R, K)
+    if not args.grid and (len(args.attributes) > 1 or len(args.cfg_scale) > 1):
+        raise UserError("several --attributes settings or --cfg_scale values make a grid: add "
+                        "--grid")
+    if not args.grid and rows is not None and args.cfg_scale[0] not in (0, 1) and \
+            not args.attributes[0]:  # nothing asked: every weight draws unconditional samples
+        raise UserError(f"--cfg_scale {args.cfg_scale[0]:g} turns up a request, and none was made: "
+                        f"add --attributes, e.g. Smiling=1")
+    out = experiment_paths(args.exp_name)["samples"]
+    check_folders(out, out.parent / "logs")                                  # A: no file there
+    model = load_model(ckpt, device, use_ema=not args.no_ema)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.grid:  # A: one picture, a row per --attributes setting, a column per --cfg_scale
+        return grid_command(args, model, rows, out / f"{path.stem}_grid", ckpt["step"], device,
+                            precision)
+    asked = rows[0].expand(args.num_samples, -1) if rows is not None else None  # (num_samples, K)
+    batches = generate(model, args, device, precision, asked, args.cfg_scale[0])
+    name = f"{path.stem}_{args.method}{args.num_sampling_steps}_seed{args.seed}"
+    if args.attributes[0] or args.cfg_scale[0] != 1:
+        name += f"_{setting_text(args.attributes[0])}_cfg{args.cfg_scale[0]:g}"
+    # each PNG is written into {name}.partial/, which replaces {name}/ only when complete (B)
+    count, first = write_samples_whole(batches, out / name, args.num_samples)
+    save_png(image_grid(torch.stack(first)), (out / name).with_suffix(".png"))
+    print(f"wrote {count} images to {out / name}/ and a grid of the first {len(first)} to "
+          f"{(out / name).with_suffix('.png')}")
+
+
+def main(argv=None):
+    parser, train_parser = make_parser()                                       # A: the flags
+    args = exit_on_user_error(parser.parse_args, argv)                         # A: one-line errors
+    if args.command == "sample":
+        return exit_on_user_error(sample_command, args)
+    if args.command == "subset":                                               # D: a fixed subset
+        return exit_on_user_error(subset_command, args)
+    saved = None
+    if args.resume:  # the saved arguments become the defaults; flags given now override them
+        saved = exit_on_user_error(saved_arguments, args.exp_name)
+        train_parser.set_defaults(**saved)
+        args = exit_on_user_error(parser.parse_args, argv)
+    exit_on_user_error(train_command, args, saved)
+
+
+# ==================================================================================================
+#                     PART THREE: KEEPING RUNS SAFE (what a learner may skip)
+# ==================================================================================================
+# Everything below makes the program trustworthy rather than explaining the method: bad input ends
+# in one line naming the problem and the fix; Ctrl-C, a kill or a full disk never leave a half
+# file or lose a run; a resume continues exactly or refuses; CelebA is found however it was
+# unpacked; and the device, precision and attention kernel are chosen for the machine.
+
+# the imports that only Part three needs stand here, out of the learner's way
+import difflib
+import hashlib
+import json
+import logging
+import re
+import shutil
+import signal
+import socket
+import sys
+import warnings
+from contextlib import contextmanager
+
+from PIL import ImageDraw
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# --------------------------------------------------------------------------------------------------
+#                                   A. Flags, their ranges, and one-line errors
+# --------------------------------------------------------------------------------------------------
+
+def exit_on_user_error(command, *args, quiet=False):
+    """Run a command. Bad input (UserError), an op without an MPS kernel and a --compile that finds
+    no working compiler end as one line `error: ...` and exit status 2; Ctrl-C as one line and
+    status 130 (the shell's code for SIGINT). No traceback. quiet: a DDP rank other than 0, which
+    says nothing and leaves with status 0, because spawn stops every process as soon as one fails:
+    rank 0 must be the one whose status and message the user gets."""
+    code = 2
+    try:
+        return command(*args)
+    except UserError as e:
+        # from a DataLoader worker the message arrives inside the worker's traceback: its last line
+        message = "error: " + re.sub(r"^[\w.]*UserError: ", "", str(e).strip().splitlines()[-1])
+    except Interrupted as e:
+        code, message = 130, str(e)
+    except KeyboardInterrupt:  # before the clause below, whose lookup may import torch._dynamo
+        code, message = 130, ("interrupted (checkpoints, images and FID statistics are only ever "
+                              "written whole: those written before are intact)")
+    except NotImplementedError as e:
+        if "MPS" not in str(e):
+            raise
+        message = (f"error: {str(e).splitlines()[0]} Set PYTORCH_ENABLE_MPS_FALLBACK=1 to run such "
+                   f"ops on the CPU, or use --device cpu")
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # --compile without a working compiler
+        reason = e.inner_exception
+        message = (f"error: --compile failed ({type(reason).__name__}: "
+                   f"{str(reason).splitlines()[0]}); train without --compile, which runs the same "
+                   f"model")
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+    sys.exit(0 if quiet else code)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, showing each flag's default in --help, and reporting a bad flag as a UserError
+    (one line `error: ...`, exit status 2) instead of its usage block."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+    def add_argument(self, *names, **kwargs):  # a number's help ends with its range, as parsed
+        if hasattr(kwargs.get("type"), "valid"):
+            kwargs["help"] = f"{kwargs['help']} ({kwargs['type'].valid})"
+        return super().add_argument(*names, **kwargs)
+
+
+def number(kind, above=None, at_least=None, below=None):
+    """An argparse type: a finite int or float, optionally > above, >= at_least and < below; its
+    .valid says so in words, for the flag's help."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if above == 0 and value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        for ok, bound in [(above is None or value > above, f"> {above}"),
+                          (at_least is None or value >= at_least, f">= {at_least}"),
+                          (below is None or value < below, f"< {below}")]:
+            if not ok:
+                raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    bounds = [f"{sign} {x}" for sign, x in ((">", above), (">=", at_least), ("<", below))
+              if x is not None]
+    parse.valid = (f"{'an integer' if kind is int else 'a finite number'} "
+                   f"{' and '.join(bounds)}".strip())
+    return parse
+
+
+def positive(kind):
+    return number(kind, above=0)
+
+
+def experiment_name(text):
+    """--exp_name is a folder under experiments/: a plain name, never a path."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", text) or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain name: use letters, digits and "
+                                         f"- _ . (no slashes, not . or ..); it becomes "
+                                         f"experiments/NAME")
+    return text
+
+
+def attribute_name(name):
+    """A CelebA attribute name, or an argparse error that lists them (and the nearest)."""
+    if name not in ATTRIBUTE_NAMES:
+        near = difflib.get_close_matches(name, ATTRIBUTE_NAMES, n=1)
+        raise argparse.ArgumentTypeError(
+            f"unknown attribute {name!r}" + (f" (did you mean {near[0]}?)" if near else "") +
+            f"; CelebA's attributes are {','.join(ATTRIBUTE_NAMES)}")
+    return name
+
+
+def attribute_list(text):
+    """train --attributes: 'all' or comma-separated names -> names in CelebA's order."""
+    if text == "all":
+        return list(ATTRIBUTE_NAMES)
+    names = {attribute_name(name.strip()) for name in text.split(",") if name.strip()}
+    return [name for name in ATTRIBUTE_NAMES if name in names]
+
+
+def attribute_setting(text):
+    """sample --attributes: 'Smiling=1,Eyeglasses=0' -> {name: +1 | -1}; 'none' -> {}."""
+    setting = {}
+    for item in text.split(",") if text != "none" else []:
+        name, _, value = item.strip().partition("=")
+        if value not in ("0", "1"):
+            raise argparse.ArgumentTypeError(f"{item.strip()!r}: write NAME=1 (present) or NAME=0 "
+                                             f"(absent), e.g. Smiling=1,Eyeglasses=0")
+        setting[attribute_name(name)] = 1.0 if value == "1" else -1.0
+    return setting
+
+
+def setting_text(setting):
+    """{name: +1 | -1} -> 'Smiling=1,Eyeglasses=0' ('none' when empty), as --attributes has it."""
+    return ",".join(f"{name}={int(value > 0)}" for name, value in setting.items()) or "none"
+
+
+def attribute_rows(settings, cfg_scales, trained):
+    """sample --attributes settings -> (R, K) vectors over the attributes the checkpoint was trained
+    on (`trained`), 0 for those not named; None for an unconditional checkpoint."""
+    asked = sorted({name for setting in settings for name in setting})
+    if not trained:
+        if asked or cfg_scales != [1.0]:
+            raise UserError("this checkpoint was trained without --attributes: it draws random "
+                            "faces and takes no --attributes or --cfg_scale")
+        return None
+    unknown = [name for name in asked if name not in trained]
+    if unknown:
+        raise UserError(f"this checkpoint was not trained on {', '.join(unknown)}; it knows "
+                        f"{','.join(trained)}")
+    return torch.tensor([[setting.get(name, 0.0) for name in trained] for setting in settings])
+
+
+PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
+PRECISION_HELP = ("autocast dtype; auto: bf16 where it is native (CUDA >= 8.0, a CPU whose bf16 "
+                  "matmul is measured faster), fp16 + loss scaling on older GPUs, else fp32")
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+DEVICE_HELP = "auto: cuda, then mps, then cpu"
+
+
+def make_parser():
+    """The `train`, `sample` and `subset` subcommands; returns the parser and its `train`
+    subparser (whose defaults --resume replaces with the saved arguments)."""
+    parser = Parser(prog="celebgen.py", description="Rectified-flow DiT for CelebA faces.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a model (resumable)")
+    add_train_flags(train.add_argument)
+    add_recipe_flags(train.add_argument)
+    add_sample_flags(commands.add_parser("sample", help="sample images from a checkpoint")
+                     .add_argument)
+    arg = commands.add_parser("subset", help="copy a listed part of CelebA into a folder")
+    arg = arg.add_argument
+    arg("--data_root", default="./data", help="where CelebA is (see README for the layouts)")
+    arg("--image_list", required=True,
+        help="the images to copy, a file name first on each line (e.g. assets/celeba_subset.txt)")
+    arg("--out", required=True, help="the folder to create, in CelebA's official layout")
+    return parser, train
+
+
+def add_train_flags(arg):
+    """train's flags of the experiment, the data, the model and the run's length."""
+    arg("--exp_name", required=True, type=experiment_name,
+        help="experiments/{exp_name} holds everything of the run")
+    arg("--resume", action="store_true",
+        help="continue experiments/{exp_name} exactly from last.pt (or best.pt); the saved flags "
+             "are the defaults, and the model, --dataset, --batch_size, --nproc, --seed, --t_mu, "
+             "--t_sigma, --t_eps and --val_size cannot change")
+    arg("--dataset", choices=["celeba", "toy"], default="celeba",
+        help="celeba: images under --data_root; toy: procedurally drawn faces, no download")
+    arg("--data_root", default="./data", help="where CelebA is (see README for the layouts)")
+    arg("--download", action="store_true",
+        help="fetch CelebA into DATA_ROOT/celeba first (needs: pip install gdown), unless there")
+    arg("--image_size", type=positive(int), default=32, help="side of the square training images")
+    arg("--attributes", type=attribute_list, default=[],
+        help="condition on these CelebA attributes, comma-separated (e.g. Smiling,Eyeglasses), or "
+             "all; toy faces have " + ",".join(TOY_ATTRIBUTES) + ". Default: unconditional")
+    arg("--attr_dropout", type=number(float, at_least=0, below=1), default=0.1,
+        help="hide each attribute of a training example with this probability")
+    arg("--attr_dropout_all", type=number(float, at_least=0, below=1), default=0.1,
+        help="hide all attributes of a training example with this probability (the "
+             "unconditional model of classifier-free guidance)")
+    arg("--model", choices=list(MODELS), default="tiny",
+        help="named size: " + ", ".join(f"{k} (width {v['dim']}, depth {v['depth']})"
+                                        for k, v in MODELS.items()))
+    arg("--patch_size", type=positive(int), default=4, help="side of the square patches (tokens)")
+    arg("--batch_size", type=positive(int), default=32, help="images per step per process")
+    arg("--epochs", type=positive(int), default=100, help="passes over the training images")
+    arg("--max_steps", type=positive(int), default=None,
+        help="stop after this many optimizer steps (before --epochs ends)")
+    arg("--max_minutes", type=positive(float), default=None,
+        help="stop after this many minutes of training (counted across resumes), whatever the "
+             "steps")
+
+
+def add_recipe_flags(arg):
+    """train's flags of the optimisation, the example times, and what happens along the way."""
+    arg("--cooldown", type=number(float, at_least=0, below=1), default=0.2,
+        help="the learning rate decays linearly to 0 over this last fraction of the run (of "
+             "--max_minutes, or of the steps, whichever is further along); 0: no decay")
+    arg("--lr", type=positive(float), default=1.5e-3,
+        help="AdamW learning rate after the warm-up (DiT's, for long GPU runs of DiT-S or -B: "
+             "1e-4)")
+    arg("--warmup_steps", type=positive(int), default=200,
+        help="steps of linear learning-rate warm-up from lr/warmup_steps to lr")
+    arg("--grad_clip", type=positive(float), default=1.0, help="clip the gradient norm to this")
+    arg("--ema_decay", type=number(float, at_least=0, below=1), default=0.995,
+        help="EMA decay d: the average spans about 1 / (1 - d) steps (DiT's, for runs "
+             "of hundreds of thousands of steps: 0.9999)")
+    arg("--t_mu", type=number(float), default=-0.4,
+        help="logit-normal mean of the training times t")
+    arg("--t_sigma", type=positive(float), default=0.8,
+        help="logit-normal std of the training times t")
+    arg("--t_eps", type=number(float, above=0, below=1), default=0.2,
+        help="the loss's velocities divide by max(1 - t, t_eps), a cap on the time axis")
+    arg("--num_sampling_steps", type=positive(int), default=50,
+        help="Euler steps of the sample grids")
+    arg("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    arg("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    arg("--compile", action="store_true",
+        help="torch.compile the model: fused kernels for the work between matmuls; the first step "
+             "compiles (up to minutes on a CPU, which needs a C++ compiler), later steps run "
+             "faster")
+    arg("--nproc", type=positive(int), default=None,
+        help="processes on this machine (default: one per GPU on CUDA, else 1)")
+    arg("--workers", type=number(int, at_least=0), default=None,
+        help="DataLoader worker processes per process (0: make the examples in the training "
+             "process; default: 0 for CelebA on a CPU, whose cores workers would take from "
+             "training, else 2)")
+    arg("--seed", type=number(int, at_least=0), default=0, help="for weights, data order and noise")
+    arg("--val_size", type=positive(int), default=256,
+        help="fixed validation images (and noise and times) that choose best.pt")
+    arg("--log_every", type=positive(int), default=50, help="steps between progress lines")
+    arg("--eval_every", type=positive(int), default=500, help="steps between validation losses")
+    arg("--sample_every", type=positive(int), default=1000, help="steps between sample grids")
+    arg("--ckpt_every", type=positive(int), default=1000, help="steps between saves of last.pt")
+
+
+def add_sample_flags(arg):
+    """sample's flags."""
+    arg("--exp_name", required=True, type=experiment_name, help="the experiment to sample")
+    arg("--checkpoint", default="last.pt",
+        help="a name in the experiment's checkpoints/ (last.pt, best.pt) or a path")
+    arg("--num_samples", type=positive(int), default=64, help="images to write")
+    arg("--num_sampling_steps", type=positive(int), default=50, help="steps from noise to image")
+    arg("--method", choices=["euler", "heun"], default="euler",
+        help="euler: one model call per step; heun: two, second-order accurate")
+    arg("--seed", type=number(int, at_least=0), default=0, help="seed of the noise")
+    arg("--batch_size", type=positive(int), default=64, help="images sampled at once")
+    arg("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    arg("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    arg("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
+    arg("--attributes", type=attribute_setting, nargs="+", default=[{}], metavar="NAME=0|1,...",
+        help="ask a conditional model for attributes, e.g. Smiling=1,Eyeglasses=0; those not "
+             "named are unspecified; 'none' asks for nothing. Several settings with --grid")
+    arg("--cfg_scale", type=number(float, at_least=0), nargs="+", default=[1.0],
+        help="classifier-free guidance weight: 0 unconditional, 1 conditional, > 1 stronger. "
+             "Several with --grid")
+    arg("--grid", action="store_true",
+        help="one image: a row per --attributes setting, a column per --cfg_scale, each cell "
+             "--grid_samples samples from the same noise")
+    arg("--grid_samples", type=positive(int), default=4, help="samples per cell of --grid")
+
+
+def check_train_command(args, saved, torchrun):
+    """Everything `train` can refuse, before any process starts or any file is written (the
+    experiment's folder: experiment_lock); the device."""
+    first = int(os.environ.get("RANK", 0)) == 0
+    device, args.resolved_precision = device_and_precision(args.device, args.precision,
+                                                           announce=first)
+    train_images = validate_train_args(args, device, torchrun)
+    if args.resume:
+        changed = [f"--{k} {flag_value(saved.get(k))} -> {flag_value(getattr(args, k))}"
+                   for k in MODEL_ARGS + RESUME_FIXED
+                   if saved.get(k, getattr(args, k)) != getattr(args, k)]
+        if changed:
+            raise UserError(f"--resume cannot change {', '.join(changed)}: they fix the model, the "
+                            f"data, their order or the validation loss of the run; drop those "
+                            f"flags, or start a new --exp_name")
+    # all is well: build the image cache now, before any process starts (under torchrun by the
+    # first process of each machine only; the others wait for it in train_loop)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and isinstance(train_images, CelebA):
+        train_images.build_cache()
+    return device
+
+
+def validate_train_args(args, device, torchrun):
+    """Catch bad input before any process starts or any file is written; fill in the defaults that
+    depend on the machine (--nproc, --workers). Returns the training images (not yet cached)."""
+    if args.image_size % args.patch_size:
+        nearest = max(args.patch_size, args.image_size // args.patch_size * args.patch_size)
+        raise UserError(f"--image_size {args.image_size} is not divisible by --patch_size "
+                        f"{args.patch_size}; use e.g. --image_size {nearest}")
+    if args.nproc is None:
+        args.nproc = torch.cuda.device_count() if device.type == "cuda" else 1
+    if args.workers is None:
+        # A GPU waits for its examples: workers make them meanwhile. A CPU's cores are its training
+        # threads': CelebA's examples, read from the image cache, cost a few percent of a step
+        # made in the training process, less than workers taking those cores; toy faces, drawn
+        # anew for every example, cost more, and two workers beside training cost less
+        # (tests/benchmark_speed.py --trainer measures both; RESULTS.md)
+        args.workers = 0 if device.type == "cpu" and args.dataset == "celeba" else 2
+    check_processes(args, device, torchrun)
+    if args.dataset == "toy" and args.attributes:
+        if args.attributes == ATTRIBUTE_NAMES:  # `all`
+            args.attributes = list(TOY_ATTRIBUTES)
+        unknown = [a for a in args.attributes if a not in TOY_ATTRIBUTES]
+        if unknown:
+            raise UserError(f"toy faces have no {', '.join(unknown)}; their attributes are "
+                            f"{','.join(TOY_ATTRIBUTES)}")
+    train_images = make_dataset(args, "train", cache=False)
+    if args.attributes and train_images.unlabelled and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: {train_images.unlabelled} of {len(train_images)} training images have no "
+              f"row in the attribute file: their attributes are unspecified (0), so they train the "
+              f"unconditional model only", flush=True)
+    make_dataset(args, "val")  # fails now, not after training, if the val split is missing
+    if len(train_images) < args.batch_size * args.world_size:
+        raise UserError(f"only {len(train_images)} training images for a global batch of "
+                        f"{args.batch_size} x {args.world_size} processes; lower --batch_size or "
+                        f"--nproc")
+    return train_images
+
+
+def check_processes(args, device, torchrun):
+    """--nproc against the GPUs or CPU cores here; args.world_size, the processes of the run."""
+    if device.type == "mps" and (args.nproc > 1 or torchrun):
+        raise UserError("DDP cannot run on MPS (torch.distributed has no MPS backend); use --nproc "
+                        "1, or --device cpu for several processes")
+    if device.type == "cuda":
+        devices = torch.cuda.device_count()
+    elif hasattr(os, "sched_getaffinity"):  # the cores this process may run on (taskset, CPU set)
+        devices = len(os.sched_getaffinity(0))
+    else:
+        devices = os.cpu_count() or 1
+    kind = "GPUs" if device.type == "cuda" else "CPU cores"
+    if args.nproc > devices and not torchrun:  # torchrun counts its own processes
+        raise UserError(f"--nproc {args.nproc} is more than the {devices} {kind} here; "
+                        f"use --nproc {devices} or fewer")
+    args.world_size = int(os.environ["WORLD_SIZE"]) if torchrun else args.nproc
+
+
+def guidance_grid(model, rows, cfg_scales, noise, num_steps, method="euler"):
+    """The effect of a request at a glance: one image (3, H', W') in [0, 1] with a row per attribute
+    setting in rows (R, K), a column per guidance weight, each cell the samples of the same noise
+    (n, C, H, W) side by side. Runs at the caller's precision (autocast) and device."""
+    import torchvision
+    cells = []
+    for row in rows:
+        asked = row.expand(len(noise), -1).to(noise.device)                  # (n, K)
+        for cfg_scale in cfg_scales:
+            images = sample(model, noise, num_steps, method, asked, cfg_scale)
+            cells.append(image_grid(images.cpu(), columns=len(noise)))       # (3, h, n*w)
+    return torchvision.utils.make_grid(torch.stack(cells), nrow=len(cfg_scales), padding=8,
+                                       pad_value=1.0)
+
+
+def grid_command(args, model, rows, stem, step, device, precision):
+    """`sample --grid`: one PNG, a row per --attributes setting, a column per --cfg_scale."""
+    rows = rows if rows is not None else torch.zeros(1, 0)  # unconditional: one row, no request
+    size = model.grid * model.patch_size
+    noise = torch.randn(args.grid_samples, 3, size, size,
+                        generator=torch.Generator().manual_seed(args.seed))
+    with autocast(device, precision), attention_kernels(device, model.grid**2):
+        grid = guidance_grid(model, rows, args.cfg_scale, noise.to(device),
+                             args.num_sampling_steps, args.method)
+    name = stem.with_name(f"{stem.name}_{args.method}{args.num_sampling_steps}_seed{args.seed}.png")
+    save_png(grid, name)                                                      # written whole: B
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(experiment_paths(args.exp_name)["logs"]) as writer:
+        writer.add_image("attribute_grid", grid, step)
+    settings = " | ".join(setting_text(setting) for setting in args.attributes)
+    scales = ", ".join(f"{w:g}" for w in args.cfg_scale)
+    print(f"wrote {name}: rows {settings}; columns cfg_scale {scales}")
+
+
+def divergence(loss, grad_norm, step, lr):
+    """The error that ends a run whose loss or gradients stopped being finite at `step`."""
+    return UserError(f"loss {loss:g}, gradient norm {grad_norm:g} at step {step}: training "
+                     f"diverged; lower --lr (now {lr:g}), or resume from a checkpoint before the "
+                     f"divergence")
+
+
+# --------------------------------------------------------------------------------------------------
+#                                   B. Ctrl-C, processes, and files written whole
+# --------------------------------------------------------------------------------------------------
+
+class Interrupted(Exception):
+    """Ctrl-C ended the run cleanly; the message says where it stopped. The CLI exits with 130."""
+
+
+class InterruptRequest:
+    """The first Ctrl-C (SIGINT) asks the training loop to stop after the step in flight, so the
+    checkpoint it saves is a consistent one; a second Ctrl-C stops at once."""
+
+    def __init__(self, announce=True):
+        self.announce = announce
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            print("\nCtrl-C: stopping after this step (press again to stop at once)",
+                  file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def ignore_interrupts(worker_id):
+    """DataLoader workers leave Ctrl-C to the training process, which stops them when it is done."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def stopped_by_ctrl_c(args, step, world_size):
+    """After Ctrl-C: every rank waits until rank 0 has saved step `step`, then leaves, saying so."""
+    if world_size > 1:
+        dist.barrier()
+    last = experiment_paths(args.exp_name)["checkpoints"] / "last.pt"
+    raise Interrupted(f"interrupted at step {step}; {last} holds step {step}; resume with: "
+                      f"python celebgen.py train --exp_name {args.exp_name} --resume")
+
+
+def train_worker(rank, world_size, args, device_type):
+    """The training loop of one process. Rank 0 alone writes logs, samples and checkpoints."""
+    device = distributed_setup(rank, world_size, device_type)  # F: the process group, the device
+    try:
+        if world_size > 1:  # under torchrun each process resolved --precision: follow rank 0's
+            choice = [args.resolved_precision]
+            dist.broadcast_object_list(choice, src=0)
+            args.resolved_precision = choice[0]
+        tokens = (args.image_size // args.patch_size) ** 2
+        with attention_kernels(device, tokens), InterruptRequest(rank == 0) as interrupt:  # F, B
+            if world_size == 1:
+                train_loop(rank, world_size, args, device, interrupt)
+            else:  # rank 0 says why; spawn sees the exit status, and the parent exits with it
+                exit_on_user_error(train_loop, rank, world_size, args, device, interrupt,
+                                   quiet=rank > 0)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def check_folders(*folders):
+    """Refuse, before any work, a file that stands where one of these folders (or a folder above
+    it) will be made."""
+    for folder in folders:
+        for path in (folder, *folder.parents):
+            if path.exists() and not path.is_dir():
+                raise UserError(f"{path} is a file, where celebgen keeps a folder; move it away, "
+                                f"or choose another --exp_name")
+
+
+def check_experiment(args, exp):
+    """The experiment's folder as `train` needs it: no file where a folder or args.json goes, and
+    no run to overwrite (without --resume)."""
+    check_folders(exp["checkpoints"], exp["logs"], exp["samples"])
+    if (exp["root"] / "args.json").is_dir():
+        raise UserError(f"{exp['root'] / 'args.json'} is a folder, where the run's arguments go; "
+                        f"move it away, or choose another --exp_name")
+    if not args.resume and resume_checkpoint(exp) is not None:
+        raise UserError(f"experiment {exp['root']} already exists; add --resume to continue it, "
+                        f"or choose another --exp_name")
+    if not args.resume and exp["root"].exists():  # a start that failed before a save
+        print(f"experiment {exp['root']} has no checkpoint yet: starting it afresh", flush=True)
+
+
+@contextmanager
+def experiment_lock(args, first):
+    """One writer per experiment: experiments/{exp_name}/train.lock names the process (PID and
+    host) that trains it, from its checks to its end. A second `train` of the experiment is refused
+    in one line naming that process; the lock of a process that no longer runs (killed) is taken
+    over, with a line saying so. The first process alone (rank 0 under torchrun) takes it."""
+    if not first:
+        yield
+        return
+    exp = experiment_paths(args.exp_name)
+    check_experiment(args, exp)
+    lock, mine = exp["root"] / "train.lock", f"{os.getpid()} {socket.gethostname()}\n"
+    made = [p for p in (exp["root"], *exp["root"].parents) if not p.exists()]  # deepest first
+    exp["root"].mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            with open(lock, "x") as f:  # "x": created by this process, or FileExistsError
+                f.write(mine)
+            break
+        except FileExistsError:
+            remove_dead_lock(lock)  # or refuse
+    try:
+        yield
+    finally:
+        if lock.is_file() and lock.read_text() == mine:
+            lock.unlink()
+        for folder in made:  # a run refused before it wrote anything leaves nothing
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def remove_dead_lock(lock):
+    """Delete a lock whose process no longer runs on this host, saying so; refuse any other."""
+    try:
+        pid, host = lock.read_text().split()
+        pid = int(pid)
+    except (OSError, ValueError):  # not celebgen's, or being written this instant
+        raise UserError(f"{lock} exists and names no process: if no other `train` of this "
+                        f"experiment runs, delete it and run again") from None
+    if host == socket.gethostname() and not process_runs(pid):
+        print(f"taking over {lock}: process {pid}, which held it, no longer runs (killed?)",
+              flush=True)
+        lock.unlink(missing_ok=True)
+        return
+    raise UserError(f"experiment {lock.parent} is being trained by process {pid} on {host}: wait "
+                    f"for it to end, or stop it (Ctrl-C), then run again; if that process is "
+                    f"gone, delete {lock}")
+
+
+def process_runs(pid):
+    """Whether process pid runs on this machine (a zombie, killed but not yet reaped, does not)."""
+    if os.name == "nt":  # os.kill(pid, 0) would end the process on Windows: assume it runs
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z")
+
+
+@contextmanager
+def quiet_spawn(args):
+    """Around mp.spawn: Ctrl-C is left to the workers (they stop after their step; the parent waits
+    for them), and a worker that failed ends this process with its status. A worker that said why
+    (a UserError) has printed its line; one killed by a signal could not, so its death is told here
+    in one line. Either way spawn stops the other workers, and logs that it does: expected, not
+    news, so that log is silenced."""
+    ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_log.level
+    spawn_log.setLevel(logging.ERROR)
+    try:
+        yield
+    except mp.ProcessExitedException as e:
+        if e.exit_code is not None and e.exit_code < 0:
+            print(dead_worker(e.error_index, e.signal_name, args), file=sys.stderr, flush=True)
+        sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)
+    finally:
+        signal.signal(signal.SIGINT, ctrl_c)
+        spawn_log.setLevel(level)
+
+
+def dead_worker(rank, signal_name, args):
+    """The line that tells of a worker killed by a signal: which, why it may have been, and the
+    checkpoint to resume from."""
+    why = (" (the kernel sends SIGKILL when memory runs out: lower --batch_size or --nproc, or "
+           "free memory)" if signal_name == "SIGKILL" else "")
+    path = resume_checkpoint(experiment_paths(args.exp_name))
+    if path is None:
+        after = "no checkpoint was written yet: run the same command again"
+    else:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+        after = (f"{path} (step {step}) is intact; resume with: python celebgen.py train "
+                 f"--exp_name {args.exp_name} --resume")
+    return (f"error: process {rank} of {args.nproc} was killed by {signal_name}{why}; the others "
+            f"were stopped; {after}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def create_experiment(args):
+    """experiments/{exp_name}/ and its folders, and args.json for a new run."""
+    exp = experiment_paths(args.exp_name)
+    for folder in ("checkpoints", "logs", "samples"):
+        exp[folder].mkdir(parents=True, exist_ok=True)
+    for stale in exp["checkpoints"].glob("*.tmp"):  # a save that a kill cut short
+        stale.unlink()
+    if not args.resume:
+        (exp["root"] / "args.json").write_text(json.dumps(vars(args), indent=2))
+
+
+@contextmanager
+def written_whole(path):
+    """`with written_whole(path) as tmp:` write tmp (next to path); when the block ends it is
+    renamed over path -- atomic: path is the old file or the new one, never half of one -- or
+    deleted if the block failed (a full disk, Ctrl-C)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def to_unit(images):
+    return ((images.float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def image_grid(images, columns=None):
+    """(B, C, H, W) in [-1, 1] -> one (C, rows*H, columns*W) grid in [0, 1] with 2-pixel gaps."""
+    import torchvision
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    return torchvision.utils.make_grid(to_unit(images), nrow=columns, padding=2, pad_value=1.0)
+
+
+def save_png(image, path):
+    """(C, H, W) in [0, 1] -> an 8-bit PNG (lossless, so FID reads exactly what was generated),
+    whole or absent after a full disk or Ctrl-C."""
+    array = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    try:
+        with written_whole(path) as tmp:
+            Image.fromarray(array).save(tmp, format="PNG")
+    except OSError as e:  # a full disk, no permission, a folder in the way
+        fix = "move that folder away" if path.is_dir() else "free some space"
+        raise UserError(f"cannot write {path} ({e.strerror or e}); {fix}, then run the command "
+                        f"again (a training run: with --resume)") from None
+
+
+def save_checkpoint(path, state):
+    """torch.save(state) to a temporary file, flushed to the disk (fsync), renamed over path: the
+    rename is atomic, so a crash or a full disk mid-save leaves the previous checkpoint intact."""
+    try:
+        with written_whole(path) as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on the disk before the rename makes them last.pt
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # and the rename itself survives a power cut
+        finally:
+            os.close(folder)
+    except OSError as e:  # a full disk, a lost mount, no permission
+        raise UserError(f"cannot write {path} ({e.strerror or e}); the previous {path.name}, if "
+                        f"any, is intact: free some space and resume with --resume") from None
+
+
+def write_samples_whole(batches, out, total):
+    """Write the images of `batches` as out/000000.png, ... by way of a folder of this process's
+    own, out.PID.partial/, which replaces out/ only when complete: the folder never holds a
+    cut-short set, nor mixes these images with those of an earlier run (another checkpoint behind
+    last.pt, more samples), nor with those of a `sample` running beside this one. Returns the count
+    and the first 64 images."""
+    count, first = 0, []
+    partial, old = (out.with_name(f"{out.name}.{os.getpid()}.{end}") for end in ("partial", "old"))
+    if out.exists() and not out.is_dir():  # checked before the first image is sampled
+        raise UserError(f"{out} is a file, where the samples go; move it away")
+    if out.with_suffix(".png").is_dir():
+        raise UserError(f"{out.with_suffix('.png')} is a folder, where the samples' grid goes; "
+                        f"move it away")
+    for path in out.parent.glob(f"{out.name}.*.partial"):  # left by a killed `sample`
+        pid = path.name.split(".")[-2]
+        if pid.isdigit() and not process_runs(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+    try:
+        partial.mkdir()
+        for images in batches:  # written as they come: memory does not grow with --num_samples
+            for image in to_unit(images):
+                save_png(image, partial / f"{count:06d}.png")
+                count += 1
+            first += list(images[:64 - len(first)])
+        if out.is_dir():
+            out.rename(old)
+        partial.rename(out)  # between these two renames, and only there, there is no out/
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted after {count} of {total} images; {out}/ is as it was: "
+                          f"run the command again to write them") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return count, first
+
+
+# --------------------------------------------------------------------------------------------------
+#                                   C. Checkpoints that are checked, and resumes that are exact
+# --------------------------------------------------------------------------------------------------
+
+MODEL_ARGS = ("model", "image_size", "patch_size", "attributes")  # what the weights depend on
+# what a resumed run must keep so that it continues exactly: its images, the data order and
+# position in the epoch (seed, batch size, processes), the example times, and the validation set
+# and loss that pick best.pt
+RESUME_FIXED = ("dataset", "batch_size", "world_size", "seed", "t_mu", "t_sigma", "t_eps",
+                "val_size")
+CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "best_val", "args", "rng")
+# What the weights mean: the same tensors under another version of the network's arithmetic load
+# without an error and draw noise, so a checkpoint records the version it was trained under.
+# 1 (written without the key): RMSNorm on q and k, RoPE on channel halves, DiT's tanh GELU;
+# 2: LayerNorm on q and k, RoPE on adjacent channel pairs, the exact GELU (sections 3 and 4).
+ARCHITECTURE = 2
+
+
+def checkpoint_path(exp_name, checkpoint):
+    """--checkpoint: a path to a file, or a name (last.pt, best.pt) in the experiment's
+    checkpoints/."""
+    path = Path(checkpoint)
+    return path if path.is_file() else experiment_paths(exp_name)["checkpoints"] / checkpoint
+
+
+def resume_checkpoint(exp):
+    """last.pt, or best.pt for a run killed after its first validation but before its first
+    last.pt was written; None for an experiment without a checkpoint."""
+    for name in ("last.pt", "best.pt"):
+        if (exp["checkpoints"] / name).is_file():
+            return exp["checkpoints"] / name
+    return None
+
+
+def saved_arguments(exp_name):
+    """The arguments saved in the checkpoint that --resume continues from."""
+    exp = experiment_paths(exp_name)
+    checkpoint = resume_checkpoint(exp)
+    if checkpoint is None:
+        raise UserError(f"nothing to resume: {exp['checkpoints']} holds no last.pt or best.pt; "
+                        f"drop --resume to start experiment {exp_name!r}")
+    return load_checkpoint(checkpoint)["args"]
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise UserError(f"checkpoint {path} {what}; list the experiment's checkpoints/ folder or "
+                        f"pass --checkpoint with a path to a file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, wrong file type: all "unreadable"
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}): it is truncated or "
+                        f"corrupt; use another checkpoint such as best.pt") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if not missing:
+        saved = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
+        saved.setdefault("attributes", [])  # written before conditioning existed: unconditional
+        missing = [f"args.{k}" for k in MODEL_ARGS if k not in saved]
+    if missing or not isinstance(ckpt["args"]["model"], str) or ckpt["args"]["model"] not in MODELS:
+        what = f"no {', '.join(missing)}" if missing else f"unknown model {ckpt['args']['model']!r}"
+        raise UserError(f"{path} is not a CelebGen checkpoint ({what}); pass a last.pt or best.pt "
+                        f"written by celebgen.py train")
+    version = ckpt.get("architecture", 1)  # written without the key: version 1
+    if version != ARCHITECTURE:
+        raise UserError(f"{path} was trained by a celebgen.py of network version {version}, whose "
+                        f"blocks compute differently from this one's (version {ARCHITECTURE}); "
+                        f"train it again, or sample it with that celebgen.py (version 1: git "
+                        f"checkout 533a38b)")
+    return ckpt
+
+
+def load_weights(model, state, ckpt_args):
+    """model.load_state_dict(state), or a UserError if the weights belong to another model."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError):  # other keys or shapes, or not a state dict
+        config = ", ".join(f"--{k} {flag_value(ckpt_args[k])}" for k in MODEL_ARGS)
+        raise UserError(f"the checkpoint's weights do not fit the model its arguments describe "
+                        f"({config}); was it written by another version of celebgen.py?") from None
+
+
+def flag_value(value):
+    """A saved argument as the command line writes it: a list comma-separated, an empty one
+    (none)."""
+    return (",".join(value) or "(none)") if isinstance(value, list) else value
+
+
+def restore(ckpt, model, ema, optimizer, scaler, device):
+    """Put a run back into the state its checkpoint saved. Returns (step, best_val)."""
+    load_weights(model, ckpt["model"], ckpt["args"])
+    load_weights(ema, ckpt["ema"], ckpt["args"])
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError("the checkpoint's optimizer state does not fit its model; start a new "
+                        "--exp_name") from None
+    if scaler.is_enabled() and ckpt.get("scaler"):  # empty unless the checkpoint was fp16
+        scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    return ckpt["step"], ckpt["best_val"]
+
+
+def start_or_resume(args, parts, device, announce):
+    """(step, best_val, seconds of training) of the run: (0, inf, 0) for a new run; for --resume,
+    those of the checkpoint, whose weights, EMA, optimizer moments, loss scale and random state are
+    put back into place."""
+    if not args.resume:
+        return 0, math.inf, 0.0
+    path = resume_checkpoint(experiment_paths(args.exp_name))
+    ckpt = load_checkpoint(path)
+    step, best_val = restore(ckpt, *parts, device)
+    if announce:
+        print(f"resuming {args.exp_name} from step {step} ({path.name})", flush=True)
+    return step, best_val, ckpt.get("elapsed", 0.0)  # no "elapsed": written before time budgets
+
+
+def say_if_finished(args, step, elapsed, total_steps, budget):
+    """A resumed run that has nothing left to do says why (its loop then takes no step)."""
+    if step >= total_steps:
+        print(f"{args.exp_name} is already at step {step} of {total_steps}; raise --max_steps or "
+              f"--epochs to train further", flush=True)
+    if elapsed >= budget:
+        print(f"{args.exp_name} has trained {elapsed / 60:.2f} of its {args.max_minutes:g} "
+              f"minutes; raise --max_minutes to train further", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+#                                   D. CelebA as people have it: layouts, labels, the download
+# --------------------------------------------------------------------------------------------------
+
 # the image files read from a folder: pytorch-fid's list, which fid.py must follow (in lower case)
 IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")
-LAYOUTS_HELP = ("put CelebA under --data_root in one of these layouts: ROOT/celeba/img_align_celeba + "
-                "ROOT/celeba/list_eval_partition.txt (torchvision), ROOT/img_align_celeba + "
-                "ROOT/list_eval_partition.txt (official), ROOT/img_align_celeba/img_align_celeba + "
+LAYOUTS_HELP = ("put CelebA under --data_root in one of these layouts: "
+                "ROOT/celeba/img_align_celeba + ROOT/celeba/list_eval_partition.txt (torchvision), "
+                "ROOT/img_align_celeba + ROOT/list_eval_partition.txt (official), "
+                "ROOT/img_align_celeba/img_align_celeba + "
                 "ROOT/list_eval_partition.csv (Kaggle), or ROOT/*.jpg (a plain folder, no split); "
                 "or use --dataset toy")
 
@@ -552,6 +1783,55 @@ def read_split_file(path):
     return partition
 
 
+def image_tensor(img):
+    """A PIL image -> (3, H, W) uint8 RGB tensor: how this project turns a picture into numbers."""
+    return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def celeba_files(root, split):
+    """Sorted image paths of one split; without a split file (a plain folder), all images."""
+    folder, split_file = find_celeba(root)
+    names = sorted(n for n in os.listdir(folder) if Path(n).suffix[1:].lower() in IMAGE_EXTENSIONS)
+    if not names:
+        raise UserError(f"no images in {folder}; {LAYOUTS_HELP}")
+    if split_file is not None:
+        partition = read_split_file(split_file)
+        names = [n for n in names if partition.get(n) == SPLITS[split]]
+        if not names:
+            raise UserError(f"no {split} images in {folder} according to {split_file}; "
+                            f"check that the split file belongs to these images")
+    return [folder / n for n in names]
+
+
+def read_or_skip(images, i):
+    """The pixels of CelebA image i, or, if its file cannot be read, of the next readable one: each
+    unreadable file is reported once, so one bad JPEG never stops a run mid-epoch."""
+    for j in range(i, i + len(images.files)):
+        path = images.files[j % len(images.files)]
+        if path in images.reported:
+            continue
+        try:
+            return images.read(j % len(images.files))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt files
+            report_unreadable(images, path, e)
+    raise UserError(f"none of the {len(images.files)} images under {images.files[0].parent} "
+                    f"can be read")
+
+
+def readable_index(images, i):
+    """i, or the index of the image that read_or_skip gives in place of an unreadable image i."""
+    while images.files[i] in images.reported and len(images.reported) < len(images.files):
+        i = (i + 1) % len(images.files)
+    return i
+
+
+def report_unreadable(images, path, error):
+    if path not in images.reported:
+        images.reported.add(path)
+        print(f"warning: skipping unreadable image {path} ({error}); "
+              f"{len(images.reported)} skipped so far in this process", file=sys.stderr)
+
+
 # CelebA's 40 binary attributes, in the order of its list_attr_celeba.txt
 ATTRIBUTE_NAMES = (
     "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose "
@@ -562,6 +1842,21 @@ ATTRIBUTE_NAMES = (
 ).split()
 ATTRIBUTE_FILES = ("list_attr_celeba.txt", "list_attr_celeba.csv")  # official, Kaggle
 ATTRIBUTE_VALUES = {"1", "-1", "0", "-0"}  # 1 present; -1 absent (0 in copies written with 0/1)
+
+
+def celeba_labels(root, files, attributes):
+    """((len(files), K) labels of `attributes`, how many images have none) from the attribute file
+    next to the split file; K = 0 and nothing read when no attributes are asked for."""
+    if not attributes:
+        return torch.zeros(len(files), 0), 0
+    folder, split_file = find_celeba(root)
+    found = [split_file.parent / name for name in ATTRIBUTE_FILES
+             if split_file is not None and (split_file.parent / name).is_file()]
+    if not found:
+        where = f"next to {split_file}" if split_file else f"for the plain folder {folder}"
+        raise UserError(f"--attributes needs CelebA's labels, {' or '.join(ATTRIBUTE_FILES)}, "
+                        f"{where}; there is none: add it, or train without --attributes")
+    return attribute_labels(files, attributes, found[0])
 
 
 def read_attribute_file(path):
@@ -579,8 +1874,8 @@ def read_attribute_file(path):
                 names = fields
         elif len(fields) > 1:
             if len(fields) != len(names) + 1 or not ATTRIBUTE_VALUES.issuperset(fields[1:]):
-                raise UserError(f"{path} line {number} is not 'image name' and {len(names)} values "
-                                f"of -1/1; is it CelebA's attribute file?")
+                raise UserError(f"{path} line {number} is not 'image name' and {len(names)} "
+                                f"values of -1/1; is it CelebA's attribute file?")
             rows[fields[0]] = line
     if names is None:
         raise UserError(f"{path} has no line of attribute names; is it CelebA's attribute file?")
@@ -605,195 +1900,6 @@ def attribute_labels(files, attributes, attribute_file):
     return labels, len(files) - len(labelled)
 
 
-def celeba_files(root, split):
-    """Sorted image paths of one split; without a split file (a plain folder), all images."""
-    folder, split_file = find_celeba(root)
-    names = sorted(n for n in os.listdir(folder) if Path(n).suffix[1:].lower() in IMAGE_EXTENSIONS)
-    if not names:
-        raise UserError(f"no images in {folder}; {LAYOUTS_HELP}")
-    if split_file is not None:
-        partition = read_split_file(split_file)
-        names = [n for n in names if partition.get(n) == SPLITS[split]]
-        if not names:
-            raise UserError(f"no {split} images in {folder} according to {split_file}; "
-                            f"check that the split file belongs to these images")
-    return [folder / n for n in names]
-
-
-def image_tensor(img):
-    """A PIL image -> (3, H, W) uint8 RGB tensor: how this project turns any picture into numbers."""
-    return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
-
-
-def load_pixels(path, size):
-    """An image file -> (3, size, size) uint8 tensor. CelebA's 178x218 images get the standard crop;
-    other images a centred square crop."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")  # reads the file now, inside the `with`
-    if img.size == (178, 218):
-        img = img.crop(CELEBA_CROP)
-    else:
-        w, h = img.size
-        s = min(w, h)
-        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    img = img.resize((size, size), Image.BILINEAR)  # antialiased shrink, as torchvision's Resize
-    return image_tensor(img)
-
-
-def to_signed(pixels):
-    """uint8 pixels in [0, 255] -> floats in [-1, 1], the range the model sees."""
-    return pixels.float() / 127.5 - 1
-
-
-# The image cache. Decoding a JPEG, cropping and resizing it costs the same every epoch, and it
-# costs the training threads their cores (in the training process, or in DataLoader workers on the
-# same cores). So the training split is decoded once into a file of uint8 pixels, (N, 3, size,
-# size) in experiments/image_cache/ (12,288 bytes per image at 64x64: 2.0 GB for CelebA's 162,770
-# training images), and memory-mapped: the operating system keeps it in RAM when it fits and reads
-# it from disk when it does not. Its name holds a hash of the crop, the size and the file list
-# (names, byte sizes, modification times), so changing any of them builds a new cache. The cache
-# holds each image as read; flips and noise are drawn per example in the trainer (section 11).
-IMAGE_CACHE = Path("experiments") / "image_cache"
-
-
-def image_cache_path(files, size):
-    digest = hashlib.sha1(repr((CELEBA_CROP, size, str(files[0].parent.resolve()))).encode())
-    for path in files:
-        stat = path.stat()
-        digest.update(f"{path.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
-    return IMAGE_CACHE / f"{len(files)}x{size}px-{digest.hexdigest()[:16]}.u8"
-
-
-class CelebA(Dataset):
-    """CelebA (or any folder of images) at size x size: dataset[i] is image i, dataset.label(i)
-    its values of `attributes` (names from ATTRIBUTE_NAMES), read from the attribute file next to
-    the split file. cache=True reads the images from the image cache when it has been built
-    (build_cache), else from their files. An unreadable file is reported once and replaced by the
-    next image (and its label), so one bad JPEG never stops a run in the middle of an epoch."""
-
-    def __init__(self, root, split, size, attributes=(), download=False, cache=False):
-        if download:
-            download_celeba(root)
-        self.files, self.size, self.reported = celeba_files(root, split), size, set()
-        self.labels, self.unlabelled = torch.zeros(len(self.files), 0), 0  # (N, K) with K = 0
-        if attributes:
-            folder, split_file = find_celeba(root)
-            found = [split_file.parent / name for name in ATTRIBUTE_FILES
-                     if split_file is not None and (split_file.parent / name).is_file()]
-            if not found:
-                where = f"next to {split_file}" if split_file else f"for the plain folder {folder}"
-                raise UserError(f"--attributes needs CelebA's labels, {' or '.join(ATTRIBUTE_FILES)}, "
-                                f"{where}; there is none: add it, or train without --attributes")
-            self.labels, self.unlabelled = attribute_labels(self.files, attributes, found[0])
-        self.cache, self.pixels = self.find_cache() if cache else None, None
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        if not 0 <= i < len(self.files):
-            raise IndexError(i)  # ends `for image in dataset`
-        for j in range(i, i + len(self.files)):
-            path = self.files[j % len(self.files)]
-            if path in self.reported:
-                continue
-            try:
-                return to_signed(self.read(j % len(self.files)))
-            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt files
-                self.report(path, e)
-        raise UserError(f"none of the {len(self.files)} images under {self.files[0].parent} "
-                        f"can be read")
-
-    def read(self, i):
-        """(3, size, size) uint8 pixels of image i, from the cache or from its file."""
-        if self.cache is None:
-            return load_pixels(self.files[i], self.size)
-        if self.pixels is None:  # mapped on first use, in each process that reads
-            self.pixels = np.memmap(self.cache, np.uint8, "r", shape=(len(self.files), 3, self.size,
-                                                                       self.size))
-        return torch.from_numpy(self.pixels[i].copy())  # a copy: the map is read-only
-
-    def __getstate__(self):  # a DataLoader worker started by spawn (macOS) maps the cache itself
-        return {**self.__dict__, "pixels": None}
-
-    def report(self, path, error):
-        if path not in self.reported:
-            self.reported.add(path)
-            print(f"warning: skipping unreadable image {path} ({error}); "
-                  f"{len(self.reported)} skipped so far in this process", file=sys.stderr)
-
-    @functools.cached_property
-    def cache_path(self):  # a stat of every file: once per dataset
-        return image_cache_path(self.files, self.size)
-
-    def find_cache(self):
-        """The path of this dataset's image cache if it has been built, else None (also for a file
-        of the wrong size, cut short outside celebgen, which build_cache then replaces); the files
-        it found unreadable are reported again."""
-        path = self.cache_path
-        unreadable_list = path.with_suffix(".unreadable")
-        expected_bytes = len(self.files) * 3 * self.size**2
-        if not (unreadable_list.is_file() and path.is_file() and path.stat().st_size == expected_bytes):
-            return None
-        for name in unreadable_list.read_text().splitlines():
-            self.report(self.files[0].parent / name, "unreadable when the cache was built")
-        return path
-
-    def build_cache(self):
-        """Build this dataset's image cache unless it is there, and read from it from now on. If it
-        cannot be written (a full disk, a read-only folder), each image is still decoded when it
-        is read, as without a cache. The trainer calls it once per run (validate_train_args), so
-        its processes never decode every image a second time."""
-        self.cache = self.find_cache() or self.write_cache()
-
-    def write_cache(self):
-        """Decode every image into a new image cache; its path, or None if it cannot be written."""
-        path = self.cache_path
-        unreadable_list = path.with_suffix(".unreadable")
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # only complete caches get
-        start, shown = time.time(), time.time()                         # the cache's name
-        print(f"decoding {len(self.files)} images once into {path} "
-              f"({len(self.files) * 3 * self.size**2 / 1e9:.2f} GB)", flush=True)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(partial, "wb") as out:
-                for i, file in enumerate(self.files):
-                    try:
-                        pixels = load_pixels(file, self.size)
-                    except (OSError, ValueError, SyntaxError) as e:
-                        self.report(file, e)
-                        pixels = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
-                    out.write(pixels.numpy().tobytes())
-                    if time.time() - shown > 10:
-                        shown, rate = time.time(), (i + 1) / (time.time() - start)
-                        print(f"  {i + 1} of {len(self.files)} images, "
-                              f"{(len(self.files) - i - 1) / rate / 60:.1f} min left", flush=True)
-            unreadable_list.write_text("".join(f"{p.name}\n" for p in sorted(self.reported)))
-            os.replace(partial, path)
-        except OSError as e:
-            print(f"warning: cannot write the image cache {path} ({e}); decoding each image "
-                  f"when it is read instead, which is slower", file=sys.stderr, flush=True)
-            return None
-        finally:
-            if partial.exists():  # False too where the cache's folder is a file
-                partial.unlink()
-        print(f"  done in {time.time() - start:.0f} s; later runs on these images reuse it",
-              flush=True)
-        others = [p for p in path.parent.glob("*.u8") if p != path]  # nothing deletes an old cache
-        if others:
-            print(f"  {path.parent} also holds {len(others)} other cache{'s' * (len(others) > 1)} "
-                  f"({sum(p.stat().st_size for p in others) / 1e9:.2f} GB) of other image sizes or "
-                  f"files; delete those no run reads", flush=True)
-        return path
-
-    def label(self, i):
-        """(K,) attribute values of image i: -1 absent, +1 present, 0 unspecified. Cheap: no image is
-        decoded, and an image already found unreadable gives its replacement's label."""
-        while self.files[i] in self.reported and len(self.reported) < len(self.files):
-            i = (i + 1) % len(self.files)
-        return self.labels[i]
-
-
 # --download fetches the three files celebgen reads from CelebA's Google Drive (ids and MD5s as
 # torchvision lists them) with gdown, an optional package, into torchvision's layout.
 CELEBA_DRIVE_FILES = (  # (Google Drive id, MD5, file name)
@@ -804,14 +1910,14 @@ CELEBA_DRIVE_FILES = (  # (Google Drive id, MD5, file name)
 CELEBA_IMAGES = 202_599
 BY_HAND = ("or fetch the files by hand from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html "
            "(Google Drive: Img/img_align_celeba.zip, Eval/list_eval_partition.txt, "
-           "Anno/list_attr_celeba.txt), unzip the images, put list_attr_celeba.txt next to the split "
-           "file, and " + LAYOUTS_HELP)
+           "Anno/list_attr_celeba.txt), unzip the images, put list_attr_celeba.txt next to the "
+           "split file, and " + LAYOUTS_HELP)
 
 
 def download_celeba(root):
-    """Unless CelebA is under ROOT in a layout with a split file, fetch its aligned images, split file
-    and attribute file into ROOT/celeba/ (files there and intact are kept) and unzip the images; then
-    check that all 202,599 images and split rows are there."""
+    """Unless CelebA is under ROOT in a layout with a split file, fetch its aligned images, split
+    file and attribute file into ROOT/celeba/ (files there and intact are kept) and unzip the
+    images; then check that all 202,599 images and split rows are there."""
     from torchvision.datasets import utils
     import importlib.util
     folder, split_file = find_celeba(root) if Path(root).is_dir() else (None, None)
@@ -836,6 +1942,282 @@ def download_celeba(root):
                         f"{folder} and run again with --download; an intact zip is not fetched "
                         f"again), or this is not the whole of CelebA (then drop --download)")
 
+
+def subset_command(args):
+    """`subset`: copy the images that --image_list names (a file name first on each line) out of
+    the CelebA under --data_root into --out, in the official layout, with the split file and the
+    attribute file (if any) cut down to them: a fixed set that anyone with CelebA can rebuild."""
+    folder, split_file = find_celeba(args.data_root)
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial")
+    if out.resolve().is_relative_to(Path(args.data_root).resolve()):
+        raise UserError(f"--out {out} is inside --data_root {args.data_root}, where it would stand "
+                        f"for CelebA itself in later runs; choose a folder outside it")
+    if split_file is None:
+        raise UserError(f"{folder} has no split file: subset needs CelebA itself; {LAYOUTS_HELP}")
+    if out.exists():
+        raise UserError(f"{out} exists; remove it, or choose another --out")
+    try:
+        names = [line.split()[0] for line in Path(args.image_list).read_text().splitlines()
+                 if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --image_list {args.image_list} ({e})") from None
+    repeated = sorted(n for n, times in collections.Counter(names).items() if times > 1)
+    if not names or repeated:
+        raise UserError(f"--image_list {args.image_list} " + (f"names {repeated[0]} (and "
+                        f"{len(repeated) - 1} more) twice" if repeated else "names no image") +
+                        "; give each image once")
+    split = read_split_file(split_file)
+    missing = [n for n in names if n not in split or not (folder / n).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} of the {len(names)} images of {args.image_list} are not "
+                        f"in {folder} with a row of {split_file.name} (e.g. {missing[:1]}); is "
+                        f"--data_root all of CelebA?")
+    attributes = [split_file.parent / a for a in ATTRIBUTE_FILES
+                  if (split_file.parent / a).is_file()][:1]
+    shutil.rmtree(partial, ignore_errors=True)  # left by a kill
+    try:
+        (partial / "img_align_celeba").mkdir(parents=True)
+        for name in names:  # copied, not linked: the set stays whole if CelebA moves
+            shutil.copyfile(folder / name, partial / "img_align_celeba" / name)
+        (partial / "list_eval_partition.txt").write_text("".join(f"{n} {split[n]}\n"
+                                                                 for n in names))
+        for path in attributes:
+            columns, rows = read_attribute_file(path)
+            kept = [" ".join(rows[n].replace(",", " ").split()) for n in names if n in rows]
+            (partial / "list_attr_celeba.txt").write_text(
+                "\n".join([str(len(kept)), " ".join(columns), *kept]) + "\n")
+        partial.rename(out)  # the folder appears whole, or not at all
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    counts = [sum(split[n] == k for n in names) for k in SPLITS.values()]
+    print(f"wrote {out}: {len(names)} images (train {counts[0]}, val {counts[1]}, test "
+          f"{counts[2]}){' and their attributes' if attributes else ''}")
+
+
+# --------------------------------------------------------------------------------------------------
+#                                   E. The image cache
+# --------------------------------------------------------------------------------------------------
+# Decoding a JPEG, cropping and resizing it costs the same every epoch, and it costs the training
+# threads their cores. So the training split is decoded once into a file of uint8 pixels, (N, 3,
+# size, size) in experiments/image_cache/ (12,288 bytes per image at 64x64: 2.0 GB for CelebA's
+# 162,770 training images), and memory-mapped: the operating system keeps it in RAM when it fits
+# and reads it from disk when it does not. Its name holds a hash of the crop, the size and the file
+# list (names, byte sizes, modification times), so changing any of them builds a new cache. The
+# cache holds each image as read; flips and noise are drawn per example (FlowExamples).
+IMAGE_CACHE = Path("experiments") / "image_cache"
+
+
+def image_cache_path(files, size):
+    digest = hashlib.sha1(repr((CELEBA_CROP, size, str(files[0].parent.resolve()))).encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return IMAGE_CACHE / f"{len(files)}x{size}px-{digest.hexdigest()[:16]}.u8"
+
+
+def find_cache(images):
+    """The path of a CelebA dataset's image cache if it has been built, else None (also for a file
+    of the wrong size, cut short outside celebgen, which build_cache then replaces); the files it
+    found unreadable are reported again."""
+    path = images.cache_path
+    unreadable_list = path.with_suffix(".unreadable")
+    expected_bytes = len(images.files) * 3 * images.size**2
+    if not (unreadable_list.is_file() and path.is_file() and path.stat().st_size == expected_bytes):
+        return None
+    for name in unreadable_list.read_text().splitlines():
+        report_unreadable(images, images.files[0].parent / name,
+                          "unreadable when the cache was built")
+    return path
+
+
+def write_cache(images):
+    """Decode every image of a CelebA dataset into a new image cache; its path, or None if it
+    cannot be written (a full disk, a read-only folder: each image is then decoded when read)."""
+    path, files, size = images.cache_path, images.files, images.size
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # only complete caches get
+    start, shown = time.time(), time.time()                         # the cache's name
+    print(f"decoding {len(files)} images once into {path} "
+          f"({len(files) * 3 * size**2 / 1e9:.2f} GB)", flush=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as out:
+            for i, file in enumerate(files):
+                try:
+                    pixels = load_pixels(file, size)
+                except (OSError, ValueError, SyntaxError) as e:
+                    report_unreadable(images, file, e)
+                    pixels = torch.zeros(3, size, size, dtype=torch.uint8)
+                out.write(pixels.numpy().tobytes())
+                if time.time() - shown > 10:
+                    shown, rate = time.time(), (i + 1) / (time.time() - start)
+                    print(f"  {i + 1} of {len(files)} images, "
+                          f"{(len(files) - i - 1) / rate / 60:.1f} min left", flush=True)
+        unreadable = "".join(f"{p.name}\n" for p in sorted(images.reported))
+        path.with_suffix(".unreadable").write_text(unreadable)
+        os.replace(partial, path)
+    except OSError as e:
+        print(f"warning: cannot write the image cache {path} ({e}); decoding each image "
+              f"when it is read instead, which is slower", file=sys.stderr, flush=True)
+        return None
+    finally:
+        if partial.exists():  # False too where the cache's folder is a file
+            partial.unlink()
+    print(f"  done in {time.time() - start:.0f} s; later runs on these images reuse it", flush=True)
+    others = [p for p in path.parent.glob("*.u8") if p != path]  # nothing deletes an old cache
+    if others:
+        print(f"  {path.parent} also holds {len(others)} other cache{'s' * (len(others) > 1)} "
+              f"({sum(p.stat().st_size for p in others) / 1e9:.2f} GB) of other image sizes or "
+              f"files; delete those no run reads", flush=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+#                                   F. Choosing the device, the precision and the kernels
+# --------------------------------------------------------------------------------------------------
+# CPU feature flags do not say reliably what a given PyTorch build does with them, so on the CPU
+# --precision auto measures: bf16 where a bf16 matmul runs faster than fp32.
+
+BF16_SPEEDUP_NEEDED = 1.3  # auto picks bf16 on a CPU whose bf16 matmul is this much faster
+
+
+def pick_device(name):
+    """'auto' -> cuda, then mps, then cpu. A device that is not here is a UserError."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                 "cpu": True}
+    if name == "auto":
+        name = next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
+    if not available[name]:
+        raise UserError(f"--device {name}, but PyTorch {torch.__version__} sees no {name.upper()} "
+                        f"device here; use --device auto (or cpu)")
+    return torch.device(name)
+
+
+@functools.cache
+def cpu_matmul_speedup(precision, n=512):
+    """fp32 time / `precision` time of an n x n matmul on this CPU, each the best of up to 3 runs
+    that stop once they add up to 0.1 s: > 1 where the 16-bit type is native, far below 1 where it
+    is emulated."""
+    def best_time(dtype):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a[:64, :64] @ b[:64, :64]  # warm-up: the first call picks and loads the kernel
+        times = []
+        while len(times) < 3 and sum(times) < 0.1:
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+    return best_time(torch.float32) / best_time(AUTOCAST_DTYPES[precision])
+
+
+def choose_precision(device_type, cuda_capability=None, cpu_bf16_speedup=None):
+    """What --precision auto means on a machine, from what was queried or measured:
+    (precision, why)."""
+    if device_type == "cuda":
+        version = "{}.{}".format(*cuda_capability)
+        if cuda_capability >= (8, 0):
+            return "bf16", f"CUDA compute capability {version} has native bf16"
+        return "fp16", (f"CUDA compute capability {version} < 8.0 has no native bf16; fp16 with "
+                        f"loss scaling")
+    if device_type == "cpu":
+        if cpu_bf16_speedup >= BF16_SPEEDUP_NEEDED:
+            return "bf16", f"this CPU has bf16 units: bf16 matmul {cpu_bf16_speedup:.2f}x fp32"
+        return "fp32", f"this CPU has no fast bf16 units: bf16 matmul {cpu_bf16_speedup:.2f}x fp32"
+    return "fp32", f"autocast on {device_type} is untested by celebgen; fp32 runs everywhere"
+
+
+def resolve_precision(requested, device):
+    """--precision -> (bf16 | fp16 | fp32, why). An explicit choice is kept, with a warning where
+    it is slow."""
+    if requested == "auto":
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        speedup = cpu_matmul_speedup("bf16") if device.type == "cpu" else None
+        return choose_precision(device.type, capability, speedup)
+    if requested in AUTOCAST_DTYPES and device.type == "cpu" and cpu_matmul_speedup(requested) < 1:
+        print(f"warning: {requested} matmuls run at {cpu_matmul_speedup(requested):.2f}x fp32 on "
+              f"this CPU (emulated): expect a slow run; --precision auto picks the fast choice",
+              file=sys.stderr)
+    return requested, "as asked"
+
+
+def device_and_precision(device_name, precision_name, announce=True):
+    """Resolve --device and --precision; say what was chosen and why (the first line of a run)."""
+    device = pick_device(device_name)
+    precision, why = resolve_precision(precision_name, device)
+    if announce:
+        print(f"device {device.type}, precision {precision_name} -> {precision} ({why})",
+              flush=True)
+    return device, precision
+
+
+def distributed_setup(rank, world_size, device_type):
+    """Join the process group (if any) and set up this process's device: GPU number LOCAL_RANK on
+    CUDA."""
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device(device_type)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for what runs outside autocast
+    elif device.type == "cpu":
+        # PyTorch starts with at most a thread per CPU this process may use (fewer under taskset,
+        # a container's CPU set or OMP_NUM_THREADS); the processes of one machine share them
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        torch.set_num_threads(max(1, torch.get_num_threads() // local_world))
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
+                                world_size=world_size,
+                                device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def attention_kernels(device, tokens):
+    """Which attention kernel runs a model of `tokens` patches. On the CPU, PyTorch's default
+    (flash-attention) kernel is slower than plain matmul + softmax for few tokens and faster for
+    many (tests/benchmark_speed.py --sdpa times both), so up to 64 tokens (tiny at 32x32) the CPU
+    uses the plain one. GPUs keep the default."""
+    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" and tokens <= 64 else nullcontext()
+
+
+def compiled(model):
+    """torch.compile: fused kernels for the work between the matmuls, made at the first step.
+    Inductor leaves RoPE's complex product to PyTorch's own kernel and warns that this may be
+    slower than eager; it is not the bottleneck, so the warning is hidden."""
+    warnings.filterwarnings("ignore", "Torchinductor does not support code generation for complex")
+    return torch.compile(model)
+
+
+def log_progress(book, step, loss, lr, grad_norm, images):
+    """Bookkeeping's progress line and TensorBoard scalars: speed in images/s and in model FLOP/s
+    (flops_per_image) since the last line, and the time left by steps or by --max_minutes."""
+    speed = book.images_seen / (time.time() - book.clock)
+    eta = max(0.0, min((book.total_steps - step) * images / speed, book.budget - book.elapsed))
+    print(f"step {step}/{book.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad "
+          f"{grad_norm:.3f} | {speed:.1f} img/s | {speed * book.flops_per_image / 1e12:.3f} "
+          f"TFLOP/s | ETA {eta / 60:.1f} min", flush=True)
+    for name, value in [("loss", loss), ("lr", lr), ("grad_norm", grad_norm),
+                        ("images_per_sec", speed)]:
+        book.writer.add_scalar(f"train/{name}", value, step)
+    book.clock, book.images_seen = time.time(), 0
+
+
+def flops_per_image(model):
+    """Training FLOPs per image, the accounting of PaLM and nanoGPT: a multiply-add is 2 FLOPs and
+    backward costs twice forward, so 6 x (multiply-adds of one forward). Per-token layers run on N
+    tokens; the time MLP and the modulations run once per image; attention adds q.k and attn.v,
+    2 N^2 D per block."""
+    tokens, dim = model.grid**2, model.patch_embed.out_features
+    per_image = {model.time_mlp[0], model.time_mlp[2], model.final_modulation[-1]}
+    per_image |= {block.modulation[-1] for block in model.blocks} | {model.attribute_embed}
+    linear = sum(m.weight.numel() * (1 if m in per_image else tokens)
+                 for m in model.modules() if isinstance(m, nn.Linear))
+    attention = len(model.blocks) * 2 * tokens**2 * dim
+    return 6 * (linear + attention)
+
+
+# --------------------------------------------------------------------------------------------------
+#                                   G. Toy faces, drawn
+# --------------------------------------------------------------------------------------------------
 
 TOY_ATTRIBUTES = ("Blond_Hair", "Eyeglasses", "Smiling", "Wearing_Hat")  # exact in toy faces
 
@@ -893,1095 +2275,27 @@ class ToyFaces(Dataset):
         draw = ImageDraw.Draw(img)
         draw.ellipse([cx - 1.1 * rx, cy - 1.15 * ry, cx + 1.1 * rx, f["hair_bottom"]], f["hair"])
         draw.ellipse([cx - rx, f["face_top"], cx + rx, cy + ry], f["skin"])
-        eye_y, eye_r = cy - 0.2 * ry, f["eye_r"]
+        eye_y, eye_r, frame = cy - 0.2 * ry, f["eye_r"], round(0.03 * S)
         for ex in (cx - f["eye_dx"], cx + f["eye_dx"]):
             draw.ellipse([ex - 1.6 * eye_r, eye_y - eye_r, ex + 1.6 * eye_r, eye_y + eye_r],
                          (245, 245, 245))
-            draw.ellipse([ex - 0.8 * eye_r, eye_y - 0.8 * eye_r, ex + 0.8 * eye_r, eye_y + 0.8 * eye_r],
-                         f["iris"])
+            draw.ellipse([ex - 0.8 * eye_r, eye_y - 0.8 * eye_r, ex + 0.8 * eye_r,
+                          eye_y + 0.8 * eye_r], f["iris"])
             if f["Eyeglasses"]:  # a dark frame round each eye
                 draw.ellipse([ex - 2.4 * eye_r, eye_y - 1.8 * eye_r, ex + 2.4 * eye_r,
-                              eye_y + 1.8 * eye_r], outline=f["frames"], width=round(0.03 * S))
+                              eye_y + 1.8 * eye_r], outline=f["frames"], width=frame)
         if f["Eyeglasses"]:  # and the bridge between them
-            draw.line([cx - f["eye_dx"] + 2.4 * eye_r, eye_y, cx + f["eye_dx"] - 2.4 * eye_r, eye_y],
-                      f["frames"], width=round(0.03 * S))
+            draw.line([cx - f["eye_dx"] + 2.4 * eye_r, eye_y, cx + f["eye_dx"] - 2.4 * eye_r,
+                       eye_y], f["frames"], width=frame)
         mouth_w, mouth_y, smile = f["mouth_w"], cy + 0.5 * ry, f["smile"]
         draw.chord([cx - mouth_w, mouth_y - abs(smile) - 2, cx + mouth_w, mouth_y + abs(smile) + 2],
                    0 if smile > 0 else 180, 180 if smile > 0 else 360, f["lips"])
         if f["Wearing_Hat"]:  # a crown over the top of the head and a brim above the eyes
             draw.rectangle([cx - 0.8 * rx, cy - 1.45 * ry, cx + 0.8 * rx, cy - 0.7 * ry], f["hat"])
-            draw.rectangle([cx - 1.25 * rx, cy - 0.8 * ry, cx + 1.25 * rx, cy - 0.65 * ry], f["hat"])
+            draw.rectangle([cx - 1.25 * rx, cy - 0.8 * ry, cx + 1.25 * rx, cy - 0.65 * ry],
+                           f["hat"])
         img = img.resize((self.size, self.size), Image.LANCZOS)
         return to_signed(image_tensor(img))
-
-
-def make_dataset(args, split, cache=True):
-    """The images of a split; CelebA's training split through the image cache (unless cache=False),
-    because it is read every epoch."""
-    if args.dataset == "toy":
-        offset = {"train": 0, "val": 10**6, "test": 2 * 10**6}[split]  # three disjoint sets
-        return ToyFaces(args.image_size, offset=offset, attributes=args.attributes)
-    train = split == "train"
-    return CelebA(args.data_root, split, args.image_size, args.attributes,
-                  download=args.download and train, cache=cache and train)
-
-
-def to_unit(images):
-    return ((images.float().cpu() + 1) / 2).clamp(0, 1)
-
-
-@contextmanager
-def written_whole(path):
-    """`with written_whole(path) as tmp:` write tmp (next to path); when the block ends it is
-    renamed over path -- atomic: path is the old file or the new one, never half of one -- or
-    deleted if the block failed (a full disk, Ctrl-C)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def save_png(image, path):
-    """(C, H, W) in [0, 1] -> an 8-bit PNG (lossless, so FID reads exactly what was generated),
-    whole or absent after a full disk or Ctrl-C."""
-    array = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    try:
-        with written_whole(path) as tmp:
-            Image.fromarray(array).save(tmp, format="PNG")
-    except OSError as e:  # a full disk, no permission
-        raise UserError(f"cannot write {path} ({e.strerror or e}); free some space, then run the "
-                        f"command again (a training run: with --resume)") from None
-
-
-def image_grid(images, columns=None):
-    """(B, C, H, W) in [-1, 1] -> one (C, rows*H, columns*W) grid in [0, 1] with 2-pixel gaps."""
-    import torchvision
-    columns = columns or math.ceil(math.sqrt(len(images)))
-    return torchvision.utils.make_grid(to_unit(images), nrow=columns, padding=2, pad_value=1.0)
-
-
-# --------------------------------------------------------------------------------------------------
-#                                   9. Device and precision
-# --------------------------------------------------------------------------------------------------
-# `--device auto` takes a CUDA GPU, then Apple's MPS, then the CPU. Under
-# autocast every matmul (each Linear, attention's products) runs in a 16-bit type. Which other ops
-# autocast moves to fp32 depends on the device (on CUDA layer norm and softmax; on the CPU neither),
-# so this file computes QK-norm and the loss in fp32 itself. Autocast casts each op's inputs, not
-# the model: weights, gradients and AdamW's moments stay fp32. But an op's output keeps the op's
-# dtype, so the residual stream itself (every block's output) is 16-bit too.
-#   bf16 keeps fp32's 8 exponent bits and drops mantissa bits: a gradient of 1e-10 is still
-#        representable, so bf16 needs no loss scaling.
-#   fp16 has 5 exponent bits: values below ~6e-8 flush to zero, and small gradients with them.
-#        GradScaler multiplies the loss by a large factor before backward and divides the gradients
-#        by it before the step, and skips a step whose gradients overflowed (lowering the factor).
-# Which is fast depends on the hardware. GPUs of compute capability >= 8.0 (Ampere on) and CPUs with
-# AVX512-BF16 or AMX multiply bf16 natively, faster than fp32; older GPUs (T4, V100) have fast fp16
-# but not bf16. Elsewhere bf16 is emulated -- converted to fp32 in software, outside the tuned fp32
-# kernels -- and runs many times slower than fp32 (tests/benchmark_speed.py prints the ratio on your
-# CPU). CPU feature flags do not say reliably what a given PyTorch build does with them, so on the
-# CPU `auto` measures.
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
-BF16_SPEEDUP_NEEDED = 1.3  # auto picks bf16 on a CPU whose bf16 matmul is this much faster than fp32
-
-
-def pick_device(name):
-    """'auto' -> cuda, then mps, then cpu. A device that is not here is a UserError."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        name = next(kind for kind in ("cuda", "mps", "cpu") if available[kind])
-    if not available[name]:
-        raise UserError(f"--device {name}, but PyTorch {torch.__version__} sees no {name.upper()} device "
-                        f"here; use --device auto (or cpu)")
-    return torch.device(name)
-
-
-@functools.cache
-def cpu_matmul_speedup(precision, n=512):
-    """fp32 time / `precision` time of an n x n matmul on this CPU, best of up to 3 within 0.1 s
-    each: > 1 where the 16-bit type is native, far below 1 where it is emulated."""
-    def best_time(dtype):
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        a[:64, :64] @ b[:64, :64]  # warm-up: the first call picks and loads the kernel
-        times = []
-        while len(times) < 3 and sum(times) < 0.1:
-            start = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - start)
-        return min(times)
-    return best_time(torch.float32) / best_time(AUTOCAST_DTYPES[precision])
-
-
-def choose_precision(device_type, cuda_capability=None, cpu_bf16_speedup=None):
-    """What --precision auto means on a machine, from what was queried or measured:
-    (precision, why)."""
-    if device_type == "cuda":
-        version = "{}.{}".format(*cuda_capability)
-        if cuda_capability >= (8, 0):
-            return "bf16", f"CUDA compute capability {version} has native bf16"
-        return "fp16", f"CUDA compute capability {version} < 8.0 has no native bf16; fp16 with loss scaling"
-    if device_type == "cpu":
-        if cpu_bf16_speedup >= BF16_SPEEDUP_NEEDED:
-            return "bf16", f"this CPU has bf16 units: bf16 matmul {cpu_bf16_speedup:.2f}x fp32"
-        return "fp32", f"this CPU has no fast bf16 units: bf16 matmul {cpu_bf16_speedup:.2f}x fp32"
-    return "fp32", f"autocast on {device_type} is untested by celebgen; fp32 runs everywhere"
-
-
-def resolve_precision(requested, device):
-    """--precision -> (bf16 | fp16 | fp32, why). An explicit choice is kept, with a warning where
-    it is slow."""
-    if requested == "auto":
-        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        speedup = cpu_matmul_speedup("bf16") if device.type == "cpu" else None
-        return choose_precision(device.type, capability, speedup)
-    if requested in AUTOCAST_DTYPES and device.type == "cpu" and cpu_matmul_speedup(requested) < 1:
-        print(f"warning: {requested} matmuls run at {cpu_matmul_speedup(requested):.2f}x fp32 on this CPU "
-              f"(emulated): expect a slow run; --precision auto picks the fast choice", file=sys.stderr)
-    return requested, "as asked"
-
-
-def device_and_precision(device_name, precision_name, announce=True):
-    """Resolve --device and --precision; say what was chosen and why (the first line of a run)."""
-    device = pick_device(device_name)
-    precision, why = resolve_precision(precision_name, device)
-    if announce:
-        print(f"device {device.type}, precision {precision_name} -> {precision} ({why})", flush=True)
-    return device, precision
-
-
-def autocast(device, precision):
-    """The context that runs a forward pass at `precision` (bf16, fp16 or fp32) on `device`."""
-    if precision not in AUTOCAST_DTYPES:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
-
-
-def attention_kernels(device, tokens):
-    """Which attention kernel runs a model of `tokens` patches. On the CPU, PyTorch's default
-    (flash-attention) kernel was measured slower than plain matmul + softmax at 64 tokens (tiny at
-    32x32: 1.08-1.24x) and faster at 256 (small at 64x64: 1.02-1.36x; tests/benchmark_speed.py
-    --sdpa, README), so up to 64 tokens the CPU uses the plain one. GPUs keep the default."""
-    return sdpa_kernel(SDPBackend.MATH) if device.type == "cpu" and tokens <= 64 else nullcontext()
-
-
-# --------------------------------------------------------------------------------------------------
-#                                   10. Experiments and checkpoints
-# --------------------------------------------------------------------------------------------------
-# experiments/{exp_name}/args.json               the arguments of the run
-#                       /checkpoints/last.pt      written every --ckpt_every steps and at the end
-#                       /checkpoints/best.pt      the lowest validation loss so far
-#                       /logs/                    TensorBoard: tensorboard --logdir experiments
-#                       /samples/                 grids during training; `sample` writes here too
-# A checkpoint is written to a temporary file, flushed to the disk (fsync), and renamed over the old
-# one: the rename is atomic, so a crash or a full disk mid-save leaves the previous checkpoint
-# intact. It holds only tensors and plain Python values, so it loads with
-# torch.load(weights_only=True), which cannot execute code from a downloaded file.
-
-MODEL_ARGS = ("model", "image_size", "patch_size", "attributes")  # what the weights depend on
-# what a resumed run must keep so that it continues exactly: the data order and position in the epoch
-# (seed, batch size, processes), the example times, and the validation set and loss that pick best.pt
-RESUME_FIXED = ("batch_size", "world_size", "seed", "t_mu", "t_sigma", "t_eps", "val_size")
-CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "best_val", "args", "rng")
-# What the weights mean: the same tensors under another version of the network's arithmetic load
-# without an error and draw noise, so a checkpoint records the version it was trained under.
-# 1 (before 2026-12-03, written without the key): RMSNorm on q and k, RoPE on channel halves,
-# DiT's tanh GELU; 2: LayerNorm on q and k, RoPE on adjacent channel pairs, the exact GELU (sections
-# 3 and 4).
-ARCHITECTURE = 2
-
-
-def experiment_paths(exp_name):
-    root = Path("experiments") / exp_name
-    return {"root": root, "checkpoints": root / "checkpoints", "logs": root / "logs", "samples": root / "samples"}
-
-
-def checkpoint_path(exp_name, checkpoint):
-    """--checkpoint: a path to a file, or a name (last.pt, best.pt) in the experiment's checkpoints/."""
-    path = Path(checkpoint)
-    return path if path.is_file() else experiment_paths(exp_name)["checkpoints"] / checkpoint
-
-
-def resume_checkpoint(exp):
-    """last.pt, or best.pt for a run killed after its first validation but before its first last.pt
-    was written; None for an experiment without a checkpoint."""
-    for name in ("last.pt", "best.pt"):
-        if (exp["checkpoints"] / name).is_file():
-            return exp["checkpoints"] / name
-    return None
-
-
-def save_checkpoint(path, model, ema, optimizer, scaler, step, best_val, elapsed, args):
-    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-             "scaler": scaler.state_dict(), "step": step, "best_val": best_val, "elapsed": elapsed,
-             "args": vars(args), "architecture": ARCHITECTURE,
-             "rng": {"torch": torch.get_rng_state(),
-                     "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}}
-    try:
-        with written_whole(path) as tmp, open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on the disk before the rename makes them last.pt
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)  # and the rename itself survives a power cut
-        finally:
-            os.close(folder)
-    except OSError as e:  # a full disk, a lost mount, no permission
-        raise UserError(f"cannot write {path} ({e.strerror or e}); the previous {path.name}, if any, is "
-                        f"intact: free some space and resume with --resume") from None
-
-
-def load_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; list the experiment's checkpoints/ folder "
-                        f"or pass --checkpoint with a path")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, wrong file type: all "unreadable"
-        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}): it is truncated or corrupt; "
-                        f"use another checkpoint such as best.pt") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if not missing:
-        saved = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
-        saved.setdefault("attributes", [])  # written before conditioning existed: unconditional
-        missing = [f"args.{k}" for k in MODEL_ARGS if k not in saved]
-    if missing or not isinstance(ckpt["args"]["model"], str) or ckpt["args"]["model"] not in MODELS:
-        what = f"no {', '.join(missing)}" if missing else f"unknown model {ckpt['args']['model']!r}"
-        raise UserError(f"{path} is not a CelebGen checkpoint ({what}); pass a last.pt or best.pt "
-                        f"written by celebgen.py train")
-    version = ckpt.get("architecture", 1)  # written without the key: version 1
-    if version != ARCHITECTURE:
-        raise UserError(f"{path} was trained by a celebgen.py of network version "
-                        f"{version}, whose blocks compute differently from this "
-                        f"one's (version {ARCHITECTURE}); train it again, or sample it with that "
-                        f"celebgen.py (version 1: git checkout 533a38b)")
-    return ckpt
-
-
-def load_weights(model, state, ckpt_args):
-    """model.load_state_dict(state), or a UserError if the weights belong to another model."""
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError):  # other keys or shapes, or not a state dict
-        config = ", ".join(f"--{k} {flag_value(ckpt_args[k])}" for k in MODEL_ARGS)
-        raise UserError(f"the checkpoint's weights do not fit the model its arguments describe ({config}); "
-                        f"was it written by another version of celebgen.py?") from None
-
-
-def flag_value(value):
-    """A saved argument as the command line writes it: a list comma-separated, an empty one (none)."""
-    return (",".join(value) or "(none)") if isinstance(value, list) else value
-
-
-def restore(ckpt, model, ema, optimizer, scaler, device):
-    """Put a run back into the state its checkpoint saved. Returns (step, best_val)."""
-    load_weights(model, ckpt["model"], ckpt["args"])
-    load_weights(ema, ckpt["ema"], ckpt["args"])
-    try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    except (ValueError, KeyError, TypeError):
-        raise UserError("the checkpoint's optimizer state does not fit its model; start a new --exp_name") \
-            from None
-    if scaler.is_enabled() and ckpt.get("scaler"):  # empty when the checkpoint was not written in fp16
-        scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-    return ckpt["step"], ckpt["best_val"]
-
-
-# --------------------------------------------------------------------------------------------------
-#                                   11. Trainer: examples, DDP, the training step, EMA, bookkeeping
-# --------------------------------------------------------------------------------------------------
-# One process per GPU (or per CPU slot with --nproc), started by torch.multiprocessing.spawn, or by
-# torchrun for several machines. Each process holds a full copy of the model;
-# DistributedDataParallel averages the gradients over processes in backward(), so all copies take
-# the same optimizer step. Each process reads its own 1/world_size of every epoch
-# (DistributedSampler), so the global batch is world_size x --batch_size.
-#
-# Reproducibility by construction: every random choice about a training example -- its flip, its
-# noise x0, its time t -- is a pure function of (seed, epoch, image index). So 2 processes x batch B
-# see exactly the examples 1 process x batch 2B sees, and a run resumed at step k sees exactly what
-# the uninterrupted run saw: the data order of an epoch is a function of (seed, epoch), and the
-# resume skips the k % epoch batches already done.
-
-class FlowExamples(Dataset):
-    """Training examples (x1, x0, t, a): an image (randomly flipped), its noise, its time, its
-    attributes with some hidden (section 6; (0,) for an unconditional run). Set .epoch before
-    iterating (the DataLoader workers receive a fresh copy each epoch)."""
-
-    def __init__(self, images, args):
-        self.images, self.args, self.epoch = images, args, 0
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        args = self.args
-        rng = np.random.default_rng([args.seed, self.epoch, i])
-        x1 = self.images[i]                                                   # (C, H, W)
-        if rng.random() < 0.5:
-            x1 = x1.flip(-1)                                                  # horizontal flip
-        x0 = torch.from_numpy(rng.standard_normal(x1.shape, dtype=np.float32))  # (C, H, W)
-        t = logit_normal(rng.standard_normal(), args.t_mu, args.t_sigma)      # ()
-        a = drop_attributes(self.images.label(i), args.attr_dropout, args.attr_dropout_all, rng)
-        return x1, x0, t, a                                                   # a: (K,)
-
-
-def validation_set(images, n, seed, t_mu, t_sigma):
-    """Fixed images, noise, times and attributes (all shown), so the val loss is comparable across
-    steps. The times are the n quantiles of the training distribution,
-    t_k = sigmoid(mu + sigma * Phi^-1((k + 1/2) / n))."""
-    x1 = torch.stack([images[i] for i in range(min(n, len(images)))])      # (n, C, H, W)
-    x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
-    quantiles = (torch.arange(len(x1)) + 0.5) / len(x1)
-    a = torch.stack([images.label(i) for i in range(len(x1))])             # (n, K)
-    return x1, x0, logit_normal(torch.special.ndtri(quantiles), t_mu, t_sigma), a
-
-
-@torch.no_grad()
-def validation_loss(model, val, t_eps, batch_size, device, precision):
-    total = 0.0
-    for start in range(0, len(val[0]), batch_size):
-        x1, x0, t, a = (part[start:start + batch_size].to(device) for part in val)
-        with autocast(device, precision):
-            total += flow_loss(model, x1, x0, t, t_eps, a).item() * len(x1)
-    return total / len(val[0])
-
-
-def learning_rate(step, progress, args):
-    """The learning rate of optimizer step `step` (0-based) taken at `progress` in [0, 1) of the run
-    (of its steps, or of its --max_minutes, whichever is further): a linear warm-up over
-    --warmup_steps, constant, then a linear cooldown to 0 over the last --cooldown of the run,
-        lr(step, p) = lr * min(1, (step + 1) / warmup_steps) * min(1, (1 - p) / cooldown).
-    Warm-up lets AdamW's moment estimates settle before the steps get large. The cooldown is the
-    "warmup-stable-decay" schedule of recent short-budget LLM and diffusion runs: a run of any
-    length, or stopped by a clock, still ends with small steps, settled rather than mid-noise (how
-    much that lowers the loss here has not been measured)."""
-    cooldown = min(1.0, (1 - progress) / args.cooldown) if args.cooldown else 1.0
-    return args.lr * min(1.0, (step + 1) / args.warmup_steps) * max(cooldown, 0.0)
-
-
-@torch.no_grad()
-def update_ema(ema, model, step, decay):
-    """ema <- d ema + (1 - d) model, with the warm-up d = min(decay, (1 + step) / (10 + step)).
-    Measured as the lag behind a weight that grows by 1 per step (tested), the average spans the
-    last (step + 1) / 10 steps while the warm-up rules -- so even a 5-minute run samples from a
-    useful EMA -- and d / (1 - d), about 1 / (1 - decay) steps, once d reaches decay. The default
-    decay 0.995 averages about 200 steps (DiT's 0.9999, for long GPU runs, 10,000): after 4,075
-    steps (what a 10-minute run on 2 cores took in the fifth session) it sampled better (FID 45.9)
-    than the warm-up's 400-step average (47.3) and the raw weights (46.3) of the same run (README,
-    Measured, sixth session)."""
-    d = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - d)
-
-
-def distributed_setup(rank, world_size, device_type):
-    """Join the process group (if any) and set up this process's device: GPU number LOCAL_RANK on
-    CUDA."""
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    device = torch.device(device_type)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs outside autocast
-    elif device.type == "cpu":
-        # PyTorch starts with at most a thread per CPU this process may use (fewer under taskset,
-        # a container's CPU set or OMP_NUM_THREADS); the processes of one machine share them
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        torch.set_num_threads(max(1, torch.get_num_threads() // local_world))
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
-                                world_size=world_size, device_id=device if device.type == "cuda" else None)
-    return device
-
-
-def train_worker(rank, world_size, args, device_type):
-    """The training loop of one process. Rank 0 alone writes logs, samples and checkpoints."""
-    device = distributed_setup(rank, world_size, device_type)
-    try:
-        if world_size > 1:  # under torchrun each process resolved --precision itself: follow rank 0's
-            choice = [args.resolved_precision]
-            dist.broadcast_object_list(choice, src=0)
-            args.resolved_precision = choice[0]
-        tokens = (args.image_size // args.patch_size) ** 2
-        with attention_kernels(device, tokens), InterruptRequest(announce=rank == 0) as interrupt:
-            if world_size == 1:
-                train_loop(rank, world_size, args, device, interrupt)
-            else:  # rank 0 says why; spawn sees the exit status, and the parent exits with it
-                exit_on_user_error(train_loop, rank, world_size, args, device, interrupt, quiet=rank > 0)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def start_or_resume(args, model, ema, optimizer, scaler, device, announce):
-    """(step, best_val, seconds of training) of the run: (0, inf, 0) for a new run; for --resume,
-    those of the checkpoint, whose weights, EMA, optimizer moments, loss scale and random state are
-    put back into place."""
-    if not args.resume:
-        return 0, math.inf, 0.0
-    path = resume_checkpoint(experiment_paths(args.exp_name))
-    ckpt = load_checkpoint(path)
-    step, best_val = restore(ckpt, model, ema, optimizer, scaler, device)
-    if announce:
-        print(f"resuming {args.exp_name} from step {step} ({path.name})", flush=True)
-    return step, best_val, ckpt.get("elapsed", 0.0)  # no "elapsed": written before time budgets
-
-
-def train_loop(rank, world_size, args, device, interrupt):
-    torch.manual_seed(args.seed)  # the same initial weights in every process
-    model = build_model(args).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    # fused: one kernel updates every weight, instead of several small ops per tensor (on a 2-core
-    # CPU, tiny's AdamW step took 2.5-4x less time in four runs of `tests/benchmark_speed.py
-    # --unfused`, README)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
-                                  fused=True)
-    # fp16 only: scale the loss up before backward, so small gradients do not flush to zero (section
-    # 9)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.resolved_precision == "fp16")
-    step, best_val, elapsed = start_or_resume(args, model, ema, optimizer, scaler, device, rank == 0)
-    budget = 60 * args.max_minutes if args.max_minutes else math.inf  # seconds of training
-    ddp_model = model if world_size == 1 else \
-        DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if args.compile:  # fused kernels for the elementwise ops between the matmuls, made at step 1
-        # Inductor leaves RoPE's complex product (section 3) to PyTorch's own kernel, one pass as in
-        # eager, and warns that the model may run slower than eager; measured, it does not (README)
-        warnings.filterwarnings("ignore", "Torchinductor does not support code generation for complex")
-        ddp_model = torch.compile(ddp_model)
-
-    if world_size > 1:  # under torchrun: wait until validate_train_args has built the image cache
-        dist.barrier()
-    examples = FlowExamples(make_dataset(args, "train"), args)
-    sampler = DistributedSampler(examples, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // args.batch_size
-    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
-    book = Bookkeeping(args, device, total_steps, budget, model, ema, optimizer, scaler, best_val,
-                       elapsed) if rank == 0 else None
-    if rank == 0 and step >= total_steps:
-        print(f"{args.exp_name} is already at step {step} of {total_steps}; raise --max_steps or "
-              f"--epochs to train further", flush=True)
-    if rank == 0 and elapsed >= budget:
-        print(f"{args.exp_name} has trained {elapsed / 60:.2f} of its {args.max_minutes:g} minutes; "
-              f"raise --max_minutes to train further", flush=True)
-
-    # the run's clock continues across resumes; monotonic, so a change of the system time does not
-    # move it
-    stop, clock = False, time.monotonic() - elapsed
-    while step < total_steps and elapsed < budget and not stop:
-        # this epoch's order: a permutation fixed by (seed, epoch), this process's 1/world_size of
-        # it; a resumed run skips the batches it has already seen
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        examples.epoch = epoch
-        order = list(sampler)[done_in_epoch * args.batch_size:]
-        loader = DataLoader(examples, args.batch_size, sampler=order, drop_last=True,
-                            num_workers=args.workers, pin_memory=device.type == "cuda",
-                            worker_init_fn=ignore_interrupts)
-        for x1, x0, t, a in loader:
-            x1, x0 = x1.to(device, non_blocking=True), x0.to(device, non_blocking=True)  # (B, C, H, W)
-            t, a = t.to(device), a.to(device)                                        # (B,), (B, K)
-            # set the learning rate, from how far the run is through its steps or its time
-            lr = learning_rate(step, max(step / total_steps, elapsed / budget), args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # forward + loss, matmuls in 16 bits under autocast
-            with autocast(device, args.resolved_precision):
-                loss = flow_loss(ddp_model, x1, x0, t, args.t_eps, a)
-            # backward: DDP averages the gradients over processes here (in fp16, of the scaled loss)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            # clip: the true gradients (unscaled in fp16), and their norm before clipping, for the
-            # log
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            # divergence: a non-finite loss or gradient stops the run before the step is taken or
-            # saved. One host sync for both numbers; the norm is the same on every rank. (In fp16
-            # the scaler skips an overflowed step instead, and the check after the step applies.)
-            local_loss, grad_norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
-            if not scaler.is_enabled() and not (math.isfinite(local_loss) and math.isfinite(grad_norm)):
-                raise divergence(local_loss, grad_norm, step + 1, args.lr)
-            # the optimizer step (scaler.step skips it in fp16 if a gradient overflowed), then the
-            # EMA
-            scaler.step(optimizer)
-            scaler.update()
-            update_ema(ema, model, step, args.ema_decay)
-            step += 1
-            # the mean loss over processes, whether any process was asked to stop (Ctrl-C), and the
-            # run's time, averaged so that every process sets the same learning rate and stops together
-            stats = torch.stack([loss.detach().float(), torch.tensor(float(interrupt.requested), device=device),
-                                 torch.tensor(time.monotonic() - clock, device=device)])
-            if world_size > 1:
-                dist.all_reduce(stats, op=dist.ReduceOp.AVG)
-            loss, stop, elapsed = stats[0].item(), stats[1].item() > 0, stats[2].item()
-            if not math.isfinite(loss):  # fp16, where a non-finite step was skipped, not taken
-                raise divergence(loss, grad_norm, step, args.lr)
-            # rank 0: log, validate, sample a grid, save checkpoints, each at its interval and at the end
-            last = step == total_steps or elapsed >= budget
-            if rank == 0:
-                book.after_step(step, loss, lr, grad_norm, len(x1) * world_size, elapsed, last)
-            if last or stop:
-                break
-    if rank == 0:
-        book.close()
-    if stop:  # Ctrl-C: the step in flight has finished; save it, then leave
-        if rank == 0 and book.saved_step < step:
-            book.save_last(step)
-        if world_size > 1:
-            dist.barrier()  # every rank waits until rank 0 has saved
-        last = experiment_paths(args.exp_name)["checkpoints"] / "last.pt"
-        raise Interrupted(f"interrupted at step {step}; {last} holds step {step}; resume with: "
-                          f"python celebgen.py train --exp_name {args.exp_name} --resume")
-
-
-def divergence(loss, grad_norm, step, lr):
-    """The error that ends a run whose loss or gradients stopped being finite at `step`."""
-    return UserError(f"loss {loss:g}, gradient norm {grad_norm:g} at step {step}: training diverged; "
-                     f"lower --lr (now {lr:g}), or resume from a checkpoint before the divergence")
-
-
-class Bookkeeping:
-    """Rank 0's record of the run: progress lines and TensorBoard scalars, the validation loss and
-    best.pt (it owns best_val, the lowest validation loss so far), sample grids, and last.pt."""
-
-    def __init__(self, args, device, total_steps, budget, model, ema, optimizer, scaler, best_val,
-                 elapsed):
-        from torch.utils.tensorboard import SummaryWriter  # imported here: only rank 0 pays for it
-        self.args, self.device, self.total_steps, self.budget = args, device, total_steps, budget
-        self.model, self.ema, self.optimizer, self.scaler = model, ema, optimizer, scaler
-        self.best_val, self.saved_step, self.elapsed = best_val, -1, elapsed
-        self.exp = experiment_paths(args.exp_name)
-        self.flops_per_image = flops_per_image(model)
-        self.writer = SummaryWriter(self.exp["logs"])
-        self.val = validation_set(make_dataset(args, "val"), args.val_size, args.seed, args.t_mu,
-                                  args.t_sigma)
-        self.grid_noise = torch.randn(16, 3, args.image_size, args.image_size,
-                                      generator=torch.Generator().manual_seed(args.seed + 1))
-        self.clock, self.images_seen = time.time(), 0
-        print(f"training {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-              f"params) on {args.dataset} {args.image_size}x{args.image_size}, {total_steps} steps"
-              + (f" or {args.max_minutes:g} minutes, whichever ends first" if args.max_minutes else "")
-              + f", device {device}, {args.resolved_precision}, experiment {self.exp['root']}", flush=True)
-
-    def after_step(self, step, loss, lr, grad_norm, images, elapsed, last):
-        """Whatever is due after optimizer step `step`, `elapsed` seconds into the run: each at its
-        --*_every interval and after the `last` step."""
-        self.images_seen, self.elapsed = self.images_seen + images, elapsed
-        due = lambda every: step % every == 0 or last
-        if due(self.args.log_every):
-            self.log_progress(step, loss, lr, grad_norm, images)
-        if due(self.args.eval_every):
-            self.validate(step)
-        if due(self.args.sample_every):
-            self.sample_grid(step)
-        if due(self.args.ckpt_every):
-            self.save_last(step)
-
-    def log_progress(self, step, loss, lr, grad_norm, images):
-        speed = self.images_seen / (time.time() - self.clock)
-        eta = max(0.0, min((self.total_steps - step) * images / speed, self.budget - self.elapsed))
-        print(f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} | "
-              f"{speed:.1f} img/s | {speed * self.flops_per_image / 1e12:.3f} TFLOP/s | "
-              f"ETA {eta / 60:.1f} min", flush=True)
-        for name, value in [("loss", loss), ("lr", lr), ("grad_norm", grad_norm),
-                            ("images_per_sec", speed)]:
-            self.writer.add_scalar(f"train/{name}", value, step)
-        self.clock, self.images_seen = time.time(), 0
-
-    def validate(self, step):
-        """The EMA's loss on the fixed validation set; a new lowest value is saved as best.pt."""
-        val = validation_loss(self.ema, self.val, self.args.t_eps, 4 * self.args.batch_size,
-                              self.device, self.args.resolved_precision)
-        self.writer.add_scalar("val/loss", val, step)
-        new_best = val < self.best_val
-        print(f"step {step} | val loss (EMA) {val:.4f}" + (" | new best" if new_best else ""), flush=True)
-        if new_best:
-            self.best_val = val
-            self.save("best.pt", step)
-
-    def sample_grid(self, step):
-        """16 samples of the EMA from fixed noise: the same faces, improving, at every interval."""
-        with autocast(self.device, self.args.resolved_precision):
-            images = sample(self.ema, self.grid_noise.to(self.device), self.args.num_sampling_steps)
-        grid = image_grid(images)
-        self.writer.add_image("samples", grid, step)
-        save_png(grid, self.exp["samples"] / f"step_{step:07d}.png")
-
-    def save(self, name, step):
-        save_checkpoint(self.exp["checkpoints"] / name, self.model, self.ema, self.optimizer,
-                        self.scaler, step, self.best_val, self.elapsed, self.args)
-
-    def save_last(self, step):
-        self.save("last.pt", step)
-        self.saved_step = step
-
-    def close(self):
-        self.writer.close()
-
-
-class Interrupted(Exception):
-    """Ctrl-C ended the run cleanly; the message says where it stopped. The CLI exits with 130."""
-
-
-class InterruptRequest:
-    """The first Ctrl-C (SIGINT) asks the training loop to stop after the step in flight, so the
-    checkpoint it saves is a consistent one; a second Ctrl-C stops at once."""
-
-    def __init__(self, announce=True):
-        self.announce = announce
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.handle)
-        return self
-
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        if self.announce:
-            print("\nCtrl-C: stopping after this step (press again to stop at once)", file=sys.stderr,
-                  flush=True)
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-
-
-def ignore_interrupts(worker_id):
-    """DataLoader workers leave Ctrl-C to the training process, which stops them when it is done."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-# --------------------------------------------------------------------------------------------------
-#                                   12. CLI: train and sample
-# --------------------------------------------------------------------------------------------------
-
-def train_command(args, saved):
-    """`train`: check everything, create the experiment, then run one process or spawn several.
-    saved: the arguments of the run being resumed (--resume), else None."""
-    exp = experiment_paths(args.exp_name)
-    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun started this process
-    first = int(os.environ.get("RANK", 0)) == 0  # under torchrun only rank 0 creates the experiment
-    if not args.resume and first and resume_checkpoint(exp) is not None:
-        raise UserError(f"experiment {exp['root']} already exists; add --resume to continue it, "
-                        f"or choose another --exp_name")
-    if not args.resume and first and exp["root"].exists():  # a start that failed before its first save
-        print(f"experiment {exp['root']} has no checkpoint yet: starting it afresh", flush=True)
-    device, args.resolved_precision = device_and_precision(args.device, args.precision, announce=first)
-    validate_train_args(args, device, torchrun)
-    if args.resume:
-        changed = [f"--{k} {flag_value(saved.get(k))} -> {flag_value(getattr(args, k))}"
-                   for k in MODEL_ARGS + RESUME_FIXED if saved.get(k, getattr(args, k)) != getattr(args, k)]
-        if changed:
-            raise UserError(f"--resume cannot change {', '.join(changed)}: they fix the model, the data "
-                            f"order or the validation loss of the run; drop those flags, or start a new "
-                            f"--exp_name")
-    if first:
-        for folder in ("checkpoints", "logs", "samples"):
-            exp[folder].mkdir(parents=True, exist_ok=True)
-        for stale in exp["checkpoints"].glob("*.tmp"):  # a save that a kill cut short
-            stale.unlink()
-        if not args.resume:
-            (exp["root"] / "args.json").write_text(json.dumps(vars(args), indent=2))
-
-    if torchrun:  # join torchrun's group instead of spawning
-        train_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, device.type)
-    elif args.nproc == 1:
-        train_worker(0, 1, args, device.type)
-    else:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers stop on Ctrl-C; wait for them
-        # when rank 0 exits with an error, spawn stops the others and logs that it did: expected,
-        # not news
-        spawn_log = logging.getLogger("torch.multiprocessing.spawn")
-        level = spawn_log.level
-        spawn_log.setLevel(logging.ERROR)
-        try:
-            mp.spawn(train_worker, args=(args.nproc, args, device.type), nprocs=args.nproc)
-        except mp.ProcessExitedException as e:
-            sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)  # the worker printed why
-        finally:
-            signal.signal(signal.SIGINT, ctrl_c)
-            spawn_log.setLevel(level)
-
-
-def saved_arguments(exp_name):
-    """The arguments saved in the checkpoint that --resume continues from."""
-    exp = experiment_paths(exp_name)
-    checkpoint = resume_checkpoint(exp)
-    if checkpoint is None:
-        raise UserError(f"nothing to resume: {exp['checkpoints']} holds no last.pt or best.pt; "
-                        f"drop --resume to start experiment {exp_name!r}")
-    return load_checkpoint(checkpoint)["args"]
-
-
-def validate_train_args(args, device, torchrun):
-    """Catch bad input before any process starts or any file is written."""
-    if args.image_size % args.patch_size:
-        nearest = max(args.patch_size, args.image_size // args.patch_size * args.patch_size)
-        raise UserError(f"--image_size {args.image_size} is not divisible by --patch_size {args.patch_size}; "
-                        f"use e.g. --image_size {nearest}")
-    if args.nproc is None:
-        args.nproc = torch.cuda.device_count() if device.type == "cuda" else 1
-    if args.workers is None:
-        # A GPU waits for its examples: workers make them meanwhile. A CPU's cores are its training
-        # threads': CelebA's examples, read from the image cache, cost a few percent of a step made
-        # in the training process, less than workers taking those cores (decoded from their files,
-        # where no cache can be written, 7% of a step at 32x32, and two workers were no faster);
-        # toy faces, drawn anew for every example, cost more, and two workers drawing them beside
-        # training cost less (README, Measured, 2026-12-03, third and fourth sessions)
-        args.workers = 0 if device.type == "cpu" and args.dataset == "celeba" else 2
-    if device.type == "mps" and (args.nproc > 1 or torchrun):
-        raise UserError("DDP cannot run on MPS (torch.distributed has no MPS backend); use --nproc 1, "
-                        "or --device cpu for several processes")
-    if device.type == "cuda":
-        devices = torch.cuda.device_count()
-    elif hasattr(os, "sched_getaffinity"):  # the cores this process may run on (taskset, a CPU set)
-        devices = len(os.sched_getaffinity(0))
-    else:
-        devices = os.cpu_count() or 1
-    kind = "GPUs" if device.type == "cuda" else "CPU cores"
-    if args.nproc > devices and not torchrun:  # torchrun counts its own processes
-        raise UserError(f"--nproc {args.nproc} is more than the {devices} {kind} here; "
-                        f"use --nproc {devices} or fewer")
-    args.world_size = int(os.environ["WORLD_SIZE"]) if torchrun else args.nproc
-    if args.dataset == "toy" and args.attributes:
-        if args.attributes == ATTRIBUTE_NAMES:  # `all`
-            args.attributes = list(TOY_ATTRIBUTES)
-        unknown = [a for a in args.attributes if a not in TOY_ATTRIBUTES]
-        if unknown:
-            raise UserError(f"toy faces have no {', '.join(unknown)}; their attributes are "
-                            f"{','.join(TOY_ATTRIBUTES)}")
-    train_images = make_dataset(args, "train", cache=False)
-    if args.attributes and train_images.unlabelled and int(os.environ.get("RANK", 0)) == 0:
-        print(f"note: {train_images.unlabelled} of {len(train_images)} training images have no row in "
-              f"the attribute file: their attributes are unspecified (0), so they train the "
-              f"unconditional model only", flush=True)
-    images = len(train_images)
-    make_dataset(args, "val")  # fails now, not after training, if the val split is missing
-    if images < args.batch_size * args.world_size:
-        raise UserError(f"only {images} training images for a global batch of "
-                        f"{args.batch_size} x {args.world_size} processes; lower --batch_size or --nproc")
-    # all is well: build the image cache now, before any process starts (under torchrun by the first
-    # process of each machine only; the others wait for it in train_loop)
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and isinstance(train_images, CelebA):
-        train_images.build_cache()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sample_command(args):
-    device, precision = device_and_precision(args.device, args.precision)
-    path = checkpoint_path(args.exp_name, args.checkpoint)
-    ckpt = load_checkpoint(path)
-    rows = attribute_rows(args.attributes, args.cfg_scale, ckpt["args"]["attributes"])  # (R, K)
-    out = experiment_paths(args.exp_name)["samples"]
-    out.mkdir(parents=True, exist_ok=True)
-    if args.grid:
-        noise = torch.randn(args.grid_samples, 3, ckpt["args"]["image_size"], ckpt["args"]["image_size"],
-                            generator=torch.Generator().manual_seed(args.seed))
-        rows = rows if rows is not None else torch.zeros(1, 0)  # unconditional: one row, no request
-        grid = guidance_grid(load_model(ckpt, device, not args.no_ema), rows, args.cfg_scale, noise,
-                             args.num_sampling_steps, args.method, device, precision)
-        name = out / f"{path.stem}_grid_{args.method}{args.num_sampling_steps}_seed{args.seed}.png"
-        save_png(grid, name)
-        from torch.utils.tensorboard import SummaryWriter
-        with SummaryWriter(experiment_paths(args.exp_name)["logs"]) as writer:
-            writer.add_image("attribute_grid", grid, ckpt["step"])
-        settings = " | ".join(setting_text(setting) for setting in args.attributes)
-        scales = ", ".join(f"{w:g}" for w in args.cfg_scale)
-        print(f"wrote {name}: rows {settings}; columns cfg_scale {scales}")
-        return
-    if len(args.attributes) > 1 or len(args.cfg_scale) > 1:
-        raise UserError("several --attributes settings or --cfg_scale values make a grid: add --grid")
-    asked = rows[0].expand(args.num_samples, -1) if rows is not None else None   # (num_samples, K)
-    batches = generate(ckpt, args.num_samples, args.num_sampling_steps, args.method, args.seed,
-                       args.batch_size, device, precision, not args.no_ema, asked, args.cfg_scale[0])
-    name = f"{path.stem}_{args.method}{args.num_sampling_steps}_seed{args.seed}"  # e.g. best_euler50_seed0
-    if args.attributes[0] or args.cfg_scale[0] != 1:
-        name += f"_{setting_text(args.attributes[0])}_cfg{args.cfg_scale[0]:g}"
-    # written into {name}.partial/, which replaces {name}/ when complete: the folder never holds a
-    # cut-short set, nor mixes these images with those of an earlier run (another checkpoint behind
-    # last.pt, more samples)
-    out, count, first = out / name, 0, []
-    partial, old = out.with_name(name + ".partial"), out.with_name(name + ".old")
-    try:
-        for folder in (partial, old):  # left by a kill
-            shutil.rmtree(folder, ignore_errors=True)
-        partial.mkdir()
-        for images in batches:  # written as they come: memory does not grow with --num_samples
-            for image in to_unit(images):
-                save_png(image, partial / f"{count:06d}.png")
-                count += 1
-            first += list(images[:64 - len(first)])
-        if out.is_dir():
-            out.rename(old)
-        partial.rename(out)  # between these two renames, and only there, there is no {name}/
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted after {count} of {args.num_samples} images; {out}/ is as it was: "
-                          f"run the command again to write them") from None
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    save_png(image_grid(torch.stack(first)), out.with_suffix(".png"))
-    print(f"wrote {count} images to {out}/ and a grid of the first {len(first)} to {out.with_suffix('.png')}")
-
-
-def attribute_rows(settings, cfg_scales, trained):
-    """sample --attributes settings -> (R, K) vectors over the attributes the checkpoint was trained
-    on (`trained`), 0 for those not named; None for an unconditional checkpoint."""
-    asked = sorted({name for setting in settings for name in setting})
-    if not trained:
-        if asked or cfg_scales != [1.0]:
-            raise UserError("this checkpoint was trained without --attributes: it draws random faces "
-                            "and takes no --attributes or --cfg_scale")
-        return None
-    unknown = [name for name in asked if name not in trained]
-    if unknown:
-        raise UserError(f"this checkpoint was not trained on {', '.join(unknown)}; it knows "
-                        f"{','.join(trained)}")
-    return torch.tensor([[setting.get(name, 0.0) for name in trained] for setting in settings])
-
-
-def setting_text(setting):
-    """{name: +1 | -1} -> 'Smiling=1,Eyeglasses=0' ('none' when empty): how --attributes spells it."""
-    return ",".join(f"{name}={int(value > 0)}" for name, value in setting.items()) or "none"
-
-
-def number(kind, above=None, at_least=None, below=None):
-    """An argparse type: a finite int or float, optionally > above, >= at_least and < below."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        if above == 0 and value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        for ok, bound in [(above is None or value > above, f"> {above}"),
-                          (at_least is None or value >= at_least, f">= {at_least}"),
-                          (below is None or value < below, f"< {below}")]:
-            if not ok:
-                raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        return value
-    return parse
-
-
-def positive(kind):
-    return number(kind, above=0)
-
-
-def experiment_name(text):
-    """--exp_name is a folder under experiments/: a plain name, never a path."""
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", text) or text in (".", ".."):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a plain name: use letters, digits and - _ . "
-                                         f"(no slashes, not . or ..); it becomes experiments/NAME")
-    return text
-
-
-def attribute_name(name):
-    """A CelebA attribute name, or an argparse error that lists them (and the nearest)."""
-    if name not in ATTRIBUTE_NAMES:
-        near = difflib.get_close_matches(name, ATTRIBUTE_NAMES, n=1)
-        raise argparse.ArgumentTypeError(
-            f"unknown attribute {name!r}" + (f" (did you mean {near[0]}?)" if near else "") +
-            f"; CelebA's attributes are {','.join(ATTRIBUTE_NAMES)}")
-    return name
-
-
-def attribute_list(text):
-    """train --attributes: 'all' or comma-separated names -> names in CelebA's order."""
-    if text == "all":
-        return list(ATTRIBUTE_NAMES)
-    names = {attribute_name(name.strip()) for name in text.split(",") if name.strip()}
-    return [name for name in ATTRIBUTE_NAMES if name in names]
-
-
-def attribute_setting(text):
-    """sample --attributes: 'Smiling=1,Eyeglasses=0' -> {name: +1 | -1}; 'none' -> {}."""
-    setting = {}
-    for item in text.split(",") if text != "none" else []:
-        name, _, value = item.strip().partition("=")
-        if value not in ("0", "1"):
-            raise argparse.ArgumentTypeError(f"{item.strip()!r}: write NAME=1 (present) or NAME=0 "
-                                             f"(absent), e.g. Smiling=1,Eyeglasses=0")
-        setting[attribute_name(name)] = 1.0 if value == "1" else -1.0
-    return setting
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, showing each flag's default in --help, and reporting a bad flag as a UserError (one
-    line `error: ...`, exit status 2) instead of its usage block."""
-
-    def __init__(self, **kwargs):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
-
-    def error(self, message):
-        raise UserError(f"{message} (see {self.prog} --help)")
-
-
-PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
-PRECISION_HELP = ("autocast dtype; auto: bf16 where it is native (CUDA >= 8.0, a CPU whose bf16 matmul is "
-                  "measured faster), fp16 + loss scaling on older GPUs, else fp32")
-DEVICES = ["auto", "cpu", "cuda", "mps"]
-DEVICE_HELP = "auto: cuda, then mps, then cpu"
-
-
-def make_parser():
-    """The `train` and `sample` subcommands; returns the parser and its `train` subparser (whose
-    defaults --resume replaces with the saved arguments)."""
-    parser = Parser(prog="celebgen.py", description="Rectified-flow DiT for CelebA faces.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    train = commands.add_parser("train", help="train a model (resumable)")
-    arg = train.add_argument
-    arg("--exp_name", required=True, type=experiment_name,
-        help="experiments/{exp_name} holds everything of the run")
-    arg("--resume", action="store_true",
-        help="continue experiments/{exp_name} exactly from last.pt (or best.pt); the saved flags are the "
-             "defaults, and the model, --batch_size, --nproc, --seed, --t_mu, --t_sigma, --t_eps and "
-             "--val_size cannot change")
-    arg("--dataset", choices=["celeba", "toy"], default="celeba",
-        help="celeba: images under --data_root; toy: procedurally drawn faces, no download")
-    arg("--data_root", default="./data", help="where CelebA is (see README for the layouts)")
-    arg("--download", action="store_true",
-        help="fetch CelebA into DATA_ROOT/celeba first (needs: pip install gdown), unless there")
-    arg("--image_size", type=positive(int), default=32, help="side of the square training images")
-    arg("--attributes", type=attribute_list, default=[],
-        help="condition on these CelebA attributes, comma-separated (e.g. Smiling,Eyeglasses), or "
-             "all; toy faces have " + ",".join(TOY_ATTRIBUTES) + ". Default: unconditional")
-    arg("--attr_dropout", type=number(float, at_least=0, below=1), default=0.1,
-        help="hide each attribute of a training example with this probability")
-    arg("--attr_dropout_all", type=number(float, at_least=0, below=1), default=0.1,
-        help="hide all attributes of a training example with this probability (the unconditional "
-             "model of classifier-free guidance)")
-    arg("--model", choices=list(MODELS), default="tiny",
-        help="named size: " + ", ".join(f"{k} (width {v['dim']}, depth {v['depth']})" for k, v in
-                                        MODELS.items()))
-    arg("--patch_size", type=positive(int), default=4, help="side of the square patches (tokens)")
-    arg("--batch_size", type=positive(int), default=32, help="images per step per process")
-    arg("--epochs", type=positive(int), default=100, help="passes over the training images")
-    arg("--max_steps", type=positive(int), default=None,
-        help="stop after this many optimizer steps (before --epochs ends)")
-    arg("--max_minutes", type=positive(float), default=None,
-        help="stop after this many minutes of training (counted across resumes), whatever the steps")
-    arg("--cooldown", type=number(float, at_least=0, below=1), default=0.2,
-        help="the learning rate decays linearly to 0 over this last fraction of the run (of "
-             "--max_minutes, or of the steps, whichever is further along); 0: no decay")
-    arg("--lr", type=positive(float), default=1.5e-3,
-        help="AdamW learning rate after the warm-up (DiT's, for long GPU runs of DiT-S or -B: 1e-4)")
-    arg("--warmup_steps", type=positive(int), default=200,
-        help="steps of linear learning-rate warm-up from lr/warmup_steps to lr")
-    arg("--grad_clip", type=positive(float), default=1.0, help="clip the gradient norm to this")
-    arg("--ema_decay", type=number(float, at_least=0, below=1), default=0.995,
-        help="EMA decay d in [0, 1): the average spans about 1 / (1 - d) steps (DiT's, for runs of "
-             "hundreds of thousands of steps: 0.9999)")
-    arg("--t_mu", type=number(float), default=-0.4, help="logit-normal mean of the training times t")
-    arg("--t_sigma", type=positive(float), default=0.8, help="logit-normal std of the training times t")
-    arg("--t_eps", type=positive(float), default=0.2,
-        help="the loss's velocities divide by max(1 - t, t_eps)")
-    arg("--num_sampling_steps", type=positive(int), default=50, help="Euler steps of the sample grids")
-    arg("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    arg("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
-    arg("--compile", action="store_true",
-        help="torch.compile the model: fused kernels for the work between matmuls; the first step "
-             "compiles (up to minutes on a CPU, which needs a C++ compiler), later steps run faster")
-    arg("--nproc", type=positive(int), default=None,
-        help="processes on this machine (default: one per GPU on CUDA, else 1)")
-    arg("--workers", type=number(int, at_least=0), default=None,
-        help="DataLoader worker processes per process (0: make the examples in the training process; "
-             "default: 0 for CelebA on a CPU, whose cores workers would take from training, else 2)")
-    arg("--seed", type=number(int, at_least=0), default=0, help="for weights, data order and noise")
-    arg("--val_size", type=positive(int), default=256,
-        help="fixed validation images (and noise and times) that choose best.pt")
-    arg("--log_every", type=positive(int), default=50, help="steps between progress lines")
-    arg("--eval_every", type=positive(int), default=500, help="steps between validation losses")
-    arg("--sample_every", type=positive(int), default=1000, help="steps between sample grids")
-    arg("--ckpt_every", type=positive(int), default=1000, help="steps between saves of last.pt")
-
-    smp = commands.add_parser("sample", help="sample images from a checkpoint")
-    arg = smp.add_argument
-    arg("--exp_name", required=True, type=experiment_name, help="the experiment to sample")
-    arg("--checkpoint", default="last.pt",
-        help="a name in the experiment's checkpoints/ (last.pt, best.pt) or a path")
-    arg("--num_samples", type=positive(int), default=64, help="images to write")
-    arg("--num_sampling_steps", type=positive(int), default=50, help="steps from noise to image")
-    arg("--method", choices=["euler", "heun"], default="euler",
-        help="euler: one model call per step; heun: two, second-order accurate")
-    arg("--seed", type=number(int, at_least=0), default=0, help="seed of the noise")
-    arg("--batch_size", type=positive(int), default=64, help="images sampled at once")
-    arg("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    arg("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
-    arg("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
-    arg("--attributes", type=attribute_setting, nargs="+", default=[{}], metavar="NAME=0|1,...",
-        help="ask a conditional model for attributes, e.g. Smiling=1,Eyeglasses=0; those not named "
-             "are unspecified; 'none' asks for nothing. Several settings with --grid")
-    arg("--cfg_scale", type=number(float, at_least=0), nargs="+", default=[1.0],
-        help="classifier-free guidance weight: 0 unconditional, 1 conditional, > 1 stronger. "
-             "Several with --grid")
-    arg("--grid", action="store_true",
-        help="one image: a row per --attributes setting, a column per --cfg_scale, each cell "
-             "--grid_samples samples from the same noise")
-    arg("--grid_samples", type=positive(int), default=4, help="samples per cell of --grid")
-    return parser, train
-
-
-def exit_on_user_error(command, *args, quiet=False):
-    """Run a command. Bad input (UserError), an op without an MPS kernel and a --compile that finds no
-    working compiler end as one line `error: ...` and exit status 2; Ctrl-C as one line and status
-    130 (the shell's code for SIGINT). No traceback. quiet: a DDP rank other than 0, which says
-    nothing and leaves with status 0, because spawn stops every process as soon as one fails: rank 0
-    must be the one whose status and message the user gets."""
-    code = 2
-    try:
-        return command(*args)
-    except UserError as e:
-        # from a DataLoader worker the message arrives inside the worker's traceback: its last line
-        message = "error: " + re.sub(r"^[\w.]*UserError: ", "", str(e).strip().splitlines()[-1])
-    except NotImplementedError as e:
-        if "MPS" not in str(e):
-            raise
-        message = (f"error: {str(e).splitlines()[0]} Set PYTORCH_ENABLE_MPS_FALLBACK=1 to run such ops "
-                   f"on the CPU, or use --device cpu")
-    except torch._dynamo.exc.BackendCompilerFailed as e:  # --compile without a working compiler
-        reason = e.inner_exception
-        message = (f"error: --compile failed ({type(reason).__name__}: {str(reason).splitlines()[0]}); "
-                   f"train without --compile, which runs the same model")
-    except Interrupted as e:
-        code, message = 130, str(e)
-    except KeyboardInterrupt:
-        code, message = 130, ("interrupted (checkpoints, images and FID statistics are only ever written "
-                              "whole: those written before are intact)")
-    if not quiet:
-        print(message, file=sys.stderr, flush=True)
-    sys.exit(0 if quiet else code)
-
-
-def main(argv=None):
-    parser, train_parser = make_parser()
-    args = exit_on_user_error(parser.parse_args, argv)
-    if args.command == "sample":
-        exit_on_user_error(sample_command, args)
-        return
-    saved = None
-    if args.resume:  # the saved arguments become the defaults; flags given now override them
-        saved = exit_on_user_error(saved_arguments, args.exp_name)
-        train_parser.set_defaults(**saved)
-        args = exit_on_user_error(parser.parse_args, argv)
-    exit_on_user_error(train_command, args, saved)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """
-fid.py: the Frechet Inception Distance (FID) of CelebGen samples, the same number as pytorch-fid's.
+fid.py: the Frechet Inception Distance (FID) of CelebGen samples, the same number as pytorch-fid's,
+with the Kernel Inception Distance (KID) beside it, and the Inception Score (IS) in an experiment's
+fid.json when the weights have a classifier.
 
 FID compares two sets of images through the 2048-d "pool3" features of an Inception-v3 network: fit
 a Gaussian (mean mu, covariance Sigma) to each set's features, then
     FID = ||mu1 - mu2||^2 + Tr(Sigma1 + Sigma2 - 2 (Sigma1 Sigma2)^(1/2)).
-Published numbers (DDIM on CelebA-64: 9.17 at 50 steps) use the TensorFlow Inception graph of
-2015-12-05; pytorch-fid ported it to PyTorch, and this file rebuilds the same network from
-torchvision's Inception-v3. Images stream through it a batch at a time: memory does not grow with
-the number of images. KID, whose estimate is unbiased even from 1,000 images, is reported beside FID.
+The network is the TensorFlow Inception of published FIDs, rebuilt from torchvision's Inception-v3
+as pytorch-fid does, with pytorch-fid's weights. Images stream through it a batch at a time.
 
 Commands:
     # 10k samples of an experiment's EMA weights against 10k held-out (val + test) CelebA images
@@ -18,14 +18,7 @@ Commands:
     python fid.py --exp_name celeba64_attr --cfg_scale 2
     # compare two folders of images, or saved statistics (.npz with mu and sigma), like pytorch-fid
     python fid.py PATH_A PATH_B
-
-The Inception Score (IS) is added to fid.json when the weights include the 1008-way classifier.
-
-Weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth. It is downloaded once by torch.hub
-(into $TORCH_HOME/hub/checkpoints/), or read from --inception_weights PATH or
-$FID_INCEPTION_WEIGHTS.
 """
-
 import argparse
 import hashlib
 import itertools
@@ -34,6 +27,7 @@ import os
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +39,7 @@ from PIL import Image
 from torchvision.models.inception import InceptionA, InceptionC, InceptionE
 
 import celebgen
+from celebgen import UserError
 
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
@@ -52,14 +47,14 @@ WEIGHTS_ENV = "FID_INCEPTION_WEIGHTS"
 
 
 # --------------------------------------------------------------------------------------------------
-#                                   1. The FID Inception-v3
+#                                   1. The FID Inception-v3 and its weights
 # --------------------------------------------------------------------------------------------------
 # torchvision's Inception-v3 has the right layers, but three details of the TF graph differ, and
 # each one shifts FID:
 #   * TF's average pools ignore the zero padding at the border: each output is the mean of the
-#     *valid* pixels of its 3x3 window. PyTorch's default counts the padded zeros (border outputs
-#     4/9 or 6/9 too small), so the A, C and first E blocks need count_include_pad=False.
-#   * The last block (Mixed_7c, "E_2") pools with a 3x3 *max* pool in TF, not an average pool.
+#     *valid* pixels of its 3x3 window. PyTorch's default divides by 9 there too (an edge output is
+#     6/9 of that mean, a corner 4/9), so the A, C and first E blocks need count_include_pad=False.
+#   * The last block (Mixed_7c) pools with a 3x3 *max* pool in TF, not an average pool.
 #   * The TF classifier has 1008 outputs (1000 ImageNet classes plus 8 unused): num_classes=1008.
 # Everything else (the convolutions, batch norms with eps 0.001) matches layer by layer, so the
 # weights load with the same names.
@@ -115,22 +110,55 @@ def fid_inception():
     return net
 
 
+class FIDFeatures(torch.nn.Module):
+    """Images (B, 3, H, W) in [0, 1] -> (pool3 features (B, 2048), logits (B, 1008)), preprocessed
+    exactly as pytorch-fid: bilinear resize to 299x299 (align_corners=False, no antialiasing), then
+    scaled to [-1, 1]."""
+
+    def __init__(self, state_dict):
+        super().__init__()
+        self.net = fid_inception()
+        self.net.load_state_dict(state_dict)
+        self.classifier, self.net.fc = self.net.fc, torch.nn.Identity()  # net now ends at pool3
+        self.eval()
+        self.to(memory_format=torch.channels_last)  # faster convolutions on the CPU (measured)
+        digest = hashlib.sha1()  # names the weights in the cache key of reference statistics
+        for name, tensor in sorted(state_dict.items()):
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.fingerprint = digest.hexdigest()[:10]
+
+    @torch.no_grad()
+    def forward(self, images):
+        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
+        x = x.contiguous(memory_format=torch.channels_last)            # (B, 3, 299, 299)
+        features = self.net(2 * x - 1)                                 # (B, 2048)
+        return features, self.classifier(features)                     # (B, 1008)
+
+
+def weights_file(path=None):
+    """Where load_weights(path) reads the weights from: PATH, $FID_INCEPTION_WEIGHTS, or torch.hub's
+    cache (hub/checkpoints/ under $TORCH_HOME, by default ~/.cache/torch)."""
+    path = path or os.environ.get(WEIGHTS_ENV)
+    return Path(path) if path else Path(torch.hub.get_dir(), "checkpoints", Path(WEIGHTS_URL).name)
+
+
 def load_weights(path=None):
-    """The state dict from PATH, $FID_INCEPTION_WEIGHTS, or torch.hub's cache or download (no
-    fallback to other weights), checked to be the FID Inception's: every name and shape."""
-    given = path or os.environ.get(WEIGHTS_ENV)
-    if given and not Path(given).is_file():
-        raise celebgen.UserError(f"Inception weights {given} do not exist; download {WEIGHTS_URL} "
-                                 f"there")
-    file = weights_file(path)
-    if not given and not file.is_file():
+    """pytorch-fid's state dict from weights_file(path), downloaded there once if it is the cache's
+    (no fallback to other weights), checked to be the FID Inception's: every name and shape."""
+    given, file = path or os.environ.get(WEIGHTS_ENV), weights_file(path)
+    if given and file.is_dir():
+        raise UserError(f"Inception weights {given} is a folder; pass the weights file, "
+                        f"{Path(WEIGHTS_URL).name} ({WEIGHTS_URL})")
+    if given and not file.is_file():
+        raise UserError(f"Inception weights {given} do not exist; download {WEIGHTS_URL} there")
+    if not file.is_file():
         try:  # to a temporary file, renamed when complete: a cut download leaves no file
             file.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(WEIGHTS_URL, str(file), progress=True)
         except Exception as e:  # no network, a proxy, a full disk: the remedy is the same
-            raise celebgen.UserError(f"cannot download the FID Inception weights "
-                                     f"({type(e).__name__}); download {WEIGHTS_URL} to {file}, or "
-                                     f"pass --inception_weights PATH, or set {WEIGHTS_ENV}") from None
+            raise UserError(f"cannot download the FID Inception weights ({type(e).__name__}); "
+                            f"download {WEIGHTS_URL} to {file}, or pass --inception_weights PATH, "
+                            f"or set {WEIGHTS_ENV}") from None
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, not a PyTorch file at all
@@ -142,14 +170,8 @@ def load_weights(path=None):
         what = f"is unreadable ({error})" if state is None else "holds other weights"
         fix = (f"pass pytorch-fid's file ({WEIGHTS_URL}) instead" if given else
                "delete it, and the next run downloads it again")
-        raise celebgen.UserError(f"{file} {what}, not the FID Inception weights; {fix}")
+        raise UserError(f"{file} {what}, not the FID Inception weights; {fix}")
     return state
-
-
-def weights_file(path=None):
-    """Where load_weights(path) reads the weights from."""
-    path = path or os.environ.get(WEIGHTS_ENV)
-    return Path(path) if path else Path(torch.hub.get_dir()) / "checkpoints" / Path(WEIGHTS_URL).name
 
 
 def inception(path, device):
@@ -166,63 +188,13 @@ def inception(path, device):
     return model
 
 
-class FIDFeatures(torch.nn.Module):
-    """Images (B, 3, H, W) in [0, 1] -> (pool3 features (B, 2048), logits (B, 1008)), preprocessed
-    exactly as pytorch-fid: bilinear resize to 299x299 (align_corners=False, no antialiasing), then
-    scaled to [-1, 1]."""
-
-    def __init__(self, state_dict):
-        super().__init__()
-        self.net = fid_inception()
-        self.net.load_state_dict(state_dict)
-        self.classifier, self.net.fc = self.net.fc, torch.nn.Identity()  # net now ends at pool3
-        self.eval()
-        # channels last: the CPU's (oneDNN's) convolutions run faster so (Inception alone, batch 50:
-        # 1.7x measured on an AVX2 CPU)
-        self.to(memory_format=torch.channels_last)
-        digest = hashlib.sha1()  # names the weights in the cache key of reference statistics
-        for name, tensor in sorted(state_dict.items()):
-            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-        self.fingerprint = digest.hexdigest()[:10]
-
-    @torch.no_grad()
-    def forward(self, images):
-        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
-        x = x.contiguous(memory_format=torch.channels_last)            # (B, 3, 299, 299)
-        features = self.net(2 * x - 1)                                 # (B, 2048)
-        return features, self.classifier(features)                     # (B, 1008)
-
-
 # --------------------------------------------------------------------------------------------------
-#                                   2. Statistics and the Frechet distance
+#                                   2. The scores: FID, KID and the Inception Score
 # --------------------------------------------------------------------------------------------------
-
-def extract(model, batches, total, device, score=None):
-    """Run the network over an iterable of (B, 3, H, W) batches in [0, 1], printing progress; return
-    the features' RunningStatistics and a FeatureSample of them (for KID), and feed the logits to an
-    InceptionScore if one is given. Nothing of size N is kept, so memory does not grow with the
-    number of images. Progress is a whole line every 10 seconds and at the end (whole lines, so they
-    interleave cleanly with the sampler's when the batches are being generated)."""
-    stats, sample, done, start = RunningStatistics(), FeatureSample(), 0, time.time()
-    reported = start
-    for batch in batches:
-        features, logits = model(batch.to(device))
-        stats.add(features.cpu().numpy())
-        sample.add(features.cpu().numpy())
-        if score is not None:
-            score.add(logits.cpu())
-        done += len(batch)
-        now = time.time()
-        if now - reported >= 10 or done == total:
-            print(f"Inception features: {done}/{total} images | {done / (now - start):.1f} img/s",
-                  file=sys.stderr, flush=True)
-            reported = now
-    return stats, sample
-
 
 class RunningStatistics:
-    """Mean and covariance of features that arrive a batch at a time, in float64. Batches merge by the
-    update of Chan, Golub and LeVeque (1979), where M2 is the sum of outer products of deviations:
+    """Mean and covariance of features that arrive a batch at a time, in float64. Batches merge by
+    the update of Chan, Golub and LeVeque, where M2 is the sum of outer products of deviations:
         n = n_a + n_b,   delta = mean_b - mean_a,   mean = mean_a + delta n_b / n,
         M2 = M2_a + M2_b + delta delta^T n_a n_b / n,   covariance = M2 / (n - 1).
     This equals np.cov of all features at once (tested), without keeping them, and without the
@@ -245,19 +217,19 @@ class RunningStatistics:
     def mean_and_covariance(self):
         """Mean (D,) and covariance (D, D), np.cov's unbiased N-1 estimate."""
         if self.count < 2:  # np.cov of one sample is all NaN, and sqrtm of NaNs may never return
-            raise celebgen.UserError(f"FID needs at least 2 images per side, got {self.count}")
+            raise UserError(f"FID needs at least 2 images per side, got {self.count}")
         if self.count < 2048:
-            warnings.warn(f"FID from {self.count} < 2048 images: the covariance is singular and FID "
-                          f"is strongly biased upwards; use at least 10000 images for numbers to "
-                          f"compare")
+            warnings.warn(f"FID from {self.count} < 2048 images: the covariance is singular and "
+                          f"FID is strongly biased upwards; use at least 10000 images for numbers "
+                          f"to compare")
         return self.mean, self.m2 / (self.count - 1)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(Sigma1) + Tr(Sigma2) - 2 Tr((Sigma1 Sigma2)^(1/2)). The product of two
-    covariances is not symmetric, so its square root comes from scipy's general sqrtm. If it fails
-    (singular covariances from few images), retry with eps added to both diagonals; rounding leaves
-    a tiny imaginary part, which must be negligible -- as pytorch-fid does."""
+    """||mu1 - mu2||^2 + Tr(Sigma1) + Tr(Sigma2) - 2 Tr((Sigma1 Sigma2)^(1/2)), as pytorch-fid
+    computes it. Sigma1 Sigma2 is not symmetric, so its root comes from scipy's general sqrtm; if
+    that is not finite (singular covariances from few images), eps is added to both diagonals and
+    it is taken again. Rounding leaves a tiny imaginary part, which must be negligible: dropped."""
     with warnings.catch_warnings():  # "singular matrix": small N has been warned about
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
         covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
@@ -273,28 +245,26 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
-
-# KID, the kernel inception distance (Binkowski et al., 2018), is the squared maximum mean
-# discrepancy between the two sets of features under the cubic kernel k(a, b) = (a.b / d + 1)^3.
-# Unlike FID it has an unbiased estimator: its expected value does not depend on the number of
-# images, so the 1,000-sample runs of a CPU can be compared with each other and with bigger ones. On
-# m features x_i and m features y_j,
+# KID, the kernel inception distance (Binkowski et al., "Demystifying MMD GANs"), is the squared
+# maximum mean discrepancy between two sets of D-d features under the cubic kernel
+# k(a, b) = (a.b / D + 1)^3. Unlike FID's, its estimator is unbiased, so runs of 1,000 images
+# compare with bigger ones. On m features x_i and m features y_j,
 #     MMD^2_u = sum_{i != j} k(x_i, x_j) / (m (m-1)) + sum_{i != j} k(y_i, y_j) / (m (m-1))
 #               - 2 sum_{i, j} k(x_i, y_j) / m^2,
-# averaged over random subsets of m = min(1000, N_x, N_y) per side; the spread over the subsets is
-# reported with it. KID needs the features themselves, so each side keeps a uniform random sample of
-# at most 10,000 (82 MB) of them.
-KID_FEATURES, KID_SUBSETS, KID_SUBSET_SIZE = 10_000, 100, 1000
+# averaged over KID_SUBSETS random subsets of m = min(KID_SUBSET_SIZE, N_x, N_y) per side, with its
+# standard deviation over them. Each side keeps a uniform sample of at most KID_FEATURES features.
+KID_FEATURES, KID_SUBSETS, KID_SUBSET_SIZE = 10_000, 100, 1000  # kept features: 82 MB a side
 
 
 class FeatureSample:
     """A uniform random sample of at most `capacity` of the feature vectors that pass, a batch at a
-    time (reservoir sampling: the i-th vector, counting from 0, replaces a random kept one with
-    probability capacity / (i + 1)); seeded, so the same images keep the same sample. The sample
-    lives in one array of `capacity` rows, allocated at the first batch and filled in place."""
+    time, by reservoir sampling: the first `capacity` vectors are kept; after them, the i-th (from
+    0) replaces a random kept one with probability capacity / (i + 1). Seeded, so the same images
+    keep the same sample."""
 
     def __init__(self, capacity=KID_FEATURES, seed=0):
-        self.capacity, self.rng, self.kept, self.seen = capacity, np.random.default_rng(seed), None, 0
+        self.capacity, self.rng = capacity, np.random.default_rng(seed)
+        self.kept, self.seen = None, 0  # kept: one (capacity, D) array, made at the first batch
 
     def add(self, features):                                   # (B, D)
         if self.kept is None:
@@ -311,11 +281,11 @@ class FeatureSample:
 
 
 def kernel_inception_distance(x, y, subsets=KID_SUBSETS, subset_size=KID_SUBSET_SIZE, seed=0):
-    """(mean, standard deviation) of MMD^2_u over `subsets` random subsets of features x (N_x, D) and
-    y (N_y, D), in float64."""
+    """(mean, standard deviation) of MMD^2_u over `subsets` random subsets of features x (N_x, D)
+    and y (N_y, D), in float64."""
     m = min(subset_size, len(x), len(y))
     if m < 2:
-        raise celebgen.UserError(f"KID needs at least 2 images per side, got {min(len(x), len(y))}")
+        raise UserError(f"KID needs at least 2 images per side, got {min(len(x), len(y))}")
     rng, d, estimates = np.random.default_rng(seed), x.shape[1], []
     for _ in range(subsets):
         a = x[rng.choice(len(x), m, replace=False)].astype(np.float64)    # (m, D)
@@ -327,8 +297,9 @@ def kernel_inception_distance(x, y, subsets=KID_SUBSETS, subset_size=KID_SUBSET_
 
 
 class InceptionScore:
-    """exp(E_x KL(p(y|x) || p(y))) over the 1008-way softmaxes of `total` images, averaged over `splits`
-    consecutive chunks of them. Within a chunk, with pbar = mean_x p,
+    """IS = exp(E_x KL(p(y|x) || p(y))), p(y|x) the softmax of an image's logits and p(y) its mean
+    over the images, in each of `splits` consecutive chunks of `total` images, then averaged. In a
+    chunk, with p = p(y|x) and pbar = p(y) = mean_x p,
         E_x KL = mean_x sum_y p log p  -  sum_y pbar log pbar,
     so two running sums per chunk suffice and the softmaxes need not be kept."""
 
@@ -354,8 +325,30 @@ class InceptionScore:
 
 
 # --------------------------------------------------------------------------------------------------
-#                                   3. Image sources: folders, datasets, an experiment's samples
+#                                   3. Images in, statistics out
 # --------------------------------------------------------------------------------------------------
+
+def feature_statistics(model, batches, total, device, score=None):
+    """(mu, sigma, features: a FeatureSample's, for KID) of the network's features of (B, 3, H, W)
+    batches in [0, 1]; their logits go to `score`, an InceptionScore, if given. Memory does not
+    grow with N. Progress goes to stderr in whole lines, which interleave cleanly with a sampler's:
+    after a batch that ends 10 s or more after the previous line, and after the last batch."""
+    stats, sample, done, start = RunningStatistics(), FeatureSample(), 0, time.time()
+    reported = start
+    for batch in batches:
+        features, logits = model(batch.to(device))
+        stats.add(features.cpu().numpy())
+        sample.add(features.cpu().numpy())
+        if score is not None:
+            score.add(logits.cpu())
+        done += len(batch)
+        now = time.time()
+        if now - reported >= 10 or done == total:
+            print(f"Inception features: {done}/{total} images | {done / (now - start):.1f} img/s",
+                  file=sys.stderr, flush=True)
+            reported = now
+    return (*stats.mean_and_covariance(), sample.features())
+
 
 def batched(images, batch_size):
     """An iterable of (3, H, W) tensors -> batches (B, 3, H, W), reading one batch at a time."""
@@ -364,40 +357,38 @@ def batched(images, batch_size):
         yield torch.stack(batch)
 
 
-def folder_files(folder):
-    """The image files of a folder that pytorch-fid reads, checked from their headers (fast) to be
-    readable and of one size before any work is done."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise celebgen.UserError(f"{folder} does not exist; give two folders of images or two "
-                                 f".npz files")
-    if not folder.is_dir():
-        raise celebgen.UserError(f"{folder} is a file, not a folder of images or an .npz of "
-                                 f"statistics")
-    # pytorch-fid's rule, which FID of a folder must follow to give the same number: its extensions
-    # (celebgen's list), in lower case only (a.PNG is not read), in sorted order
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.suffix[1:] in celebgen.IMAGE_EXTENSIONS)
-    if len(files) < 2:
-        raise celebgen.UserError(f"{folder} holds {len(files)} images with a lower-case extension "
-                                 f"({', '.join(celebgen.IMAGE_EXTENSIONS)}); FID needs at least 2")
-    sizes = {}
-    for f in files:
-        sizes.setdefault(open_image(f, lambda img: img.size), f)
-        if len(sizes) > 1:
-            (a, first), (b, other) = sizes.items()
-            raise celebgen.UserError(f"{other} is {b[0]}x{b[1]} but {first.name} is {a[0]}x{a[1]}; "
-                                     f"FID of a folder needs images of one size")
-    return files
-
-
 def open_image(path, read):
     """read(the opened PIL image), or a UserError naming the file."""
     try:
         with Image.open(path) as img:
             return read(img)
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated/corrupt files
-        raise celebgen.UserError(f"cannot read image {path} ({e}); remove or replace it") from None
+        raise UserError(f"cannot read image {path} ({e}); remove or replace it") from None
+
+
+def folder_files(folder):
+    """The image files of a folder that pytorch-fid reads, checked from their headers (fast) to be
+    readable and of one size before any work is done."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise UserError(f"{folder} does not exist; give two folders of images or two .npz files")
+    if not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder of images or an .npz of statistics")
+    # pytorch-fid's rule, which FID of a folder must follow to give the same number: its extensions
+    # (celebgen's list), in lower case only (a.PNG is not read), in sorted order
+    files = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix[1:] in celebgen.IMAGE_EXTENSIONS)
+    if len(files) < 2:
+        raise UserError(f"{folder} holds {len(files)} images with a lower-case extension "
+                        f"({', '.join(celebgen.IMAGE_EXTENSIONS)}); FID needs at least 2")
+    sizes = {}
+    for f in files:
+        sizes.setdefault(open_image(f, lambda img: img.size), f)
+        if len(sizes) > 1:
+            (a, first), (b, other) = sizes.items()
+            raise UserError(f"{other} is {b[0]}x{b[1]} but {first.name} is {a[0]}x{a[1]}; FID of "
+                            f"a folder needs images of one size")
+    return files
 
 
 def folder_batches(files, batch_size):
@@ -408,18 +399,50 @@ def folder_batches(files, batch_size):
 def npz_statistics(path):
     """(mu, sigma, features or None) saved by pytorch-fid (--save-stats: no features) or fid.py."""
     if not Path(path).is_file():
-        raise celebgen.UserError(f"{path} does not exist")
+        raise UserError(f"{path} {'is a folder' if Path(path).is_dir() else 'does not exist'}")
     try:
         with np.load(path) as stats:
             mu, sigma = stats["mu"], stats["sigma"]
             features = stats["features"] if "features" in stats else None
-    except (OSError, ValueError, KeyError) as e:
-        raise celebgen.UserError(f"{path} is not an .npz of FID statistics with arrays mu and "
-                                 f"sigma ({type(e).__name__})") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # cut short, or not
+        raise UserError(f"{path} is not an .npz of FID statistics with arrays mu and sigma "
+                        f"({type(e).__name__}); compute it again (a cached reference: delete it, "
+                        f"and fid.py remakes it)") from None
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise celebgen.UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean "
-                                 f"and its covariance")
+        raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its "
+                        f"covariance")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UserError(f"{path} holds numbers that are not finite (NaN or inf): it is damaged; "
+                        f"compute it again (a cached reference: delete it, and fid.py remakes it)")
     return mu, sigma, features
+
+
+# --------------------------------------------------------------------------------------------------
+#                                   4. An experiment's FID: protocols, references, samples
+# --------------------------------------------------------------------------------------------------
+
+REF_SPLITS = {"heldout": ["val", "test"], "train": ["train"], "val": ["val"], "test": ["test"]}
+# heldout: samples against CelebA's val + test images, on which the model was never trained -- the
+# default, and the honest comparison for small runs. published: 50,000 samples against the 162,770
+# training images, as DDIM, PNDM and U-ViT report CelebA-64 FID: quote it only beside their numbers.
+PROTOCOLS = {"heldout": {"num_samples": 10_000, "ref_split": "heldout", "ref_images": 10_000},
+             "published": {"num_samples": 50_000, "ref_split": "train", "ref_images": 162_770}}
+
+
+def choose_protocol(args):
+    """Fill --num_samples, --ref_split and --ref_images from --protocol. A value given that
+    differs from the published protocol's is refused; with the held-out default it makes the run
+    'custom'."""
+    preset = PROTOCOLS[args.protocol or "heldout"]
+    given = {k: getattr(args, k) for k in preset if getattr(args, k) is not None}
+    differ = [f"--{k} {v}" for k, v in given.items() if v != preset[k]]
+    if args.protocol == "published" and differ:
+        raise UserError(f"--protocol published compares 50000 samples with the 162770 training "
+                        f"images; drop {', '.join(differ)}, or drop --protocol")
+    for k, v in preset.items():
+        setattr(args, k, given.get(k, v))
+    args.ref_images_given = "ref_images" in given
+    args.protocol = "custom" if differ else args.protocol or "heldout"
 
 
 def quantized(images):
@@ -427,27 +450,12 @@ def quantized(images):
     return (celebgen.to_unit(images) * 255).round() / 255
 
 
-REF_SPLITS = {"heldout": ["val", "test"], "train": ["train"], "val": ["val"], "test": ["test"]}
-# heldout: samples against CelebA's val + test images, which the model never saw -- the default, and
-# the honest comparison for small runs. published: 50,000 samples against the 162,770 training
-# images, as DDIM, PNDM and U-ViT report CelebA-64 FID: quote it only beside their numbers.
-PROTOCOLS = {"heldout": {"num_samples": 10_000, "ref_split": "heldout", "ref_images": 10_000},
-             "published": {"num_samples": 50_000, "ref_split": "train", "ref_images": 162_770}}
-
-
 def reference_statistics(train_args, model, args, device):
-    """{mu, sigma, features (a sample, for KID), count, path} of the first --ref_images real images
-    of --ref_split, computed once and cached in experiments/fid_refs/ under a key of the data, the
-    split, the count and the weights."""
-    if train_args.dataset == "celeba" and args.ref_split != "train":
-        folder, split_file = celebgen.find_celeba(train_args.data_root)
-        if split_file is None:
-            raise celebgen.UserError(f"{folder} has no split file, so its {args.ref_split} images "
-                                     f"are its training images; pass --ref_split train to compare "
-                                     f"with them anyway, or add list_eval_partition.txt")
+    """{mu, sigma, features, count, path} of the first --ref_images images of --ref_split, computed
+    once and cached in experiments/fid_refs/ under a key of the data, split, count and weights."""
     sets = [celebgen.make_dataset(train_args, split, cache=False)
             for split in REF_SPLITS[args.ref_split]]
-    count = min(args.ref_images, sum(len(s) for s in sets))
+    count = min(args.ref_images, sum(len(s) for s in sets))  # check_references: at least 2
     source = "toy" if train_args.dataset == "toy" else str(Path(train_args.data_root).resolve())
     key = f"{source}|{args.ref_split}|{count}|{model.fingerprint}|kid"
     key = hashlib.sha1(key.encode()).hexdigest()[:10]
@@ -456,163 +464,212 @@ def reference_statistics(train_args, model, args, device):
     if path.is_file():
         print(f"reference statistics from {path}")
         mu, sigma, features = npz_statistics(path)
-        return {"mu": mu, "sigma": sigma, "features": features, "count": count, "path": path}
-    images = itertools.islice((s[i] for s in sets for i in range(len(s))), count)  # decodes these
-    batches = (quantized(batch) for batch in batched(images, args.batch_size))
-    stats, sample = extract(model, batches, count, device)
-    mu, sigma, features = *stats.mean_and_covariance(), sample.features()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with celebgen.written_whole(path) as tmp, open(tmp, "wb") as f:  # complete or absent
-        np.savez(f, mu=mu, sigma=sigma, features=features)
+    else:  # decodes only the `count` images used, a batch at a time
+        images = itertools.islice((s[i] for s in sets for i in range(len(s))), count)
+        batches = (quantized(batch) for batch in batched(images, args.batch_size))
+        mu, sigma, features = feature_statistics(model, batches, count, device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with celebgen.written_whole(path) as tmp, open(tmp, "wb") as f:  # complete or absent
+            np.savez(f, mu=mu, sigma=sigma, features=features)
     return {"mu": mu, "sigma": sigma, "features": features, "count": count, "path": path}
 
 
+def check_references(train_args, args):
+    """Refuse, before any slow step, references that cannot be: val or test images of a folder
+    without a split file, fewer than 2 (FID needs 2 per side), fewer than --ref_images asks for,
+    or a file where fid.py writes a folder."""
+    exp = celebgen.experiment_paths(args.exp_name)
+    celebgen.check_folders(exp["logs"], Path("experiments") / "fid_refs")
+    if (exp["root"] / "fid.json").is_dir():
+        raise UserError(f"{exp['root'] / 'fid.json'} is a folder, where fid.py writes its result; "
+                        f"move it away")
+    if train_args.dataset == "celeba" and args.ref_split != "train":
+        folder, split_file = celebgen.find_celeba(train_args.data_root)
+        if split_file is None:
+            raise UserError(f"{folder} has no split file, so its {args.ref_split} images are its "
+                            f"training images; pass --ref_split train to compare with them "
+                            f"anyway, or add list_eval_partition.txt")
+    there = sum(len(celebgen.make_dataset(train_args, split, cache=False))
+                for split in REF_SPLITS[args.ref_split])
+    if there < 2:
+        raise UserError(f"--ref_split {args.ref_split} has {there} images, fewer than the 2 FID "
+                        f"needs; use another --ref_split")
+    if args.ref_images_given and args.ref_images > there:
+        raise UserError(f"--ref_images {args.ref_images} is more than the {there} images of "
+                        f"--ref_split {args.ref_split}; use --ref_images {there} or fewer")
+
+
 def sample_attributes(train_args, args):
-    """A conditional model's requests, (num_samples, K): the labels of the reference images, so that
-    the samples are asked for what the references show -- the first --ref_images images of
-    --ref_split that have labels, in turn; when none has (a partial attribute file), those of the
-    training split. Returns the requests and where they came from."""
+    """A conditional model's requests (num_samples, K), cycling through the labels of those of the
+    first --ref_images images of --ref_split that have any (else of the training split), so that
+    the samples are asked for what the references show; and where they came from."""
     for split in (args.ref_split, "train"):
         sets = [celebgen.make_dataset(train_args, name) for name in REF_SPLITS[split]]
-        labels = itertools.islice((s.label(i) for s in sets for i in range(len(s))), args.ref_images)
+        labels = itertools.islice((s.label(i) for s in sets for i in range(len(s))),
+                                  args.ref_images)
         labelled = [label for label in labels if label.any()]
         if labelled:
             source = f"labels of {len(labelled)} {split} images"
             print(f"asking for the attributes {','.join(train_args.attributes)} with the {source}")
             return torch.stack(labelled)[torch.arange(args.num_samples) % len(labelled)], source
-    raise celebgen.UserError(f"no {args.ref_split} or train image has attribute labels to ask "
-                             f"the conditional model for; add CelebA's list_attr_celeba.txt")
+    raise UserError(f"no {args.ref_split} or train image has attribute labels to ask the "
+                    f"conditional model for; add CelebA's list_attr_celeba.txt")
 
 
-def experiment_fid(args, checkpoint, ckpt, model, device, precision):
-    exp = celebgen.experiment_paths(args.exp_name)
-    train_args = argparse.Namespace(**ckpt["args"])
-    ref = reference_statistics(train_args, model, args, device)
-    attributes, source = sample_attributes(train_args, args) if train_args.attributes else (None, None)
-    samples = celebgen.generate(ckpt, args.num_samples, args.num_sampling_steps, args.method,
-                                args.seed, args.batch_size, device, precision,
-                                attributes=attributes, cfg_scale=args.cfg_scale)  # batch by batch
-    has_classifier = bool((model.classifier.weight != 0).any())  # else no Inception Score
-    score = InceptionScore(args.num_samples) if has_classifier else None
-    stats, sample = extract(model, (quantized(batch) for batch in samples), args.num_samples, device,
-                            score)
-    fid = frechet_distance(*stats.mean_and_covariance(), ref["mu"], ref["sigma"])
-    kid, kid_std = kernel_inception_distance(sample.features(), ref["features"])
-    result = {"fid": fid, "kid": kid, "kid_std": kid_std, "protocol": args.protocol,
-              "num_samples": args.num_samples, "ref_images": ref["count"], "ref_split": args.ref_split,
-              "step": ckpt["step"], "checkpoint": str(checkpoint),
-              "num_sampling_steps": args.num_sampling_steps, "method": args.method, "seed": args.seed,
-              "device": device.type, "precision": precision, "reference": str(ref["path"]),
-              "inception_weights": str(model.weights_file), "inception_sha256": model.weights_sha256,
-              "kid_subsets": KID_SUBSETS, "kid_subset_size": min(KID_SUBSET_SIZE, args.num_samples,
-                                                                 len(ref["features"]))}
-    if attributes is not None:
-        result.update(attributes=train_args.attributes, attribute_source=source,
-                      cfg_scale=args.cfg_scale)
-    if has_classifier:
-        result["inception_score"] = score.score()
-    else:
+def sample_scores(model, samples, num_samples, ref, device):
+    """({fid, kid, kid_std}, Inception Score or None) of batches (B, 3, H, W) in [-1, 1], rounded to
+    8 bits as their PNGs would be, against the reference statistics."""
+    has_classifier = bool((model.classifier.weight != 0).any())
+    score = InceptionScore(num_samples) if has_classifier else None
+    batches = (quantized(batch) for batch in samples)
+    mu, sigma, features = feature_statistics(model, batches, num_samples, device, score)
+    fid = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
+    kid, kid_std = kernel_inception_distance(features, ref["features"])
+    if not has_classifier:
         print("Inception Score omitted: these Inception weights have no classifier (fc is zero)")
-    print(json.dumps(result, indent=2))  # first, so that no failure below can lose the number
+    return {"fid": fid, "kid": kid, "kid_std": kid_std}, score.score() if has_classifier else None
+
+
+def write_result(result, exp_name):
+    """fid.json in the experiment's folder (complete, or the previous one), and FID and KID in its
+    TensorBoard logs at the checkpoint's step."""
+    exp = celebgen.experiment_paths(exp_name)
     exp["root"].mkdir(parents=True, exist_ok=True)  # --checkpoint PATH may name a new experiment
-    with celebgen.written_whole(exp["root"] / "fid.json") as tmp:  # complete, or the previous one
+    with celebgen.written_whole(exp["root"] / "fid.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2))
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(exp["logs"]) as writer:
-        tag = f"fid/{args.num_samples}_samples_{args.method}{args.num_sampling_steps}"
-        tag += f"_cfg{args.cfg_scale:g}" if attributes is not None else ""
-        writer.add_scalar(tag, fid, ckpt["step"])
-        writer.add_scalar(tag.replace("fid/", "kid/"), kid, ckpt["step"])
+        tag = (f"fid/{result['num_samples']}_samples_{result['method']}"
+               f"{result['num_sampling_steps']}")
+        tag += f"_cfg{result['cfg_scale']:g}" if "attributes" in result else ""
+        writer.add_scalar(tag, result["fid"], result["step"])
+        writer.add_scalar(tag.replace("fid/", "kid/"), result["kid"], result["step"])
+
+
+def experiment_fid(args):
+    """FID and KID (and IS) of the checkpoint's samples against real images, printed and written to
+    the experiment's fid.json. The flags and the checkpoint are checked before the Inception
+    weights load (slow)."""
+    choose_protocol(args)
+    device, precision = celebgen.device_and_precision(args.device, args.precision)
+    checkpoint = celebgen.checkpoint_path(args.exp_name, args.checkpoint)
+    ckpt = celebgen.load_checkpoint(checkpoint)
+    # a --cfg_scale needs a model trained with --attributes: refused now, before any work
+    celebgen.attribute_rows([{}], [args.cfg_scale], ckpt["args"]["attributes"])
+    dit = celebgen.load_model(ckpt, device)  # weights that do not fit fail here
+    train_args = argparse.Namespace(**ckpt["args"])
+    check_references(train_args, args)
+    attributes, source = (sample_attributes(train_args, args) if train_args.attributes
+                          else (None, None))
+    model = inception(args.inception_weights, device)  # the first slow step
+    ref = reference_statistics(train_args, model, args, device)
+    samples = celebgen.generate(dit, args, device, precision, attributes=attributes,
+                                cfg_scale=args.cfg_scale)  # batch by batch
+    scores, inception_score = sample_scores(model, samples, args.num_samples, ref, device)
+    result = {**scores, "protocol": args.protocol, "num_samples": args.num_samples,
+              "ref_images": ref["count"], "ref_split": args.ref_split, "step": ckpt["step"],
+              "checkpoint": str(checkpoint), "num_sampling_steps": args.num_sampling_steps,
+              "method": args.method, "seed": args.seed, "device": device.type,
+              "precision": precision, "reference": str(ref["path"]),
+              "inception_weights": str(model.weights_file),
+              "inception_sha256": model.weights_sha256, "kid_subsets": KID_SUBSETS,
+              "kid_subset_size": min(KID_SUBSET_SIZE, args.num_samples, len(ref["features"]))}
+    if attributes is not None:
+        result.update(attributes=train_args.attributes, attribute_source=source,
+                      cfg_scale=args.cfg_scale)
+    if inception_score is not None:
+        result["inception_score"] = inception_score
+    print(json.dumps(result, indent=2))  # first, so that no failure below can lose the number
+    write_result(result, args.exp_name)
     return result
 
 
+# --------------------------------------------------------------------------------------------------
+#                                   5. The command line
+# --------------------------------------------------------------------------------------------------
+
+def make_parser():
+    parser = celebgen.Parser(prog="fid.py", description=(
+        "Prints FID (as pytorch-fid computes it) and KID, and IS when the weights have a "
+        "classifier: of an experiment's samples against real images (also written to its "
+        "fid.json), or of two folders of images or .npz statistics (no IS; KID when both sides "
+        "have features)."))
+    arg = parser.add_argument
+    arg("paths", nargs="*",
+        help="two folders of images or .npz statistics to compare; a folder's images are the files "
+             "pytorch-fid reads: extensions " + ", ".join(celebgen.IMAGE_EXTENSIONS) +
+             " in lower case only")
+    arg("--exp_name", type=celebgen.experiment_name,
+        help="sample from this experiment and compare with real images")
+    arg("--checkpoint", default="last.pt",
+        help="a name in checkpoints/ (last.pt, best.pt) or a path, as in celebgen.py sample")
+    arg("--protocol", choices=list(PROTOCOLS),
+        help="heldout (default): 10000 samples vs up to 10000 val+test images; published: 50000 "
+             "samples vs the 162770 training images, as published CelebA-64 FIDs")
+    arg("--num_samples", type=celebgen.number(int, at_least=2),
+        help="images to sample from the experiment (default: the protocol's)")
+    arg("--num_sampling_steps", type=celebgen.positive(int), default=50,
+        help="sampler steps from noise to image")
+    arg("--method", choices=["euler", "heun"], default="euler", help="the sampler")
+    arg("--cfg_scale", type=celebgen.number(float, at_least=0), default=1.0,
+        help="guidance weight for a model trained with --attributes, which is asked for the "
+             "reference images' own labels (1: plainly conditional)")
+    arg("--seed", type=celebgen.number(int, at_least=0), default=0, help="seed of the noise")
+    arg("--precision", choices=celebgen.PRECISIONS, default="auto",
+        help=f"for sampling: {celebgen.PRECISION_HELP}")
+    arg("--ref_split", choices=list(REF_SPLITS),
+        help="real images to compare with (heldout = val + test; default: the protocol's)")
+    arg("--ref_images", type=celebgen.number(int, at_least=2),
+        help="this many real images (default: the protocol's, or all there are if fewer)")
+    arg("--inception_weights", help=f"pytorch-fid's weights file (or set ${WEIGHTS_ENV})")
+    arg("--batch_size", type=celebgen.positive(int), default=50,
+        help="images per batch, for sampling and for Inception")
+    arg("--device", choices=celebgen.DEVICES, default="auto",
+        help=f"for sampling and Inception: {celebgen.DEVICE_HELP}")
+    return parser
+
+
 def main(argv=None):
-    parser = celebgen.Parser(prog="fid.py", description="FID (and IS) as pytorch-fid computes it.")
-    parser.add_argument("paths", nargs="*",
-                        help="two folders of images or .npz statistics to compare; a folder's images "
-                             "are the files pytorch-fid reads: extensions " +
-                             ", ".join(celebgen.IMAGE_EXTENSIONS) +
-                             " in lower case only")
-    parser.add_argument("--exp_name", type=celebgen.experiment_name,
-                        help="sample from this experiment and compare with real images")
-    parser.add_argument("--checkpoint", default="best.pt", help="a name in checkpoints/ or a path")
-    parser.add_argument("--protocol", choices=list(PROTOCOLS),
-                        help="heldout (default): 10000 samples vs up to 10000 val+test images; "
-                             "published: 50000 samples vs the 162770 training images, as published "
-                             "CelebA-64 FIDs")
-    parser.add_argument("--num_samples", type=celebgen.positive(int),
-                        help="images to sample from the experiment (default: the protocol's)")
-    parser.add_argument("--num_sampling_steps", type=celebgen.positive(int), default=50,
-                        help="sampler steps from noise to image")
-    parser.add_argument("--method", choices=["euler", "heun"], default="euler", help="the sampler")
-    parser.add_argument("--cfg_scale", type=celebgen.number(float, at_least=0), default=1.0,
-                        help="guidance weight for a model trained with --attributes, which is asked "
-                             "for the reference images' own labels (1: plainly conditional)")
-    parser.add_argument("--seed", type=celebgen.number(int, at_least=0), default=0,
-                        help="seed of the noise")
-    parser.add_argument("--precision", choices=celebgen.PRECISIONS, default="auto",
-                        help=f"for sampling: {celebgen.PRECISION_HELP}")
-    parser.add_argument("--ref_split", choices=list(REF_SPLITS),
-                        help="real images to compare with (heldout = val + test; default: the "
-                             "protocol's)")
-    parser.add_argument("--ref_images", type=celebgen.positive(int),
-                        help="at most this many real images (default: the protocol's)")
-    parser.add_argument("--inception_weights",
-                        help=f"pytorch-fid's weights file (or set ${WEIGHTS_ENV})")
-    parser.add_argument("--batch_size", type=celebgen.positive(int), default=50,
-                        help="images per batch, for sampling and for Inception")
-    parser.add_argument("--device", choices=celebgen.DEVICES, default="auto",
-                        help=f"for sampling and Inception: {celebgen.DEVICE_HELP}")
-    args = celebgen.exit_on_user_error(parser.parse_args, argv)
+    args = celebgen.exit_on_user_error(make_parser().parse_args, argv)
     celebgen.exit_on_user_error(run, args)
 
 
 def run(args):
-    """Check every input (cheap) before loading the 95 MB Inception weights (slow), then compute."""
+    """fid.py --exp_name NAME, or fid.py PATH_A PATH_B."""
     if bool(args.exp_name) == bool(args.paths) or (args.paths and len(args.paths) != 2):
-        raise celebgen.UserError("give either --exp_name or exactly two paths (see fid.py --help)")
-    if args.exp_name:  # --precision matters only here, for sampling
-        choose_protocol(args)
-        device, precision = celebgen.device_and_precision(args.device, args.precision)
-        checkpoint = celebgen.checkpoint_path(args.exp_name, args.checkpoint)
-        ckpt = celebgen.load_checkpoint(checkpoint)
-        # a --cfg_scale needs a model trained with --attributes: refused now, before any work
-        celebgen.attribute_rows([{}], [args.cfg_scale], ckpt["args"]["attributes"])
-        experiment_fid(args, checkpoint, ckpt, inception(args.inception_weights, device), device,
-                       precision)
-        return
+        raise UserError("give either --exp_name or exactly two paths (see fid.py --help)")
+    if args.exp_name:
+        experiment_fid(args)
+    else:
+        paths_fid(args)
+
+
+def paths_fid(args):
+    """FID of two folders of images or .npz statistics, and KID when both sides have features.
+    Both paths are checked (a folder's images from their headers) before the Inception weights
+    load (slow), which only a folder needs."""
     device = celebgen.pick_device(args.device)
     sources = [npz_statistics(p) if p.endswith(".npz") else folder_files(p) for p in args.paths]
     if not all(isinstance(source, tuple) for source in sources):  # a folder: features to extract
+        for source in sources:  # an .npz against a folder: of pool3's 2048 features, or refused
+            if isinstance(source, tuple) and len(source[0]) != 2048:
+                raise UserError(f"the .npz holds statistics of {len(source[0])} features, and a "
+                                f"folder gives Inception's 2048; compare statistics of the same "
+                                f"layer")
         model = inception(args.inception_weights, device)
 
-    def statistics(source):  # (mu, sigma, features or None) of an .npz or a folder's files
+    def statistics(source):  # (mu, sigma, features or None) of an .npz, or of a folder's files
         if isinstance(source, tuple):
             return source
-        stats, sample = extract(model, folder_batches(source, args.batch_size), len(source), device)
-        return (*stats.mean_and_covariance(), sample.features())
+        batches = folder_batches(source, args.batch_size)
+        return feature_statistics(model, batches, len(source), device)
     (mu1, sigma1, features1), (mu2, sigma2, features2) = map(statistics, sources)
     if mu1.shape != mu2.shape:
-        raise celebgen.UserError(f"the two sides have features of different dimensions "
-                                 f"({len(mu1)} and {len(mu2)}); compare statistics of the same "
-                                 f"Inception layer")
+        raise UserError(f"the two sides have features of different dimensions ({len(mu1)} and "
+                        f"{len(mu2)}); compare statistics of the same Inception layer")
     print(f"FID: {frechet_distance(mu1, sigma1, mu2, sigma2):.6f}")
     if features1 is not None and features2 is not None:  # pytorch-fid's .npz has no features
         print("KID: {:.6f} +- {:.6f}".format(*kernel_inception_distance(features1, features2)))
-
-
-def choose_protocol(args):
-    """Fill --num_samples, --ref_split and --ref_images from --protocol. A value given that differs
-    from the published protocol's is refused; with the held-out default it makes the run 'custom'."""
-    preset = PROTOCOLS[args.protocol or "heldout"]
-    given = {k: getattr(args, k) for k in preset if getattr(args, k) is not None}
-    differ = [f"--{k} {v}" for k, v in given.items() if v != preset[k]]
-    if args.protocol == "published" and differ:
-        raise celebgen.UserError(f"--protocol published compares 50000 samples with the 162770 "
-                                 f"training images; drop {', '.join(differ)}, or drop --protocol")
-    for k, v in preset.items():
-        setattr(args, k, given.get(k, v))
-    args.protocol = "custom" if differ else args.protocol or "heldout"
 
 
 if __name__ == "__main__":

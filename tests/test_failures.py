@@ -282,7 +282,8 @@ def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
         if isinstance(failure, KeyboardInterrupt):
             assert code == 130 and "interrupted after 3 of 6 images" in err and "is as it was" in err
         else:
-            one_line_error(code, err, "last_euler2_seed0.partial/000003.png (No space left on device)")
+            one_line_error(code, err, f"last_euler2_seed0.{os.getpid()}.partial/000003.png (No space left on "
+                                      f"device)")
         assert {p.name: p.read_bytes() for p in folder.iterdir()} == three
         assert euler2() == ["last_euler2_seed0", "last_euler2_seed0.png"]
 
@@ -299,7 +300,8 @@ def test_a_full_disk_at_a_sample_grid_is_one_line_and_the_run_resumes(workdir, c
     code, _, err = cli(capsys, "train", "--exp_name", "grid", *SMALL_RUN, "--max_steps", 4, "--ckpt_every", 1,
                        "--sample_every", 2, "--eval_every", 100)
     one_line_error(code, err, "step_0000002.png (No space left on device); free some space")
-    assert checkpoint("grid")["step"] == 1 and not list((workdir / "experiments/grid/samples").iterdir())
+    # last.pt is saved before the grid: the step whose grid failed is not lost
+    assert checkpoint("grid")["step"] == 2 and not list((workdir / "experiments/grid/samples").iterdir())
     monkeypatch.setattr(Image.Image, "save", real_save)
     assert cli(capsys, "train", "--exp_name", "grid", "--resume")[0] == 0
     assert checkpoint("grid")["step"] == 4

@@ -161,15 +161,16 @@ def test_near_t_1_the_loss_is_still_minimal_at_x1():
 
 
 def test_the_time_distributions_tail_shares_in_section_1():
-    """Section 1's comment and README's table: the settings that drew blocky faces, (mu, sigma) =
-    (-0.8, 0.6) and (-1.6, 0.8), put 0.01% of their times above 0.8, 6.9 and 4.8 expected of their
-    10-minute runs' examples (3,193 and 3,167 steps of 16); the former default (-0.6, 0.8) 0.65%, JiT's
-    (-0.8, 0.8) 0.31% -- in the closed form and in logit_normal's draws."""
+    """Section 1's comment and RESULTS.md's table of time distributions: the settings that drew
+    blocky faces, (mu, sigma) = (-0.8, 0.6) and (-1.6, 0.8), put 0.01% of their times above 0.8, 6.9
+    and 4.8 expected of their 10-minute runs' examples (3,193 and 3,167 steps of 16); the former
+    default (-0.6, 0.8) 0.65%, JiT's (-0.8, 0.8) 0.31% -- in the closed form and in logit_normal's
+    draws."""
     for mu, sigma, steps, expected in ((-0.8, 0.6, 3193, 6.9), (-1.6, 0.8, 3167, 4.8)):
         assert round(share_above(0.8, mu, sigma) * steps * 16, 1) == expected
     table = {(0, 1.0): (8.3, 8.3), (-0.4, 1.0): (3.7, 16.2), (-0.6, 0.8): (0.65, 16.3),
              (-0.8, 0.8): (0.31, 23.2), (-1.2, 0.8): (0.06, 40.8), (-1.6, 0.8): (0.01, 60.5),
-             (-0.8, 0.6): (0.01, 16.4)}  # README's shares of times above 0.8 and below 0.2, in %
+             (-0.8, 0.6): (0.01, 16.4)}  # shares of times above 0.8 and below 0.2, in %
     for (mu, sigma), (high, low) in table.items():
         digits = 2 if high < 1 else 1
         assert round(100 * share_above(0.8, mu, sigma), digits) == high
@@ -276,8 +277,10 @@ def test_generate_draws_fresh_noise_per_image_whatever_the_batch_size():
             "ema": model.state_dict()}
     asked = torch.tensor([[1.0, -1], [-1, 1], [1, 1], [-1, -1], [0, 1], [1, 0]])  # (6, 2)
     cpu = torch.device("cpu")
-    draw = lambda batch_size: torch.cat(list(cg.generate(ckpt, 6, 3, "euler", 7, batch_size, cpu, "fp32",
-                                                         attributes=asked)))  # (6, 3, 8, 8)
+    settings = lambda batch_size: cg.argparse.Namespace(num_samples=6, num_sampling_steps=3, method="euler",
+                                                        seed=7, batch_size=batch_size)
+    draw = lambda batch_size: torch.cat(list(cg.generate(cg.load_model(ckpt, cpu), settings(batch_size), cpu,
+                                                         "fp32", attributes=asked)))  # (6, 3, 8, 8)
     whole, in_halves = draw(6), draw(3)
     assert torch.allclose(whole, in_halves, atol=1e-5)
     distance = (whole[:, None] - whole[None]).abs().flatten(2).max(-1).values   # (6, 6)
@@ -326,8 +329,8 @@ def test_flops_per_image_matches_a_count_of_multiply_adds():
 
 
 def test_cpu_attention_is_the_plain_kernel_up_to_64_tokens_and_pytorchs_default_above():
-    """attention_kernels' rule, measured in README: the math kernel is faster on the CPU at 64 tokens, the
-    default (flash) one at 256; GPUs always keep the default."""
+    """attention_kernels' rule: the math kernel is the faster on a CPU at 64 tokens, the default
+    (flash) one at 256; GPUs always keep the default."""
     cpu = torch.device("cpu")
     assert not isinstance(cg.attention_kernels(cpu, 64), nullcontext)
     assert isinstance(cg.attention_kernels(cpu, 256), nullcontext)
