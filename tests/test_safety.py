@@ -1,0 +1,336 @@
+"""Checks before work, one writer per experiment, and a dead DDP worker explained: what a run does
+when its input makes no sense, when the file system is not what it expects, when a second `train`
+starts on the same experiment, and when the operating system kills one of its processes."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+import pytest
+import torch
+
+import celebgen as cg
+import fid
+from conftest import ROOT
+from test_failures import SMALL_RUN, fid_error, no_weights, one_line_error  # noqa: F401
+from test_training import checkpoint, cli
+
+
+# --- every numeric flag says its range, and the parser enforces exactly that range ---------------
+
+def numeric_flags():
+    """(program, flag, its type) of every numeric flag of celebgen.py's train and sample and of
+    fid.py."""
+    parser, _ = cg.make_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    parsers = [(f"celebgen.py {name}", p) for name, p in commands.items()]
+    parsers.append(("fid.py", fid.make_parser()))
+    return [(program, action.option_strings[0], action)
+            for program, p in parsers for action in p._actions if hasattr(action.type, "valid")]
+
+
+def test_every_number_flag_is_bounded():
+    flags = {flag for _, flag, _ in numeric_flags()}
+    assert {"--t_eps", "--cooldown", "--lr", "--ema_decay", "--num_samples", "--ref_images",
+            "--batch_size", "--cfg_scale"} <= flags and len(flags) >= 25
+
+
+@pytest.mark.parametrize("program,flag,action", numeric_flags(), ids=lambda x: str(x))
+def test_a_numeric_flag_states_its_range_and_the_parser_enforces_it(program, flag, action):
+    """The help ends with the range in words; each bound it names is enforced exactly: a value
+    just inside passes, the bound itself or a value just outside is refused, and so are nan, inf
+    and text."""
+    valid = action.type.valid
+    assert action.help.endswith(f"({valid})")
+    step = 1 if valid.startswith("an integer") else 1e-6
+    for text in ("nan", "inf", "-inf", "ten"):
+        with pytest.raises(Exception):
+            action.type(text)
+    for sign, bound in re.findall(r"(>=|>|<) (\S+)", valid):
+        bound = float(bound)
+        inside = {">": bound + step, ">=": bound, "<": bound - step}[sign]
+        outside = {">": bound, ">=": bound - step, "<": bound}[sign]
+        action.type(str(int(inside) if step == 1 else inside))
+        with pytest.raises(Exception, match="must be"):
+            action.type(str(int(outside) if step == 1 else outside))
+
+
+def test_t_eps_is_a_cap_inside_the_time_axis(workdir, capsys):
+    for value in (1, 1.5):
+        code, _, err = cli(capsys, "train", "--exp_name", "e", *SMALL_RUN, "--t_eps", value,
+                           "--max_steps", 1)
+        one_line_error(code, err, f"argument --t_eps: must be < 1, got {value}")
+    assert not (workdir / "experiments").exists()
+
+
+# --- a file where a folder goes (or the reverse), and damaged statistics: one line, before work --
+
+@pytest.mark.parametrize("blocker,message", [
+    ("experiments", "experiments is a file, where celebgen keeps a folder"),
+    ("experiments/e", "experiments/e is a file, where celebgen keeps a folder"),
+    ("experiments/e/checkpoints", "experiments/e/checkpoints is a file, where celebgen keeps"),
+    ("experiments/e/logs", "experiments/e/logs is a file, where celebgen keeps a folder"),
+    ("experiments/e/args.json/", "experiments/e/args.json is a folder, where the run's arguments"),
+])
+def test_train_refuses_a_file_system_in_the_way_before_any_work(workdir, capsys, blocker,
+                                                                 message):
+    path = workdir / blocker.rstrip("/")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir() if blocker.endswith("/") else path.write_text("not a folder")
+    before = sorted(str(p) for p in workdir.rglob("*"))
+    code, out, err = cli(capsys, "train", "--exp_name", "e", *SMALL_RUN, "--max_steps", 2)
+    one_line_error(code, err, message)
+    assert "device" not in out and sorted(str(p) for p in workdir.rglob("*")) == before
+
+
+def test_sample_refuses_a_file_where_its_images_go_before_sampling(workdir, capsys, monkeypatch):
+    assert cli(capsys, "train", "--exp_name", "e", *SMALL_RUN, "--max_steps", 1)[0] == 0
+    monkeypatch.setattr(cg, "sample", lambda *a, **k: pytest.fail("sampled before the check"))
+    (workdir / "experiments/e/samples/last_euler2_seed0").write_text("a file")
+    code, _, err = cli(capsys, "sample", "--exp_name", "e", "--num_sampling_steps", 2)
+    one_line_error(code, err, "last_euler2_seed0 is a file, where the samples go")
+    (workdir / "experiments/e/samples/last_euler2_seed0").unlink()
+    (workdir / "experiments/e/logs").rename(workdir / "experiments/e/logs_")
+    (workdir / "experiments/e/logs").write_text("a file")
+    code, _, err = cli(capsys, "sample", "--exp_name", "e", "--grid")
+    one_line_error(code, err, "experiments/e/logs is a file, where celebgen keeps a folder")
+
+
+@pytest.mark.parametrize("case,message", [
+    ("one_sample", "argument --num_samples: must be >= 2, got 1"),
+    ("too_many_refs", "--ref_images 200000 is more than the 100000 images of --ref_split"),
+    ("refs_folder_is_a_file", "experiments/fid_refs is a file, where celebgen keeps a folder"),
+    ("fid_json_is_a_folder", "experiments/e/fid.json is a folder, where fid.py writes"),
+])
+def test_fid_refuses_what_it_cannot_do_before_loading_weights(workdir, capsys, no_weights, case,
+                                                              message):
+    assert cli(capsys, "train", "--exp_name", "e", *SMALL_RUN, "--max_steps", 1)[0] == 0
+    argv = ["--exp_name", "e", "--num_samples", 4, "--ref_images", 4]
+    if case == "one_sample":
+        argv[2:4] = ["--num_samples", 1]
+    if case == "too_many_refs":  # toy faces: 50,000 val + 50,000 test
+        argv[4:] = ["--ref_images", 200_000]
+    if case == "refs_folder_is_a_file":
+        (workdir / "experiments/fid_refs").write_text("a file")
+    if case == "fid_json_is_a_folder":
+        (workdir / "experiments/e/fid.json").mkdir()
+    one_line_error(*fid_error(capsys, *argv), message)
+
+
+def test_fid_refuses_statistics_that_are_not_finite(workdir, capsys, no_weights):
+    good = {"mu": np.zeros(4), "sigma": np.eye(4)}
+    np.savez(workdir / "good.npz", **good)
+    np.savez(workdir / "nan.npz", mu=np.array([0, np.nan, 0, 0]), sigma=np.eye(4))
+    infinite = np.eye(4)
+    infinite[2, 2] = np.inf
+    np.savez(workdir / "inf.npz", mu=np.zeros(4), sigma=infinite)
+    for bad in ("nan.npz", "inf.npz"):
+        code, err = fid_error(capsys, workdir / "good.npz", workdir / bad)
+        one_line_error(code, err, f"{bad} holds numbers that are not finite (NaN or inf)")
+
+
+# --- one writer per experiment --------------------------------------------------------------------
+
+def trainer(exp_name, *flags):
+    """A `train` in its own process, in its own process group, its output read line by line."""
+    return subprocess.Popen([sys.executable, str(ROOT / "celebgen.py"), "train", "--exp_name",
+                             exp_name, *map(str, flags)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_step(proc, step):
+    for line in proc.stdout:
+        if line.startswith(f"step {step}/"):
+            return
+    pytest.fail(f"the trainer ended before step {step}: {proc.stderr.read()}")
+
+
+def test_a_second_trainer_is_refused_and_a_killed_ones_lock_is_taken_over(workdir, capsys):
+    """While a run trains, `train --resume` of its experiment is one line naming the process that
+    holds it, and changes nothing; once that process is killed (kill -9: no chance to clean up),
+    the next --resume says it takes the lock over and continues; a finished run leaves no lock."""
+    first = trainer("e", *SMALL_RUN, "--max_steps", 100_000, "--ckpt_every", 2, "--eval_every",
+                    1000)
+    try:
+        wait_for_step(first, 4)
+        lock = workdir / "experiments/e/train.lock"
+        assert lock.read_text().split()[0] == str(first.pid)
+        saved = checkpoint("e")["step"]
+        code, out, err = cli(capsys, "train", "--exp_name", "e", "--resume", "--max_steps", 3)
+        one_line_error(code, err, f"experiment experiments/e is being trained by process "
+                                  f"{first.pid} on ")
+        assert "resuming" not in out and lock.read_text().split()[0] == str(first.pid)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate(timeout=60)
+    assert lock.is_file() and checkpoint("e")["step"] >= saved  # the killed run left its lock
+    step = checkpoint("e")["step"]
+    code, out, err = cli(capsys, "train", "--exp_name", "e", "--resume", "--max_steps", step + 2)
+    assert code == 0, err
+    assert f"taking over {Path('experiments/e/train.lock')}: process {first.pid}, which held it, " \
+           f"no longer runs" in out
+    assert checkpoint("e")["step"] == step + 2 and not lock.exists()
+
+
+def test_a_lock_of_a_live_process_on_this_machine_is_respected(workdir, capsys):
+    """The lock names this test's own process, which runs: refused, and the lock stays."""
+    assert cli(capsys, "train", "--exp_name", "e", *SMALL_RUN, "--max_steps", 1)[0] == 0
+    lock = workdir / "experiments/e/train.lock"
+    lock.write_text(f"{os.getpid()} {cg.socket.gethostname()}\n")
+    code, _, err = cli(capsys, "train", "--exp_name", "e", "--resume", "--max_steps", 2)
+    one_line_error(code, err, f"is being trained by process {os.getpid()}")
+    assert lock.read_text().split()[0] == str(os.getpid()) and checkpoint("e")["step"] == 1
+
+
+# --- a DDP worker killed by the operating system ---------------------------------------------------
+
+def spawned_workers(parent):
+    """PIDs of the processes mp.spawn started under `parent`, in the order of their ranks."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent and b"spawn_main" in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except (OSError, IndexError, ValueError):  # a process that ended meanwhile
+            pass
+    return sorted(found)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_a_killed_ddp_worker_is_one_line_and_the_run_resumes(workdir):
+    """kill -9 of rank 1 of 2 gloo processes mid-run: rank 0 and the parent are gone within
+    seconds, the parent's last word is one line (the rank, the signal, the likely cause, the
+    intact checkpoint and the command to resume), and --resume continues from that checkpoint."""
+    run = trainer("ddp", *SMALL_RUN, "--nproc", 2, "--max_steps", 100_000, "--ckpt_every", 2,
+                  "--eval_every", 1000)
+    wait_for_step(run, 5)
+    workers = spawned_workers(run.pid)
+    assert len(workers) == 2
+    killed = time.monotonic()
+    os.kill(workers[1], signal.SIGKILL)
+    out, err = run.communicate(timeout=120)
+    gone = time.monotonic() - killed
+    assert run.returncode == 1 and "Traceback" not in err, err
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers) and gone < 60
+    step = checkpoint("ddp")["step"]
+    assert err.strip().splitlines()[-1] == (
+        f"error: process 1 of 2 was killed by SIGKILL (the kernel sends SIGKILL when memory runs "
+        f"out: lower --batch_size or --nproc, or free memory); the others were stopped; "
+        f"experiments/ddp/checkpoints/last.pt (step {step}) is intact; resume with: python "
+        f"celebgen.py train --exp_name ddp --resume")
+    assert err.count("\n") == 1, err
+    resume = subprocess.run([sys.executable, str(ROOT / "celebgen.py"), "train", "--exp_name",
+                             "ddp", "--resume", "--max_steps", str(step + 2)],
+                            capture_output=True, text=True, timeout=300)
+    assert resume.returncode == 0 and f"resuming ddp from step {step}" in resume.stdout, \
+        resume.stderr
+    assert "taking over" not in resume.stdout and checkpoint("ddp")["step"] == step + 2  # unlocked
+
+
+# --- more of the same kinds, as a careless user meets them ---------------------------------------
+
+def test_resume_cannot_switch_the_dataset(workdir, capsys):
+    from test_training import labelled_celeba
+    labelled_celeba(workdir / "data")
+    assert cli(capsys, "train", "--exp_name", "e", *SMALL_RUN, "--max_steps", 1)[0] == 0
+    code, _, err = cli(capsys, "train", "--exp_name", "e", "--resume", "--dataset", "celeba",
+                       "--data_root", "data", "--max_steps", 2)
+    one_line_error(code, err, "--resume cannot change --dataset toy -> celeba")
+    assert checkpoint("e")["step"] == 1
+
+
+def test_a_resume_refused_builds_no_image_cache_first(workdir, capsys):
+    """The resume check comes before the (on CelebA, minutes long) image cache is built."""
+    from test_training import labelled_celeba
+    labelled_celeba(workdir / "data")
+    run = ["--dataset", "celeba", "--data_root", "data", *SMALL_RUN[2:], "--max_steps", 1]
+    assert cli(capsys, "train", "--exp_name", "e", *run)[0] == 0
+    caches = sorted((workdir / "experiments/image_cache").glob("*.u8"))
+    code, out, err = cli(capsys, "train", "--exp_name", "e", "--resume", "--image_size", 32)
+    one_line_error(code, err, "--resume cannot change --image_size 16 -> 32")
+    assert "decoding" not in out and sorted((workdir / "experiments/image_cache").glob("*.u8")) \
+        == caches
+
+
+def test_a_folder_where_a_png_goes_says_so_and_keeps_the_step(workdir, capsys):
+    (workdir / "experiments/g/samples/step_0000002.png").mkdir(parents=True)
+    code, _, err = cli(capsys, "train", "--exp_name", "g", *SMALL_RUN, "--max_steps", 3,
+                       "--ckpt_every", 1, "--sample_every", 2, "--eval_every", 100)
+    one_line_error(code, err, "step_0000002.png (Is a directory); move that folder away")
+    assert checkpoint("g")["step"] == 2
+
+
+def test_ctrl_c_is_one_line_even_while_torch_is_half_imported(monkeypatch, capsys):
+    """Ctrl-C may land while a module is being imported (torch._dynamo, say): its line and status
+    130 do not depend on that module."""
+    import types
+    monkeypatch.setattr(cg, "torch", types.SimpleNamespace())  # torch._dynamo: AttributeError
+
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        cg.exit_on_user_error(interrupted)
+    assert e.value.code == 130 and capsys.readouterr().err.startswith("interrupted (")
+
+
+def test_two_samples_do_not_share_a_folder_and_a_killed_ones_is_cleared(workdir, capsys):
+    """Each `sample` writes into a folder of its own process; the one of a process that no longer
+    runs is removed, that of one that runs (here: this test's parent) is left alone."""
+    assert cli(capsys, "train", "--exp_name", "e", *SMALL_RUN, "--max_steps", 1)[0] == 0
+    samples = workdir / "experiments/e/samples"
+    dead, alive = (samples / f"last_euler2_seed0.{pid}.partial" for pid in (2**22 + 1, os.getppid()))
+    for folder in (dead, alive):
+        folder.mkdir()
+        (folder / "000000.png").write_bytes(b"half")
+    code, _, err = cli(capsys, "sample", "--exp_name", "e", "--num_samples", 2,
+                       "--num_sampling_steps", 2)
+    assert code == 0, err
+    assert not dead.exists() and alive.is_dir()
+    assert sorted(p.name for p in (samples / "last_euler2_seed0").iterdir()) == [
+        "000000.png", "000001.png"]
+
+
+def test_guidance_without_a_request_is_refused(workdir, capsys):
+    assert cli(capsys, "train", "--exp_name", "c", *SMALL_RUN, "--attributes", "Smiling",
+               "--max_steps", 1)[0] == 0
+    code, _, err = cli(capsys, "sample", "--exp_name", "c", "--cfg_scale", 3)
+    one_line_error(code, err, "--cfg_scale 3 turns up a request, and none was made")
+    for weight in (0, 1):  # unconditional and conditional sampling of nothing asked: both fine
+        assert cli(capsys, "sample", "--exp_name", "c", "--cfg_scale", weight, "--num_samples", 1,
+                   "--num_sampling_steps", 1)[0] == 0
+
+
+def test_paths_of_the_wrong_kind_are_named_as_such(workdir, capsys, no_weights):
+    assert cli(capsys, "train", "--exp_name", "e", *SMALL_RUN, "--max_steps", 1)[0] == 0
+    code, _, err = cli(capsys, "sample", "--exp_name", "e", "--checkpoint",
+                       workdir / "experiments/e/checkpoints")
+    one_line_error(code, err, "checkpoints is a folder; list the experiment's checkpoints/")
+    (workdir / "stats.npz").mkdir()
+    np.savez(workdir / "ok.npz", mu=np.zeros(4), sigma=np.eye(4))
+    one_line_error(*fid_error(capsys, workdir / "stats.npz", workdir / "ok.npz"),
+                   "stats.npz is a folder")
+    (workdir / "cut.npz").write_bytes((workdir / "ok.npz").read_bytes()[:100])
+    (workdir / "empty.npz").write_bytes(b"")
+    for bad in ("cut.npz", "empty.npz"):
+        one_line_error(*fid_error(capsys, workdir / bad, workdir / "ok.npz"),
+                       f"{bad} is not an .npz of FID statistics")
+    (workdir / "images").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 50 * i, dtype=np.uint8)).save(workdir / f"images/{i}.png")
+    one_line_error(*fid_error(capsys, workdir / "images", workdir / "ok.npz"),
+                   "the .npz holds statistics of 4 features, and a folder gives Inception's 2048")
+
+
+def test_inception_weights_that_are_a_folder(workdir, capsys):
+    for side in ("a", "b"):
+        (workdir / side).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 50 * i, dtype=np.uint8)).save(workdir / side / f"{i}.png")
+    code, err = fid_error(capsys, workdir / "a", workdir / "b", "--inception_weights", workdir)
+    one_line_error(code, err, f"Inception weights {workdir} is a folder; pass the weights file")
