@@ -1,7 +1,9 @@
 """fid.py against pytorch-fid on real CelebA images with the real FID Inception weights, in one run.
 
-    python tests/benchmark_fid.py --data_root ../shared/data/celeba_subset \\
-        --inception_weights ../shared/weights/pt_inception-2015-12-05-converted.pth
+    python tests/benchmark_fid.py --data_root CELEBA_ROOT --inception_weights WEIGHTS
+
+CELEBA_ROOT is a folder of CelebA in one of README's layouts (default: $CELEBGEN_CELEBA), WEIGHTS
+pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: $FID_INCEPTION_WEIGHTS).
 
 Splits CelebA's val+test images (64x64, the standard crop) into two disjoint halves (even and odd
 positions), writes them as PNGs, and prints the FID between the halves from fid.py and from pytorch-fid
@@ -9,6 +11,7 @@ positions), writes them as PNGs, and prints the FID between the halves from fid.
 feature-extraction speed in images/s.
 """
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -24,8 +27,12 @@ import fid  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_root", required=True)
-    parser.add_argument("--inception_weights", required=True)
+    parser.add_argument("--data_root", default=os.environ.get("CELEBGEN_CELEBA"),
+                        required=not os.environ.get("CELEBGEN_CELEBA"),
+                        help="CelebA in one of README's layouts (default: $CELEBGEN_CELEBA)")
+    parser.add_argument("--inception_weights", default=os.environ.get("FID_INCEPTION_WEIGHTS"),
+                        required=not os.environ.get("FID_INCEPTION_WEIGHTS"),
+                        help="pytorch-fid's weights file (default: $FID_INCEPTION_WEIGHTS)")
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=50)
     args = parser.parse_args()

@@ -1,7 +1,8 @@
 """Peak memory (RSS) of fid.py against the number of images: it should not grow with N.
 
-    python tests/benchmark_fid_memory.py \\
-        --inception_weights ../shared/weights/pt_inception-2015-12-05-converted.pth --counts 2000 20000
+    python tests/benchmark_fid_memory.py --inception_weights WEIGHTS --counts 2000 20000
+
+WEIGHTS is pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: $FID_INCEPTION_WEIGHTS).
 
 For each count N, writes N toy faces (64x64 PNGs) to a temporary folder, runs
 `python fid.py FOLDER reference.npz` in a fresh process (the .npz side needs no images), and prints that
@@ -30,7 +31,9 @@ from benchmark_speed import cpu_model  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--inception_weights", required=True, help="pytorch-fid's weights file")
+    parser.add_argument("--inception_weights", default=os.environ.get("FID_INCEPTION_WEIGHTS"),
+                        required=not os.environ.get("FID_INCEPTION_WEIGHTS"),
+                        help="pytorch-fid's weights file (default: $FID_INCEPTION_WEIGHTS)")
     parser.add_argument("--counts", type=int, nargs="+", default=[2000, 20000], help="numbers of images")
     parser.add_argument("--image_size", type=int, default=64, help="side of the toy faces written")
     args = parser.parse_args()

@@ -7,7 +7,7 @@
     python tests/benchmark_speed.py --attributes 0 40     # unconditional, and conditioned on 40 attributes
     python tests/benchmark_speed.py --plain               # also a plain DiT of the same shape, and the ratio
     python tests/benchmark_speed.py --plain --compile     # and both again under torch.compile
-    python tests/benchmark_speed.py --version1            # also celebgen's network of version 1 (before 2026-12-03)
+    python tests/benchmark_speed.py --version1            # also celebgen's network of version 1 (older checkpoints)
     python tests/benchmark_speed.py --unfused             # also AdamW unfused: the steps, and AdamW alone
     python tests/benchmark_speed.py --configs tiny:32:4 --precisions bf16 --trainer DATA_ROOT --workers 0 2
                                                           # also `celebgen.py train` on real images
@@ -22,10 +22,10 @@ With --trainer, after each in-memory measurement the real trainer runs in this p
 under DATA_ROOT (the image cache of ./experiments is built first if needed, outside the timing), then
 the in-memory run again: the trainer's speed is the median of the images/s of its progress lines after
 the first, over the mean of the in-memory runs just before and just after it (and the median of those
-ratios when a --workers value is run more than once). Since the shared machine's speed drifts between
-runs of half a minute, it also times the in-memory steps on the trainer's batches (from a DataLoader
-over DATA_ROOT made as train_loop makes it, each --workers value once) in rounds alternating with the
-in-memory ones: the cost of the data alone, measured with that drift cancelled.
+ratios when a --workers value is run more than once). Since a machine's speed drifts (other work on
+it) between runs of half a minute, it also times the in-memory steps on the trainer's batches (from a
+DataLoader over DATA_ROOT made as train_loop makes it, each --workers value once) in rounds
+alternating with the in-memory ones: the cost of the data alone, measured with that drift cancelled.
 """
 import argparse
 import contextlib
@@ -105,8 +105,8 @@ def plain_dit(model):
 
 
 class Version1Attention(cg.Attention):
-    """celebgen's attention of network version 1 (before 2026-12-03): RMSNorm on q and k in fp32, RoPE
-    on channel halves by cos and sin."""
+    """celebgen's attention of network version 1 (ARCHITECTURE 1, older checkpoints): RMSNorm on q
+    and k in fp32, RoPE on channel halves by cos and sin."""
 
     def forward(self, x, rope):
         B, N, D = x.shape
@@ -186,7 +186,7 @@ def run_for(step, seconds, first=0):
 def alternating_speeds(steps, batch_size, seconds, rounds=5):
     """Median images/s of each training step of `steps`, timed in `rounds` alternating rounds of
     seconds / rounds each (after one warm-up step each, whose seconds are returned too), so that a
-    change of the shared machine's speed falls on all of them."""
+    change of the machine's speed falls on all of them."""
     firsts = [run_for(step, 0)[1] for step in steps]
     speeds, done = [[] for _ in steps], [1] * len(steps)
     for _, (j, step) in itertools.product(range(rounds), enumerate(steps)):
@@ -287,7 +287,7 @@ def main():
                              "PyTorch's default attention kernel) in rounds alternating with celebgen's, and print "
                              "celebgen's speed over it")
     parser.add_argument("--version1", action="store_true",
-                        help="also time celebgen's network of version 1 (before 2026-12-03: RMSNorm on q and "
+                        help="also time celebgen's network of version 1 (older checkpoints: RMSNorm on q and "
                              "k, RoPE on channel halves by cos and sin, DiT's tanh GELU) in alternating rounds, "
                              "and print the speed over it; and the GELU alone, both ways")
     parser.add_argument("--unfused", action="store_true",
@@ -361,7 +361,7 @@ def main():
                     ratios = {}
                     for workers in args.workers if trainer else []:
                         # each trainer run against the mean of the in-memory runs just before and just
-                        # after it, so a drift of the shared machine's speed counts half on each side
+                        # after it, so a drift of the machine's speed counts half on each side
                         before = ips
                         real = trainer_speed(name, int(size), int(patch), p, args.batch_size, args.trainer, workers,
                                              args.trainer_steps, compiled)

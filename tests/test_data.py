@@ -13,7 +13,6 @@ import torchvision
 from PIL import Image, ImageDraw
 
 import celebgen as cg
-from conftest import CELEBA_SUBSET
 
 SPLITS = {"000001.jpg": 0, "000002.jpg": 0, "000003.jpg": 0, "000004.jpg": 1, "000005.jpg": 1, "000006.jpg": 2}
 LAYOUTS = {  # layout: (image folder, split file)
@@ -286,9 +285,21 @@ def test_training_examples_are_a_function_of_seed_epoch_and_index():
     assert 16 < flips < 48
 
 
-@pytest.mark.skipif(not CELEBA_SUBSET.is_dir(), reason="the CelebA subset in ../shared is not here")
-def test_real_celeba_subset_in_the_official_layout():
-    data = cg.CelebA(CELEBA_SUBSET, "val", 64)
-    assert len(data) == 780
+# The split sizes of CelebA's official partition, and of RESULTS.md's 6,000-image subset of it
+KNOWN_SPLITS = {202_599: (162_770, 19_867, 19_962), 6_000: (4_560, 780, 660)}
+
+
+def test_real_celeba_in_its_layout(celeba_root):
+    """Real CelebA images from $CELEBGEN_CELEBA (skipped without it): the splits of a split file are
+    disjoint and, for CelebA and RESULTS.md's subset, of their known sizes; an image comes out at
+    64x64, in [-1, 1], not blank."""
+    _, split_file = cg.find_celeba(celeba_root)
+    splits = [cg.celeba_files(celeba_root, split) for split in ("train", "val", "test")]
+    if split_file is not None:
+        sizes = tuple(map(len, splits))
+        assert len(set().union(*splits)) == sum(sizes)  # no image in two splits
+        assert sizes == KNOWN_SPLITS.get(sum(sizes), sizes)
+    data = cg.CelebA(celeba_root, "val", 64)
+    assert len(data) == len(splits[1])
     image = data[0]
-    assert image.shape == (3, 64, 64) and image.std() > 0.1
+    assert image.shape == (3, 64, 64) and image.std() > 0.1 and -1 <= image.min() <= image.max() <= 1

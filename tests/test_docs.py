@@ -1,5 +1,6 @@
-"""The celebgen.py commands a reader copies (the top docstring's, README's code blocks) are ones its
-parser accepts: a renamed or removed flag fails here, not in a user's terminal."""
+"""The celebgen.py and fid.py commands a reader copies (the top docstrings', and those of README.md
+and RESULTS.md: their ```bash blocks and their inline `python celebgen.py ...` spans) are ones their
+parsers accept: a renamed or removed flag fails here, not in a user's terminal."""
 import re
 import shlex
 from pathlib import Path
@@ -7,46 +8,71 @@ from pathlib import Path
 import pytest
 
 import celebgen as cg
+import fid
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = ("README.md", "RESULTS.md")
 
 
-def commands(text):
-    """The argument lists of `celebgen.py ...` lines of text, with their backslash continuations
-    joined and "[--optional flag]" notation dropped."""
+def commands(text, program="celebgen.py"):
+    """The argument lists of `celebgen.py ...` (or `fid.py ...`) lines of text, with their backslash
+    continuations joined and "[--optional flag]" notation dropped."""
     text = text.replace("\\\n", " ")
     found = []
     for line in text.splitlines():
-        if "celebgen.py " in line and not line.lstrip().startswith("#"):
-            args = line.split("celebgen.py ", 1)[1].split("#", 1)[0]
+        parts = re.split(rf"(?:^|\s){re.escape(program)} ", line, maxsplit=1)  # not benchmark_fid.py
+        if len(parts) == 2 and not line.lstrip().startswith("#"):
+            args = parts[1].split("#", 1)[0]
             found.append(shlex.split(re.sub(r"\[[^\]]*\]", "", args)))
     return found
 
 
-def readme_code():
-    return "\n".join(re.findall(r"^```bash\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M))
+def code(name):
+    """The ```bash blocks of a document, and its inline `python celebgen.py ...` spans (which may
+    wrap across lines), one command a line."""
+    text = (ROOT / name).read_text()
+    blocks = re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M)
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    spans = [span.replace("\n", " ") for span in re.findall(r"`(python celebgen\.py [^`]*)`", prose)]
+    return "\n".join(blocks + spans)
 
 
-DOCUMENTED = commands(cg.__doc__) + commands(readme_code())
+DOCUMENTED = commands(cg.__doc__) + [argv for name in DOCUMENTS for argv in commands(code(name))]
+FID_DOCUMENTED = commands(fid.__doc__, "fid.py") + [
+    argv for name in DOCUMENTS for argv in commands(code(name), "fid.py")]
 
 
 def test_the_documents_hold_the_commands():
-    assert len(commands(cg.__doc__)) >= 8 and len(commands(readme_code())) >= 10
+    assert len(commands(cg.__doc__)) >= 8
+    assert len(commands(code("README.md"))) >= 10 and len(commands(code("RESULTS.md"))) >= 5
+    assert len(commands(fid.__doc__, "fid.py")) >= 4 and len(FID_DOCUMENTED) >= 8
 
 
 @pytest.mark.parametrize("argv", DOCUMENTED, ids=" ".join)
 def test_a_documented_command_parses(argv):
     parser, _ = cg.make_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # a bad flag or value raises UserError: the test fails
     assert args.command == argv[0]
+
+
+@pytest.mark.parametrize("argv", FID_DOCUMENTED, ids=" ".join)
+def test_a_documented_fid_command_parses(argv):
+    fid.make_parser().parse_args(argv)  # a bad flag or value raises UserError: the test fails
+
+
+def test_fid_and_sample_read_the_same_checkpoint_by_default():
+    parser, _ = cg.make_parser()
+    sample = parser.parse_args(["sample", "--exp_name", "e"])
+    assert fid.make_parser().parse_args(["--exp_name", "e"]).checkpoint == sample.checkpoint
 
 
 def test_the_defaults_readme_names_are_the_parsers():
     """README's Training section lists the CPU recipe as flags and values; they are train's defaults."""
     listed = re.search(r"The defaults \(`([^`]*)`\)", (ROOT / "README.md").read_text().replace("\n", " "))
-    pairs = shlex.split(listed.group(1))
+    words = shlex.split(listed.group(1))
+    pairs = list(zip(words[::2], words[1::2]))
     _, train = cg.make_parser()
-    assert len(pairs) >= 16
-    for flag, value in zip(pairs[::2], pairs[1::2]):
+    assert len(words) == 2 * len(pairs) and len(pairs) >= 16
+    for flag, value in pairs:
         parse = train._option_string_actions[flag].type or str
         assert train.get_default(flag[2:]) == parse(value), flag

@@ -1,0 +1,86 @@
+"""`celebgen.py subset`: the benchmark set of RESULTS.md, rebuilt from a full CelebA by its list."""
+from pathlib import Path
+
+import pytest
+
+import celebgen as cg
+from conftest import ROOT
+from test_training import cli, labelled_celeba
+
+
+def test_the_shipped_list_is_the_benchmark_set():
+    """assets/celeba_subset.txt names 6,000 distinct CelebA images with CelebA's official split of
+    them: 4,560 train, 780 val, 660 test (200 identities x 30 images)."""
+    rows = [line.split() for line in (ROOT / "assets" / "celeba_subset.txt").read_text().splitlines()]
+    names = [name for name, _ in rows]
+    assert len(names) == len(set(names)) == 6000 and names == sorted(names)
+    assert all(len(n) == 10 and n[:6].isdigit() and n.endswith(".jpg") for n in names)
+    assert [sum(split == k for _, split in rows) for k in "012"] == [4560, 780, 660]
+
+
+def test_subset_holds_exactly_the_listed_images_with_their_split_and_labels(workdir, capsys):
+    """From a CelebA of 24 images (20 train, 4 val; 15 labelled) and a list of 7 of them, `subset`
+    writes a folder in the official layout with exactly those 7 files, byte for byte; its splits
+    and labels are CelebA's for them, so a dataset read from it equals CelebA's images and labels."""
+    labelled_celeba(workdir / "celeba")
+    listed = ["001.png", "004.png", "013.png", "016.png", "019.png", "021.png", "023.png"]
+    (workdir / "list.txt").write_text("".join(f"{n} 9\n" for n in listed) + "\n")  # split ignored
+    code, out, err = cli(capsys, "subset", "--data_root", "celeba", "--image_list", "list.txt",
+                         "--out", "sub")
+    assert code == 0 and "7 images (train 5, val 2, test 0) and their attributes" in out, err
+    copied = sorted(p.name for p in (workdir / "sub" / "img_align_celeba").iterdir())
+    assert copied == listed and sorted(p.name for p in (workdir / "sub").iterdir()) == [
+        "img_align_celeba", "list_attr_celeba.txt", "list_eval_partition.txt"]
+    assert all((workdir / "sub/img_align_celeba" / n).read_bytes() ==
+               (workdir / "celeba/img_align_celeba" / n).read_bytes() for n in listed)
+    full = {s: cg.CelebA(workdir / "celeba", s, 8, attributes=["Smiling", "Young"])
+            for s in ("train", "val")}
+    for split in ("train", "val"):
+        part = cg.CelebA(workdir / "sub", split, 8, attributes=["Smiling", "Young"])
+        assert [p.name for p in part.files] == [n for n in listed
+                                                if n in {p.name for p in full[split].files}]
+        for i, path in enumerate(part.files):
+            j = full[split].files.index(workdir / "celeba/img_align_celeba" / path.name)
+            assert (part[i] == full[split][j]).all()
+            assert part.label(i).tolist() == full[split].label(j).tolist()  # 0 where unlabelled
+    assert part.unlabelled == 2  # 021 and 023 have no row in CelebA's attribute file either
+
+
+@pytest.mark.parametrize("case,message", [
+    ("exists", "sub exists; remove it, or choose another --out"),
+    ("not_listed", "1 of the 2 images of list.txt are not in"),
+    ("no_list", "cannot read --image_list missing.txt"),
+    ("plain_folder", "has no split file: subset needs CelebA itself"),
+    ("inside_the_data", "is inside --data_root celeba, where it would stand for CelebA itself"),
+    ("twice", "names 001.png (and 0 more) twice; give each image once"),
+    ("empty", "names no image"),
+])
+def test_a_subset_that_cannot_be_made_is_one_line_and_writes_nothing(workdir, capsys, case,
+                                                                      message):
+    labelled_celeba(workdir / "celeba")
+    (workdir / "list.txt").write_text({"not_listed": "001.png\n999.png\n", "empty": "\n",
+                                       "twice": "001.png\n002.png\n001.png\n"}.get(case,
+                                                                                "001.png\n002.png\n"))
+    root, image_list = "celeba", "missing.txt" if case == "no_list" else "list.txt"
+    out = "celeba/celeba" if case == "inside_the_data" else "sub"
+    if case == "exists":
+        (workdir / "sub").mkdir()
+    if case == "plain_folder":
+        root = "celeba/img_align_celeba"
+    code, _, err = cli(capsys, "subset", "--data_root", root, "--image_list", image_list,
+                       "--out", out)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in Path(workdir).iterdir()) == (
+        ["celeba", "list.txt", "sub"] if case == "exists" else ["celeba", "list.txt"])
+    assert not (workdir / "celeba/celeba").exists()
+
+
+def test_an_out_folder_written_with_a_slash_is_the_same_folder(workdir, capsys):
+    labelled_celeba(workdir / "celeba")
+    (workdir / "list.txt").write_text("001.png\n002.png\n")
+    code, out, err = cli(capsys, "subset", "--data_root", "celeba", "--image_list", "list.txt",
+                         "--out", "sub/")
+    assert code == 0, err
+    assert sorted(p.name for p in (workdir / "sub/img_align_celeba").iterdir()) == [
+        "001.png", "002.png"] and sorted(p.name for p in workdir.iterdir()) == [
+        "celeba", "list.txt", "sub"]
