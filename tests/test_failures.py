@@ -413,9 +413,10 @@ def test_reference_images_are_held_out_distinct_and_read_only_as_needed(workdir,
     assert not torch.equal(val[0], test[0])  # toy val and test are different images
     random_image_folder(workdir / "plain", 4)
     plain = cg.argparse.Namespace(**{**vars(TOY_ARGS), "dataset": "celeba", "data_root": "plain"})
-    args = cg.argparse.Namespace(ref_split="heldout", ref_images=3, batch_size=2)
+    args = cg.argparse.Namespace(ref_split="heldout", ref_images=3, batch_size=2, exp_name="x",
+                                 ref_images_given=True)
     with pytest.raises(cg.UserError, match="has no split file, so its heldout images are its training images"):
-        fid.reference_statistics(plain, None, args, "cpu")
+        fid.check_references(plain, args)  # before the weights load: fid.py checks its references first
 
     reads, real_getitem = [], cg.ToyFaces.__getitem__
     monkeypatch.setattr(cg.ToyFaces, "__getitem__", lambda self, i: reads.append(i) or real_getitem(self, i))
