@@ -1383,8 +1383,7 @@ def check_folders(*folders):
     for folder in folders:
         for path in (folder, *folder.parents):
             if path.exists() and not path.is_dir():
-                raise UserError(f"{path} is a file, where celebgen keeps a folder; move it away, "
-                                f"or choose another --exp_name")
+                raise UserError(f"{path} is a file, where celebgen keeps a folder; move it away")
 
 
 def check_experiment(args, exp):
@@ -1630,10 +1629,10 @@ ARCHITECTURE = 2
 
 
 def checkpoint_path(exp_name, checkpoint):
-    """--checkpoint: a path to a file, or a name (last.pt, best.pt) in the experiment's
-    checkpoints/."""
+    """--checkpoint: a path that exists (load_checkpoint refuses a folder), or a name (last.pt,
+    best.pt) in the experiment's checkpoints/."""
     path = Path(checkpoint)
-    return path if path.is_file() else experiment_paths(exp_name)["checkpoints"] / checkpoint
+    return path if path.exists() else experiment_paths(exp_name)["checkpoints"] / checkpoint
 
 
 def resume_checkpoint(exp):

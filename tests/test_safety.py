@@ -308,9 +308,9 @@ def test_guidance_without_a_request_is_refused(workdir, capsys):
 
 def test_paths_of_the_wrong_kind_are_named_as_such(workdir, capsys, no_weights):
     assert cli(capsys, "train", "--exp_name", "e", *SMALL_RUN, "--max_steps", 1)[0] == 0
-    code, _, err = cli(capsys, "sample", "--exp_name", "e", "--checkpoint",
-                       workdir / "experiments/e/checkpoints")
-    one_line_error(code, err, "checkpoints is a folder; list the experiment's checkpoints/")
+    for folder in ("experiments/e/checkpoints", workdir / "experiments/e/checkpoints"):
+        code, _, err = cli(capsys, "sample", "--exp_name", "e", "--checkpoint", folder)
+        one_line_error(code, err, f"checkpoint {folder} is a folder; list the experiment's")
     (workdir / "stats.npz").mkdir()
     np.savez(workdir / "ok.npz", mu=np.zeros(4), sigma=np.eye(4))
     one_line_error(*fid_error(capsys, workdir / "stats.npz", workdir / "ok.npz"),
