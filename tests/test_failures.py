@@ -113,7 +113,7 @@ def test_ctrl_c_saves_the_finished_step_and_resumes_exactly(workdir):
     args = [*map(str, SMALL_RUN), "--workers", "1", "--ckpt_every", "1000", "--eval_every", "1000"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "celebgen.py"), "train", "--exp_name", "cut", *args,
                              "--max_steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, preexec_fn=os.setpgrp)
     for line in proc.stdout:
         if line.startswith("step 3/"):
             os.killpg(proc.pid, signal.SIGINT)
@@ -139,7 +139,7 @@ def test_ctrl_c_under_ddp_saves_and_says_so_once(workdir):
     """2 gloo processes: both stop after the same step, rank 0 saves and prints the one line, exit 130."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "celebgen.py"), "train", "--exp_name", "ddp",
                              *map(str, SMALL_RUN), "--nproc", "2", "--max_steps", "100000", "--eval_every", "1000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=os.setpgrp)
     for line in proc.stdout:
         if line.startswith("step 3/"):
             os.killpg(proc.pid, signal.SIGINT)

@@ -140,7 +140,7 @@ def trainer(exp_name, *flags):
     """A `train` in its own process, in its own process group, its output read line by line."""
     return subprocess.Popen([sys.executable, str(ROOT / "celebgen.py"), "train", "--exp_name",
                              exp_name, *map(str, flags)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=os.setpgrp)
 
 
 def wait_for_step(proc, step):
