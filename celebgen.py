@@ -834,7 +834,7 @@ def train_command(args, saved):
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun started this process
     first = int(os.environ.get("RANK", 0)) == 0  # under torchrun only rank 0 creates the experiment
     with experiment_lock(args, first):  # B: one `train` per experiment at a time
-        device = check_train_command(args, saved, torchrun)  # A: before any file is written
+        device = check_train_command(args, saved, torchrun, first)  # A: before any writing
         if first:
             create_experiment(args)                                 # B: its folders, args.json
         # each process runs train_worker (B): its device, the process group, Ctrl-C, train_loop
@@ -864,7 +864,7 @@ def sample_command(args):
         raise UserError(f"--cfg_scale {args.cfg_scale[0]:g} turns up a request, and none was made: "
                         f"add --attributes, e.g. Smiling=1")
     out = experiment_paths(args.exp_name)["samples"]
-    check_folders(out, out.parent / "logs")                                  # A: no file there
+    check_folders(out, experiment_paths(args.exp_name)["logs"])              # A: no file there
     model = load_model(ckpt, device, use_ema=not args.no_ema)
     out.mkdir(parents=True, exist_ok=True)
     if args.grid:  # A: one picture, a row per --attributes setting, a column per --cfg_scale
@@ -1193,10 +1193,9 @@ def add_sample_flags(arg):
     arg("--grid_samples", type=positive(int), default=4, help="samples per cell of --grid")
 
 
-def check_train_command(args, saved, torchrun):
+def check_train_command(args, saved, torchrun, first):
     """Everything `train` can refuse, before any process starts or any file is written (the
-    experiment's folder: experiment_lock); the device."""
-    first = int(os.environ.get("RANK", 0)) == 0
+    experiment's folder: experiment_lock); the device. first: this process announces it."""
     device, args.resolved_precision = device_and_precision(args.device, args.precision,
                                                            announce=first)
     train_images = validate_train_args(args, device, torchrun)
