@@ -8,8 +8,8 @@ from conftest import ROOT
 def test_notebook_executes(tmp_path, monkeypatch):
     notebook = nbformat.read(ROOT / "demo.ipynb", as_version=4)
     setup = next(cell for cell in notebook.cells if cell.cell_type == "code")
-    assert "TRAIN_STEPS = 400" in setup.source
-    setup.source = setup.source.replace("TRAIN_STEPS = 400", "TRAIN_STEPS = 12")
+    assert "TRAIN_STEPS = 1200" in setup.source
+    setup.source = setup.source.replace("TRAIN_STEPS = 1200", "TRAIN_STEPS = 12")
     for cell in notebook.cells:
         if cell.cell_type == "code":
             cell.outputs = []
