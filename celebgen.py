@@ -16,8 +16,6 @@ three keeps runs safe (checks, Ctrl-C, atomic writes, CelebA's layouts, caches):
     # README): DiT-S with DiT's learning rate and EMA decay
     python celebgen.py train --exp_name celeba64 --data_root ./data --nproc 8 --model small \\
         --image_size 64 --batch_size 32 --lr 1e-4 --ema_decay 0.9999
-    # the 6,000-image CelebA subset of RESULTS.md's CPU benchmarks, copied out of a full CelebA
-    python celebgen.py subset --image_list assets/celeba_subset.txt --out ./data/celeba_subset
     # continue an interrupted run exactly where its last checkpoint left it
     python celebgen.py train --exp_name celeba64 --resume
     # faces on request: condition on CelebA's labels, then ask, with guidance weight 3
@@ -44,6 +42,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from scipy.optimize import linear_sum_assignment
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
@@ -295,8 +294,8 @@ def build_model(args):
 # an x-loss weighted by 1 / (1 - t)^2, capped at 1 / t_eps^2 near the image end. For 1 - t >= t_eps
 # the target is exactly x1 - x0. Beyond (t > 0.8 with the default t_eps = 0.2: 1.28% of the
 # training times) the target is clamped like the prediction, as in JiT, so the loss is smallest at
-# x_pred = x1 at every t -- which is what the sampler assumes when, at its last steps (t = 0.82 to
-# 0.98 of a 50-step run), it turns x_pred into a velocity without the clamp. The cap also bounds
+# x_pred = x1 at every t -- which is what the sampler assumes when, at its last steps (t > 0.8),
+# it turns x_pred into a velocity without the clamp. The cap also bounds
 # how much the examples near t = 1 weigh: at most 1 / 0.2^2 = 25 with the default (JiT's 0.05:
 # 400), which at 32x32 sampled no worse than JiT's by FID (RESULTS.md).
 # Why not v_pred = x_pred - x0 with the true noise? That is exactly x_pred - x1 + (x1 - x0), so the
@@ -315,6 +314,20 @@ def flow_loss(model, x1, x0, t, t_eps, attributes=None):
     return F.mse_loss(v_pred, v_target)
 
 
+# Pairing noise with images (immiscible diffusion, Li et al. 2024; minibatch optimal transport).
+# Drawn independently, a batch's noise x0 and images x1 are paired at random: an x_t lies on paths
+# to many images, and the model learns their blurred average. With --pair_noise each image takes
+# the noise of the assignment that minimises the batch's total squared distance,
+#     min over permutations P of  sum_i || x1_i - x0_P(i) ||^2;
+# the images and the noise keep their own distributions, only who pairs with whom changes.
+
+def pair_noise(x1, x0):
+    """x0 (B, C, H, W) permuted so that sum_i ||x1_i - x0_i||^2 is the smallest of any order."""
+    cost = torch.cdist(x1.flatten(1).float(), x0.flatten(1).float()).pow(2)       # (B, B)
+    _, order = linear_sum_assignment(cost.cpu().numpy())   # rows 0..B-1 each get a column
+    return x0[torch.from_numpy(order).to(x0.device)]                              # (B, C, H, W)
+
+
 # Training for guidance. To be steered by attributes at sampling time (section 7), one network must
 # know three things at once: p(x | a), p(x | some of a) and p(x). So each training example hides
 # each of its attributes with probability p_each (set to 0, unspecified), and all of them with
@@ -331,14 +344,15 @@ def drop_attributes(attributes, p_each, p_all, rng):
 # --------------------------------------------------------------------------------------------------
 #                                   7. Sampler: integrate the velocity from noise to image
 # --------------------------------------------------------------------------------------------------
-# Generation solves dx/dt = v(x, t) from x(0) = noise to t = 1 on a uniform grid t_i = i/S. Euler:
+# Generation solves dx/dt = v(x, t) from x(0) = noise to t = 1 over times 0 = t_0 < ... < t_S = 1.
+# Euler:
 #     x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i).
 # Heun averages that slope with the slope at the Euler guess (second order, two model
 # calls per step). On a perfectly straight path (a model that always predicts the same image) the
 # velocity is constant and Euler is exact: the straighter the paths the model has learnt, the
-# fewer steps it needs. Here t <= 1 - 1/S, so 1 - t > 0 and no clamp is needed (t_eps = 0): the
-# last step lands exactly on the model's clean-image prediction. Heun's last step is Euler, as
-# v(x, 1) would divide by 0.
+# fewer steps it needs. Every step starts at t < 1, so 1 - t > 0 and no clamp is needed
+# (t_eps = 0): the last step lands exactly on the model's clean-image prediction. Heun's last step
+# is Euler, as v(x, 1) would divide by 0.
 #
 # Classifier-free guidance (CFG) turns a request up. For attributes a the network gives a
 # conditional prediction x_c = model(x_t, t, a) and an unconditional one x_u = model(x_t, t, 0)
@@ -365,11 +379,34 @@ def guided_prediction(model, x_t, t, attributes, cfg_scale):
     return x_u + cfg_scale * (x_c - x_u)                                      # (B, C, H, W)
 
 
+# Where the steps go. The times t_i = 1 - (1 - i/S)^p are uniform for p = 1 and shrink towards
+# the image for p > 1. A last step from low t (0.9 of 10 uniform steps) lands on a blurred
+# prediction. Steps near t = 1 hurt too: section 1's logit-normal draws almost no training times
+# above 0.95, and there a trained network returns a nearly clean image with its contrast raised
+# (RESULTS.md); each Euler step moves x the fraction (t_{i+1} - t_i) / (1 - t_i) of the way to that
+# prediction, so many of them oversaturate the faces. By default p = min(2, log(1 / 0.02) / log S):
+# from 8 steps on the last step starts at t_{S-1} = 1 - S^-p = 0.98 (p = 1.70 at 10 steps, 1.31 at
+# 20, 1 at 50: the uniform grid); fewer steps keep p = 2, as a larger p would make the first step
+# huge (0 to 0.98 of 2 steps, where Heun's second slope overshoots).
+
+LAST_STEP_FROM = 0.98  # within 1 FID of the best grid tried at 10, 20 and 50 steps (RESULTS.md)
+
+
+def time_grid(num_steps, power=None):
+    """The S + 1 = num_steps + 1 times t_i = 1 - (1 - i/S)^power, from 0 to 1 (floats); power None:
+    the one whose last step starts at LAST_STEP_FROM, at most 2 (uniform for S = 1)."""
+    if power is None:
+        power = min(2.0, math.log(1 / (1 - LAST_STEP_FROM)) / math.log(num_steps)) \
+            if num_steps > 1 else 1.0
+    u = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64)                   # (S + 1,)
+    return (1 - (1 - u) ** power).tolist()
+
+
 @torch.no_grad()
-def sample(model, noise, num_steps, method="euler", attributes=None, cfg_scale=1.0):
-    """noise (B, C, H, W) at t=0 -> images (B, C, H, W) at t=1, in num_steps steps of `method`,
-    asking for attributes (B, K) (or None) with guidance weight cfg_scale."""
-    ts = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64).tolist()
+def sample(model, noise, times, method="euler", attributes=None, cfg_scale=1.0):
+    """noise (B, C, H, W) at t=0 -> images (B, C, H, W) at t=1, in steps of `method` between the
+    times (from time_grid), asking for attributes (B, K) (or None) with guidance weight
+    cfg_scale."""
     x = noise.float()
 
     def v(x, t):
@@ -377,12 +414,11 @@ def sample(model, noise, num_steps, method="euler", attributes=None, cfg_scale=1
         x_pred = guided_prediction(model, x, t, attributes, cfg_scale)       # (B, C, H, W)
         return velocity(x_pred, x, t, t_eps=0.0)                              # (B, C, H, W)
 
-    for i in range(num_steps):
-        dt = ts[i + 1] - ts[i]
-        v_i = v(x, ts[i])
-        if method == "heun" and i < num_steps - 1:
-            v_i = 0.5 * (v_i + v(x + dt * v_i, ts[i + 1]))
-        x = x + dt * v_i
+    for t, t_next in zip(times[:-1], times[1:]):
+        v_t = v(x, t)
+        if method == "heun" and t_next < 1:
+            v_t = 0.5 * (v_t + v(x + (t_next - t) * v_t, t_next))
+        x = x + (t_next - t) * v_t
     return x
 
 
@@ -691,6 +727,8 @@ def train_loop(rank, world_size, args, device, interrupt):
             for group in parts.optimizer.param_groups:
                 group["lr"] = lr
             # 4. forward + loss, the matmuls in 16 bits under autocast
+            if args.pair_noise:
+                x0 = pair_noise(x1, x0)
             with autocast(device, args.resolved_precision):
                 loss = flow_loss(model, x1, x0, t, args.t_eps, a)
             # 5. backward: DDP averages the gradients over processes here (fp16: the scaled loss)
@@ -739,12 +777,7 @@ class Bookkeeping:
         self.grid_noise = torch.randn(16, 3, args.image_size, args.image_size,
                                       generator=torch.Generator().manual_seed(args.seed + 1))
         self.clock, self.images_seen, self.elapsed, self.saved_step = time.time(), 0, 0.0, -1
-        params, size = sum(p.numel() for p in parts.model.parameters()) / 1e6, args.image_size
-        until = f" or {args.max_minutes:g} minutes, whichever ends first" if args.max_minutes \
-            else ""
-        print(f"training {args.model} ({params:.2f}M params) on {args.dataset} {size}x{size}, "
-              f"{total_steps} steps{until}, device {device}, {args.resolved_precision}, "
-              f"experiment {self.exp['root']}", flush=True)
+        announce_run(self)                                                    # F: what runs
 
     def after_step(self, step, numbers, images, elapsed, last):
         """What is due after step `step` (numbers: loss, lr, gradient norm), `elapsed` seconds in:
@@ -776,7 +809,7 @@ class Bookkeeping:
         """16 samples of the EMA from fixed noise: the same faces, improving, at every interval."""
         with autocast(self.device, self.args.resolved_precision):
             images = sample(self.parts.ema, self.grid_noise.to(self.device),
-                            self.args.num_sampling_steps)
+                            time_grid(self.args.num_sampling_steps))
         grid = image_grid(images)
         self.writer.add_image("samples", grid, step)
         save_png(grid, self.exp["samples"] / f"step_{step:07d}.png")          # B: written whole
@@ -806,18 +839,18 @@ def load_model(ckpt, device, use_ema=True):
 
 
 def generate(model, args, device, precision, attributes=None, cfg_scale=1.0):
-    """args.num_samples images of a loaded model, as batches (B, C, H, W) in [-1, 1] of
-    args.batch_size: args.num_sampling_steps of args.method from the noise of args.seed, asking for
-    attributes (num_samples, K) (or None) with guidance weight cfg_scale. The noise is drawn on the
-    CPU, so a seed gives the same noise on every device."""
+    """args.num_samples images (batches (B, C, H, W) in [-1, 1] of args.batch_size) in
+    args.num_sampling_steps of args.method on the times of args.time_power, from the noise of
+    args.seed (drawn on the CPU: the same on every device), asking for attributes (num_samples, K)
+    (or None) with guidance weight cfg_scale."""
     size, total = model.grid * model.patch_size, args.num_samples
     generator, start = torch.Generator().manual_seed(args.seed), time.time()
+    times = time_grid(args.num_sampling_steps, args.time_power)
     for n in range(0, total, args.batch_size):
         noise = torch.randn((min(args.batch_size, total - n), 3, size, size), generator=generator)
         asked = None if attributes is None else attributes[n:n + len(noise)].to(device)
         with autocast(device, precision), attention_kernels(device, model.grid**2):   # F
-            images = sample(model, noise.to(device), args.num_sampling_steps, args.method, asked,
-                            cfg_scale).cpu()
+            images = sample(model, noise.to(device), times, args.method, asked, cfg_scale).cpu()
         done = n + len(noise)
         print(f"sampled {done}/{total} images | {done / (time.time() - start):.2f} img/s",
               flush=True)
@@ -855,14 +888,7 @@ def sample_command(args):
     device, precision = device_and_precision(args.device, args.precision)
     path = checkpoint_path(args.exp_name, args.checkpoint)
     ckpt = load_checkpoint(path)                                               # C: checked
-    rows = attribute_rows(args.attributes, args.cfg_scale, ckpt["args"]["attributes"])  # (R, K)
-    if not args.grid and (len(args.attributes) > 1 or len(args.cfg_scale) > 1):
-        raise UserError("several --attributes settings or --cfg_scale values make a grid: add "
-                        "--grid")
-    if not args.grid and rows is not None and args.cfg_scale[0] not in (0, 1) and \
-            not args.attributes[0]:  # nothing asked: every weight draws unconditional samples
-        raise UserError(f"--cfg_scale {args.cfg_scale[0]:g} turns up a request, and none was made: "
-                        f"add --attributes, e.g. Smiling=1")
+    rows = sample_requests(args, ckpt["args"]["attributes"])         # A: (R, K), or None, checked
     out = experiment_paths(args.exp_name)["samples"]
     check_folders(out, experiment_paths(args.exp_name)["logs"])              # A: no file there
     model = load_model(ckpt, device, use_ema=not args.no_ema)
@@ -872,9 +898,7 @@ def sample_command(args):
                             precision)
     asked = rows[0].expand(args.num_samples, -1) if rows is not None else None  # (num_samples, K)
     batches = generate(model, args, device, precision, asked, args.cfg_scale[0])
-    name = f"{path.stem}_{args.method}{args.num_sampling_steps}_seed{args.seed}"
-    if args.attributes[0] or args.cfg_scale[0] != 1:
-        name += f"_{setting_text(args.attributes[0])}_cfg{args.cfg_scale[0]:g}"
+    name = samples_name(path, args)                         # A: the checkpoint and the flags
     # each PNG is written into {name}.partial/, which replaces {name}/ only when complete (B)
     count, first = write_samples_whole(batches, out / name, args.num_samples)
     save_png(image_grid(torch.stack(first)), (out / name).with_suffix(".png"))
@@ -1047,6 +1071,35 @@ def setting_text(setting):
     return ",".join(f"{name}={int(value > 0)}" for name, value in setting.items()) or "none"
 
 
+def sampler_text(args):
+    """'euler20' for the default times, 'euler20_power1' for --time_power 1: in file names."""
+    power = "" if args.time_power is None else f"_power{args.time_power:g}"
+    return f"{args.method}{args.num_sampling_steps}{power}"
+
+
+def samples_name(path, args):
+    """The folder name of `sample`'s images of the checkpoint at path, e.g. last_euler20_seed0, or
+    last_euler20_seed0_Smiling=1_cfg3 for a request."""
+    name = f"{path.stem}_{sampler_text(args)}_seed{args.seed}"
+    if args.attributes[0] or args.cfg_scale[0] != 1:
+        name += f"_{setting_text(args.attributes[0])}_cfg{args.cfg_scale[0]:g}"
+    return name
+
+
+def sample_requests(args, trained):
+    """sample's --attributes and --cfg_scale as attribute_rows for a checkpoint trained on the
+    attributes `trained`; requests that need --grid, or guidance with nothing asked, refused."""
+    rows = attribute_rows(args.attributes, args.cfg_scale, trained)
+    if not args.grid and (len(args.attributes) > 1 or len(args.cfg_scale) > 1):
+        raise UserError("several --attributes settings or --cfg_scale values make a grid: add "
+                        "--grid")
+    if not args.grid and rows is not None and args.cfg_scale[0] not in (0, 1) and \
+            not args.attributes[0]:  # nothing asked: every weight draws unconditional samples
+        raise UserError(f"--cfg_scale {args.cfg_scale[0]:g} turns up a request, and none was made: "
+                        f"add --attributes, e.g. Smiling=1")
+    return rows
+
+
 def attribute_rows(settings, cfg_scales, trained):
     """sample --attributes settings -> (R, K) vectors over the attributes the checkpoint was trained
     on (`trained`), 0 for those not named; None for an unconditional checkpoint."""
@@ -1096,7 +1149,7 @@ def add_train_flags(arg):
     arg("--resume", action="store_true",
         help="continue experiments/{exp_name} exactly from last.pt (or best.pt); the saved flags "
              "are the defaults, and the model, --dataset, --batch_size, --nproc, --seed, --t_mu, "
-             "--t_sigma, --t_eps and --val_size cannot change")
+             "--t_sigma, --t_eps, --pair_noise and --val_size cannot change")
     arg("--dataset", choices=["celeba", "toy"], default="celeba",
         help="celeba: images under --data_root; toy: procedurally drawn faces, no download")
     arg("--data_root", default="./data", help="where CelebA is (see README for the layouts)")
@@ -1138,13 +1191,16 @@ def add_recipe_flags(arg):
     arg("--ema_decay", type=number(float, at_least=0, below=1), default=0.995,
         help="EMA decay d: the average spans about 1 / (1 - d) steps (DiT's, for runs "
              "of hundreds of thousands of steps: 0.9999)")
+    arg("--pair_noise", action="store_true",
+        help="pair each batch's noise with its images by the assignment of least total squared "
+             "distance (immiscible diffusion)")
     arg("--t_mu", type=number(float), default=-0.4,
         help="logit-normal mean of the training times t")
     arg("--t_sigma", type=positive(float), default=0.8,
         help="logit-normal std of the training times t")
     arg("--t_eps", type=number(float, above=0, below=1), default=0.2,
         help="the loss's velocities divide by max(1 - t, t_eps), a cap on the time axis")
-    arg("--num_sampling_steps", type=positive(int), default=50,
+    arg("--num_sampling_steps", type=positive(int), default=20,
         help="Euler steps of the sample grids")
     arg("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     arg("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
@@ -1173,9 +1229,13 @@ def add_sample_flags(arg):
     arg("--checkpoint", default="last.pt",
         help="a name in the experiment's checkpoints/ (last.pt, best.pt) or a path")
     arg("--num_samples", type=positive(int), default=64, help="images to write")
-    arg("--num_sampling_steps", type=positive(int), default=50, help="steps from noise to image")
+    arg("--num_sampling_steps", type=positive(int), default=20,
+        help="steps from noise to image (20 scored as well by FID as 50: RESULTS.md)")
     arg("--method", choices=["euler", "heun"], default="euler",
         help="euler: one model call per step; heun: two, second-order accurate")
+    arg("--time_power", type=number(float, above=0, below=5), default=None,
+        help="the steps' times t_i = 1 - (1 - i/S)^P: 1 uniform, > 1 steps shrinking towards the "
+             "image (default: the P whose last step starts at t = 0.98; 1 at 50 steps)")
     arg("--seed", type=number(int, at_least=0), default=0, help="seed of the noise")
     arg("--batch_size", type=positive(int), default=64, help="images sampled at once")
     arg("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
@@ -1269,7 +1329,7 @@ def check_processes(args, device, torchrun):
     args.world_size = int(os.environ["WORLD_SIZE"]) if torchrun else args.nproc
 
 
-def guidance_grid(model, rows, cfg_scales, noise, num_steps, method="euler"):
+def guidance_grid(model, rows, cfg_scales, noise, times, method="euler"):
     """The effect of a request at a glance: one image (3, H', W') in [0, 1] with a row per attribute
     setting in rows (R, K), a column per guidance weight, each cell the samples of the same noise
     (n, C, H, W) side by side. Runs at the caller's precision (autocast) and device."""
@@ -1278,7 +1338,7 @@ def guidance_grid(model, rows, cfg_scales, noise, num_steps, method="euler"):
     for row in rows:
         asked = row.expand(len(noise), -1).to(noise.device)                  # (n, K)
         for cfg_scale in cfg_scales:
-            images = sample(model, noise, num_steps, method, asked, cfg_scale)
+            images = sample(model, noise, times, method, asked, cfg_scale)
             cells.append(image_grid(images.cpu(), columns=len(noise)))       # (3, h, n*w)
     return torchvision.utils.make_grid(torch.stack(cells), nrow=len(cfg_scales), padding=8,
                                        pad_value=1.0)
@@ -1292,8 +1352,8 @@ def grid_command(args, model, rows, stem, step, device, precision):
                         generator=torch.Generator().manual_seed(args.seed))
     with autocast(device, precision), attention_kernels(device, model.grid**2):
         grid = guidance_grid(model, rows, args.cfg_scale, noise.to(device),
-                             args.num_sampling_steps, args.method)
-    name = stem.with_name(f"{stem.name}_{args.method}{args.num_sampling_steps}_seed{args.seed}.png")
+                             time_grid(args.num_sampling_steps, args.time_power), args.method)
+    name = stem.with_name(f"{stem.name}_{sampler_text(args)}_seed{args.seed}.png")
     save_png(grid, name)                                                      # written whole: B
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(experiment_paths(args.exp_name)["logs"]) as writer:
@@ -1618,7 +1678,7 @@ MODEL_ARGS = ("model", "image_size", "patch_size", "attributes")  # what the wei
 # position in the epoch (seed, batch size, processes), the example times, and the validation set
 # and loss that pick best.pt
 RESUME_FIXED = ("dataset", "batch_size", "world_size", "seed", "t_mu", "t_sigma", "t_eps",
-                "val_size")
+                "pair_noise", "val_size")
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "best_val", "args", "rng")
 # What the weights mean: the same tensors under another version of the network's arithmetic load
 # without an error and draw noise, so a checkpoint records the version it was trained under.
@@ -2183,6 +2243,16 @@ def compiled(model):
     slower than eager; it is not the bottleneck, so the warning is hidden."""
     warnings.filterwarnings("ignore", "Torchinductor does not support code generation for complex")
     return torch.compile(model)
+
+
+def announce_run(book):
+    """Bookkeeping's first line: the model, the data, how long, the device, the precision."""
+    args = book.args
+    params = sum(p.numel() for p in book.parts.model.parameters()) / 1e6
+    until = f" or {args.max_minutes:g} minutes, whichever ends first" if args.max_minutes else ""
+    print(f"training {args.model} ({params:.2f}M params) on {args.dataset} {args.image_size}x"
+          f"{args.image_size}, {book.total_steps} steps{until}, device {book.device}, "
+          f"{args.resolved_precision}, experiment {book.exp['root']}", flush=True)
 
 
 def log_progress(book, step, loss, lr, grad_norm, images):

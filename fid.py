@@ -541,6 +541,7 @@ def write_result(result, exp_name):
     with SummaryWriter(exp["logs"]) as writer:
         tag = (f"fid/{result['num_samples']}_samples_{result['method']}"
                f"{result['num_sampling_steps']}")
+        tag += f"_power{result['time_power']:g}" if result["time_power"] is not None else ""
         tag += f"_cfg{result['cfg_scale']:g}" if "attributes" in result else ""
         writer.add_scalar(tag, result["fid"], result["step"])
         writer.add_scalar(tag.replace("fid/", "kid/"), result["kid"], result["step"])
@@ -569,8 +570,11 @@ def experiment_fid(args):
     result = {**scores, "protocol": args.protocol, "num_samples": args.num_samples,
               "ref_images": ref["count"], "ref_split": args.ref_split, "step": ckpt["step"],
               "checkpoint": str(checkpoint), "num_sampling_steps": args.num_sampling_steps,
-              "method": args.method, "seed": args.seed, "device": device.type,
-              "precision": precision, "reference": str(ref["path"]),
+              "method": args.method, "time_power": args.time_power,
+              "times": [round(t, 6) for t in celebgen.time_grid(args.num_sampling_steps,
+                                                                args.time_power)],
+              "seed": args.seed,
+              "device": device.type, "precision": precision, "reference": str(ref["path"]),
               "inception_weights": str(model.weights_file),
               "inception_sha256": model.weights_sha256, "kid_subsets": KID_SUBSETS,
               "kid_subset_size": min(KID_SUBSET_SIZE, args.num_samples, len(ref["features"]))}
@@ -608,9 +612,12 @@ def make_parser():
              "samples vs the 162770 training images, as published CelebA-64 FIDs")
     arg("--num_samples", type=celebgen.number(int, at_least=2),
         help="images to sample from the experiment (default: the protocol's)")
-    arg("--num_sampling_steps", type=celebgen.positive(int), default=50,
+    arg("--num_sampling_steps", type=celebgen.positive(int), default=20,
         help="sampler steps from noise to image")
     arg("--method", choices=["euler", "heun"], default="euler", help="the sampler")
+    arg("--time_power", type=celebgen.number(float, above=0, below=5),
+        help="the steps' times t_i = 1 - (1 - i/S)^P, as in celebgen.py sample (1: uniform; "
+             "default: the P whose last step starts at t = 0.98)")
     arg("--cfg_scale", type=celebgen.number(float, at_least=0), default=1.0,
         help="guidance weight for a model trained with --attributes, which is asked for the "
              "reference images' own labels (1: plainly conditional)")

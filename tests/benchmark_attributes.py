@@ -77,6 +77,9 @@ def main():
         help="samples per request and weight")
     arg("--steps", type=celebgen.positive(int), default=30,
         help="Euler steps (the notebook's grid: 30)")
+    arg("--time_power", type=celebgen.number(float, above=0, below=5),
+        help="the steps' times t_i = 1 - (1 - i/S)^P, as in celebgen.py sample (1: uniform; "
+             "default: its default)")
     arg("--cfg_scale", type=celebgen.number(float, above=0), nargs="+", default=[1.0, 3.0],
         help="guidance weights besides 0 (w = 0, the unconditional model, is always scored)")
     arg("--train_faces", type=celebgen.positive(int), default=10_000, help="the classifier's data")
@@ -95,7 +98,8 @@ def main():
         accuracy = ((net(held_out) > 0).float() == held_out_labels).float().mean(0)
     print(f"classifier: {args.train_faces} toy faces, {time.time() - start:.0f} s; accuracy on "
           f"2000 held-out faces: " + ", ".join(f"{n} {a:.3f}" for n, a in zip(NAMES, accuracy)))
-    print(f"checkpoint {args.checkpoint}, step {ckpt['step']}; Euler {args.steps} steps, "
+    print(f"checkpoint {args.checkpoint}, step {ckpt['step']}; Euler {args.steps} steps "
+          f"(time power {args.time_power or 'default'}), "
           f"{args.num_samples} samples per cell; fraction with each attribute")
 
     def report(label, w, fractions):
@@ -103,7 +107,8 @@ def main():
 
     def scored(row, w):  # row (K,) in the checkpoint's attribute order
         asked = row.expand(len(noise), -1)                                   # (n, K)
-        return rates(net, celebgen.sample(model, noise, args.steps, "euler", asked, w).clamp(-1, 1))
+        times = celebgen.time_grid(args.steps, args.time_power)
+        return rates(net, celebgen.sample(model, noise, times, "euler", asked, w).clamp(-1, 1))
 
     print(f"{'request':<24}{'w':>5}" + "".join(f"{n:>13}" for n in NAMES))
     report("training data", "", labels(size, 5000, offset=0).mean(0))

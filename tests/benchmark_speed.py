@@ -267,6 +267,22 @@ def trainer_speed(model_name, image_size, patch_size, precision, batch_size, dat
     return statistics.median(float(x) for x in re.findall(r"([\d.]+) img/s", log.getvalue())[1:])
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def profile_step(step, first, steps=5):
+    """Where a training step's time goes: [(operator, share of the self CPU time)] over `steps` steps
+    (torch.profiler), the most costly first, and the share of the matrix products."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            step(first + i)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = [(e.key, e.self_cpu_time_total / total) for e in events]
+    return shares, sum(share for name, share in shares if name in MATMUL_OPS)
+
+
 VARIANT_NAMES = {"plain DiT": "the plain DiT", "version 1": "version 1", "unfused": "AdamW unfused"}
 
 
@@ -296,6 +312,9 @@ def main():
                              "over it; and AdamW's step alone, both ways")
     parser.add_argument("--compile", action="store_true",
                         help="also time each model under torch.compile (its first step, which compiles, apart)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where celebgen's step spends its time: the operators with the most "
+                             "self CPU time over 5 steps, and the matrix products' share and GFLOP/s")
     parser.add_argument("--trainer", metavar="DATA_ROOT",
                         help="also run `celebgen.py train` on the images under DATA_ROOT (with --compile after a "
                              "compiled in-memory run), and time the in-memory steps on its batches; print "
@@ -358,6 +377,12 @@ def main():
                           + "".join(f"  {ips / speed:.2f}x {VARIANT_NAMES[label]}"
                                     for (label, _), speed in zip(variants[:-1], speeds) if label in VARIANT_NAMES)
                           + note(firsts[-1]), flush=True)
+                    if args.profile:
+                        shares, matmul = profile_step(steps[-1], 10**6)
+                        print(f"{name:>6} {size:>4} {p:>9} profile: matrix products {matmul:.0%} of the step "
+                              f"({flops / matmul / 1e9:.1f} GFLOP/s while they run, {flops / matmul / peak:.0%} "
+                              f"of peak); top operators: " + ", ".join(f"{op} {share:.0%}" for op, share in shares[:8]),
+                              flush=True)
                     ratios = {}
                     for workers in args.workers if trainer else []:
                         # each trainer run against the mean of the in-memory runs just before and just

@@ -173,10 +173,10 @@ def test_guidance_on_the_velocity_equals_guidance_on_the_prediction():
 def test_cfg_scale_1_is_conditional_and_0_unconditional_exactly():
     model = conditional_dit()
     noise, a = torch.randn(2, 3, 16, 16), torch.tensor([[1.0, -1, 0], [0, 1, 1]])
-    conditional = cg.sample(lambda x, t: model(x, t, a), noise, 4)
-    unconditional = cg.sample(lambda x, t: model(x, t), noise, 4)
-    assert torch.equal(cg.sample(model, noise, 4, attributes=a, cfg_scale=1.0), conditional)
-    assert torch.equal(cg.sample(model, noise, 4, attributes=a, cfg_scale=0.0), unconditional)
+    conditional = cg.sample(lambda x, t: model(x, t, a), noise, cg.time_grid(4))
+    unconditional = cg.sample(lambda x, t: model(x, t), noise, cg.time_grid(4))
+    assert torch.equal(cg.sample(model, noise, cg.time_grid(4), attributes=a, cfg_scale=1.0), conditional)
+    assert torch.equal(cg.sample(model, noise, cg.time_grid(4), attributes=a, cfg_scale=0.0), unconditional)
     assert not torch.allclose(conditional, unconditional)
 
 
@@ -274,7 +274,7 @@ def test_a_conditional_model_learns_what_it_is_asked_for(workdir, capsys):
     for cfg_scale in (1.0, 3.0):
         for value in (1.0, -1.0):
             asked = torch.tensor([[value, 0.0, 0.0, 0.0]]).expand(64, -1)
-            images = cg.sample(model, noise, 20, attributes=asked, cfg_scale=cfg_scale)
+            images = cg.sample(model, noise, cg.time_grid(20), attributes=asked, cfg_scale=cfg_scale)
             blond[cfg_scale, value] = hair_yellowness(images).mean().item()
     gap1, gap3 = blond[1.0, 1.0] - blond[1.0, -1.0], blond[3.0, 1.0] - blond[3.0, -1.0]
     assert gap1 > 0.1 and gap3 > gap1 + 0.02, blond

@@ -60,10 +60,13 @@ def test_a_documented_fid_command_parses(argv):
     fid.make_parser().parse_args(argv)  # a bad flag or value raises UserError: the test fails
 
 
-def test_fid_and_sample_read_the_same_checkpoint_by_default():
+def test_fid_scores_what_sample_draws_by_default():
+    """The same checkpoint, sampler, steps and times: fid.py's default FID is that of sample's images."""
     parser, _ = cg.make_parser()
     sample = parser.parse_args(["sample", "--exp_name", "e"])
-    assert fid.make_parser().parse_args(["--exp_name", "e"]).checkpoint == sample.checkpoint
+    scored = fid.make_parser().parse_args(["--exp_name", "e"])
+    for flag in ("checkpoint", "method", "num_sampling_steps", "time_power"):
+        assert getattr(scored, flag) == getattr(sample, flag), flag
 
 
 def test_the_defaults_readme_names_are_the_parsers():

@@ -235,17 +235,36 @@ def test_logit_normal_times():
     assert abs(torch.logit(t).mean().item() + 0.8) < 0.01 and abs(torch.logit(t).std().item() - 0.8) < 0.01
 
 
+def test_time_grid_starts_the_last_step_at_0_98_and_shrinks_the_steps_by_the_power():
+    """t_i = 1 - (1 - i/S)^p: uniform for p = 1, steps shrinking linearly for p = 2; by default the p
+    with t_{S-1} = 0.98, at most 2 (as section 7 says: 1.70 at 10 steps, 1.31 at 20, uniform at 50,
+    2 below 8 steps)."""
+    assert cg.time_grid(4, 1.0) == [0.0, 0.25, 0.5, 0.75, 1.0] and cg.time_grid(1) == [0.0, 1.0]
+    steps = torch.tensor(cg.time_grid(10, 2.0)).diff()
+    assert torch.allclose(steps.diff(), torch.full((9,), -0.02, dtype=steps.dtype))  # linear shrink
+    assert cg.time_grid(50) == pytest.approx(cg.time_grid(50, 1.0)) and cg.LAST_STEP_FROM == 0.98
+    for num_steps, power in ((10, 1.70), (20, 1.31)):
+        assert cg.time_grid(num_steps) == pytest.approx(cg.time_grid(num_steps, power), abs=2e-3)
+    for num_steps in (8, 10, 20, 100):
+        times = torch.tensor(cg.time_grid(num_steps))
+        assert times[0] == 0 and times[-1] == 1 and (times.diff() > 0).all()
+        assert times[-2].item() == pytest.approx(0.98)
+    assert all(cg.time_grid(n) == cg.time_grid(n, 2.0) for n in (2, 5, 7))  # p at most 2
+
+
+@pytest.mark.parametrize("power", [1.0, None])
 @pytest.mark.parametrize("method", ["euler", "heun"])
 @pytest.mark.parametrize("steps", [1, 7, 50])
-def test_sampler_lands_exactly_on_a_fixed_prediction(method, steps):
+def test_sampler_lands_exactly_on_a_fixed_prediction(method, steps, power):
     """A model that always predicts the same image makes every path straight: both solvers are exact."""
     target = torch.rand(1, 3, 8, 8) * 2 - 1
     noise = torch.randn(4, 3, 8, 8)
-    out = cg.sample(lambda x, t: target.expand_as(x), noise, steps, method)
+    out = cg.sample(lambda x, t: target.expand_as(x), noise, cg.time_grid(steps, power), method)
     assert torch.allclose(out, target.expand_as(out), atol=1e-5)
 
 
-def test_sampler_transports_a_gaussian_with_first_and_second_order_error():
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_sampler_transports_a_gaussian_with_first_and_second_order_error(power):
     """Data x1 ~ N(m, s^2): the best x-prediction is E[x1 | x_t] = m + t s^2 (x_t - t m) / (t^2 s^2 + (1-t)^2),
     and the flow maps noise x0 to exactly m + s x0. Doubling the steps halves Euler's error (first order)
     and quarters Heun's (second order)."""
@@ -259,7 +278,7 @@ def test_sampler_transports_a_gaussian_with_first_and_second_order_error():
     exact = m + s * noise
 
     def error(steps, method):
-        return (cg.sample(oracle, noise, steps, method) - exact).abs().max().item()
+        return (cg.sample(oracle, noise, cg.time_grid(steps, power), method) - exact).abs().max().item()
 
     assert 1.7 < error(20, "euler") / error(40, "euler") < 2.3
     assert error(20, "heun") / error(40, "heun") > 3.5
@@ -277,7 +296,7 @@ def test_generate_draws_fresh_noise_per_image_whatever_the_batch_size():
             "ema": model.state_dict()}
     asked = torch.tensor([[1.0, -1], [-1, 1], [1, 1], [-1, -1], [0, 1], [1, 0]])  # (6, 2)
     cpu = torch.device("cpu")
-    settings = lambda batch_size: cg.argparse.Namespace(num_samples=6, num_sampling_steps=3, method="euler",
+    settings = lambda batch_size: cg.argparse.Namespace(num_samples=6, num_sampling_steps=3, method="euler", time_power=None,
                                                         seed=7, batch_size=batch_size)
     draw = lambda batch_size: torch.cat(list(cg.generate(cg.load_model(ckpt, cpu), settings(batch_size), cpu,
                                                          "fp32", attributes=asked)))  # (6, 3, 8, 8)
@@ -304,7 +323,7 @@ def test_overfits_a_few_images():
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 / 5, (losses[:5], losses[-5:])
-    samples = cg.sample(model, torch.randn(8, 3, 16, 16), 20)
+    samples = cg.sample(model, torch.randn(8, 3, 16, 16), cg.time_grid(20))
     nearest = ((samples[:, None] - data[None]) ** 2).mean(dim=(2, 3, 4)).min(dim=1).values  # (8,)
     assert nearest.max() < 0.02, nearest  # the untrained model's samples (all 0) are at 0.36
 

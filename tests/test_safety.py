@@ -334,3 +334,22 @@ def test_inception_weights_that_are_a_folder(workdir, capsys):
             Image.fromarray(np.full((8, 8, 3), 50 * i, dtype=np.uint8)).save(workdir / side / f"{i}.png")
     code, err = fid_error(capsys, workdir / "a", workdir / "b", "--inception_weights", workdir)
     one_line_error(code, err, f"Inception weights {workdir} is a folder; pass the weights file")
+
+
+def test_sample_draws_on_the_time_grid_asked_for_and_names_it(workdir, capsys):
+    """--time_power P samples on the times 1 - (1 - i/S)^P (the images of cg.sample on that grid), in
+    a folder whose name says P; a power outside (0, 5) is refused in one line."""
+    assert cli(capsys, "train", "--exp_name", "e", *SMALL_RUN, "--max_steps", 1)[0] == 0
+    for power in ("0", "5", "-1", "two"):
+        code, _, err = cli(capsys, "sample", "--exp_name", "e", "--time_power", power)
+        one_line_error(code, err, "argument --time_power: ")
+    assert cli(capsys, "sample", "--exp_name", "e", "--num_samples", 2, "--num_sampling_steps", 3,
+               "--time_power", 2, "--precision", "fp32")[0] == 0
+    written = cg.to_signed(cg.image_tensor(cg.Image.open(
+        workdir / "experiments/e/samples/last_euler3_power2_seed0/000000.png")))
+    ckpt = cg.load_checkpoint(workdir / "experiments/e/checkpoints/last.pt")
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    model = cg.load_model(ckpt, torch.device("cpu"))
+    on_grid = {p: cg.sample(model, noise, cg.time_grid(3, p))[0] for p in (1.0, 2.0)}
+    assert (on_grid[2.0] - written).abs().max() <= 1.01 / 127.5  # the same up to 8-bit rounding
+    assert (on_grid[1.0] - written).abs().max() > 3 / 127.5

@@ -1,5 +1,6 @@
 """Rules of the training loop, each measured on something the test controls."""
 import argparse
+import itertools
 import sys
 
 import pytest
@@ -178,7 +179,7 @@ def test_the_first_step_is_plain_adamw_and_the_logs_show_the_ema(workdir, capsys
 
     noise = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(args.seed + 1))
     saved = cg.to_signed(cg.image_tensor(cg.Image.open(workdir / "experiments/one/samples/step_0000001.png")))
-    drawn = {part: cg.image_grid(cg.sample(m, noise, args.num_sampling_steps)) * 2 - 1 for part, m in weights.items()}
+    drawn = {part: cg.image_grid(cg.sample(m, noise, cg.time_grid(args.num_sampling_steps))) * 2 - 1 for part, m in weights.items()}
     assert (drawn["ema"] - saved).abs().max() <= 1.01 / 127.5  # the same up to 8-bit rounding
     assert (drawn["model"] - saved).abs().max() > 3 / 127.5
 
@@ -329,3 +330,27 @@ def test_a_cache_that_cannot_be_written_is_tried_once(workdir, monkeypatch, caps
                          "--batch_size", 4, "--max_steps", 2)
     assert code == 0 and "step 2/2" in out, err
     assert out.count("decoding 20 images once") == 1 and err.count("cannot write the image cache") == 1
+
+
+def test_pair_noise_gives_the_images_the_noise_of_the_cheapest_assignment():
+    """pair_noise reorders the batch's noise (the same noise vectors) into the order of least total
+    squared distance to the images, checked against all 6! orders."""
+    generator = torch.Generator().manual_seed(0)
+    x1, x0 = torch.randn(6, 3, 4, 4, generator=generator), torch.randn(6, 3, 4, 4, generator=generator)
+    paired = cg.pair_noise(x1, x0)
+    cost = lambda noise: ((x1 - noise) ** 2).sum().item()
+    least = min(cost(x0[list(order)]) for order in itertools.permutations(range(6)))
+    assert sorted(paired.flatten(1).tolist()) == sorted(x0.flatten(1).tolist())
+    assert cost(paired) == pytest.approx(least, rel=1e-6) and least < cost(x0) - 1
+
+
+def test_the_trainer_pairs_the_noise_only_with_the_flag_and_a_resume_keeps_it(workdir, capsys, monkeypatch):
+    paired, pair_noise = [], cg.pair_noise
+    monkeypatch.setattr(cg, "pair_noise", lambda x1, x0: paired.append(len(x1)) or pair_noise(x1, x0))
+    assert cli(capsys, "train", "--exp_name", "plain", *TOY, "--batch_size", 4, "--max_steps", 2)[0] == 0
+    assert paired == []
+    assert cli(capsys, "train", "--exp_name", "paired", *TOY, "--batch_size", 4, "--max_steps", 2,
+               "--pair_noise")[0] == 0
+    assert paired == [4, 4]
+    code, _, err = cli(capsys, "train", "--exp_name", "plain", "--resume", "--max_steps", 3, "--pair_noise")
+    assert code == 2 and "--resume cannot change --pair_noise False -> True" in err, err
