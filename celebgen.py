@@ -1071,6 +1071,11 @@ def setting_text(setting):
     return ",".join(f"{name}={int(value > 0)}" for name, value in setting.items()) or "none"
 
 
+TIME_POWER_HELP = ("the steps' times t_i = 1 - (1 - i/S)^P: 1 uniform, > 1 steps shrinking "
+                   "towards the image (default: the P whose last step starts at t = 0.98, at most "
+                   "2; 1 at 50 steps)")
+
+
 def sampler_text(args):
     """'euler20' for the default times, 'euler20_power1' for --time_power 1: in file names."""
     power = "" if args.time_power is None else f"_power{args.time_power:g}"
@@ -1233,9 +1238,7 @@ def add_sample_flags(arg):
         help="steps from noise to image (20 scored as well by FID as 50: RESULTS.md)")
     arg("--method", choices=["euler", "heun"], default="euler",
         help="euler: one model call per step; heun: two, second-order accurate")
-    arg("--time_power", type=number(float, above=0, below=5), default=None,
-        help="the steps' times t_i = 1 - (1 - i/S)^P: 1 uniform, > 1 steps shrinking towards the "
-             "image (default: the P whose last step starts at t = 0.98; 1 at 50 steps)")
+    arg("--time_power", type=number(float, above=0, below=5), help=TIME_POWER_HELP)
     arg("--seed", type=number(int, at_least=0), default=0, help="seed of the noise")
     arg("--batch_size", type=positive(int), default=64, help="images sampled at once")
     arg("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)

@@ -616,8 +616,7 @@ def make_parser():
         help="sampler steps from noise to image")
     arg("--method", choices=["euler", "heun"], default="euler", help="the sampler")
     arg("--time_power", type=celebgen.number(float, above=0, below=5),
-        help="the steps' times t_i = 1 - (1 - i/S)^P, as in celebgen.py sample (1: uniform; "
-             "default: the P whose last step starts at t = 0.98)")
+        help=celebgen.TIME_POWER_HELP)
     arg("--cfg_scale", type=celebgen.number(float, at_least=0), default=1.0,
         help="guidance weight for a model trained with --attributes, which is asked for the "
              "reference images' own labels (1: plainly conditional)")

@@ -78,8 +78,7 @@ def main():
     arg("--steps", type=celebgen.positive(int), default=30,
         help="Euler steps (the notebook's grid: 30)")
     arg("--time_power", type=celebgen.number(float, above=0, below=5),
-        help="the steps' times t_i = 1 - (1 - i/S)^P, as in celebgen.py sample (1: uniform; "
-             "default: its default)")
+        help=celebgen.TIME_POWER_HELP)
     arg("--cfg_scale", type=celebgen.number(float, above=0), nargs="+", default=[1.0, 3.0],
         help="guidance weights besides 0 (w = 0, the unconditional model, is always scored)")
     arg("--train_faces", type=celebgen.positive(int), default=10_000, help="the classifier's data")
