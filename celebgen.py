@@ -139,8 +139,7 @@ def apply_rope(x, angles):
     a_k. Read as a complex number z_k = x_2k + i x_2k+1, a rotation by a is a product with
     e^(ia) = cos a + i sin a, as LLaMA writes it:
         z_k e^(ia) = (x_2k cos a - x_2k+1 sin a) + i (x_2k sin a + x_2k+1 cos a),
-    one complex product per pair. In fp32, as PyTorch has no bf16 complex numbers; the caller casts
-    back."""
+    one complex product per pair, in fp32 (PyTorch has no bf16 complex type; the caller casts)."""
     z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))        # (B, H, N, d/2) complex
     rotation = torch.view_as_complex(torch.stack([angles.cos(), angles.sin()], -1))  # (N, d/2)
     return torch.view_as_real(z * rotation).flatten(-2)                # (B, H, N, d) fp32
@@ -153,10 +152,9 @@ def apply_rope(x, angles):
 #     x <- x + gate * f( LayerNorm(x) * (1 + scale) + shift )
 # where (shift, scale, gate) are regressed from the time embedding c. That is how the network knows
 # how noisy its input is. The name: adaptive instance normalisation (AdaIN, from style transfer)
-# normalises each channel over an image's positions, then re-scales and re-shifts it by gains
-# computed from a condition. DiT's adaLN, used here, normalises each token over its channels
-# (LayerNorm) instead; the idea is the same -- normalise, then let the condition choose scale and
-# shift. "Zero": the layer that produces (shift, scale, gate) starts at zero, so gate = 0 and every
+# normalises each channel over an image's positions, then lets a condition choose its scale and
+# shift; DiT's adaLN, used here, normalises each token over its channels (LayerNorm) instead.
+# "Zero": the layer that produces (shift, scale, gate) starts at zero, so gate = 0 and every
 # block is the identity at initialisation -- a deep stack starts as a shallow, well-behaved network
 # and grows into its depth. The time embedding c starts from the features
 # [cos(1000 t w_k), sin(1000 t w_k)], w_k a frequency bank like RoPE's with base 10,000.
@@ -208,8 +206,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # AdaIN is the affine
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        # A plain GELU MLP, as in DiT, but with the exact GELU, x Phi(x), not DiT's tanh
-        # approximation of it (tests/benchmark_speed.py --version1 times the two on your CPU).
+        # DiT's MLP with the exact GELU x Phi(x) (benchmark_speed.py --version1 times DiT's tanh)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(),
                                  nn.Linear(mlp_ratio * dim, dim))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -233,8 +230,7 @@ class Block(nn.Module):
 # network of width D can represent, while noise fills all p*p*3 dimensions of a patch (the argument
 # of JiT, "Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025). That argument is
 # strongest when a patch holds more numbers than a token's width; here a 4x4 patch holds 48 numbers
-# against D = 192 (tiny) or 384 (small), so at these sizes it applies only weakly. Section 6 turns
-# the prediction into a velocity.
+# against D = 192 (tiny) or 384 (small), so at these sizes it applies only weakly.
 
 # named sizes: width, depth and heads (head width 64 throughout); parameters at 4x4 patches
 MODELS = {
@@ -291,13 +287,11 @@ def build_model(args):
 # velocity is v = (x1 - x_t) / (1 - t) without x0; with the prediction in place of x1,
 #     v_pred = (x_pred - x_t) / max(1 - t, t_eps),     v_target = (x1 - x_t) / max(1 - t, t_eps),
 #     loss = || v_pred - v_target ||^2 = || x_pred - x1 ||^2 / max(1 - t, t_eps)^2:
-# an x-loss weighted by 1 / (1 - t)^2, capped at 1 / t_eps^2 near the image end. For 1 - t >= t_eps
-# the target is exactly x1 - x0. Beyond (t > 0.8 with the default t_eps = 0.2: 1.28% of the
-# training times) the target is clamped like the prediction, as in JiT, so the loss is smallest at
-# x_pred = x1 at every t -- which is what the sampler assumes when, at its last steps (t > 0.8),
-# it turns x_pred into a velocity without the clamp. The cap also bounds
-# how much the examples near t = 1 weigh: at most 1 / 0.2^2 = 25 with the default (JiT's 0.05:
-# 400), which at 32x32 sampled no worse than JiT's by FID (RESULTS.md).
+# an x-loss weighted by 1 / (1 - t)^2, capped at 1 / t_eps^2 near the image end: 25 with the default
+# t_eps = 0.2, which sampled no worse by FID at 32x32 than JiT's 0.05 (400; RESULTS.md). For
+# 1 - t >= t_eps the target is exactly x1 - x0; beyond (t > 0.8: 1.28% of the training times) it
+# is clamped like the prediction, as in JiT, so the loss is still smallest at x_pred = x1 -- which
+# the sampler assumes when, at its last steps, it turns x_pred into a velocity without the clamp.
 # Why not v_pred = x_pred - x0 with the true noise? That is exactly x_pred - x1 + (x1 - x0), so the
 # loss collapses to a plain unweighted x-loss -- and at sampling time x0 is unknown anyway.
 
@@ -316,16 +310,20 @@ def flow_loss(model, x1, x0, t, t_eps, attributes=None):
 
 # Pairing noise with images (immiscible diffusion, Li et al. 2024; minibatch optimal transport).
 # Drawn independently, a batch's noise x0 and images x1 are paired at random: an x_t lies on paths
-# to many images, and the model learns their blurred average. With --pair_noise each image takes
-# the noise of the assignment that minimises the batch's total squared distance,
-#     min over permutations P of  sum_i || x1_i - x0_P(i) ||^2;
-# the images and the noise keep their own distributions, only who pairs with whom changes.
+# to many images, and the model learns their blurred average. So each image takes the noise of the
+# assignment that minimises the batch's total squared distance (off: --no_pair_noise),
+#     min over permutations P of  sum_i || x1_i - x0_P(i) ||^2:
+# both keep their distributions, only the pairs change. FID -2 in 20-minute CPU runs (RESULTS.md).
 
-def pair_noise(x1, x0):
-    """x0 (B, C, H, W) permuted so that sum_i ||x1_i - x0_i||^2 is the smallest of any order."""
-    cost = torch.cdist(x1.flatten(1).float(), x0.flatten(1).float()).pow(2)       # (B, B)
-    _, order = linear_sum_assignment(cost.cpu().numpy())   # rows 0..B-1 each get a column
-    return x0[torch.from_numpy(order).to(x0.device)]                              # (B, C, H, W)
+def pair_noise(x1, x0, rank, world_size):
+    """x0 (B, C, H, W) reassigned to the images so that the sum of ||x1_i - x0_i||^2 over the
+    global batch (all processes' images, gathered) is the smallest of any order: every process
+    solves the same assignment, so N processes pair as one with N times the batch does."""
+    x1_all, x0_all = (gathered(x, world_size).flatten(1) for x in (x1, x0))  # (N B, C H W) each
+    cost = torch.cdist(x1_all.float(), x0_all.float()).pow(2)                # (N B, N B)
+    _, order = linear_sum_assignment(cost.cpu().numpy())  # image i gets noise order[i]
+    mine = torch.from_numpy(order[rank * len(x1):(rank + 1) * len(x1)]).to(x0.device)  # (B,)
+    return x0_all[mine].view_as(x0)                                           # (B, C, H, W)
 
 
 # Training for guidance. To be steered by attributes at sampling time (section 7), one network must
@@ -347,12 +345,11 @@ def drop_attributes(attributes, p_each, p_all, rng):
 # Generation solves dx/dt = v(x, t) from x(0) = noise to t = 1 over times 0 = t_0 < ... < t_S = 1.
 # Euler:
 #     x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i).
-# Heun averages that slope with the slope at the Euler guess (second order, two model
-# calls per step). On a perfectly straight path (a model that always predicts the same image) the
-# velocity is constant and Euler is exact: the straighter the paths the model has learnt, the
-# fewer steps it needs. Every step starts at t < 1, so 1 - t > 0 and no clamp is needed
-# (t_eps = 0): the last step lands exactly on the model's clean-image prediction. Heun's last step
-# is Euler, as v(x, 1) would divide by 0.
+# Heun averages that slope with the slope at the Euler guess (second order, two model calls per
+# step). On a perfectly straight path (a model that always predicts the same image) the velocity is
+# constant and Euler is exact: the straighter the paths the model has learnt, the fewer steps it
+# needs. Every step starts at t < 1, so 1 - t > 0 and no clamp is needed (t_eps = 0), and the last
+# step lands on the model's clean-image prediction. Heun's last step is Euler: v(x, 1) divides by 0.
 #
 # Classifier-free guidance (CFG) turns a request up. For attributes a the network gives a
 # conditional prediction x_c = model(x_t, t, a) and an unconditional one x_u = model(x_t, t, 0)
@@ -404,9 +401,8 @@ def time_grid(num_steps, power=None):
 
 @torch.no_grad()
 def sample(model, noise, times, method="euler", attributes=None, cfg_scale=1.0):
-    """noise (B, C, H, W) at t=0 -> images (B, C, H, W) at t=1, in steps of `method` between the
-    times (from time_grid), asking for attributes (B, K) (or None) with guidance weight
-    cfg_scale."""
+    """noise (B, C, H, W) at t = 0 -> images (B, C, H, W) at t = 1, by `method` between the times
+    (time_grid), asking for attributes (B, K) (or None) with guidance weight cfg_scale."""
     x = noise.float()
 
     def v(x, t):
@@ -463,7 +459,7 @@ def to_signed(pixels):
 class CelebA(Dataset):
     """CelebA (or any folder of images) at size x size: dataset[i] is image i, dataset.label(i)
     its values of `attributes` (names from ATTRIBUTE_NAMES). cache=True reads the pixels from the
-    image cache once it has been built (build_cache). An unreadable file is reported once and
+    image cache once it has been built (Part three, E). An unreadable file is reported once and
     replaced by the next image (and its label), so one bad JPEG never stops a run mid-epoch."""
 
     def __init__(self, root, split, size, attributes=(), download=False, cache=False):
@@ -481,26 +477,10 @@ class CelebA(Dataset):
             raise IndexError(i)  # ends `for image in dataset`
         return to_signed(read_or_skip(self, i))  # D: an unreadable file gives the next image
 
-    def read(self, i):
-        """(3, size, size) uint8 pixels of image i, from the cache or from its file."""
-        if self.cache is None:
-            return load_pixels(self.files[i], self.size)
-        if self.pixels is None:  # mapped on first use, in each process that reads
-            shape = (len(self.files), 3, self.size, self.size)
-            self.pixels = np.memmap(self.cache, np.uint8, "r", shape=shape)
-        return torch.from_numpy(self.pixels[i].copy())  # a copy: the map is read-only
-
     def label(self, i):
         """(K,) attribute values of image i: -1 absent, +1 present, 0 unspecified; no image is
         decoded. An unreadable image gives its replacement's label (D)."""
         return self.labels[readable_index(self, i)]
-
-    def build_cache(self):  # E: decode the images once into a file, and read that from now on
-        self.cache = find_cache(self) or write_cache(self)
-
-    @functools.cached_property
-    def cache_path(self):  # a stat of every file: once per dataset
-        return image_cache_path(self.files, self.size)
 
     def __getstate__(self):  # a DataLoader worker started by spawn (macOS) maps the cache itself
         return {**self.__dict__, "pixels": None}
@@ -582,10 +562,11 @@ def checkpoint_state(parts, step, best_val, elapsed, args):
 # world_size x --batch_size.
 #
 # Reproducibility by construction: every random choice about a training example -- its flip, its
-# noise x0, its time t -- is a pure function of (seed, epoch, image index). So 2 processes x batch B
-# see exactly the examples 1 process x batch 2B sees, and a run resumed at step k sees exactly what
-# the uninterrupted run saw: the data order of an epoch is a function of (seed, epoch), and the
-# resume skips the k mod (steps per epoch) batches of that epoch already done.
+# noise x0, its time t -- is a pure function of (seed, epoch, image index), and the pairing of
+# section 6 a function of the global batch. So 2 processes x batch B see exactly the examples 1
+# process x batch 2B sees, and a run resumed at step k sees exactly what the uninterrupted run saw:
+# the data order of an epoch is a function of (seed, epoch), and the resume skips the k mod (steps
+# per epoch) batches of that epoch already done.
 
 class FlowExamples(Dataset):
     """Training examples (x1, x0, t, a): an image (randomly flipped), its noise, its time, its
@@ -647,9 +628,8 @@ def validation_loss(model, val, t_eps, batch_size, device, precision):
 
 
 def learning_rate(step, progress, args):
-    """The learning rate of optimizer step `step` (0-based) taken at `progress` in [0, 1) of the run
-    (of its steps, or of its --max_minutes, whichever is further): a linear warm-up over
-    --warmup_steps, constant, then a linear cooldown to 0 over the last --cooldown of the run,
+    """The learning rate of optimizer step `step` (0-based) taken at `progress` p in [0, 1) of the
+    run (of its steps or its --max_minutes, whichever is further): warm-up, constant, cooldown,
         lr(step, p) = lr * min(1, (step + 1) / warmup_steps) * clamp((1 - p) / cooldown, 0, 1)
     (no cooldown factor with --cooldown 0). Warm-up lets AdamW's moment estimates settle before
     the steps get large. The cooldown makes this the "warmup-stable-decay" (WSD) schedule: a run
@@ -677,8 +657,7 @@ def update_ema(ema, model, step, decay):
     Measured as the lag behind a weight that grows by 1 per step (tested), the average spans the
     last (step + 1) / 10 steps while the warm-up rules -- so even a 5-minute run samples from a
     useful EMA -- and d / (1 - d), about 1 / (1 - decay) steps, once d reaches decay. The default
-    decay 0.995 averages about 200 steps (DiT's 0.9999, for long GPU runs, 10,000), chosen for
-    short CPU runs by FID against longer and shorter windows and the raw weights (RESULTS.md)."""
+    0.995 (200 steps; DiT's 0.9999: 10,000) beat longer and shorter windows by FID (RESULTS.md)."""
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - d)
@@ -728,7 +707,7 @@ def train_loop(rank, world_size, args, device, interrupt):
                 group["lr"] = lr
             # 4. forward + loss, the matmuls in 16 bits under autocast
             if args.pair_noise:
-                x0 = pair_noise(x1, x0)
+                x0 = pair_noise(x1, x0, rank, world_size)  # over the global batch (gathered: B)
             with autocast(device, args.resolved_precision):
                 loss = flow_loss(model, x1, x0, t, args.t_eps, a)
             # 5. backward: DDP averages the gradients over processes here (fp16: the scaled loss)
@@ -1154,7 +1133,7 @@ def add_train_flags(arg):
     arg("--resume", action="store_true",
         help="continue experiments/{exp_name} exactly from last.pt (or best.pt); the saved flags "
              "are the defaults, and the model, --dataset, --batch_size, --nproc, --seed, --t_mu, "
-             "--t_sigma, --t_eps, --pair_noise and --val_size cannot change")
+             "--t_sigma, --t_eps, --no_pair_noise and --val_size cannot change")
     arg("--dataset", choices=["celeba", "toy"], default="celeba",
         help="celeba: images under --data_root; toy: procedurally drawn faces, no download")
     arg("--data_root", default="./data", help="where CelebA is (see README for the layouts)")
@@ -1196,9 +1175,9 @@ def add_recipe_flags(arg):
     arg("--ema_decay", type=number(float, at_least=0, below=1), default=0.995,
         help="EMA decay d: the average spans about 1 / (1 - d) steps (DiT's, for runs "
              "of hundreds of thousands of steps: 0.9999)")
-    arg("--pair_noise", action="store_true",
-        help="pair each batch's noise with its images by the assignment of least total squared "
-             "distance (immiscible diffusion)")
+    arg("--no_pair_noise", dest="pair_noise", action="store_false",
+        help="draw each example's noise independently of its image, instead of pairing a batch's "
+             "noise with its images by the assignment of least total squared distance")
     arg("--t_mu", type=number(float), default=-0.4,
         help="logit-normal mean of the training times t")
     arg("--t_sigma", type=positive(float), default=0.8,
@@ -1273,7 +1252,7 @@ def check_train_command(args, saved, torchrun, first):
     # all is well: build the image cache now, before any process starts (under torchrun by the
     # first process of each machine only; the others wait for it in train_loop)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and isinstance(train_images, CelebA):
-        train_images.build_cache()
+        build_cache(train_images)                                             # E
     return device
 
 
@@ -1563,6 +1542,15 @@ def dead_worker(rank, signal_name, args):
             f"were stopped; {after}")
 
 
+def gathered(x, world_size):
+    """(world_size * B, ...): the tensor x (B, ...) of every process, in rank order."""
+    if world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1731,6 +1719,7 @@ def load_checkpoint(path):
     if not missing:
         saved = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
         saved.setdefault("attributes", [])  # written before conditioning existed: unconditional
+        saved.setdefault("pair_noise", False)  # written before pairing existed: unpaired
         missing = [f"args.{k}" for k in MODEL_ARGS if k not in saved]
     if missing or not isinstance(ckpt["args"]["model"], str) or ckpt["args"]["model"] not in MODELS:
         what = f"no {', '.join(missing)}" if missing else f"unknown model {ckpt['args']['model']!r}"
@@ -1872,7 +1861,7 @@ def read_or_skip(images, i):
         if path in images.reported:
             continue
         try:
-            return images.read(j % len(images.files))
+            return read_pixels(images, j % len(images.files))  # E: from the cache or the file
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt files
             report_unreadable(images, path, e)
     raise UserError(f"none of the {len(images.files)} images under {images.files[0].parent} "
@@ -2069,6 +2058,23 @@ def subset_command(args):
 IMAGE_CACHE = Path("experiments") / "image_cache"
 
 
+def read_pixels(images, i):
+    """(3, size, size) uint8 pixels of CelebA image i, from the image cache if it has one, else
+    from the image's file."""
+    if images.cache is None:
+        return load_pixels(images.files[i], images.size)
+    if images.pixels is None:  # mapped on first use, in each process that reads
+        shape = (len(images.files), 3, images.size, images.size)
+        images.pixels = np.memmap(images.cache, np.uint8, "r", shape=shape)
+    return torch.from_numpy(images.pixels[i].copy())  # a copy: the map is read-only
+
+
+def build_cache(images):
+    """Decode the images of a CelebA dataset once into its image cache, unless it is built, and
+    read them from the cache from now on."""
+    images.cache = find_cache(images) or write_cache(images)
+
+
 def image_cache_path(files, size):
     digest = hashlib.sha1(repr((CELEBA_CROP, size, str(files[0].parent.resolve()))).encode())
     for path in files:
@@ -2081,7 +2087,7 @@ def find_cache(images):
     """The path of a CelebA dataset's image cache if it has been built, else None (also for a file
     of the wrong size, cut short outside celebgen, which build_cache then replaces); the files it
     found unreadable are reported again."""
-    path = images.cache_path
+    path = image_cache_path(images.files, images.size)  # a stat of every file
     unreadable_list = path.with_suffix(".unreadable")
     expected_bytes = len(images.files) * 3 * images.size**2
     if not (unreadable_list.is_file() and path.is_file() and path.stat().st_size == expected_bytes):
@@ -2095,7 +2101,8 @@ def find_cache(images):
 def write_cache(images):
     """Decode every image of a CelebA dataset into a new image cache; its path, or None if it
     cannot be written (a full disk, a read-only folder: each image is then decoded when read)."""
-    path, files, size = images.cache_path, images.files, images.size
+    files, size = images.files, images.size
+    path = image_cache_path(files, size)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # only complete caches get
     start, shown = time.time(), time.time()                         # the cache's name
     print(f"decoding {len(files)} images once into {path} "

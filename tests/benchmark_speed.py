@@ -238,7 +238,7 @@ def trainer_batches(data_root, image_size, batch_size, workers):
     args = cg.make_parser()[1].parse_args(["--exp_name", "benchmark", "--data_root", data_root,
                                            "--image_size", str(image_size)])
     images = cg.make_dataset(args, "train")
-    images.build_cache()
+    cg.build_cache(images)
     examples = cg.FlowExamples(images, args)
     for epoch in itertools.count():
         examples.epoch = epoch

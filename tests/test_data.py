@@ -81,7 +81,7 @@ def image_folder(folder, n, size=(20, 24)):
 def cached(root, size):
     """The training split of the folder root at size x size, read from its image cache, built now."""
     data = cg.CelebA(root, "train", size, cache=True)
-    data.build_cache()
+    cg.build_cache(data)
     return data
 
 

@@ -337,20 +337,28 @@ def test_pair_noise_gives_the_images_the_noise_of_the_cheapest_assignment():
     squared distance to the images, checked against all 6! orders."""
     generator = torch.Generator().manual_seed(0)
     x1, x0 = torch.randn(6, 3, 4, 4, generator=generator), torch.randn(6, 3, 4, 4, generator=generator)
-    paired = cg.pair_noise(x1, x0)
+    paired = cg.pair_noise(x1, x0, 0, 1)
     cost = lambda noise: ((x1 - noise) ** 2).sum().item()
     least = min(cost(x0[list(order)]) for order in itertools.permutations(range(6)))
     assert sorted(paired.flatten(1).tolist()) == sorted(x0.flatten(1).tolist())
     assert cost(paired) == pytest.approx(least, rel=1e-6) and least < cost(x0) - 1
 
 
-def test_the_trainer_pairs_the_noise_only_with_the_flag_and_a_resume_keeps_it(workdir, capsys, monkeypatch):
+def test_the_trainer_pairs_the_noise_by_default_and_a_resume_keeps_the_choice(workdir, capsys, monkeypatch):
+    """Pairing is on unless --no_pair_noise; --resume refuses to change it, and a checkpoint written
+    before pairing existed (no such argument) resumes unpaired."""
     paired, pair_noise = [], cg.pair_noise
-    monkeypatch.setattr(cg, "pair_noise", lambda x1, x0: paired.append(len(x1)) or pair_noise(x1, x0))
-    assert cli(capsys, "train", "--exp_name", "plain", *TOY, "--batch_size", 4, "--max_steps", 2)[0] == 0
-    assert paired == []
-    assert cli(capsys, "train", "--exp_name", "paired", *TOY, "--batch_size", 4, "--max_steps", 2,
-               "--pair_noise")[0] == 0
+    monkeypatch.setattr(cg, "pair_noise", lambda x1, *rest: paired.append(len(x1)) or pair_noise(x1, *rest))
+    assert cli(capsys, "train", "--exp_name", "paired", *TOY, "--batch_size", 4, "--max_steps", 2)[0] == 0
     assert paired == [4, 4]
-    code, _, err = cli(capsys, "train", "--exp_name", "plain", "--resume", "--max_steps", 3, "--pair_noise")
-    assert code == 2 and "--resume cannot change --pair_noise False -> True" in err, err
+    assert cli(capsys, "train", "--exp_name", "plain", *TOY, "--batch_size", 4, "--max_steps", 2,
+               "--no_pair_noise")[0] == 0
+    assert paired == [4, 4]
+    code, _, err = cli(capsys, "train", "--exp_name", "paired", "--resume", "--max_steps", 3, "--no_pair_noise")
+    assert code == 2 and "--resume cannot change --pair_noise True -> False" in err, err
+    last = workdir / "experiments" / "plain" / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["args"]["pair_noise"]  # as written before pairing existed
+    torch.save(ckpt, last)
+    code, out, err = cli(capsys, "train", "--exp_name", "plain", "--resume", "--max_steps", 3)
+    assert code == 0 and "step 3/3" in out and paired == [4, 4], err
