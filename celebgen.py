@@ -206,7 +206,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # AdaIN is the affine
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        # DiT's MLP with the exact GELU x Phi(x) (benchmark_speed.py --version1 times DiT's tanh)
+        # DiT's MLP, with the exact GELU x Phi(x) instead of DiT's tanh approximation of it
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(),
                                  nn.Linear(mlp_ratio * dim, dim))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
@@ -313,7 +313,7 @@ def flow_loss(model, x1, x0, t, t_eps, attributes=None):
 # to many images, and the model learns their blurred average. So each image takes the noise of the
 # assignment that minimises the batch's total squared distance (off: --no_pair_noise),
 #     min over permutations P of  sum_i || x1_i - x0_P(i) ||^2:
-# both keep their distributions, only the pairs change. FID -2 in 20-minute CPU runs (RESULTS.md).
+# both keep their distributions, only the pairs change; FID 2 lower in 20-min CPU runs (RESULTS.md).
 
 def pair_noise(x1, x0, rank, world_size):
     """x0 (B, C, H, W) reassigned to the images so that the sum of ||x1_i - x0_i||^2 over the
@@ -383,7 +383,7 @@ def guided_prediction(model, x_t, t, attributes, cfg_scale):
 # (RESULTS.md); each Euler step moves x the fraction (t_{i+1} - t_i) / (1 - t_i) of the way to that
 # prediction, so many of them oversaturate the faces. By default p = min(2, log(1 / 0.02) / log S):
 # from 8 steps on the last step starts at t_{S-1} = 1 - S^-p = 0.98 (p = 1.70 at 10 steps, 1.31 at
-# 20, 1 at 50: the uniform grid); fewer steps keep p = 2, as a larger p would make the first step
+# 20, 1 at 50, below 1 beyond); fewer steps keep p = 2, as a larger p would make the first step
 # huge (0 to 0.98 of 2 steps, where Heun's second slope overshoots).
 
 LAST_STEP_FROM = 0.98  # within 1 FID of the best grid tried at 10, 20 and 50 steps (RESULTS.md)
@@ -531,7 +531,7 @@ def autocast(device, precision):
 #                       /logs/                    TensorBoard: tensorboard --logdir experiments
 #                       /samples/                 grids during training; `sample` writes here too
 # A checkpoint holds the weights, their EMA, the optimizer's moments, the fp16 loss scale, the step,
-# the run's arguments and its random state: all a run needs to continue exactly. Only tensors and
+# the run's arguments, its clock and its random state: all a run needs to continue. Only tensors and
 # plain Python values, so it loads with torch.load(weights_only=True), which cannot execute code
 # from a downloaded file. Saving writes it whole, and loading checks it (Part three, B and C).
 
@@ -562,11 +562,11 @@ def checkpoint_state(parts, step, best_val, elapsed, args):
 # world_size x --batch_size.
 #
 # Reproducibility by construction: every random choice about a training example -- its flip, its
-# noise x0, its time t -- is a pure function of (seed, epoch, image index), and the pairing of
-# section 6 a function of the global batch. So 2 processes x batch B see exactly the examples 1
-# process x batch 2B sees, and a run resumed at step k sees exactly what the uninterrupted run saw:
-# the data order of an epoch is a function of (seed, epoch), and the resume skips the k mod (steps
-# per epoch) batches of that epoch already done.
+# noise x0, its time t, its hidden attributes -- is a pure function of (seed, epoch, image index),
+# and the pairing of section 6 a function of the global batch. So 2 processes x batch B see exactly
+# the examples 1 process x batch 2B sees, and a run resumed at step k sees exactly what the
+# uninterrupted run saw: the data order of an epoch is a function of (seed, epoch), and the resume
+# skips the k mod (steps per epoch) batches of that epoch already done.
 
 class FlowExamples(Dataset):
     """Training examples (x1, x0, t, a): an image (randomly flipped), its noise, its time, its
@@ -707,7 +707,7 @@ def train_loop(rank, world_size, args, device, interrupt):
                 group["lr"] = lr
             # 4. forward + loss, the matmuls in 16 bits under autocast
             if args.pair_noise:
-                x0 = pair_noise(x1, x0, rank, world_size)  # over the global batch (gathered: B)
+                x0 = pair_noise(x1, x0, rank, world_size)  # B: all processes' images, gathered
             with autocast(device, args.resolved_precision):
                 loss = flow_loss(model, x1, x0, t, args.t_eps, a)
             # 5. backward: DDP averages the gradients over processes here (fp16: the scaled loss)
