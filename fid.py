@@ -14,8 +14,9 @@ Commands:
     python fid.py --exp_name celeba64 [--checkpoint best.pt]
     # the protocol of published CelebA-64 FIDs: 50k samples against the 162,770 training images
     python fid.py --exp_name celeba64 --protocol published
-    # a model trained with --attributes is asked for the reference images' own labels
-    python fid.py --exp_name celeba64_attr --cfg_scale 2
+    # a model trained with --attributes is asked for the reference images' own labels, at
+    # guidance weight 2 unless --cfg_scale says otherwise
+    python fid.py --exp_name celeba64_attr --cfg_scale 1
     # compare two folders of images, or saved statistics (.npz with mu and sigma), like pytorch-fid
     python fid.py PATH_A PATH_B
 """
@@ -555,6 +556,8 @@ def experiment_fid(args):
     device, precision = celebgen.device_and_precision(args.device, args.precision)
     checkpoint = celebgen.checkpoint_path(args.exp_name, args.checkpoint)
     ckpt = celebgen.load_checkpoint(checkpoint)
+    if args.cfg_scale is None:  # a conditional model is asked for labels: sample's weight for them
+        args.cfg_scale = celebgen.GUIDANCE if ckpt["args"]["attributes"] else 1.0
     # a --cfg_scale needs a model trained with --attributes: refused now, before any work
     celebgen.attribute_rows([{}], [args.cfg_scale], ckpt["args"]["attributes"])
     dit = celebgen.load_model(ckpt, device)  # weights that do not fit fail here
@@ -617,9 +620,9 @@ def make_parser():
     arg("--method", choices=["euler", "heun"], default="euler", help="the sampler")
     arg("--time_power", type=celebgen.number(float, above=0, below=5),
         help=celebgen.TIME_POWER_HELP)
-    arg("--cfg_scale", type=celebgen.number(float, at_least=0), default=1.0,
-        help="guidance weight for a model trained with --attributes, which is asked for the "
-             "reference images' own labels (1: plainly conditional)")
+    arg("--cfg_scale", type=celebgen.number(float, at_least=0),
+        help=celebgen.GUIDANCE_HELP + "; a model trained with --attributes is asked for the "
+             "reference images' own labels")
     arg("--seed", type=celebgen.number(int, at_least=0), default=0, help="seed of the noise")
     arg("--precision", choices=celebgen.PRECISIONS, default="auto",
         help=f"for sampling: {celebgen.PRECISION_HELP}")

@@ -226,6 +226,13 @@ def test_sample_writes_requests_and_a_guidance_grid(conditional, capsys):
                          "--attributes", "Smiling=1", "--cfg_scale", 2)
     assert code == 0, err
     assert len(list((conditional / "samples" / "last_euler2_seed0_Smiling=1_cfg2").glob("*.png"))) == 3
+    # without --cfg_scale a request is guided at GUIDANCE, and no request is plainly conditional (1)
+    code, out, err = cli(capsys, "sample", "--exp_name", "cond", "--num_samples", 1, "--num_sampling_steps", 2,
+                         "--attributes", "Blond_Hair=0")
+    assert code == 0 and cg.GUIDANCE != 1, err
+    assert (conditional / "samples" / f"last_euler2_seed0_Blond_Hair=0_cfg{cg.GUIDANCE:g}").is_dir()
+    code, out, err = cli(capsys, "sample", "--exp_name", "cond", "--num_samples", 1, "--num_sampling_steps", 2)
+    assert code == 0 and (conditional / "samples" / "last_euler2_seed0").is_dir(), err
     code, out, err = cli(capsys, "sample", "--exp_name", "cond", "--num_sampling_steps", 2, "--grid",
                          "--attributes", "Smiling=1", "Smiling=0,Blond_Hair=1", "none", "--cfg_scale", 0, 1, 3,
                          "--grid_samples", 2)

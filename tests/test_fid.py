@@ -264,8 +264,9 @@ def test_an_experiments_fid_is_that_of_its_sample_pngs_against_the_reference_png
 
 def test_a_conditional_model_is_asked_for_the_references_labels(workdir, capsys, random_weights, monkeypatch):
     """fid.py asks a model trained with --attributes for the labels of the reference images (the first
-    --ref_images of val + test, cycled over the samples) at --cfg_scale, and fid.json records it; an
-    unconditional model refuses --cfg_scale before any work."""
+    --ref_images of val + test, cycled over the samples) at --cfg_scale (by default sample's weight for
+    a request, GUIDANCE), and fid.json records it; an unconditional model refuses --cfg_scale before any
+    work."""
     code, _, err = cli(capsys, "train", "--exp_name", "cond", *TOY, "--attributes", "Smiling,Wearing_Hat",
                        "--batch_size", 4, "--max_steps", 2)
     assert code == 0, err
@@ -281,6 +282,10 @@ def test_a_conditional_model_is_asked_for_the_references_labels(workdir, capsys,
     result = json.loads((workdir / "experiments" / "cond" / "fid.json").read_text())
     assert result["attributes"] == ["Smiling", "Wearing_Hat"] and result["cfg_scale"] == 2.5
     assert result["attribute_source"] == "labels of 5 heldout images"
+    with pytest.warns(UserWarning, match="< 2048 images"):
+        fid.main(argv[:-2])  # no --cfg_scale
+    assert asked[1]["cfg_scale"] == cg.GUIDANCE != 1
+    assert json.loads((workdir / "experiments" / "cond" / "fid.json").read_text())["cfg_scale"] == cg.GUIDANCE
     assert cli(capsys, "train", "--exp_name", "plain", *TOY, "--batch_size", 4, "--max_steps", 1)[0] == 0
     with pytest.raises(SystemExit) as exit:
         fid.main(["--exp_name", "plain", "--checkpoint", "last.pt", "--cfg_scale", "2"])
