@@ -96,13 +96,16 @@ def main():
         help="guide only at times t in [FROM, TO) (weight 1 elsewhere)")
     arg("--inception_weights", help="pytorch-fid's weights file (or set $FID_INCEPTION_WEIGHTS)")
     args = parser.parse_args()
+    interval = args.guidance_interval
+    if interval and not 0 <= interval[0] < interval[1] <= 1:
+        parser.error("--guidance_interval FROM TO needs 0 <= FROM < TO <= 1")
     fid_args = fid.make_parser().parse_args([
         "--exp_name", args.exp_name, "--checkpoint", args.checkpoint,
         "--num_samples", str(args.num_samples), "--ref_images", str(args.ref_images),
         "--num_sampling_steps", str(args.num_sampling_steps), "--seed", str(args.seed)])
     fid.choose_protocol(fid_args)
-    if args.guidance_interval:
-        guide_only_between(*args.guidance_interval)
+    if interval:
+        guide_only_between(*interval)
     device, precision = torch.device("cpu"), "fp32"
     ckpt = celebgen.exit_on_user_error(
         celebgen.load_checkpoint, celebgen.checkpoint_path(args.exp_name, args.checkpoint))
