@@ -2079,7 +2079,8 @@ def read_pixels(images, i):
 def build_cache(images):
     """Decode the images of a CelebA dataset once into its image cache, unless it is built, and
     read them from the cache from now on."""
-    images.cache = find_cache(images) or write_cache(images)
+    path = image_cache_path(images.files, images.size)  # a stat of every file: once
+    images.cache = find_cache(images, path) or write_cache(images, path)
 
 
 def image_cache_path(files, size):
@@ -2090,11 +2091,11 @@ def image_cache_path(files, size):
     return IMAGE_CACHE / f"{len(files)}x{size}px-{digest.hexdigest()[:16]}.u8"
 
 
-def find_cache(images):
+def find_cache(images, path=None):
     """The path of a CelebA dataset's image cache if it has been built, else None (also for a file
     of the wrong size, cut short outside celebgen, which build_cache then replaces); the files it
-    found unreadable are reported again."""
-    path = image_cache_path(images.files, images.size)  # a stat of every file
+    found unreadable are reported again. path: image_cache_path's, if the caller has it."""
+    path = path or image_cache_path(images.files, images.size)  # a stat of every file
     unreadable_list = path.with_suffix(".unreadable")
     expected_bytes = len(images.files) * 3 * images.size**2
     if not (unreadable_list.is_file() and path.is_file() and path.stat().st_size == expected_bytes):
@@ -2105,11 +2106,10 @@ def find_cache(images):
     return path
 
 
-def write_cache(images):
-    """Decode every image of a CelebA dataset into a new image cache; its path, or None if it
-    cannot be written (a full disk, a read-only folder: each image is then decoded when read)."""
+def write_cache(images, path):
+    """Decode every image of a CelebA dataset into a new image cache at path; the path, or None if
+    it cannot be written (a full disk, a read-only folder: each image is then decoded when read)."""
     files, size = images.files, images.size
-    path = image_cache_path(files, size)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # only complete caches get
     start, shown = time.time(), time.time()                         # the cache's name
     print(f"decoding {len(files)} images once into {path} "

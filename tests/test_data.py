@@ -87,13 +87,17 @@ def cached(root, size):
 
 def test_image_cache_holds_the_decoded_images_and_follows_changes(tmp_path, monkeypatch, capsys):
     """The cached dataset gives the very tensors of the files (an unreadable image replaced by the
-    next), read from the cache once built; the next run reuses it without decoding; another size, an
-    added image or a rewritten one builds a new cache."""
+    next), read from the cache once built, in one pass of stats over the files; the next run reuses
+    it without decoding; another size, an added image or a rewritten one builds a new cache."""
     monkeypatch.setattr(cg, "IMAGE_CACHE", tmp_path / "cache")
     image_folder(tmp_path / "data", 5)
     (tmp_path / "data" / "2.png").write_bytes(b"not a png")
     assert cg.CelebA(tmp_path / "data", "train", 8, cache=True).cache is None  # none built yet
-    built = cached(tmp_path / "data", 8)
+    stats, cache_path = [], cg.image_cache_path  # each call stats every file: building makes one
+    monkeypatch.setattr(cg, "image_cache_path", lambda *a: stats.append(a) or cache_path(*a))
+    built = cg.CelebA(tmp_path / "data", "train", 8)
+    cg.build_cache(built)
+    assert len(stats) == 1
     out, err = capsys.readouterr()
     assert "decoding 5 images once" in out and "other cache" not in out and err.count("skipping unreadable image") == 1 and "2.png" in err
     assert built.cache.stat().st_size == 5 * 3 * 8 * 8
