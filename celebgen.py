@@ -9,11 +9,9 @@ three keeps runs safe (checks, Ctrl-C, atomic writes, CelebA's layouts, caches):
     python celebgen.py sample --exp_name quickstart --num_samples 64
     python celebgen.py sample --exp_name quickstart --grid --cfg_scale 0 1 3 \\
         --attributes Blond_Hair=1 Eyeglasses=1 Wearing_Hat=1 Smiling=1,Eyeglasses=0
-    # CelebA 32x32 on a CPU with the defaults (the recipe per CPU-minute, RESULTS.md); --compile
-    # needs a C++ compiler and fuses the work between the matmuls
+    # CelebA 32x32 on a CPU with the defaults (RESULTS.md's recipe); --compile needs a C++ compiler
     python celebgen.py train --exp_name celeba32 --data_root ./data --compile --max_minutes 20
-    # CelebA 64x64 on 8 GPUs (one process each, DDP over NCCL; several machines: torchrun, see
-    # README): DiT-S with DiT's learning rate and EMA decay
+    # CelebA 64x64 on 8 GPUs (DDP over NCCL; several machines: README): DiT-S, DiT's lr and EMA
     python celebgen.py train --exp_name celeba64 --data_root ./data --nproc 8 --model small \\
         --image_size 64 --batch_size 32 --lr 1e-4 --ema_decay 0.9999
     # continue an interrupted run exactly where its last checkpoint left it
@@ -376,15 +374,32 @@ def guided_prediction(model, x_t, t, attributes, cfg_scale):
     return x_u + cfg_scale * (x_c - x_u)                                      # (B, C, H, W)
 
 
+# Autoguidance (Karras et al., 2024) needs no attributes: it guides the model by a weaker copy of
+# itself, its EMA at GUIDE_AT of the run (guide.pt, section 11): x_pred = x_guide + w (x_model -
+# x_guide). The guide errs where the model errs, only more, so w > 1 steps away from those errors.
+
+GUIDE_AT = 0.25  # the one fraction measured (RESULTS.md)
+
+
+class Autoguided(nn.Module):
+    """The model guided by a weaker `guide` with `weight`; called as the model is."""
+    def __init__(self, model, guide, weight):
+        super().__init__()
+        self.model, self.guide, self.weight = model, guide, weight
+        self.grid, self.patch_size = model.grid, model.patch_size
+
+    def forward(self, x_t, t, attributes=None):
+        x_guide = self.guide(x_t, t, attributes).float()                      # (B, C, H, W)
+        return x_guide + self.weight * (self.model(x_t, t, attributes).float() - x_guide)
+
+
 # Where the steps go. The times t_i = 1 - (1 - i/S)^p are uniform for p = 1 and shrink towards
-# the image for p > 1. A last step from low t (0.9 of 10 uniform steps) lands on a blurred
-# prediction. Steps near t = 1 hurt too: section 1's logit-normal draws almost no training times
-# above 0.95, and there a trained network returns a nearly clean image with its contrast raised
-# (RESULTS.md); each Euler step moves x the fraction (t_{i+1} - t_i) / (1 - t_i) of the way to that
-# prediction, so many of them oversaturate the faces. By default p = min(2, log(1 / 0.02) / log S):
-# from 8 steps on the last step starts at t_{S-1} = 1 - S^-p = 0.98 (p = 1.70 at 10 steps, 1.31 at
-# 20, 1 at 50, below 1 beyond); fewer steps keep p = 2, as a larger p would make the first step
-# huge (0 to 0.98 of 2 steps, where Heun's second slope overshoots).
+# the image for p > 1. A last step from low t lands on a blurred prediction. Steps near t = 1 hurt
+# too: section 1's logit-normal draws almost no training times above 0.95, and there the network
+# returns a clean image with its contrast raised (RESULTS.md), towards which each Euler step moves
+# x. By default p = min(2, log(1 / 0.02) / log S): from 8 steps on the last step starts at
+# t_{S-1} = 1 - S^-p = 0.98 (p = 1.70 at 10 steps, 1.31 at 20, 1 at 50, below 1 beyond); fewer
+# steps keep p = 2, as a larger p would make the first step huge.
 
 LAST_STEP_FROM = 0.98  # within 1 FID of the best grid tried at 10, 20 and 50 steps (RESULTS.md)
 
@@ -427,28 +442,13 @@ def sample(model, noise, times, method="euler", attributes=None, cfg_scale=1.0):
 # --------------------------------------------------------------------------------------------------
 # CelebA's official layout: its 202,599 aligned 178x218 JPEGs in img_align_celeba/, a split file
 # list_eval_partition.txt mapping each to 0 (train), 1 (val) or 2 (test), and list_attr_celeba.txt
-# with 40 labels of -1/1 per image (Part three, D, reads the other layouts, and downloads). The
-# CelebA-64 preprocessing of DDIM, PNDM and U-ViT crops a 128x128 box centred at (x=89, y=121) and
-# resizes it; the same crop makes FIDs comparable with published ones. Toy faces (Part three, G)
-# are drawn, not read, with four exact attribute labels: the quickstart and tests run anywhere.
+# with 40 labels of -1/1 per image (Part three, D, reads them, the other layouts, and downloads).
+# The CelebA-64 preprocessing of DDIM, PNDM and U-ViT crops a 128x128 box centred at (x=89, y=121)
+# and resizes it; the same crop makes FIDs comparable with published ones. Toy faces (Part three,
+# G) are drawn, not read, with four exact attribute labels: the quickstart and tests run anywhere.
 
 CELEBA_CROP = (89 - 64, 121 - 64, 89 + 64, 121 + 64)  # (left, top, right, bottom) in 178x218
 SPLITS = {"train": 0, "val": 1, "test": 2}
-
-
-def load_pixels(path, size):
-    """An image file -> (3, size, size) uint8 tensor. CelebA's 178x218 images get the standard crop;
-    other images a centred square crop."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")  # reads the file now, inside the `with`
-    if img.size == (178, 218):
-        img = img.crop(CELEBA_CROP)
-    else:
-        w, h = img.size
-        s = min(w, h)
-        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    img = img.resize((size, size), Image.BILINEAR)  # antialiased shrink, as torchvision's Resize
-    return image_tensor(img)                                       # D: (3, size, size) uint8
 
 
 def to_signed(pixels):
@@ -528,6 +528,7 @@ def autocast(device, precision):
 # experiments/{exp_name}/args.json               the arguments of the run
 #                       /checkpoints/last.pt      written every --ckpt_every steps and at the end
 #                       /checkpoints/best.pt      the lowest validation loss so far
+#                       /checkpoints/guide.pt     at GUIDE_AT of the run: autoguidance's guide
 #                       /logs/                    TensorBoard: tensorboard --logdir experiments
 #                       /samples/                 grids during training; `sample` writes here too
 # A checkpoint holds the weights, their EMA, the optimizer's moments, the fp16 loss scale, the step,
@@ -558,15 +559,13 @@ def checkpoint_state(parts, step, best_val, elapsed, args):
 # One process per GPU (or per CPU slot with --nproc), started by torch.multiprocessing.spawn, or by
 # torchrun for several machines. Each holds a full copy of the model; DistributedDataParallel
 # averages the gradients over processes in backward(), so all copies take the same optimizer step.
-# Each process reads its own 1/world_size of every epoch (DistributedSampler): the global batch is
-# world_size x --batch_size.
+# Each reads its 1/world_size of every epoch (DistributedSampler): a global batch of world_size x B.
 #
 # Reproducibility by construction: every random choice about a training example -- its flip, its
 # noise x0, its time t, its hidden attributes -- is a pure function of (seed, epoch, image index),
 # and the pairing of section 6 a function of the global batch. So 2 processes x batch B see exactly
-# the examples 1 process x batch 2B sees, and a run resumed at step k sees exactly what the
-# uninterrupted run saw: the data order of an epoch is a function of (seed, epoch), and the resume
-# skips the k mod (steps per epoch) batches of that epoch already done.
+# the examples 1 process x batch 2B sees, and a run resumed at step k sees what the uninterrupted
+# run saw: an epoch's order is a function of (seed, epoch), and the resume skips its done batches.
 
 class FlowExamples(Dataset):
     """Training examples (x1, x0, t, a): an image (randomly flipped), its noise, its time, its
@@ -690,8 +689,7 @@ def train_loop(rank, world_size, args, device, interrupt):
     if world_size > 1:  # wait for the image cache, built by one process per machine (A)
         dist.barrier()
     examples = FlowExamples(make_dataset(args, "train"), args)
-    sampler = DistributedSampler(examples, world_size, rank, shuffle=True, seed=args.seed,
-                                 drop_last=True)
+    sampler = DistributedSampler(examples, world_size, rank, seed=args.seed, drop_last=True)
     steps_per_epoch = len(sampler) // args.batch_size
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     budget = 60 * args.max_minutes if args.max_minutes else math.inf  # seconds of training
@@ -699,10 +697,11 @@ def train_loop(rank, world_size, args, device, interrupt):
     if rank == 0:
         say_if_finished(args, step, elapsed, total_steps, budget)           # Part three, C
     stop, clock = False, time.monotonic() - elapsed  # the run's clock, continued across resumes
-    while step < total_steps and elapsed < budget and not stop:
+    progress = max(step / total_steps, elapsed / budget)  # through its steps or its time
+    while progress < 1 and not stop:
         for x1, x0, t, a in epoch_batches(examples, sampler, step, steps_per_epoch, args, device):
-            # 3. the learning rate, from how far the run is through its steps or its time
-            lr = learning_rate(step, max(step / total_steps, elapsed / budget), args)
+            # 3. the learning rate, from how far the run is
+            lr = learning_rate(step, progress, args)
             for group in parts.optimizer.param_groups:
                 group["lr"] = lr
             # 4. forward + loss, the matmuls in 16 bits under autocast
@@ -729,10 +728,10 @@ def train_loop(rank, world_size, args, device, interrupt):
             if not math.isfinite(loss):  # fp16, where a non-finite step was skipped, not taken
                 raise divergence(loss, grad_norm, step, args.lr)
             # 8. rank 0: log, validate, sample a grid, save, each at its interval and at the end
-            last = step == total_steps or elapsed >= budget
+            progress, before = max(step / total_steps, elapsed / budget), progress
             if rank == 0:
-                book.after_step(step, (loss, lr, grad_norm), len(x1) * world_size, elapsed, last)
-            if last or stop:
+                book.after_step(step, (loss, lr, grad_norm), elapsed, (before, progress))
+            if progress >= 1 or stop:
                 break
     if rank == 0:
         book.close(step, stop)
@@ -758,13 +757,16 @@ class Bookkeeping:
         self.clock, self.images_seen, self.elapsed, self.saved_step = time.time(), 0, 0.0, -1
         announce_run(self)                                                    # F: what runs
 
-    def after_step(self, step, numbers, images, elapsed, last):
-        """What is due after step `step` (numbers: loss, lr, gradient norm), `elapsed` seconds in:
-        each at its --*_every interval and after the `last` step."""
-        self.images_seen, self.elapsed = self.images_seen + images, elapsed
-        due = lambda every: step % every == 0 or last
+    def after_step(self, step, numbers, elapsed, progress):
+        """What is due after step `step` (numbers: loss, lr, gradient norm), which took the run
+        from progress[0] to progress[1] of its length, `elapsed` seconds: each at its interval."""
+        self.elapsed = elapsed
+        self.images_seen += self.args.batch_size * self.args.world_size  # every batch is full
+        if progress[0] < GUIDE_AT <= progress[1]:  # the weaker model of autoguidance (section 7)
+            self.save("guide.pt", step)
+        due = lambda every: step % every == 0 or progress[1] >= 1
         if due(self.args.log_every):
-            log_progress(self, step, *numbers, images)                       # F: the speed
+            log_progress(self, step, *numbers)                               # F: the speed
         if due(self.args.eval_every):
             self.validate(step)
         if due(self.args.ckpt_every):  # before the grid, so a grid that fails loses no step
@@ -810,8 +812,7 @@ class Bookkeeping:
 # --------------------------------------------------------------------------------------------------
 
 def load_model(ckpt, device, use_ema=True):
-    """The network of a loaded checkpoint (its EMA weights by default), ready to sample. Weights
-    that do not fit fail here, before any work."""
+    """A loaded checkpoint's network (its EMA by default), to sample; unfit weights fail here."""
     model = build_model(argparse.Namespace(**ckpt["args"]))
     load_weights(model, ckpt["ema" if use_ema else "model"], ckpt["args"])    # Part three, C
     return model.to(device).eval()
@@ -855,9 +856,7 @@ def train_command(args, saved):
         elif args.nproc == 1:
             train_worker(0, 1, args, device.type)
         else:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
-            with quiet_spawn(args):  # B: Ctrl-C goes to the workers; a worker's death is told
+            with quiet_spawn(args):  # B: an address to meet at, Ctrl-C to the workers, deaths told
                 mp.spawn(train_worker, args=(args.nproc, args, device.type), nprocs=args.nproc)
 
 
@@ -871,6 +870,7 @@ def sample_command(args):
     out = experiment_paths(args.exp_name)["samples"]
     check_folders(out, experiment_paths(args.exp_name)["logs"])              # A: no file there
     model = load_model(ckpt, device, use_ema=not args.no_ema)
+    model = autoguided(model, ckpt, path, args.autoguidance, device)  # C: by guide.pt, checked
     out.mkdir(parents=True, exist_ok=True)
     if args.grid:  # A: one picture, a row per --attributes setting, a column per --cfg_scale
         return grid_command(args, model, rows, out / f"{path.stem}_grid", ckpt["step"], device,
@@ -1062,9 +1062,12 @@ def sampler_text(args):
 
 
 def samples_name(path, args):
-    """The folder name of `sample`'s images of the checkpoint at path, e.g. last_euler20_seed0, or
-    last_euler20_seed0_Smiling=1_cfg3 for a request."""
+    """The folder name of `sample`'s images of the checkpoint at path, e.g. last_euler20_seed0,
+    last_euler20_seed0_autoguidance1 for --autoguidance 1, or last_euler20_seed0_Smiling=1_cfg3
+    for a request."""
     name = f"{path.stem}_{sampler_text(args)}_seed{args.seed}"
+    if args.autoguidance is not None:
+        name += f"_autoguidance{args.autoguidance:g}"
     if args.attributes[0] or args.cfg_scale[0] != 1:
         name += f"_{setting_text(args.attributes[0])}_cfg{args.cfg_scale[0]:g}"
     return name
@@ -1108,6 +1111,13 @@ def attribute_rows(settings, cfg_scales, trained):
 GUIDANCE = 2.0
 GUIDANCE_HELP = (f"classifier-free guidance weight: 0 unconditional, 1 conditional, > 1 stronger "
                  f"(default: {GUIDANCE:g} for a model asked for attributes, else 1)")
+# The autoguidance weight unless --autoguidance says otherwise: the lowest FID of the weights
+# measured on CelebA (RESULTS.md).
+AUTOGUIDANCE = 1.5
+AUTOGUIDANCE_HELP = (f"autoguidance weight w: x_guide + w (x_model - x_guide), where the guide is "
+                     f"the run's EMA at {GUIDE_AT:.0%} of its length, the guide.pt beside the "
+                     f"checkpoint; 1: off (default: {AUTOGUIDANCE:g} when there is a guide.pt, "
+                     f"else 1)")
 PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
 PRECISION_HELP = ("autocast dtype; auto: bf16 where it is native (CUDA >= 8.0, a CPU whose bf16 "
                   "matmul is measured faster), fp16 + loss scaling on older GPUs, else fp32")
@@ -1231,6 +1241,7 @@ def add_sample_flags(arg):
     arg("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     arg("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     arg("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
+    arg("--autoguidance", type=number(float, at_least=0), help=AUTOGUIDANCE_HELP)
     arg("--attributes", type=attribute_setting, nargs="+", default=[{}], metavar="NAME=0|1,...",
         help="ask a conditional model for attributes, e.g. Smiling=1,Eyeglasses=0; those not "
              "named are unspecified; 'none' asks for nothing. Several settings with --grid")
@@ -1513,11 +1524,14 @@ def process_runs(pid):
 
 @contextmanager
 def quiet_spawn(args):
-    """Around mp.spawn: Ctrl-C is left to the workers (they stop after their step; the parent waits
-    for them), and a worker that failed ends this process with its status. A worker that said why
+    """Around mp.spawn: the workers' rendezvous (this machine, a free port, unless set), Ctrl-C is
+    left to the workers (they stop after their step; the parent waits for them), and a worker that
+    failed ends this process with its status. A worker that said why
     (a UserError) has printed its line; one killed by a signal could not, so its death is told here
     in one line. Either way spawn stops the other workers, and logs that it does: expected, not
     news, so that log is silenced."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
     spawn_log = logging.getLogger("torch.multiprocessing.spawn")
     level = spawn_log.level
@@ -1741,6 +1755,35 @@ def load_checkpoint(path):
     return ckpt
 
 
+def autoguided(model, ckpt, path, weight, device):
+    """The model of checkpoint `path` (loaded: ckpt), autoguided (section 7) by the EMA of the
+    guide.pt beside it with `weight`; the model alone for weight 1, or for no weight asked (None)
+    without a guide.pt."""
+    guide, weight = find_guide(path, ckpt["args"], weight)
+    if guide is None:
+        return model
+    return Autoguided(model, load_model(guide, device), weight)
+
+
+def find_guide(path, model_args, weight):
+    """(guide.pt beside checkpoint `path`, loaded; the weight), or (None, 1.0) for weight 1, or
+    when none was asked (None) and there is no guide: a run stopped before GUIDE_AT of its length,
+    or older than autoguidance. The guide must be of the model's arguments, model_args."""
+    guide = Path(path).parent / "guide.pt"
+    if weight is None and not guide.is_file():
+        print(f"no {guide}: sampling without autoguidance", flush=True)
+    if weight == 1 or weight is None and (not guide.is_file() or guide.samefile(path)):
+        return None, 1.0
+    if not guide.is_file():
+        raise UserError(f"--autoguidance {weight:g} needs {guide}, which train writes at "
+                        f"{GUIDE_AT:.0%} of a run, and there is none; drop --autoguidance")
+    ckpt = load_checkpoint(guide)
+    if any(ckpt["args"][k] != model_args[k] for k in MODEL_ARGS):
+        raise UserError(f"{guide} is not of the model of {path} (other {', '.join(MODEL_ARGS)}); "
+                        f"it belongs to another experiment: remove it, or pass --autoguidance 1")
+    return ckpt, AUTOGUIDANCE if weight is None else weight
+
+
 def load_weights(model, state, ckpt_args):
     """model.load_state_dict(state), or a UserError if the weights belong to another model."""
     try:
@@ -1838,6 +1881,21 @@ def read_split_file(path):
         if len(fields) == 2 and fields[1].isdigit():  # skips the csv header and blank lines
             partition[fields[0]] = int(fields[1])
     return partition
+
+
+def load_pixels(path, size):
+    """An image file -> (3, size, size) uint8 tensor. CelebA's 178x218 images get the standard crop;
+    other images a centred square crop."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")  # reads the file now, inside the `with`
+    if img.size == (178, 218):
+        img = img.crop(CELEBA_CROP)
+    else:
+        w, h = img.size
+        s = min(w, h)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    img = img.resize((size, size), Image.BILINEAR)  # antialiased shrink, as torchvision's Resize
+    return image_tensor(img)                                              # (3, size, size) uint8
 
 
 def image_tensor(img):
@@ -2272,10 +2330,11 @@ def announce_run(book):
           f"{args.resolved_precision}, experiment {book.exp['root']}", flush=True)
 
 
-def log_progress(book, step, loss, lr, grad_norm, images):
+def log_progress(book, step, loss, lr, grad_norm):
     """Bookkeeping's progress line and TensorBoard scalars: speed in images/s and in model FLOP/s
     (flops_per_image) since the last line, and the time left by steps or by --max_minutes."""
     speed = book.images_seen / (time.time() - book.clock)
+    images = book.args.batch_size * book.args.world_size  # per step
     eta = max(0.0, min((book.total_steps - step) * images / speed, book.budget - book.elapsed))
     print(f"step {step}/{book.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad "
           f"{grad_norm:.3f} | {speed:.1f} img/s | {speed * book.flops_per_image / 1e12:.3f} "

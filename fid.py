@@ -544,6 +544,7 @@ def write_result(result, exp_name):
                f"{result['num_sampling_steps']}")
         tag += f"_power{result['time_power']:g}" if result["time_power"] is not None else ""
         tag += f"_cfg{result['cfg_scale']:g}" if "attributes" in result else ""
+        tag += f"_autoguidance{result['autoguidance']:g}" if result["autoguidance"] != 1 else ""
         writer.add_scalar(tag, result["fid"], result["step"])
         writer.add_scalar(tag.replace("fid/", "kid/"), result["kid"], result["step"])
 
@@ -561,6 +562,7 @@ def experiment_fid(args):
     # a --cfg_scale needs a model trained with --attributes: refused now, before any work
     celebgen.attribute_rows([{}], [args.cfg_scale], ckpt["args"]["attributes"])
     dit = celebgen.load_model(ckpt, device)  # weights that do not fit fail here
+    dit = celebgen.autoguided(dit, ckpt, checkpoint, args.autoguidance, device)  # and a guide's
     train_args = argparse.Namespace(**ckpt["args"])
     check_references(train_args, args)
     attributes, source = (sample_attributes(train_args, args) if train_args.attributes
@@ -574,6 +576,7 @@ def experiment_fid(args):
               "ref_images": ref["count"], "ref_split": args.ref_split, "step": ckpt["step"],
               "checkpoint": str(checkpoint), "num_sampling_steps": args.num_sampling_steps,
               "method": args.method, "time_power": args.time_power,
+              "autoguidance": dit.weight if isinstance(dit, celebgen.Autoguided) else 1.0,
               "times": [round(t, 6) for t in celebgen.time_grid(args.num_sampling_steps,
                                                                 args.time_power)],
               "seed": args.seed,
@@ -623,6 +626,8 @@ def make_parser():
     arg("--cfg_scale", type=celebgen.number(float, at_least=0),
         help=celebgen.GUIDANCE_HELP + "; a model trained with --attributes is asked for the "
              "reference images' own labels")
+    arg("--autoguidance", type=celebgen.number(float, at_least=0),
+        help=celebgen.AUTOGUIDANCE_HELP)
     arg("--seed", type=celebgen.number(int, at_least=0), default=0, help="seed of the noise")
     arg("--precision", choices=celebgen.PRECISIONS, default="auto",
         help=f"for sampling: {celebgen.PRECISION_HELP}")

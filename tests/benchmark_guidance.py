@@ -92,6 +92,8 @@ def main():
         help="held-out images FID compares with")
     arg("--num_sampling_steps", type=celebgen.positive(int), default=20, help="Euler steps")
     arg("--seed", type=celebgen.number(int, at_least=0), default=0, help="seed of the noise")
+    arg("--autoguidance", type=celebgen.number(float, at_least=0),
+        help=celebgen.AUTOGUIDANCE_HELP)
     arg("--guidance_interval", type=float, nargs=2, metavar=("FROM", "TO"),
         help="guide only at times t in [FROM, TO) (weight 1 elsewhere)")
     arg("--inception_weights", help="pytorch-fid's weights file (or set $FID_INCEPTION_WEIGHTS)")
@@ -107,12 +109,13 @@ def main():
     if interval:
         guide_only_between(*interval)
     device, precision = torch.device("cpu"), "fp32"
-    ckpt = celebgen.exit_on_user_error(
-        celebgen.load_checkpoint, celebgen.checkpoint_path(args.exp_name, args.checkpoint))
+    path = celebgen.checkpoint_path(args.exp_name, args.checkpoint)
+    ckpt = celebgen.exit_on_user_error(celebgen.load_checkpoint, path)
     train_args = argparse.Namespace(**ckpt["args"])
     if train_args.dataset != "celeba" or not train_args.attributes:
         sys.exit("error: --exp_name must be a CelebA model trained with --attributes")
-    model = celebgen.load_model(ckpt, device)
+    model = celebgen.exit_on_user_error(celebgen.autoguided, celebgen.load_model(ckpt, device),
+                                        ckpt, path, args.autoguidance, device)
     names = train_args.attributes
     asked, source = celebgen.exit_on_user_error(fid.sample_attributes, train_args, fid_args)
     inception = celebgen.exit_on_user_error(fid.inception, args.inception_weights, device)
@@ -132,7 +135,8 @@ def main():
           f"fifth scored by the probe fitted on the rest: "
           + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, accuracy)))
     print(f"checkpoint step {ckpt['step']}; {args.num_samples} samples per weight, Euler "
-          f"{args.num_sampling_steps} steps (default times), guided at t in "
+          f"{args.num_sampling_steps} steps (default times), autoguidance "
+          f"{model.weight if isinstance(model, celebgen.Autoguided) else 1:g}, guided at t in "
           f"{args.guidance_interval or 'all'}, asked for the {source}; FID and KID "
           f"against {ref['count']} held-out images; agreement: the probe finds what was asked")
     print("share with each attribute among the labelled images: " + ", ".join(

@@ -240,7 +240,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(workdir, caps
 
     def save(obj, f, *args, **kwargs):
         saves.append(1)
-        if len(saves) == 3:  # last.pt at steps 1 and 2, then the disk is full
+        if len(saves) == 4:  # last.pt at step 1, guide.pt (25% of 5 steps) and last.pt at 2, then full
             raise OSError(28, "No space left on device")
         return real_save(obj, f, *args, **kwargs)
     monkeypatch.setattr(torch, "save", save)
@@ -248,7 +248,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(workdir, caps
                        "--eval_every", 100)
     one_line_error(code, err, "No space left on device); the previous last.pt, if any, is intact")
     assert checkpoint("full")["step"] == 2
-    assert sorted(p.name for p in (workdir / "experiments/full/checkpoints").iterdir()) == ["last.pt"]
+    assert sorted(p.name for p in (workdir / "experiments/full/checkpoints").iterdir()) == ["guide.pt", "last.pt"]
 
 
 def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
@@ -286,6 +286,29 @@ def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
                                       f"device)")
         assert {p.name: p.read_bytes() for p in folder.iterdir()} == three
         assert euler2() == ["last_euler2_seed0", "last_euler2_seed0.png"]
+
+
+def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, capsys):
+    """By default sample guides by the run's guide.pt (its step-1 EMA) with weight AUTOGUIDANCE;
+    --autoguidance 1 samples the model alone, as does a run without a guide.pt, which says so. A
+    weight asked of a run without a guide, or a guide of another model, is one line."""
+    samples, guide = trained.parents[1] / "samples", trained.parent / "guide.pt"
+    pngs = lambda name: np.stack([np.asarray(Image.open(p)) for p in sorted((samples / name).glob("*.png"))])
+    sample = lambda *flags: cli(capsys, "sample", "--exp_name", "done", "--num_samples", 3,
+                                "--num_sampling_steps", 3, *flags)
+    assert sample()[0] == sample("--autoguidance", cg.AUTOGUIDANCE)[0] == sample("--autoguidance", 1)[0] == 0
+    default = pngs("last_euler3_seed0")
+    assert np.array_equal(default, pngs(f"last_euler3_seed0_autoguidance{cg.AUTOGUIDANCE:g}"))
+    assert not np.array_equal(default, pngs("last_euler3_seed0_autoguidance1"))
+    foreign, shown = torch.load(guide, weights_only=True), "experiments/done/checkpoints"
+    guide.rename(trained.parent / "kept.pt")
+    code, out, err = sample()
+    assert code == 0 and f"no {shown}/guide.pt: sampling without autoguidance" in out, err
+    assert np.array_equal(pngs("last_euler3_seed0"), pngs("last_euler3_seed0_autoguidance1"))
+    one_line_error(*sample("--autoguidance", 2)[::2], f"--autoguidance 2 needs {shown}/guide.pt,")
+    foreign["args"]["image_size"] = 8
+    torch.save(foreign, guide)
+    one_line_error(*sample()[::2], f"{shown}/guide.pt is not of the model of {shown}/last.pt")
 
 
 def test_a_full_disk_at_a_sample_grid_is_one_line_and_the_run_resumes(workdir, capsys, monkeypatch):

@@ -285,6 +285,18 @@ def test_sampler_transports_a_gaussian_with_first_and_second_order_error(power):
     assert error(40, "heun") < 0.005 and error(400, "euler") < 0.01
 
 
+def test_autoguidance_extrapolates_from_the_guide_through_the_model():
+    """x_guide + w (x_model - x_guide): the guide at w = 0, the model at w = 1, beyond it above."""
+    torch.manual_seed(0)
+    model, guide = (randomized(cg.DiT(8, 4, **cg.MODELS["tiny"]), seed) for seed in (0, 1))
+    x, t = torch.randn(3, 3, 8, 8), torch.rand(3)
+    with torch.no_grad():
+        x_model, x_guide = model(x, t), guide(x, t)
+        for w in (0.0, 1.0, 2.5):
+            assert torch.allclose(cg.Autoguided(model, guide, w)(x, t), x_guide + w * (x_model - x_guide), atol=1e-5)
+    assert not torch.allclose(x_model, x_guide)
+
+
 def test_generate_draws_fresh_noise_per_image_whatever_the_batch_size():
     """Sampling a checkpoint 3 at a time gives the very images of 6 at once (the noise is one stream
     from the seed, and each batch takes its own rows of the requests), and all 6 differ. (This holds

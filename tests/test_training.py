@@ -139,6 +139,9 @@ def test_resume_continues_exactly(workdir, capsys, monkeypatch):
     assert a["step"] == b["step"] == 12 and a["best_val"] == b["best_val"]
     for part in ("model", "ema"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    guides = checkpoint("straight", "guide.pt"), checkpoint("resumed", "guide.pt")
+    assert guides[0]["step"] == guides[1]["step"] == 3  # 25% of 12, saved once, before the stop
+    assert all(torch.equal(guides[0]["ema"][k], guides[1]["ema"][k]) for k in guides[0]["ema"])
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -173,7 +176,8 @@ def test_cli_trains_logs_and_samples(workdir):
     assert train.returncode == 0, train.stderr
     assert "step 4/4" in train.stdout and "img/s" in train.stdout and "val loss" in train.stdout
     exp = workdir / "experiments" / "e2e"
-    assert {p.name for p in (exp / "checkpoints").iterdir()} == {"last.pt", "best.pt"}
+    assert {p.name for p in (exp / "checkpoints").iterdir()} == {"last.pt", "best.pt", "guide.pt"}
+    assert checkpoint("e2e", "guide.pt")["step"] == 1  # the step that reached 25% of 4 steps
     assert (exp / "samples" / "step_0000004.png").is_file() and (exp / "args.json").is_file()
 
     smp = run("sample", "--exp_name", "e2e", "--checkpoint", "best.pt", "--num_samples", 5,
