@@ -374,9 +374,9 @@ def guided_prediction(model, x_t, t, attributes, cfg_scale):
     return x_u + cfg_scale * (x_c - x_u)                                      # (B, C, H, W)
 
 
-# Autoguidance (Karras et al., 2024) needs no attributes: it guides the model by a weaker copy of
-# itself, its EMA at GUIDE_AT of the run (guide.pt, section 11): x_pred = x_guide + w (x_model -
-# x_guide). The guide errs where the model errs, only more, so w > 1 steps away from those errors.
+# Autoguidance (Karras et al., 2024) guides the model, with no attributes, by a weaker copy of
+# itself: the same network at GUIDE_AT of its training (guide.pt, section 11). The guide errs where
+# the model does, only more, so x_pred = x_guide + w (x_model - x_guide) with w > 1 moves away.
 
 GUIDE_AT = 0.25  # the one fraction measured (RESULTS.md)
 
@@ -386,7 +386,7 @@ class Autoguided(nn.Module):
     def __init__(self, model, guide, weight):
         super().__init__()
         self.model, self.guide, self.weight = model, guide, weight
-        self.grid, self.patch_size = model.grid, model.patch_size
+        self.grid, self.patch_size = model.grid, model.patch_size  # the image size, for generate
 
     def forward(self, x_t, t, attributes=None):
         x_guide = self.guide(x_t, t, attributes).float()                      # (B, C, H, W)
@@ -758,8 +758,8 @@ class Bookkeeping:
         announce_run(self)                                                    # F: what runs
 
     def after_step(self, step, numbers, elapsed, progress):
-        """What is due after step `step` (numbers: loss, lr, gradient norm), which took the run
-        from progress[0] to progress[1] of its length, `elapsed` seconds: each at its interval."""
+        """After step `step` (numbers: loss, lr, gradient norm; `elapsed` s in; progress: the run's
+        share done before and after it): guide.pt at GUIDE_AT, the rest at intervals and the end."""
         self.elapsed = elapsed
         self.images_seen += self.args.batch_size * self.args.world_size  # every batch is full
         if progress[0] < GUIDE_AT <= progress[1]:  # the weaker model of autoguidance (section 7)
@@ -870,7 +870,7 @@ def sample_command(args):
     out = experiment_paths(args.exp_name)["samples"]
     check_folders(out, experiment_paths(args.exp_name)["logs"])              # A: no file there
     model = load_model(ckpt, device, use_ema=not args.no_ema)
-    model = autoguided(model, ckpt, path, args.autoguidance, device)  # C: by guide.pt, checked
+    model = autoguided(model, ckpt, path, args.autoguidance, device, not args.no_ema)  # C
     out.mkdir(parents=True, exist_ok=True)
     if args.grid:  # A: one picture, a row per --attributes setting, a column per --cfg_scale
         return grid_command(args, model, rows, out / f"{path.stem}_grid", ckpt["step"], device,
@@ -1056,18 +1056,17 @@ TIME_POWER_HELP = ("the steps' times t_i = 1 - (1 - i/S)^P: 1 uniform, > 1 steps
 
 
 def sampler_text(args):
-    """'euler20' for the default times, 'euler20_power1' for --time_power 1: in file names."""
+    """'euler20' for the defaults, 'euler20_power1_autoguidance1' for --time_power 1
+    --autoguidance 1: in file names."""
     power = "" if args.time_power is None else f"_power{args.time_power:g}"
-    return f"{args.method}{args.num_sampling_steps}{power}"
+    guide = "" if args.autoguidance is None else f"_autoguidance{args.autoguidance:g}"
+    return f"{args.method}{args.num_sampling_steps}{power}{guide}"
 
 
 def samples_name(path, args):
-    """The folder name of `sample`'s images of the checkpoint at path, e.g. last_euler20_seed0,
-    last_euler20_seed0_autoguidance1 for --autoguidance 1, or last_euler20_seed0_Smiling=1_cfg3
-    for a request."""
+    """The folder name of `sample`'s images of the checkpoint at path, e.g. last_euler20_seed0, or
+    last_euler20_seed0_Smiling=1_cfg3 for a request."""
     name = f"{path.stem}_{sampler_text(args)}_seed{args.seed}"
-    if args.autoguidance is not None:
-        name += f"_autoguidance{args.autoguidance:g}"
     if args.attributes[0] or args.cfg_scale[0] != 1:
         name += f"_{setting_text(args.attributes[0])}_cfg{args.cfg_scale[0]:g}"
     return name
@@ -1112,12 +1111,12 @@ GUIDANCE = 2.0
 GUIDANCE_HELP = (f"classifier-free guidance weight: 0 unconditional, 1 conditional, > 1 stronger "
                  f"(default: {GUIDANCE:g} for a model asked for attributes, else 1)")
 # The autoguidance weight unless --autoguidance says otherwise: the lowest FID of the weights
-# measured on CelebA (RESULTS.md).
+# measured on CelebA, unconditional (RESULTS.md).
 AUTOGUIDANCE = 1.5
 AUTOGUIDANCE_HELP = (f"autoguidance weight w: x_guide + w (x_model - x_guide), where the guide is "
                      f"the run's EMA at {GUIDE_AT:.0%} of its length, the guide.pt beside the "
-                     f"checkpoint; 1: off (default: {AUTOGUIDANCE:g} when there is a guide.pt, "
-                     f"else 1)")
+                     f"checkpoint; 1: off (default: {AUTOGUIDANCE:g} for a model trained without "
+                     f"--attributes that has a guide.pt, else 1)")
 PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
 PRECISION_HELP = ("autocast dtype; auto: bf16 where it is native (CUDA >= 8.0, a CPU whose bf16 "
                   "matmul is measured faster), fp16 + loss scaling on older GPUs, else fp32")
@@ -1755,33 +1754,45 @@ def load_checkpoint(path):
     return ckpt
 
 
-def autoguided(model, ckpt, path, weight, device):
-    """The model of checkpoint `path` (loaded: ckpt), autoguided (section 7) by the EMA of the
-    guide.pt beside it with `weight`; the model alone for weight 1, or for no weight asked (None)
-    without a guide.pt."""
-    guide, weight = find_guide(path, ckpt["args"], weight)
+def autoguided(model, ckpt, path, weight, device, use_ema=True):
+    """The model of checkpoint `path` (loaded: ckpt) autoguided with `weight` (section 7) by the
+    guide.pt beside it, whose EMA (or raw weights: use_ema=False) guides; the model alone for
+    weight 1, and when find_guide finds no guide to use."""
+    guide, weight = find_guide(path, ckpt, weight)
     if guide is None:
         return model
-    return Autoguided(model, load_model(guide, device), weight)
+    return Autoguided(model, load_model(guide, device, use_ema), weight)
 
 
-def find_guide(path, model_args, weight):
-    """(guide.pt beside checkpoint `path`, loaded; the weight), or (None, 1.0) for weight 1, or
-    when none was asked (None) and there is no guide: a run stopped before GUIDE_AT of its length,
-    or older than autoguidance. The guide must be of the model's arguments, model_args."""
+def find_guide(path, ckpt, weight):
+    """(guide.pt beside checkpoint `path` (loaded: ckpt), loaded; the weight), or (None, 1.0) for
+    weight 1, and for none asked (None) for a model trained with --attributes (measured only
+    without), when there is no guide.pt (a run stopped before GUIDE_AT of its length, or older than
+    autoguidance) or when it is not earlier than the checkpoint (guide.pt itself; a run of one
+    step). A guide must be readable and of the checkpoint's model."""
     guide = Path(path).parent / "guide.pt"
+    if weight is None and ckpt["args"]["attributes"]:
+        return None, 1.0
     if weight is None and not guide.is_file():
         print(f"no {guide}: sampling without autoguidance", flush=True)
-    if weight == 1 or weight is None and (not guide.is_file() or guide.samefile(path)):
+    if weight == 1 or weight is None and not guide.is_file():
         return None, 1.0
     if not guide.is_file():
         raise UserError(f"--autoguidance {weight:g} needs {guide}, which train writes at "
                         f"{GUIDE_AT:.0%} of a run, and there is none; drop --autoguidance")
-    ckpt = load_checkpoint(guide)
-    if any(ckpt["args"][k] != model_args[k] for k in MODEL_ARGS):
+    try:
+        guide_ckpt = load_checkpoint(guide)
+    except UserError as e:  # its advice would be another --checkpoint: not what helps here
+        raise UserError(f"{str(e).split(';')[0]}; it guides sampling: pass --autoguidance 1 to "
+                        f"sample without it, or delete it") from None
+    if any(guide_ckpt["args"][k] != ckpt["args"][k] for k in MODEL_ARGS):
         raise UserError(f"{guide} is not of the model of {path} (other {', '.join(MODEL_ARGS)}); "
                         f"it belongs to another experiment: remove it, or pass --autoguidance 1")
-    return ckpt, AUTOGUIDANCE if weight is None else weight
+    if weight is None and guide_ckpt["step"] >= ckpt["step"]:
+        print(f"{guide} (step {guide_ckpt['step']}) is not earlier than {path} (step "
+              f"{ckpt['step']}): sampling without autoguidance", flush=True)
+        return None, 1.0
+    return guide_ckpt, AUTOGUIDANCE if weight is None else weight
 
 
 def load_weights(model, state, ckpt_args):

@@ -10,7 +10,8 @@ The network is the TensorFlow Inception of published FIDs, rebuilt from torchvis
 as pytorch-fid does, with pytorch-fid's weights. Images stream through it a batch at a time.
 
 Commands:
-    # 10k samples of an experiment's EMA weights against 10k held-out (val + test) CelebA images
+    # 10k samples of an experiment's EMA weights (autoguided by its guide.pt) against 10k held-out
+    # (val + test) CelebA images
     python fid.py --exp_name celeba64 [--checkpoint best.pt]
     # the protocol of published CelebA-64 FIDs: 50k samples against the 162,770 training images
     python fid.py --exp_name celeba64 --protocol published

@@ -65,7 +65,7 @@ def test_fid_scores_what_sample_draws_by_default():
     parser, _ = cg.make_parser()
     sample = parser.parse_args(["sample", "--exp_name", "e"])
     scored = fid.make_parser().parse_args(["--exp_name", "e"])
-    for flag in ("checkpoint", "method", "num_sampling_steps", "time_power", "cfg_scale"):
+    for flag in ("checkpoint", "method", "num_sampling_steps", "time_power", "cfg_scale", "autoguidance"):
         assert getattr(scored, flag) == getattr(sample, flag), flag
 
 

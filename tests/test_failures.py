@@ -288,27 +288,36 @@ def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
         assert euler2() == ["last_euler2_seed0", "last_euler2_seed0.png"]
 
 
-def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, capsys):
+def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, capsys, no_weights):
     """By default sample guides by the run's guide.pt (its step-1 EMA) with weight AUTOGUIDANCE;
-    --autoguidance 1 samples the model alone, as does a run without a guide.pt, which says so. A
-    weight asked of a run without a guide, or a guide of another model, is one line."""
+    --autoguidance 1 samples the model alone, as does a run without a guide.pt or the guide itself,
+    which say so. A weight asked of a run without a guide (in sample and fid.py), a guide of another
+    model, or an unreadable one, is one line."""
     samples, guide = trained.parents[1] / "samples", trained.parent / "guide.pt"
     pngs = lambda name: np.stack([np.asarray(Image.open(p)) for p in sorted((samples / name).glob("*.png"))])
     sample = lambda *flags: cli(capsys, "sample", "--exp_name", "done", "--num_samples", 3,
                                 "--num_sampling_steps", 3, *flags)
     assert sample()[0] == sample("--autoguidance", cg.AUTOGUIDANCE)[0] == sample("--autoguidance", 1)[0] == 0
     default = pngs("last_euler3_seed0")
-    assert np.array_equal(default, pngs(f"last_euler3_seed0_autoguidance{cg.AUTOGUIDANCE:g}"))
-    assert not np.array_equal(default, pngs("last_euler3_seed0_autoguidance1"))
+    assert np.array_equal(default, pngs(f"last_euler3_autoguidance{cg.AUTOGUIDANCE:g}_seed0"))
+    assert not np.array_equal(default, pngs("last_euler3_autoguidance1_seed0"))
     foreign, shown = torch.load(guide, weights_only=True), "experiments/done/checkpoints"
     guide.rename(trained.parent / "kept.pt")
     code, out, err = sample()
     assert code == 0 and f"no {shown}/guide.pt: sampling without autoguidance" in out, err
-    assert np.array_equal(pngs("last_euler3_seed0"), pngs("last_euler3_seed0_autoguidance1"))
+    assert np.array_equal(pngs("last_euler3_seed0"), pngs("last_euler3_autoguidance1_seed0"))
     one_line_error(*sample("--autoguidance", 2)[::2], f"--autoguidance 2 needs {shown}/guide.pt,")
+    with pytest.raises(SystemExit) as stop:  # fid.py too, before its weights load (no_weights)
+        fid.main(["--exp_name", "done", "--autoguidance", "2", "--num_samples", "3", "--ref_images", "3"])
+    one_line_error(stop.value.code, capsys.readouterr().err, f"--autoguidance 2 needs {shown}/guide.pt,")
     foreign["args"]["image_size"] = 8
     torch.save(foreign, guide)
     one_line_error(*sample()[::2], f"{shown}/guide.pt is not of the model of {shown}/last.pt")
+    guide.write_bytes(b"not a checkpoint")
+    one_line_error(*sample()[::2], "it guides sampling: pass --autoguidance 1 to sample without it")
+    (trained.parent / "kept.pt").rename(guide)  # the run's own guide, sampled: it is not earlier
+    code, out, err = sample("--checkpoint", "guide.pt")
+    assert code == 0 and f"{shown}/guide.pt (step 1) is not earlier than {shown}/guide.pt" in out, err
 
 
 def test_a_full_disk_at_a_sample_grid_is_one_line_and_the_run_resumes(workdir, capsys, monkeypatch):
