@@ -374,8 +374,8 @@ def guided_prediction(model, x_t, t, attributes, cfg_scale):
     return x_u + cfg_scale * (x_c - x_u)                                      # (B, C, H, W)
 
 
-# Autoguidance (Karras et al., 2024) guides the model, with no attributes, by a weaker copy of
-# itself: the same network at GUIDE_AT of its training (guide.pt, section 11). The guide errs where
+# Autoguidance (Karras et al., 2024) needs no attributes: it guides the model by a weaker copy of
+# itself, the same network at GUIDE_AT of its training (guide.pt, section 11). The guide errs where
 # the model does, only more, so x_pred = x_guide + w (x_model - x_guide) with w > 1 moves away.
 
 GUIDE_AT = 0.25  # the one fraction measured (RESULTS.md)
@@ -1525,10 +1525,9 @@ def process_runs(pid):
 def quiet_spawn(args):
     """Around mp.spawn: the workers' rendezvous (this machine, a free port, unless set), Ctrl-C is
     left to the workers (they stop after their step; the parent waits for them), and a worker that
-    failed ends this process with its status. A worker that said why
-    (a UserError) has printed its line; one killed by a signal could not, so its death is told here
-    in one line. Either way spawn stops the other workers, and logs that it does: expected, not
-    news, so that log is silenced."""
+    failed ends this process with its status. A worker that said why (a UserError) has printed its
+    line; one killed by a signal could not, so its death is told here in one line. Either way spawn
+    stops the other workers, and logs that it does: expected, not news, so that log is silenced."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
