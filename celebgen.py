@@ -1770,15 +1770,14 @@ def find_guide(path, ckpt, weight):
     autoguidance) or when it is not earlier than the checkpoint (guide.pt itself; a run of one
     step). A guide must be readable and of the checkpoint's model."""
     guide = Path(path).parent / "guide.pt"
-    if weight is None and ckpt["args"]["attributes"]:
-        return None, 1.0
-    if weight is None and not guide.is_file():
-        print(f"no {guide}: sampling without autoguidance", flush=True)
-    if weight == 1 or weight is None and not guide.is_file():
+    if weight == 1 or weight is None and ckpt["args"]["attributes"]:
         return None, 1.0
     if not guide.is_file():
-        raise UserError(f"--autoguidance {weight:g} needs {guide}, which train writes at "
-                        f"{GUIDE_AT:.0%} of a run, and there is none; drop --autoguidance")
+        if weight is not None:
+            raise UserError(f"--autoguidance {weight:g} needs {guide}, which train writes at "
+                            f"{GUIDE_AT:.0%} of a run, and there is none; drop --autoguidance")
+        print(f"no {guide}: sampling without autoguidance", flush=True)
+        return None, 1.0
     try:
         guide_ckpt = load_checkpoint(guide)
     except UserError as e:  # its advice would be another --checkpoint: not what helps here
