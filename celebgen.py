@@ -532,9 +532,10 @@ def autocast(device, precision):
 #                       /logs/                    TensorBoard: tensorboard --logdir experiments
 #                       /samples/                 grids during training; `sample` writes here too
 # A checkpoint holds the weights, their EMA, the optimizer's moments, the fp16 loss scale, the step,
-# the run's arguments, its clock and its random state: all a run needs to continue. Only tensors and
-# plain Python values, so it loads with torch.load(weights_only=True), which cannot execute code
-# from a downloaded file. Saving writes it whole, and loading checks it (Part three, B and C).
+# the run's arguments and its clock: all a run needs to continue, as every random draw of training
+# follows from the seed and the step (section 11). Only tensors and plain Python values, so it loads
+# with torch.load(weights_only=True), which cannot execute code from a downloaded file. Saving
+# writes it whole, and loading checks it (Part three, B and C).
 
 TrainingParts = namedtuple("TrainingParts", "model ema optimizer scaler")  # what is trained
 
@@ -548,9 +549,8 @@ def experiment_paths(exp_name):
 def checkpoint_state(parts, step, best_val, elapsed, args):
     """Everything a run needs to continue exactly, as a dict of tensors and plain values."""
     state = {name: part.state_dict() for name, part in parts._asdict().items()}
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
     return {**state, "step": step, "best_val": best_val, "elapsed": elapsed, "args": vars(args),
-            "architecture": ARCHITECTURE, "rng": {"torch": torch.get_rng_state(), "cuda": cuda}}
+            "architecture": ARCHITECTURE}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -680,7 +680,7 @@ def train_loop(rank, world_size, args, device, interrupt):
     Ctrl-C, and args.resolved_precision is --precision resolved for this machine (F)."""
     # 1. the model, its EMA, AdamW and the loss scaler: new, or as the checkpoint left them
     parts = training_parts(args, device)
-    step, best_val, elapsed = start_or_resume(args, parts, device, announce=rank == 0)
+    step, best_val, elapsed = start_or_resume(args, parts, announce=rank == 0)
     model = parts.model if world_size == 1 else DistributedDataParallel(
         parts.model, device_ids=[device] if device.type == "cuda" else None)
     if args.compile:  # fused kernels for the elementwise ops between the matmuls, made at step 1
@@ -754,14 +754,14 @@ class Bookkeeping:
                                   args.t_sigma)
         self.grid_noise = torch.randn(16, 3, args.image_size, args.image_size,
                                       generator=torch.Generator().manual_seed(args.seed + 1))
-        self.clock, self.images_seen, self.elapsed, self.saved_step = time.time(), 0, 0.0, -1
+        self.clock, self.steps_since_log, self.elapsed, self.saved_step = time.time(), 0, 0.0, -1
         announce_run(self)                                                    # F: what runs
 
     def after_step(self, step, numbers, elapsed, progress):
         """After step `step` (numbers: loss, lr, gradient norm; `elapsed` s in; progress: the run's
         share done before and after it): guide.pt at GUIDE_AT, the rest at intervals and the end."""
         self.elapsed = elapsed
-        self.images_seen += self.args.batch_size * self.args.world_size  # every batch is full
+        self.steps_since_log += 1
         if progress[0] < GUIDE_AT <= progress[1]:  # the weaker model of autoguidance (section 7)
             self.save("guide.pt", step)
         due = lambda every: step % every == 0 or progress[1] >= 1
@@ -1056,11 +1056,12 @@ TIME_POWER_HELP = ("the steps' times t_i = 1 - (1 - i/S)^P: 1 uniform, > 1 steps
 
 
 def sampler_text(args):
-    """'euler20' for the defaults, 'euler20_power1_autoguidance1' for --time_power 1
-    --autoguidance 1: in file names."""
+    """'euler20' for the defaults, 'euler20_power1_autoguidance1_no_ema' for --time_power 1
+    --autoguidance 1 --no_ema: in file names."""
     power = "" if args.time_power is None else f"_power{args.time_power:g}"
     guide = "" if args.autoguidance is None else f"_autoguidance{args.autoguidance:g}"
-    return f"{args.method}{args.num_sampling_steps}{power}{guide}"
+    weights = "_no_ema" if args.no_ema else ""
+    return f"{args.method}{args.num_sampling_steps}{power}{guide}{weights}"
 
 
 def samples_name(path, args):
@@ -1689,7 +1690,7 @@ MODEL_ARGS = ("model", "image_size", "patch_size", "attributes")  # what the wei
 # and loss that pick best.pt
 RESUME_FIXED = ("dataset", "batch_size", "world_size", "seed", "t_mu", "t_sigma", "t_eps",
                 "pair_noise", "val_size")
-CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "best_val", "args", "rng")
+CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "best_val", "args")
 # What the weights mean: the same tensors under another version of the network's arithmetic load
 # without an error and draw noise, so a checkpoint records the version it was trained under.
 # 1 (written without the key): RMSNorm on q and k, RoPE on channel halves, DiT's tanh GELU;
@@ -1809,7 +1810,7 @@ def flag_value(value):
     return (",".join(value) or "(none)") if isinstance(value, list) else value
 
 
-def restore(ckpt, model, ema, optimizer, scaler, device):
+def restore(ckpt, model, ema, optimizer, scaler):
     """Put a run back into the state its checkpoint saved. Returns (step, best_val)."""
     load_weights(model, ckpt["model"], ckpt["args"])
     load_weights(ema, ckpt["ema"], ckpt["args"])
@@ -1820,21 +1821,18 @@ def restore(ckpt, model, ema, optimizer, scaler, device):
                         "--exp_name") from None
     if scaler.is_enabled() and ckpt.get("scaler"):  # empty unless the checkpoint was fp16
         scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
     return ckpt["step"], ckpt["best_val"]
 
 
-def start_or_resume(args, parts, device, announce):
+def start_or_resume(args, parts, announce):
     """(step, best_val, seconds of training) of the run: (0, inf, 0) for a new run; for --resume,
-    those of the checkpoint, whose weights, EMA, optimizer moments, loss scale and random state are
-    put back into place."""
+    those of the checkpoint, whose weights, EMA, optimizer moments and loss scale are put back into
+    place."""
     if not args.resume:
         return 0, math.inf, 0.0
     path = resume_checkpoint(experiment_paths(args.exp_name))
     ckpt = load_checkpoint(path)
-    step, best_val = restore(ckpt, *parts, device)
+    step, best_val = restore(ckpt, *parts)
     if announce:
         print(f"resuming {args.exp_name} from step {step} ({path.name})", flush=True)
     return step, best_val, ckpt.get("elapsed", 0.0)  # no "elapsed": written before time budgets
@@ -2342,16 +2340,16 @@ def announce_run(book):
 def log_progress(book, step, loss, lr, grad_norm):
     """Bookkeeping's progress line and TensorBoard scalars: speed in images/s and in model FLOP/s
     (flops_per_image) since the last line, and the time left by steps or by --max_minutes."""
-    speed = book.images_seen / (time.time() - book.clock)
-    images = book.args.batch_size * book.args.world_size  # per step
-    eta = max(0.0, min((book.total_steps - step) * images / speed, book.budget - book.elapsed))
+    seconds_per_step = (time.time() - book.clock) / book.steps_since_log
+    speed = book.args.batch_size * book.args.world_size / seconds_per_step  # every batch is full
+    eta = max(0.0, min((book.total_steps - step) * seconds_per_step, book.budget - book.elapsed))
     print(f"step {step}/{book.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad "
           f"{grad_norm:.3f} | {speed:.1f} img/s | {speed * book.flops_per_image / 1e12:.3f} "
           f"TFLOP/s | ETA {eta / 60:.1f} min", flush=True)
     for name, value in [("loss", loss), ("lr", lr), ("grad_norm", grad_norm),
                         ("images_per_sec", speed)]:
         book.writer.add_scalar(f"train/{name}", value, step)
-    book.clock, book.images_seen = time.time(), 0
+    book.clock, book.steps_since_log = time.time(), 0
 
 
 def flops_per_image(model):

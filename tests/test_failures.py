@@ -320,6 +320,26 @@ def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, c
     assert code == 0 and f"{shown}/guide.pt (step 1) is not earlier than {shown}/guide.pt" in out, err
 
 
+def test_no_ema_samples_by_the_raw_weights_of_the_model_and_of_its_guide(trained, capsys):
+    """A guide equal to the model changes nothing: x_g + w (x - x_g) = x. With guide.pt holding
+    this checkpoint's EMA and raw weights, the default (EMA) samples and the --no_ema (raw) ones
+    equal their unguided twins pixel for pixel, which a guide of the other kind would break. The
+    raw weights' samples are named apart from the EMA's, and differ from them."""
+    ckpt, guide = torch.load(trained, weights_only=True), trained.parent / "guide.pt"
+    torch.save({**torch.load(guide, weights_only=True), "ema": ckpt["ema"], "model": ckpt["model"]},
+               guide)
+    samples = trained.parents[1] / "samples"
+    pngs = lambda name: np.stack([np.asarray(Image.open(p)) for p in sorted((samples / name).glob("*.png"))])
+    for flags, suffix in [((), ""), (("--no_ema",), "_no_ema")]:
+        for weight in [2, 1]:
+            assert cli(capsys, "sample", "--exp_name", "done", "--num_samples", 3, "--num_sampling_steps", 3,
+                       "--autoguidance", weight, *flags)[0] == 0
+        assert np.array_equal(pngs(f"last_euler3_autoguidance2{suffix}_seed0"),
+                              pngs(f"last_euler3_autoguidance1{suffix}_seed0"))
+    assert not np.array_equal(pngs("last_euler3_autoguidance1_seed0"),
+                              pngs("last_euler3_autoguidance1_no_ema_seed0"))
+
+
 def test_a_full_disk_at_a_sample_grid_is_one_line_and_the_run_resumes(workdir, capsys, monkeypatch):
     def full(image, path, *args, **kwargs):  # PNG files; TensorBoard's in-memory PNGs still work
         if not isinstance(path, os.PathLike):

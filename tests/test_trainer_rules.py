@@ -244,16 +244,14 @@ def test_best_val_survives_a_resume(workdir, capsys):
     assert checkpoint("best")["best_val"] == -1.0
 
 
-def test_a_resume_restores_the_random_state_it_saved(workdir, capsys):
-    assert cli(capsys, "train", "--exp_name", "rng", *TOY, "--batch_size", 4, "--max_steps", 1)[0] == 0
-    ckpt = checkpoint("rng")
+def test_a_resume_restores_the_ema_and_adams_moments_it_saved(workdir, capsys):
+    assert cli(capsys, "train", "--exp_name", "resumed", *TOY, "--batch_size", 4, "--max_steps", 1)[0] == 0
+    ckpt = checkpoint("resumed")
     model = cg.build_model(cg.argparse.Namespace(**ckpt["args"]))
     ema = cg.build_model(cg.argparse.Namespace(**ckpt["args"]))
     optimizer = torch.optim.AdamW(model.parameters())
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    torch.manual_seed(12345)
-    cg.restore(ckpt, model, ema, optimizer, scaler, torch.device("cpu"))
-    assert torch.equal(torch.get_rng_state(), ckpt["rng"]["torch"])
+    cg.restore(ckpt, model, ema, optimizer, scaler)
     assert all(torch.equal(v, ckpt["ema"][k]) for k, v in ema.state_dict().items())
     restored, saved = optimizer.state_dict()["state"], ckpt["optimizer"]["state"]
     assert all(torch.equal(restored[i]["exp_avg_sq"], saved[i]["exp_avg_sq"]) for i in saved)
