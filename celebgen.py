@@ -910,6 +910,7 @@ def main(argv=None):
 
 # the imports that only Part three needs stand here, out of the learner's way
 import difflib
+import errno
 import hashlib
 import json
 import logging
@@ -1041,6 +1042,8 @@ def attribute_setting(text):
         if value not in ("0", "1"):
             raise argparse.ArgumentTypeError(f"{item.strip()!r}: write NAME=1 (present) or NAME=0 "
                                              f"(absent), e.g. Smiling=1,Eyeglasses=0")
+        if attribute_name(name) in setting:
+            raise argparse.ArgumentTypeError(f"{text!r} names {attribute_name(name)} twice")
         setting[attribute_name(name)] = 1.0 if value == "1" else -1.0
     return setting
 
@@ -1096,8 +1099,9 @@ def attribute_rows(settings, cfg_scales, trained):
     asked = sorted({name for setting in settings for name in setting})
     if not trained:
         if asked or cfg_scales != [1.0]:
-            raise UserError("this checkpoint was trained without --attributes: it draws random "
-                            "faces and takes no --attributes or --cfg_scale")
+            flag = "--attributes" if asked else "--cfg_scale"
+            raise UserError(f"this checkpoint was trained without --attributes: it draws random "
+                            f"faces and takes no {flag}")
         return None
     unknown = [name for name in asked if name not in trained]
     if unknown:
@@ -1114,8 +1118,9 @@ GUIDANCE_HELP = (f"classifier-free guidance weight: 0 unconditional, 1 condition
 # The autoguidance weight unless --autoguidance says otherwise: the lowest FID of the weights
 # measured on CelebA, unconditional (RESULTS.md).
 AUTOGUIDANCE = 1.5
+SEED = number(int, at_least=0, below=2**32)  # what every random generator takes
 AUTOGUIDANCE_HELP = (f"autoguidance weight w: x_guide + w (x_model - x_guide), where the guide is "
-                     f"the run's EMA at {GUIDE_AT:.0%} of its length, the guide.pt beside the "
+                     f"the run's EMA at {GUIDE_AT:.0%}% of its length, the guide.pt beside the "
                      f"checkpoint; 1: off (default: {AUTOGUIDANCE:g} for a model trained without "
                      f"--attributes that has a guide.pt, else 1)")
 PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
@@ -1216,7 +1221,7 @@ def add_recipe_flags(arg):
         help="DataLoader worker processes per process (0: make the examples in the training "
              "process; default: 0 for CelebA on a CPU, whose cores workers would take from "
              "training, else 2)")
-    arg("--seed", type=number(int, at_least=0), default=0, help="for weights, data order and noise")
+    arg("--seed", type=SEED, default=0, help="for weights, data order and noise")
     arg("--val_size", type=positive(int), default=256,
         help="fixed validation images (and noise and times) that choose best.pt")
     arg("--log_every", type=positive(int), default=50, help="steps between progress lines")
@@ -1236,7 +1241,7 @@ def add_sample_flags(arg):
     arg("--method", choices=["euler", "heun"], default="euler",
         help="euler: one model call per step; heun: two, second-order accurate")
     arg("--time_power", type=number(float, above=0, below=5), help=TIME_POWER_HELP)
-    arg("--seed", type=number(int, at_least=0), default=0, help="seed of the noise")
+    arg("--seed", type=SEED, default=0, help="seed of the noise")
     arg("--batch_size", type=positive(int), default=64, help="images sampled at once")
     arg("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     arg("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
@@ -1621,7 +1626,7 @@ def save_png(image, path):
         with written_whole(path) as tmp:
             Image.fromarray(array).save(tmp, format="PNG")
     except OSError as e:  # a full disk, no permission, a folder in the way
-        fix = "move that folder away" if path.is_dir() else "free some space"
+        fix = "move that folder away" if path.is_dir() else write_fix(e)
         raise UserError(f"cannot write {path} ({e.strerror or e}); {fix}, then run the command "
                         f"again (a training run: with --resume)") from None
 
@@ -1641,7 +1646,13 @@ def save_checkpoint(path, state):
             os.close(folder)
     except OSError as e:  # a full disk, a lost mount, no permission
         raise UserError(f"cannot write {path} ({e.strerror or e}); the previous {path.name}, if "
-                        f"any, is intact: free some space and resume with --resume") from None
+                        f"any, is intact: {write_fix(e)} and resume with --resume") from None
+
+
+def write_fix(e):
+    """What to do about the OSError e met writing a file: free some space, or get permission."""
+    denied = e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+    return "make its folder writable" if denied else "free some space"
 
 
 def write_samples_whole(batches, out, total):
@@ -1663,6 +1674,10 @@ def write_samples_whole(batches, out, total):
             shutil.rmtree(path, ignore_errors=True)
     try:
         partial.mkdir()
+    except OSError as e:
+        raise UserError(f"cannot write into {out.parent} ({e.strerror or e}); "
+                        f"{write_fix(e)}") from None
+    try:
         for images in batches:  # written as they come: memory does not grow with --num_samples
             for image in to_unit(images):
                 save_png(image, partial / f"{count:06d}.png")
@@ -1732,9 +1747,13 @@ def load_checkpoint(path):
                         f"pass --checkpoint with a path to a file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise UserError(f"checkpoint {path} cannot be read (permission denied); give this user "
+                        f"read access to it") from None
     except Exception as e:  # truncated zip, bad pickle, wrong file type: all "unreadable"
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}): it is truncated or "
-                        f"corrupt; use another checkpoint such as best.pt") from None
+                        f"corrupt; use another checkpoint such as best.pt (to --resume from it: "
+                        f"move last.pt away)") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if not missing:
         saved = ckpt["args"] if isinstance(ckpt["args"], dict) else {}
@@ -1773,7 +1792,7 @@ def find_guide(path, ckpt, weight):
     guide = Path(path).parent / "guide.pt"
     if weight == 1 or weight is None and ckpt["args"]["attributes"]:
         return None, 1.0
-    if not guide.is_file():
+    if not guide.exists():
         if weight is not None:
             raise UserError(f"--autoguidance {weight:g} needs {guide}, which train writes at "
                             f"{GUIDE_AT:.0%} of a run, and there is none; drop --autoguidance")

@@ -629,7 +629,7 @@ def make_parser():
              "reference images' own labels")
     arg("--autoguidance", type=celebgen.number(float, at_least=0),
         help=celebgen.AUTOGUIDANCE_HELP)
-    arg("--seed", type=celebgen.number(int, at_least=0), default=0, help="seed of the noise")
+    arg("--seed", type=celebgen.SEED, default=0, help="seed of the noise")
     arg("--precision", choices=celebgen.PRECISIONS, default="auto",
         help=f"for sampling: {celebgen.PRECISION_HELP}")
     arg("--ref_split", choices=list(REF_SPLITS),

@@ -210,6 +210,7 @@ def conditional(workdir, capsys):
     (["--attributes", "Eyeglasses=1"], "this checkpoint was not trained on Eyeglasses; it knows Blond_Hair,Smiling"),
     (["--attributes", "Smiling=2"], "'Smiling=2': write NAME=1 (present) or NAME=0 (absent)"),
     (["--attributes", "Smiling"], "'Smiling': write NAME=1"),
+    (["--attributes", "Smiling=1,Smiling=0"], "'Smiling=1,Smiling=0' names Smiling twice"),
     (["--attributes", "Smiling=1", "Smiling=0"], "several --attributes settings or --cfg_scale values make a "
                                                  "grid: add --grid"),
     (["--cfg_scale", "-1"], "argument --cfg_scale: must be >= 0, got -1"),

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -338,6 +339,22 @@ def test_no_ema_samples_by_the_raw_weights_of_the_model_and_of_its_guide(trained
                               pngs(f"last_euler3_autoguidance1{suffix}_seed0"))
     assert not np.array_equal(pngs("last_euler3_autoguidance1_seed0"),
                               pngs("last_euler3_autoguidance1_no_ema_seed0"))
+
+
+def test_no_permission_to_write_samples_or_read_a_checkpoint_is_one_line(trained, capsys, monkeypatch):
+    """Permission denied is not a full disk, nor a corrupt file: the fix named is the permission."""
+    real_mkdir = Path.mkdir
+    def denied(self, *args, **kwargs):
+        if self.name.endswith(".partial"):
+            raise PermissionError(13, "Permission denied")
+        return real_mkdir(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "mkdir", denied)
+    sample = lambda: cli(capsys, "sample", "--exp_name", "done", "--num_samples", 2, "--num_sampling_steps", 1)
+    one_line_error(*sample()[::2], "cannot write into experiments/done/samples (Permission denied); make its "
+                                   "folder writable")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    one_line_error(*sample()[::2], "checkpoint experiments/done/checkpoints/last.pt cannot be read (permission "
+                                   "denied); give this user read access to it")
 
 
 def test_a_full_disk_at_a_sample_grid_is_one_line_and_the_run_resumes(workdir, capsys, monkeypatch):

@@ -34,6 +34,14 @@ def numeric_flags():
             for program, p in parsers for action in p._actions if hasattr(action.type, "valid")]
 
 
+def test_every_help_page_renders():
+    """argparse expands % in each flag's help: a stray one breaks --help, to which every error of
+    a flag points."""
+    parser = cg.make_parser()[0]
+    for p in [parser, *parser._subparsers._group_actions[0].choices.values(), fid.make_parser()]:
+        assert "--" in p.format_help()
+
+
 def test_every_number_flag_is_bounded():
     flags = {flag for _, flag, _ in numeric_flags()}
     assert {"--t_eps", "--cooldown", "--lr", "--ema_decay", "--num_samples", "--ref_images",
