@@ -1785,8 +1785,8 @@ def autoguided(model, ckpt, path, weight, device, use_ema=True):
 
 def find_guide(path, ckpt, weight):
     """(guide.pt beside checkpoint `path` (loaded: ckpt), loaded; the weight), or (None, 1.0) for
-    weight 1, and for none asked (None) for a model trained with --attributes (measured only
-    without), when there is no guide.pt (a run stopped before GUIDE_AT of its length, or older than
+    weight 1, and for none asked (None) for a model trained with --attributes (there it cost
+    agreement with the request: RESULTS.md), when there is no guide.pt (a run stopped before GUIDE_AT of its length, or older than
     autoguidance) or when it is not earlier than the checkpoint (guide.pt itself; a run of one
     step). A guide must be readable and of the checkpoint's model."""
     guide = Path(path).parent / "guide.pt"

@@ -234,7 +234,7 @@ def test_sample_writes_requests_and_a_guidance_grid(conditional, capsys):
     assert (conditional / "samples" / f"last_euler2_seed0_Blond_Hair=0_cfg{cg.GUIDANCE:g}").is_dir()
     code, out, err = cli(capsys, "sample", "--exp_name", "cond", "--num_samples", 1, "--num_sampling_steps", 2)
     assert code == 0 and (conditional / "samples" / "last_euler2_seed0").is_dir(), err
-    # nor autoguided by default, guide.pt or not (measured on unconditional models only)
+    # nor autoguided by default, guide.pt or not (it costs agreement with the request: RESULTS.md)
     assert cli(capsys, "sample", "--exp_name", "cond", "--num_samples", 1, "--num_sampling_steps", 2,
                "--autoguidance", 1)[0] == 0 and (conditional / "checkpoints" / "guide.pt").is_file()
     assert np.array_equal(*(np.asarray(Image.open(conditional / "samples" / name / "000000.png"))
