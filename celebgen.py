@@ -962,11 +962,13 @@ def exit_on_user_error(command, *args, quiet=False):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, showing each flag's default in --help, and reporting a bad flag as a UserError
-    (one line `error: ...`, exit status 2) instead of its usage block."""
+    """argparse, showing each flag's default in --help, refusing a flag cut short (a typo may be
+    the start of another flag), and reporting a bad flag as a UserError (one line `error: ...`,
+    exit status 2) instead of its usage block."""
 
     def __init__(self, **kwargs):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         allow_abbrev=False, **kwargs)
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
@@ -1351,6 +1353,9 @@ def guidance_grid(model, rows, cfg_scales, noise, times, method="euler"):
 
 def grid_command(args, model, rows, stem, step, device, precision):
     """`sample --grid`: one PNG, a row per --attributes setting, a column per --cfg_scale."""
+    name = stem.with_name(f"{stem.name}_{sampler_text(args)}_seed{args.seed}.png")
+    if name.is_dir():  # checked before the grid is sampled
+        raise UserError(f"{name} is a folder, where the grid goes; move it away")
     rows = rows if rows is not None else torch.zeros(1, 0)  # unconditional: one row, no request
     size = model.grid * model.patch_size
     noise = torch.randn(args.grid_samples, 3, size, size,
@@ -1358,7 +1363,6 @@ def grid_command(args, model, rows, stem, step, device, precision):
     with autocast(device, precision), attention_kernels(device, model.grid**2):
         grid = guidance_grid(model, rows, args.cfg_scale, noise.to(device),
                              time_grid(args.num_sampling_steps, args.time_power), args.method)
-    name = stem.with_name(f"{stem.name}_{sampler_text(args)}_seed{args.seed}.png")
     save_png(grid, name)                                                      # written whole: B
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(experiment_paths(args.exp_name)["logs"]) as writer:
@@ -1687,8 +1691,9 @@ def write_samples_whole(batches, out, total):
             out.rename(old)
         partial.rename(out)  # between these two renames, and only there, there is no out/
     except KeyboardInterrupt:
-        raise Interrupted(f"interrupted after {count} of {total} images; {out}/ is as it was: "
-                          f"run the command again to write them") from None
+        was = "is as it was" if out.is_dir() else "was not made"
+        raise Interrupted(f"interrupted after {count} of {total} images; {out}/ {was}: run the "
+                          f"command again to write them") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
@@ -1716,8 +1721,11 @@ ARCHITECTURE = 2
 def checkpoint_path(exp_name, checkpoint):
     """--checkpoint: a path that exists (load_checkpoint refuses a folder), or a name (last.pt,
     best.pt) in the experiment's checkpoints/."""
-    path = Path(checkpoint)
-    return path if path.exists() else experiment_paths(exp_name)["checkpoints"] / checkpoint
+    path, root = Path(checkpoint), experiment_paths(exp_name)["root"]
+    if not path.exists() and not root.is_dir():
+        raise UserError(f"there is no experiment {exp_name} ({root} does not exist); the "
+                        f"experiments are the folders in experiments/")
+    return path if path.exists() else root / "checkpoints" / checkpoint
 
 
 def resume_checkpoint(exp):
@@ -1786,9 +1794,10 @@ def autoguided(model, ckpt, path, weight, device, use_ema=True):
 def find_guide(path, ckpt, weight):
     """(guide.pt beside checkpoint `path` (loaded: ckpt), loaded; the weight), or (None, 1.0) for
     weight 1, and for none asked (None) for a model trained with --attributes (there it cost
-    agreement with the request: RESULTS.md), when there is no guide.pt (a run stopped before GUIDE_AT of its length, or older than
-    autoguidance) or when it is not earlier than the checkpoint (guide.pt itself; a run of one
-    step). A guide must be readable and of the checkpoint's model."""
+    agreement with the request: RESULTS.md), when there is no guide.pt (a run stopped before
+    GUIDE_AT of its length, or older than autoguidance) or when it is not earlier than the
+    checkpoint (guide.pt itself; a run of one step). A guide must be readable and of the
+    checkpoint's model."""
     guide = Path(path).parent / "guide.pt"
     if weight == 1 or weight is None and ckpt["args"]["attributes"]:
         return None, 1.0

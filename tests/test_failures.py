@@ -357,6 +357,22 @@ def test_no_permission_to_write_samples_or_read_a_checkpoint_is_one_line(trained
                                    "denied); give this user read access to it")
 
 
+def test_a_flag_cut_short_or_a_missing_experiment_is_one_line(trained, capsys):
+    """A typo that is the start of a real flag is not taken for that flag; an experiment that is not
+    there is named as such, not as a missing last.pt."""
+    sample = lambda *flags: cli(capsys, "sample", "--num_samples", 1, "--num_sampling_steps", 1, *flags)
+    one_line_error(*sample("--exp_name", "done", "--autoguidanc", 2)[::2], "unrecognized arguments: --autoguidanc 2")
+    one_line_error(*sample("--exp_name", "dnoe")[::2], "there is no experiment dnoe (experiments/dnoe does not exist)")
+    assert not list((trained.parents[1] / "samples").glob("last_euler1*"))
+
+
+def test_a_folder_where_the_grid_goes_is_refused_before_sampling(trained, capsys, monkeypatch):
+    (trained.parents[1] / "samples" / "last_grid_euler1_seed0.png").mkdir(parents=True)
+    monkeypatch.setattr(cg, "guidance_grid", lambda *args: pytest.fail("sampled before the check"))
+    code, _, err = cli(capsys, "sample", "--exp_name", "done", "--grid", "--num_sampling_steps", 1)
+    one_line_error(code, err, "last_grid_euler1_seed0.png is a folder, where the grid goes; move it away")
+
+
 def test_a_full_disk_at_a_sample_grid_is_one_line_and_the_run_resumes(workdir, capsys, monkeypatch):
     def full(image, path, *args, **kwargs):  # PNG files; TensorBoard's in-memory PNGs still work
         if not isinstance(path, os.PathLike):
