@@ -1045,7 +1045,8 @@ def attribute_setting(text):
             raise argparse.ArgumentTypeError(f"{item.strip()!r}: write NAME=1 (present) or NAME=0 "
                                              f"(absent), e.g. Smiling=1,Eyeglasses=0")
         if attribute_name(name) in setting:
-            raise argparse.ArgumentTypeError(f"{text!r} names {attribute_name(name)} twice")
+            raise argparse.ArgumentTypeError(f"{text!r} names {attribute_name(name)} twice; keep "
+                                             f"one of them")
         setting[attribute_name(name)] = 1.0 if value == "1" else -1.0
     return setting
 
@@ -1101,9 +1102,10 @@ def attribute_rows(settings, cfg_scales, trained):
     asked = sorted({name for setting in settings for name in setting})
     if not trained:
         if asked or cfg_scales != [1.0]:
-            flag = "--attributes" if asked else "--cfg_scale"
+            given = [("--attributes", asked), ("--cfg_scale", cfg_scales != [1.0])]
+            flags = [flag for flag, present in given if present]
             raise UserError(f"this checkpoint was trained without --attributes: it draws random "
-                            f"faces and takes no {flag}")
+                            f"faces and takes no {' or '.join(flags)}")
         return None
     unknown = [name for name in asked if name not in trained]
     if unknown:
@@ -1120,7 +1122,7 @@ GUIDANCE_HELP = (f"classifier-free guidance weight: 0 unconditional, 1 condition
 # The autoguidance weight unless --autoguidance says otherwise: the lowest FID of the weights
 # measured on CelebA, unconditional (RESULTS.md).
 AUTOGUIDANCE = 1.5
-SEED = number(int, at_least=0, below=2**32)  # what every random generator takes
+SEED = number(int, at_least=0, below=2**32)  # so that seed + 1, seed + epoch fit in 64 bits
 AUTOGUIDANCE_HELP = (f"autoguidance weight w: x_guide + w (x_model - x_guide), where the guide is "
                      f"the run's EMA at {GUIDE_AT:.0%}% of its length, the guide.pt beside the "
                      f"checkpoint; 1: off (default: {AUTOGUIDANCE:g} for a model trained without "
@@ -1630,7 +1632,7 @@ def save_png(image, path):
         with written_whole(path) as tmp:
             Image.fromarray(array).save(tmp, format="PNG")
     except OSError as e:  # a full disk, no permission, a folder in the way
-        fix = "move that folder away" if path.is_dir() else write_fix(e)
+        fix = "move that folder away" if path.is_dir() else write_fix(e, path.parent)
         raise UserError(f"cannot write {path} ({e.strerror or e}); {fix}, then run the command "
                         f"again (a training run: with --resume)") from None
 
@@ -1650,13 +1652,14 @@ def save_checkpoint(path, state):
             os.close(folder)
     except OSError as e:  # a full disk, a lost mount, no permission
         raise UserError(f"cannot write {path} ({e.strerror or e}); the previous {path.name}, if "
-                        f"any, is intact: {write_fix(e)} and resume with --resume") from None
+                        f"any, is intact: {write_fix(e, path.parent)} and resume with --resume"
+                        ) from None
 
 
-def write_fix(e):
-    """What to do about the OSError e met writing a file: free some space, or get permission."""
+def write_fix(e, folder):
+    """What to do about the OSError e met writing into folder: get permission, or free space."""
     denied = e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
-    return "make its folder writable" if denied else "free some space"
+    return f"make {folder} writable" if denied else "free some space"
 
 
 def write_samples_whole(batches, out, total):
@@ -1680,7 +1683,7 @@ def write_samples_whole(batches, out, total):
         partial.mkdir()
     except OSError as e:
         raise UserError(f"cannot write into {out.parent} ({e.strerror or e}); "
-                        f"{write_fix(e)}") from None
+                        f"{write_fix(e, out.parent)}") from None
     try:
         for images in batches:  # written as they come: memory does not grow with --num_samples
             for image in to_unit(images):
@@ -1691,6 +1694,8 @@ def write_samples_whole(batches, out, total):
             out.rename(old)
         partial.rename(out)  # between these two renames, and only there, there is no out/
     except KeyboardInterrupt:
+        if old.is_dir() and not out.exists():  # stopped between the two renames: undo the first
+            old.rename(out)
         was = "is as it was" if out.is_dir() else "was not made"
         raise Interrupted(f"interrupted after {count} of {total} images; {out}/ {was}: run the "
                           f"command again to write them") from None
@@ -1720,11 +1725,11 @@ ARCHITECTURE = 2
 
 def checkpoint_path(exp_name, checkpoint):
     """--checkpoint: a path that exists (load_checkpoint refuses a folder), or a name (last.pt,
-    best.pt) in the experiment's checkpoints/."""
+    best.pt) in the checkpoints/ of an experiment that exists."""
     path, root = Path(checkpoint), experiment_paths(exp_name)["root"]
     if not path.exists() and not root.is_dir():
-        raise UserError(f"there is no experiment {exp_name} ({root} does not exist); the "
-                        f"experiments are the folders in experiments/")
+        raise UserError(f"there is no experiment {exp_name} ({root} does not exist); pass as "
+                        f"--exp_name one of the folders in experiments/")
     return path if path.exists() else root / "checkpoints" / checkpoint
 
 
@@ -1759,9 +1764,10 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} cannot be read (permission denied); give this user "
                         f"read access to it") from None
     except Exception as e:  # truncated zip, bad pickle, wrong file type: all "unreadable"
+        other = ("last.pt" if path.name == "best.pt" else
+                 "best.pt (to --resume from it: move last.pt away)")
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}): it is truncated or "
-                        f"corrupt; use another checkpoint such as best.pt (to --resume from it: "
-                        f"move last.pt away)") from None
+                        f"corrupt; use another checkpoint such as {other}") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if not missing:
         saved = ckpt["args"] if isinstance(ckpt["args"], dict) else {}

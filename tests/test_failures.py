@@ -350,8 +350,8 @@ def test_no_permission_to_write_samples_or_read_a_checkpoint_is_one_line(trained
         return real_mkdir(self, *args, **kwargs)
     monkeypatch.setattr(Path, "mkdir", denied)
     sample = lambda: cli(capsys, "sample", "--exp_name", "done", "--num_samples", 2, "--num_sampling_steps", 1)
-    one_line_error(*sample()[::2], "cannot write into experiments/done/samples (Permission denied); make its "
-                                   "folder writable")
+    one_line_error(*sample()[::2], "cannot write into experiments/done/samples (Permission denied); make "
+                                   "experiments/done/samples writable")
     monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
     one_line_error(*sample()[::2], "checkpoint experiments/done/checkpoints/last.pt cannot be read (permission "
                                    "denied); give this user read access to it")
@@ -371,6 +371,15 @@ def test_a_folder_where_the_grid_goes_is_refused_before_sampling(trained, capsys
     monkeypatch.setattr(cg, "guidance_grid", lambda *args: pytest.fail("sampled before the check"))
     code, _, err = cli(capsys, "sample", "--exp_name", "done", "--grid", "--num_sampling_steps", 1)
     one_line_error(code, err, "last_grid_euler1_seed0.png is a folder, where the grid goes; move it away")
+
+
+@pytest.mark.parametrize("flags,named", [(["--cfg_scale", 2], "--cfg_scale"),
+                                         (["--attributes", "Smiling=1"], "--attributes"),
+                                         (["--attributes", "Smiling=1", "--cfg_scale", 2], "--attributes or --cfg_scale")])
+def test_a_request_of_an_unconditional_checkpoint_names_the_flags_given(trained, capsys, flags, named):
+    code, _, err = cli(capsys, "sample", "--exp_name", "done", "--num_samples", 1, *flags)
+    one_line_error(code, err, "trained without --attributes: it draws random faces")
+    assert err.strip().endswith(f"takes no {named}"), err
 
 
 def test_a_full_disk_at_a_sample_grid_is_one_line_and_the_run_resumes(workdir, capsys, monkeypatch):
