@@ -1044,10 +1044,10 @@ def attribute_setting(text):
         if value not in ("0", "1"):
             raise argparse.ArgumentTypeError(f"{item.strip()!r}: write NAME=1 (present) or NAME=0 "
                                              f"(absent), e.g. Smiling=1,Eyeglasses=0")
-        if attribute_name(name) in setting:
-            raise argparse.ArgumentTypeError(f"{text!r} names {attribute_name(name)} twice; keep "
-                                             f"one of them")
-        setting[attribute_name(name)] = 1.0 if value == "1" else -1.0
+        name = attribute_name(name)
+        if name in setting:
+            raise argparse.ArgumentTypeError(f"{text!r} names {name} twice; keep one of them")
+        setting[name] = 1.0 if value == "1" else -1.0
     return setting
 
 
@@ -1122,7 +1122,6 @@ GUIDANCE_HELP = (f"classifier-free guidance weight: 0 unconditional, 1 condition
 # The autoguidance weight unless --autoguidance says otherwise: the lowest FID of the weights
 # measured on CelebA, unconditional (RESULTS.md).
 AUTOGUIDANCE = 1.5
-SEED = number(int, at_least=0, below=2**32)  # so that seed + 1, seed + epoch fit in 64 bits
 AUTOGUIDANCE_HELP = (f"autoguidance weight w: x_guide + w (x_model - x_guide), where the guide is "
                      f"the run's EMA at {GUIDE_AT:.0%}% of its length, the guide.pt beside the "
                      f"checkpoint; 1: off (default: {AUTOGUIDANCE:g} for a model trained without "
@@ -1132,6 +1131,7 @@ PRECISION_HELP = ("autocast dtype; auto: bf16 where it is native (CUDA >= 8.0, a
                   "matmul is measured faster), fp16 + loss scaling on older GPUs, else fp32")
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 DEVICE_HELP = "auto: cuda, then mps, then cpu"
+SEED = number(int, at_least=0, below=2**32)  # so that seed + 1, seed + epoch fit in 64 bits
 
 
 def make_parser():
@@ -1726,11 +1726,13 @@ ARCHITECTURE = 2
 def checkpoint_path(exp_name, checkpoint):
     """--checkpoint: a path that exists (load_checkpoint refuses a folder), or a name (last.pt,
     best.pt) in the checkpoints/ of an experiment that exists."""
-    path, root = Path(checkpoint), experiment_paths(exp_name)["root"]
-    if not path.exists() and not root.is_dir():
+    if Path(checkpoint).exists():
+        return Path(checkpoint)
+    root = experiment_paths(exp_name)["root"]
+    if not root.is_dir():
         raise UserError(f"there is no experiment {exp_name} ({root} does not exist); pass as "
                         f"--exp_name one of the folders in experiments/")
-    return path if path.exists() else root / "checkpoints" / checkpoint
+    return root / "checkpoints" / checkpoint
 
 
 def resume_checkpoint(exp):

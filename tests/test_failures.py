@@ -289,24 +289,29 @@ def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
         assert euler2() == ["last_euler2_seed0", "last_euler2_seed0.png"]
 
 
+def sample_pngs(folder):
+    """(N, H, W, 3): the PNGs `sample` wrote into folder, in their order."""
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
+
+
 def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, capsys, no_weights):
     """By default sample guides by the run's guide.pt (its step-1 EMA) with weight AUTOGUIDANCE;
     --autoguidance 1 samples the model alone, as does a run without a guide.pt or the guide itself,
     which say so. A weight asked of a run without a guide (in sample and fid.py), a guide of another
     model, or an unreadable one, is one line."""
     samples, guide = trained.parents[1] / "samples", trained.parent / "guide.pt"
-    pngs = lambda name: np.stack([np.asarray(Image.open(p)) for p in sorted((samples / name).glob("*.png"))])
     sample = lambda *flags: cli(capsys, "sample", "--exp_name", "done", "--num_samples", 3,
                                 "--num_sampling_steps", 3, *flags)
     assert sample()[0] == sample("--autoguidance", cg.AUTOGUIDANCE)[0] == sample("--autoguidance", 1)[0] == 0
-    default = pngs("last_euler3_seed0")
-    assert np.array_equal(default, pngs(f"last_euler3_autoguidance{cg.AUTOGUIDANCE:g}_seed0"))
-    assert not np.array_equal(default, pngs("last_euler3_autoguidance1_seed0"))
+    default = sample_pngs(samples / "last_euler3_seed0")
+    assert np.array_equal(default, sample_pngs(samples / f"last_euler3_autoguidance{cg.AUTOGUIDANCE:g}_seed0"))
+    assert not np.array_equal(default, sample_pngs(samples / "last_euler3_autoguidance1_seed0"))
     foreign, shown = torch.load(guide, weights_only=True), "experiments/done/checkpoints"
     guide.rename(trained.parent / "kept.pt")
     code, out, err = sample()
     assert code == 0 and f"no {shown}/guide.pt: sampling without autoguidance" in out, err
-    assert np.array_equal(pngs("last_euler3_seed0"), pngs("last_euler3_autoguidance1_seed0"))
+    assert np.array_equal(sample_pngs(samples / "last_euler3_seed0"),
+                          sample_pngs(samples / "last_euler3_autoguidance1_seed0"))
     one_line_error(*sample("--autoguidance", 2)[::2], f"--autoguidance 2 needs {shown}/guide.pt,")
     with pytest.raises(SystemExit) as stop:  # fid.py too, before its weights load (no_weights)
         fid.main(["--exp_name", "done", "--autoguidance", "2", "--num_samples", "3", "--ref_images", "3"])
@@ -330,15 +335,14 @@ def test_no_ema_samples_by_the_raw_weights_of_the_model_and_of_its_guide(trained
     torch.save({**torch.load(guide, weights_only=True), "ema": ckpt["ema"], "model": ckpt["model"]},
                guide)
     samples = trained.parents[1] / "samples"
-    pngs = lambda name: np.stack([np.asarray(Image.open(p)) for p in sorted((samples / name).glob("*.png"))])
     for flags, suffix in [((), ""), (("--no_ema",), "_no_ema")]:
         for weight in [2, 1]:
             assert cli(capsys, "sample", "--exp_name", "done", "--num_samples", 3, "--num_sampling_steps", 3,
                        "--autoguidance", weight, *flags)[0] == 0
-        assert np.array_equal(pngs(f"last_euler3_autoguidance2{suffix}_seed0"),
-                              pngs(f"last_euler3_autoguidance1{suffix}_seed0"))
-    assert not np.array_equal(pngs("last_euler3_autoguidance1_seed0"),
-                              pngs("last_euler3_autoguidance1_no_ema_seed0"))
+        assert np.array_equal(sample_pngs(samples / f"last_euler3_autoguidance2{suffix}_seed0"),
+                              sample_pngs(samples / f"last_euler3_autoguidance1{suffix}_seed0"))
+    assert not np.array_equal(sample_pngs(samples / "last_euler3_autoguidance1_seed0"),
+                              sample_pngs(samples / "last_euler3_autoguidance1_no_ema_seed0"))
 
 
 def test_no_permission_to_write_samples_or_read_a_checkpoint_is_one_line(trained, capsys, monkeypatch):
@@ -373,9 +377,9 @@ def test_a_folder_where_the_grid_goes_is_refused_before_sampling(trained, capsys
     one_line_error(code, err, "last_grid_euler1_seed0.png is a folder, where the grid goes; move it away")
 
 
-@pytest.mark.parametrize("flags,named", [(["--cfg_scale", 2], "--cfg_scale"),
-                                         (["--attributes", "Smiling=1"], "--attributes"),
-                                         (["--attributes", "Smiling=1", "--cfg_scale", 2], "--attributes or --cfg_scale")])
+@pytest.mark.parametrize("flags,named", [
+    (["--cfg_scale", 2], "--cfg_scale"), (["--attributes", "Smiling=1"], "--attributes"),
+    (["--attributes", "Smiling=1", "--cfg_scale", 2], "--attributes or --cfg_scale")])
 def test_a_request_of_an_unconditional_checkpoint_names_the_flags_given(trained, capsys, flags, named):
     code, _, err = cli(capsys, "sample", "--exp_name", "done", "--num_samples", 1, *flags)
     one_line_error(code, err, "trained without --attributes: it draws random faces")
