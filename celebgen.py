@@ -961,14 +961,21 @@ def exit_on_user_error(command, *args, quiet=False):
     sys.exit(0 if quiet else code)
 
 
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """--help ends each flag's line with its default, but for None: that flag's help says in
+    words what happens without it."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, showing each flag's default in --help, refusing a flag cut short (a typo may be
     the start of another flag), and reporting a bad flag as a UserError (one line `error: ...`,
     exit status 2) instead of its usage block."""
 
     def __init__(self, **kwargs):
-        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                         allow_abbrev=False, **kwargs)
+        super().__init__(formatter_class=DefaultsShown, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
@@ -1445,6 +1452,10 @@ def train_worker(rank, world_size, args, device_type):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+            # PyTorch's gloo threads free a finished collective's tensors just after it returns,
+            # which takes the GIL; a thread that asks for it once Python is shutting down is
+            # ended mid-destructor, and the process aborts (SIGABRT). A pause hands them the GIL.
+            time.sleep(0.1)
 
 
 def check_folders(*folders):
@@ -1657,9 +1668,13 @@ def save_checkpoint(path, state):
 
 
 def write_fix(e, folder):
-    """What to do about the OSError e met writing into folder: get permission, or free space."""
-    denied = e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
-    return f"make {folder} writable" if denied else "free some space"
+    """What to do about the OSError e met writing into folder: get permission, free space, or
+    look at the folder (gone, or its disk failing)."""
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"make {folder} writable"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "free some space"
+    return f"check that {folder} still exists and its disk works"
 
 
 def write_samples_whole(batches, out, total):
@@ -1824,8 +1839,9 @@ def find_guide(path, ckpt, weight):
         raise UserError(f"{guide} is not of the model of {path} (other {', '.join(MODEL_ARGS)}); "
                         f"it belongs to another experiment: remove it, or pass --autoguidance 1")
     if weight is None and guide_ckpt["step"] >= ckpt["step"]:
-        print(f"{guide} (step {guide_ckpt['step']}) is not earlier than {path} (step "
-              f"{ckpt['step']}): sampling without autoguidance", flush=True)
+        why = ("is the checkpoint sampled" if guide.resolve() == Path(path).resolve() else
+               f"(step {guide_ckpt['step']}) is not earlier than {path} (step {ckpt['step']})")
+        print(f"{guide} {why}: sampling without autoguidance", flush=True)
         return None, 1.0
     return guide_ckpt, AUTOGUIDANCE if weight is None else weight
 

@@ -323,7 +323,10 @@ def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, c
     one_line_error(*sample()[::2], "it guides sampling: pass --autoguidance 1 to sample without it")
     (trained.parent / "kept.pt").rename(guide)  # the run's own guide, sampled: it is not earlier
     code, out, err = sample("--checkpoint", "guide.pt")
-    assert code == 0 and f"{shown}/guide.pt (step 1) is not earlier than {shown}/guide.pt" in out, err
+    assert code == 0 and f"{shown}/guide.pt is the checkpoint sampled: sampling without" in out, err
+    torch.save({**torch.load(trained, weights_only=True), "step": 1}, trained)  # a run of one step
+    code, out, err = sample()
+    assert code == 0 and f"{shown}/guide.pt (step 1) is not earlier than {shown}/last.pt (step 1)" in out, err
 
 
 def test_no_ema_samples_by_the_raw_weights_of_the_model_and_of_its_guide(trained, capsys):
@@ -359,6 +362,19 @@ def test_no_permission_to_write_samples_or_read_a_checkpoint_is_one_line(trained
     monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
     one_line_error(*sample()[::2], "checkpoint experiments/done/checkpoints/last.pt cannot be read (permission "
                                    "denied); give this user read access to it")
+
+
+def test_a_failing_disk_is_neither_a_full_one_nor_a_permission(trained, capsys, monkeypatch):
+    """An I/O error (a lost mount, a failing disk) names the folder to look at, not free space."""
+    real_mkdir = Path.mkdir
+    def failing(self, *args, **kwargs):
+        if self.name.endswith(".partial"):
+            raise OSError(5, "Input/output error")
+        return real_mkdir(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "mkdir", failing)
+    code, _, err = cli(capsys, "sample", "--exp_name", "done", "--num_samples", 2, "--num_sampling_steps", 1)
+    one_line_error(code, err, "cannot write into experiments/done/samples (Input/output error); check that "
+                              "experiments/done/samples still exists and its disk works")
 
 
 def test_a_flag_cut_short_or_a_missing_experiment_is_one_line(trained, capsys):
