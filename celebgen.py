@@ -1681,8 +1681,9 @@ def write_samples_whole(batches, out, total):
     """Write the images of `batches` as out/000000.png, ... by way of a folder of this process's
     own, out.PID.partial/, which replaces out/ only when complete: the folder never holds a
     cut-short set, nor mixes these images with those of an earlier run (another checkpoint behind
-    last.pt, more samples), nor with those of a `sample` running beside this one. Returns the count
-    and the first 64 images."""
+    last.pt, more samples), nor with those of a `sample` running beside this one. The grid of the
+    images replaced goes with them (the caller writes the new one). Returns the count and the
+    first 64 images."""
     count, first = 0, []
     partial, old = (out.with_name(f"{out.name}.{os.getpid()}.{end}") for end in ("partial", "old"))
     if out.exists() and not out.is_dir():  # checked before the first image is sampled
@@ -1705,6 +1706,7 @@ def write_samples_whole(batches, out, total):
                 save_png(image, partial / f"{count:06d}.png")
                 count += 1
             first += list(images[:64 - len(first)])
+        out.with_suffix(".png").unlink(missing_ok=True)  # the grid of the images replaced
         if out.is_dir():
             out.rename(old)
         partial.rename(out)  # between these two renames, and only there, there is no out/

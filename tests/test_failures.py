@@ -255,7 +255,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(workdir, caps
 def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
     """`sample` writes into a .partial folder that replaces the old one when complete: fewer samples
     than an earlier run leave no stale images, and Ctrl-C or a full disk midway leaves the old folder as
-    it was, no .partial folder and no half-written PNG."""
+    it was, no .partial folder and no half-written PNG. Ctrl-C at the grid leaves no grid of the old ones."""
     samples = trained.parents[1] / "samples"
     folder = samples / "last_euler2_seed0"
     command = ["sample", "--exp_name", "done", "--num_sampling_steps", 2, "--batch_size", 3, "--precision", "fp32"]
@@ -287,6 +287,14 @@ def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
                                       f"device)")
         assert {p.name: p.read_bytes() for p in folder.iterdir()} == three
         assert euler2() == ["last_euler2_seed0", "last_euler2_seed0.png"]
+
+    def save_but_the_grid(image, path, *args, **kwargs):  # Ctrl-C as the grid is being written
+        if Path(path).parent.name == "samples":
+            raise KeyboardInterrupt
+        return real_save(image, path, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "save", save_but_the_grid)
+    assert cli(capsys, *command, "--num_samples", 6)[0] == 130
+    assert len(list(folder.iterdir())) == 6 and euler2() == ["last_euler2_seed0"]  # not the grid of three
 
 
 def sample_pngs(folder):
