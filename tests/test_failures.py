@@ -356,33 +356,24 @@ def test_no_ema_samples_by_the_raw_weights_of_the_model_and_of_its_guide(trained
                               sample_pngs(samples / "last_euler3_autoguidance1_no_ema_seed0"))
 
 
-def test_no_permission_to_write_samples_or_read_a_checkpoint_is_one_line(trained, capsys, monkeypatch):
-    """Permission denied is not a full disk, nor a corrupt file: the fix named is the permission."""
-    real_mkdir = Path.mkdir
-    def denied(self, *args, **kwargs):
+def test_a_denied_or_failing_write_or_read_is_one_line_naming_its_fix(trained, capsys, monkeypatch):
+    """Permission denied is not a full disk, nor a corrupt file: the fix named is the permission. An
+    I/O error (a lost mount, a failing disk) is neither: it names the folder to look at."""
+    real_mkdir, failure = Path.mkdir, []
+    def failing(self, *args, **kwargs):
         if self.name.endswith(".partial"):
-            raise PermissionError(13, "Permission denied")
+            raise failure[0]
         return real_mkdir(self, *args, **kwargs)
-    monkeypatch.setattr(Path, "mkdir", denied)
+    monkeypatch.setattr(Path, "mkdir", failing)
     sample = lambda: cli(capsys, "sample", "--exp_name", "done", "--num_samples", 2, "--num_sampling_steps", 1)
-    one_line_error(*sample()[::2], "cannot write into experiments/done/samples (Permission denied); make "
-                                   "experiments/done/samples writable")
+    folder = "experiments/done/samples"
+    for error, fix in [(PermissionError(13, "Permission denied"), f"make {folder} writable"),
+                       (OSError(5, "Input/output error"), f"check that {folder} still exists and its disk works")]:
+        failure[:] = [error]
+        one_line_error(*sample()[::2], f"cannot write into {folder} ({error.strerror}); {fix}")
     monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))
     one_line_error(*sample()[::2], "checkpoint experiments/done/checkpoints/last.pt cannot be read (permission "
                                    "denied); give this user read access to it")
-
-
-def test_a_failing_disk_is_neither_a_full_one_nor_a_permission(trained, capsys, monkeypatch):
-    """An I/O error (a lost mount, a failing disk) names the folder to look at, not free space."""
-    real_mkdir = Path.mkdir
-    def failing(self, *args, **kwargs):
-        if self.name.endswith(".partial"):
-            raise OSError(5, "Input/output error")
-        return real_mkdir(self, *args, **kwargs)
-    monkeypatch.setattr(Path, "mkdir", failing)
-    code, _, err = cli(capsys, "sample", "--exp_name", "done", "--num_samples", 2, "--num_sampling_steps", 1)
-    one_line_error(code, err, "cannot write into experiments/done/samples (Input/output error); check that "
-                              "experiments/done/samples still exists and its disk works")
 
 
 def test_a_flag_cut_short_or_a_missing_experiment_is_one_line(trained, capsys):
