@@ -962,8 +962,8 @@ def exit_on_user_error(command, *args, quiet=False):
 
 
 class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
-    """--help ends each flag's line with its default, but for None: that flag's help says in
-    words what happens without it."""
+    """--help ends each flag's help with "(default: X)", except when X is None, which tells a
+    reader nothing."""
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
@@ -1452,9 +1452,10 @@ def train_worker(rank, world_size, args, device_type):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-            # PyTorch's gloo threads free a finished collective's tensors just after it returns,
-            # which takes the GIL; a thread that asks for it once Python is shutting down is
-            # ended mid-destructor, and the process aborts (SIGABRT). A pause hands them the GIL.
+            # after a collective returns, gloo's threads still drop its tensors, which takes the
+            # GIL; a thread asking for it while Python shuts down is ended inside a C++ destructor
+            # and the process aborts (SIGABRT). Sleeping releases the GIL so that they finish first
+            # (0.1 s: a wide margin over their microseconds, not a guarantee).
             time.sleep(0.1)
 
 
@@ -1643,7 +1644,9 @@ def save_png(image, path):
         with written_whole(path) as tmp:
             Image.fromarray(array).save(tmp, format="PNG")
     except OSError as e:  # a full disk, no permission, a folder in the way
-        fix = "move that folder away" if path.is_dir() else write_fix(e, path.parent)
+        # a sample's .partial folder is deleted on failure: name the folder it was to replace into
+        folder = path.parent.parent if path.parent.suffix == ".partial" else path.parent
+        fix = "move that folder away" if path.is_dir() else write_fix(e, folder)
         raise UserError(f"cannot write {path} ({e.strerror or e}); {fix}, then run the command "
                         f"again (a training run: with --resume)") from None
 
@@ -1663,27 +1666,29 @@ def save_checkpoint(path, state):
             os.close(folder)
     except OSError as e:  # a full disk, a lost mount, no permission
         raise UserError(f"cannot write {path} ({e.strerror or e}); the previous {path.name}, if "
-                        f"any, is intact: {write_fix(e, path.parent)} and resume with --resume"
+                        f"any, is intact; {write_fix(e, path.parent)}, then resume with --resume"
                         ) from None
 
 
 def write_fix(e, folder):
-    """What to do about the OSError e met writing into folder: get permission, free space, or
-    look at the folder (gone, or its disk failing)."""
+    """What to do about the OSError e met writing into folder: get permission, free space, look
+    at the folder (gone, or its disk failing), or, for any other error, act on its reason."""
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"make {folder} writable"
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return "free some space"
-    return f"check that {folder} still exists and its disk works"
+    if e.errno in (errno.EIO, errno.ENOENT, errno.ESTALE):
+        return f"check that {folder} still exists and its disk works"
+    return "remove the cause given in brackets"
 
 
 def write_samples_whole(batches, out, total):
     """Write the images of `batches` as out/000000.png, ... by way of a folder of this process's
     own, out.PID.partial/, which replaces out/ only when complete: the folder never holds a
     cut-short set, nor mixes these images with those of an earlier run (another checkpoint behind
-    last.pt, more samples), nor with those of a `sample` running beside this one. The grid of the
-    images replaced goes with them (the caller writes the new one). Returns the count and the
-    first 64 images."""
+    last.pt, more samples), nor with those of a `sample` running beside this one. out.png, the grid
+    of the images replaced, is deleted before the swap; the caller writes the new one. Returns the
+    count and the first 64 images."""
     count, first = 0, []
     partial, old = (out.with_name(f"{out.name}.{os.getpid()}.{end}") for end in ("partial", "old"))
     if out.exists() and not out.is_dir():  # checked before the first image is sampled
@@ -1841,7 +1846,8 @@ def find_guide(path, ckpt, weight):
         raise UserError(f"{guide} is not of the model of {path} (other {', '.join(MODEL_ARGS)}); "
                         f"it belongs to another experiment: remove it, or pass --autoguidance 1")
     if weight is None and guide_ckpt["step"] >= ckpt["step"]:
-        why = ("is the checkpoint sampled" if guide.resolve() == Path(path).resolve() else
+        why = ("is the checkpoint being sampled (a model cannot guide itself)"
+               if guide.resolve() == Path(path).resolve() else
                f"(step {guide_ckpt['step']}) is not earlier than {path} (step {ckpt['step']})")
         print(f"{guide} {why}: sampling without autoguidance", flush=True)
         return None, 1.0

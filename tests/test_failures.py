@@ -255,7 +255,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(workdir, caps
 def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
     """`sample` writes into a .partial folder that replaces the old one when complete: fewer samples
     than an earlier run leave no stale images, and Ctrl-C or a full disk midway leaves the old folder as
-    it was, no .partial folder and no half-written PNG. Ctrl-C at the grid leaves no grid of the old ones."""
+    it was, no .partial folder and no half-written PNG. Ctrl-C while the grid is written leaves no grid, rather
+    than the old samples' grid beside the new samples."""
     samples = trained.parents[1] / "samples"
     folder = samples / "last_euler2_seed0"
     command = ["sample", "--exp_name", "done", "--num_sampling_steps", 2, "--batch_size", 3, "--precision", "fp32"]
@@ -277,14 +278,14 @@ def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
             raise failure
         return real_save(image, path, *args, **kwargs)
     monkeypatch.setattr(Image.Image, "save", save)
-    for failure in (KeyboardInterrupt(), OSError(28, "No space left on device")):
+    for failure in (KeyboardInterrupt(), OSError(28, "No space left on device"), OSError(5, "Input/output error")):
         calls.clear()
         code, _, err = cli(capsys, *command, "--num_samples", 6)
         if isinstance(failure, KeyboardInterrupt):
             assert code == 130 and "interrupted after 3 of 6 images" in err and "is as it was" in err
-        else:
-            one_line_error(code, err, f"last_euler2_seed0.{os.getpid()}.partial/000003.png (No space left on "
-                                      f"device)")
+        else:  # the fix names the samples' folder, not the .partial one, which is gone
+            fix = "free some space" if failure.errno == 28 else "check that experiments/done/samples still"
+            one_line_error(code, err, f"last_euler2_seed0.{os.getpid()}.partial/000003.png ({failure.strerror}); {fix}")
         assert {p.name: p.read_bytes() for p in folder.iterdir()} == three
         assert euler2() == ["last_euler2_seed0", "last_euler2_seed0.png"]
 
@@ -331,7 +332,7 @@ def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, c
     one_line_error(*sample()[::2], "it guides sampling: pass --autoguidance 1 to sample without it")
     (trained.parent / "kept.pt").rename(guide)  # the run's own guide, sampled: it is not earlier
     code, out, err = sample("--checkpoint", "guide.pt")
-    assert code == 0 and f"{shown}/guide.pt is the checkpoint sampled: sampling without" in out, err
+    assert code == 0 and f"{shown}/guide.pt is the checkpoint being sampled (a model cannot" in out, err
     torch.save({**torch.load(trained, weights_only=True), "step": 1}, trained)  # a run of one step
     code, out, err = sample()
     assert code == 0 and f"{shown}/guide.pt (step 1) is not earlier than {shown}/last.pt (step 1)" in out, err
@@ -358,7 +359,8 @@ def test_no_ema_samples_by_the_raw_weights_of_the_model_and_of_its_guide(trained
 
 def test_a_denied_or_failing_write_or_read_is_one_line_naming_its_fix(trained, capsys, monkeypatch):
     """Permission denied is not a full disk, nor a corrupt file: the fix named is the permission. An
-    I/O error (a lost mount, a failing disk) is neither: it names the folder to look at."""
+    I/O error (a lost mount, a failing disk) is none of these: it names the folder to look at. Any other
+    error is left to its reason."""
     real_mkdir, failure = Path.mkdir, []
     def failing(self, *args, **kwargs):
         if self.name.endswith(".partial"):
@@ -368,7 +370,8 @@ def test_a_denied_or_failing_write_or_read_is_one_line_naming_its_fix(trained, c
     sample = lambda: cli(capsys, "sample", "--exp_name", "done", "--num_samples", 2, "--num_sampling_steps", 1)
     folder = "experiments/done/samples"
     for error, fix in [(PermissionError(13, "Permission denied"), f"make {folder} writable"),
-                       (OSError(5, "Input/output error"), f"check that {folder} still exists and its disk works")]:
+                       (OSError(5, "Input/output error"), f"check that {folder} still exists and its disk works"),
+                       (OSError(17, "File exists"), "remove the cause given in brackets")]:
         failure[:] = [error]
         one_line_error(*sample()[::2], f"cannot write into {folder} ({error.strerror}); {fix}")
     monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied")))

@@ -36,12 +36,12 @@ def numeric_flags():
 
 def test_every_help_page_renders():
     """argparse expands % in each flag's help: a stray one breaks --help, to which every error of
-    a flag points. Defaults are shown, but None, which means nothing to a reader."""
+    a flag points. Each flag's default is shown, except None, which means nothing to a reader."""
     parser = cg.make_parser()[0]
-    assert "--" in parser.format_help()
-    for p in [*parser._subparsers._group_actions[0].choices.values(), fid.make_parser()]:
-        page = p.format_help()
-        assert "(default:" in page and "None)" not in page
+    pages = [parser, *parser._subparsers._group_actions[0].choices.values(), fid.make_parser()]
+    for p in pages:
+        assert "--" in p.format_help() and "None)" not in p.format_help()
+    assert "(default: ./data)" in " ".join(" ".join(p.format_help().split()) for p in pages)
 
 
 def test_every_number_flag_is_bounded():
