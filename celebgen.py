@@ -1363,8 +1363,7 @@ def guidance_grid(model, rows, cfg_scales, noise, times, method="euler"):
 def grid_command(args, model, rows, stem, step, device, precision):
     """`sample --grid`: one PNG, a row per --attributes setting, a column per --cfg_scale."""
     name = stem.with_name(f"{stem.name}_{sampler_text(args)}_seed{args.seed}.png")
-    if name.is_dir():  # checked before the grid is sampled
-        raise UserError(f"{name} is a folder, where the grid goes; move it away")
+    check_no_folder_at(name, "the grid")  # before the grid is sampled
     rows = rows if rows is not None else torch.zeros(1, 0)  # unconditional: one row, no request
     size = model.grid * model.patch_size
     noise = torch.randn(args.grid_samples, 3, size, size,
@@ -1466,6 +1465,12 @@ def check_folders(*folders):
         for path in (folder, *folder.parents):
             if path.exists() and not path.is_dir():
                 raise UserError(f"{path} is a file, where celebgen keeps a folder; move it away")
+
+
+def check_no_folder_at(path, what):
+    """Refuse, before any work, a folder that stands where the file `path` (what) will be written."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, where {what} goes; move it away")
 
 
 def check_experiment(args, exp):
@@ -1693,9 +1698,8 @@ def write_samples_whole(batches, out, total):
     partial, old = (out.with_name(f"{out.name}.{os.getpid()}.{end}") for end in ("partial", "old"))
     if out.exists() and not out.is_dir():  # checked before the first image is sampled
         raise UserError(f"{out} is a file, where the samples go; move it away")
-    if out.with_suffix(".png").is_dir():
-        raise UserError(f"{out.with_suffix('.png')} is a folder, where the samples' grid goes; "
-                        f"move it away")
+    grid = out.with_suffix(".png")
+    check_no_folder_at(grid, "the samples' grid")
     for path in out.parent.glob(f"{out.name}.*.partial"):  # left by a killed `sample`
         pid = path.name.split(".")[-2]
         if pid.isdigit() and not process_runs(int(pid)):
@@ -1711,7 +1715,7 @@ def write_samples_whole(batches, out, total):
                 save_png(image, partial / f"{count:06d}.png")
                 count += 1
             first += list(images[:64 - len(first)])
-        out.with_suffix(".png").unlink(missing_ok=True)  # the grid of the images replaced
+        grid.unlink(missing_ok=True)  # the grid of the images replaced
         if out.is_dir():
             out.rename(old)
         partial.rename(out)  # between these two renames, and only there, there is no out/

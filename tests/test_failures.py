@@ -393,6 +393,10 @@ def test_a_folder_where_the_grid_goes_is_refused_before_sampling(trained, capsys
     monkeypatch.setattr(cg, "guidance_grid", lambda *args: pytest.fail("sampled before the check"))
     code, _, err = cli(capsys, "sample", "--exp_name", "done", "--grid", "--num_sampling_steps", 1)
     one_line_error(code, err, "last_grid_euler1_seed0.png is a folder, where the grid goes; move it away")
+    (trained.parents[1] / "samples" / "last_euler1_seed0.png").mkdir()  # and where the samples' grid goes
+    code, _, err = cli(capsys, "sample", "--exp_name", "done", "--num_samples", 1, "--num_sampling_steps", 1)
+    one_line_error(code, err, "last_euler1_seed0.png is a folder, where the samples' grid goes; move it away")
+    assert not list((trained.parents[1] / "samples").glob("last_euler1_seed0.*partial"))
 
 
 @pytest.mark.parametrize("flags,named", [
