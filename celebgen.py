@@ -693,11 +693,11 @@ def train_loop(rank, world_size, args, device, interrupt):
     steps_per_epoch = len(sampler) // args.batch_size
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     budget = 60 * args.max_minutes if args.max_minutes else math.inf  # seconds of training
-    book = Bookkeeping(args, device, parts, total_steps, budget, best_val) if rank == 0 else None
-    if rank == 0:
-        say_if_finished(args, step, elapsed, total_steps, budget)           # Part three, C
-    stop, clock = False, time.monotonic() - elapsed  # the run's clock, continued across resumes
     progress = max(step / total_steps, elapsed / budget)  # through its steps or its time
+    if progress >= 1:  # a resume with nothing left to do: rank 0 says why (C); nothing is written
+        return say_if_finished(args, step, elapsed, total_steps, budget, announce=rank == 0)
+    book = Bookkeeping(args, device, parts, total_steps, budget, best_val) if rank == 0 else None
+    stop, clock = False, time.monotonic() - elapsed  # the run's clock, continued across resumes
     while progress < 1 and not stop:
         for x1, x0, t, a in epoch_batches(examples, sampler, step, steps_per_epoch, args, device):
             # 3. the learning rate, from how far the run is
@@ -1701,8 +1701,8 @@ def write_samples_whole(batches, out, total):
     grid = out.with_suffix(".png")
     check_no_folder_at(grid, "the samples' grid")
     for path in out.parent.glob(f"{out.name}.*.partial"):  # left by a killed `sample`
-        pid = path.name.split(".")[-2]
-        if pid.isdigit() and not process_runs(int(pid)):
+        pid = path.name.split(".")[-2]  # this process's own: left by a killed one of its number
+        if pid.isdigit() and (int(pid) == os.getpid() or not process_runs(int(pid))):
             shutil.rmtree(path, ignore_errors=True)
     try:
         partial.mkdir()
@@ -1830,8 +1830,8 @@ def find_guide(path, ckpt, weight):
     weight 1, and for none asked (None) for a model trained with --attributes (there it cost
     agreement with the request: RESULTS.md), when there is no guide.pt (a run stopped before
     GUIDE_AT of its length, or older than autoguidance) or when it is not earlier than the
-    checkpoint (guide.pt itself; a run of one step). A guide must be readable and of the
-    checkpoint's model."""
+    checkpoint (guide.pt itself; a run of one step). A weight asked for needs a guide earlier than
+    the checkpoint; a guide must be readable and of the checkpoint's model."""
     guide = Path(path).parent / "guide.pt"
     if weight == 1 or weight is None and ckpt["args"]["attributes"]:
         return None, 1.0
@@ -1849,13 +1849,20 @@ def find_guide(path, ckpt, weight):
     if any(guide_ckpt["args"][k] != ckpt["args"][k] for k in MODEL_ARGS):
         raise UserError(f"{guide} is not of the model of {path} (other {', '.join(MODEL_ARGS)}); "
                         f"it belongs to another experiment: remove it, or pass --autoguidance 1")
-    if weight is None and guide_ckpt["step"] >= ckpt["step"]:
+    if guide_ckpt["step"] >= ckpt["step"]:
         why = ("is the checkpoint being sampled (a model cannot guide itself)"
                if guide.resolve() == Path(path).resolve() else
                f"(step {guide_ckpt['step']}) is not earlier than {path} (step {ckpt['step']})")
+        if weight is not None:
+            raise UserError(f"{guide} {why}, so --autoguidance {weight:g} has no guide; drop "
+                            f"--autoguidance")
         print(f"{guide} {why}: sampling without autoguidance", flush=True)
         return None, 1.0
-    return guide_ckpt, AUTOGUIDANCE if weight is None else weight
+    weight = AUTOGUIDANCE if weight is None else weight
+    run = guide_ckpt["args"].get("exp_name")  # a guide copied from another run is named
+    other = f" of experiment {run}" if run != ckpt["args"].get("exp_name") else ""
+    print(f"autoguidance {weight:g} by {guide} (step {guide_ckpt['step']}{other})", flush=True)
+    return guide_ckpt, weight
 
 
 def load_weights(model, state, ckpt_args):
@@ -1902,8 +1909,10 @@ def start_or_resume(args, parts, announce):
     return step, best_val, ckpt.get("elapsed", 0.0)  # no "elapsed": written before time budgets
 
 
-def say_if_finished(args, step, elapsed, total_steps, budget):
-    """A resumed run that has nothing left to do says why (its loop then takes no step)."""
+def say_if_finished(args, step, elapsed, total_steps, budget, announce):
+    """Why a resumed run has nothing left to do, printed if announce."""
+    if not announce:
+        return
     if step >= total_steps:
         print(f"{args.exp_name} is already at step {step} of {total_steps}; raise --max_steps or "
               f"--epochs to train further", flush=True)

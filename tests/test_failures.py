@@ -306,16 +306,23 @@ def sample_pngs(folder):
 def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, capsys, no_weights):
     """By default sample guides by the run's guide.pt (its step-1 EMA) with weight AUTOGUIDANCE;
     --autoguidance 1 samples the model alone, as does a run without a guide.pt or the guide itself,
-    which say so. A weight asked of a run without a guide (in sample and fid.py), a guide of another
-    model, or an unreadable one, is one line."""
+    which say so; the guide used is named, with its experiment when it was copied from another. A
+    weight asked of a run without a guide (in sample and fid.py) or of a guide not earlier than the
+    checkpoint, a guide of another model, or an unreadable one, is one line."""
     samples, guide = trained.parents[1] / "samples", trained.parent / "guide.pt"
     sample = lambda *flags: cli(capsys, "sample", "--exp_name", "done", "--num_samples", 3,
                                 "--num_sampling_steps", 3, *flags)
-    assert sample()[0] == sample("--autoguidance", cg.AUTOGUIDANCE)[0] == sample("--autoguidance", 1)[0] == 0
+    shown = "experiments/done/checkpoints"
+    code, out, err = sample()
+    assert code == 0 and f"autoguidance {cg.AUTOGUIDANCE:g} by {shown}/guide.pt (step 1)\n" in out, err
+    assert sample("--autoguidance", cg.AUTOGUIDANCE)[0] == sample("--autoguidance", 1)[0] == 0
     default = sample_pngs(samples / "last_euler3_seed0")
     assert np.array_equal(default, sample_pngs(samples / f"last_euler3_autoguidance{cg.AUTOGUIDANCE:g}_seed0"))
     assert not np.array_equal(default, sample_pngs(samples / "last_euler3_autoguidance1_seed0"))
-    foreign, shown = torch.load(guide, weights_only=True), "experiments/done/checkpoints"
+    foreign = torch.load(guide, weights_only=True)
+    torch.save({**foreign, "args": {**foreign["args"], "exp_name": "other"}}, guide)  # copied in
+    code, out, err = sample()
+    assert code == 0 and f"by {shown}/guide.pt (step 1 of experiment other)" in out, err
     guide.rename(trained.parent / "kept.pt")
     code, out, err = sample()
     assert code == 0 and f"no {shown}/guide.pt: sampling without autoguidance" in out, err
@@ -333,9 +340,13 @@ def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, c
     (trained.parent / "kept.pt").rename(guide)  # the run's own guide, sampled: it is not earlier
     code, out, err = sample("--checkpoint", "guide.pt")
     assert code == 0 and f"{shown}/guide.pt is the checkpoint being sampled (a model cannot" in out, err
+    one_line_error(*sample("--checkpoint", "guide.pt", "--autoguidance", 2)[::2],
+                   "guide.pt is the checkpoint being sampled (a model cannot guide itself), so "
+                   "--autoguidance 2 has no guide; drop --autoguidance")
     torch.save({**torch.load(trained, weights_only=True), "step": 1}, trained)  # a run of one step
     code, out, err = sample()
     assert code == 0 and f"{shown}/guide.pt (step 1) is not earlier than {shown}/last.pt (step 1)" in out, err
+    one_line_error(*sample("--autoguidance", 2)[::2], "(step 1) is not earlier than")
 
 
 def test_no_ema_samples_by_the_raw_weights_of_the_model_and_of_its_guide(trained, capsys):
@@ -445,8 +456,10 @@ def test_checkpoints_are_synced_and_a_stale_temporary_file_is_removed(trained, c
     tmp = trained.with_name("last.pt.tmp")
     assert str(tmp) in synced and str(trained.parent) in synced  # the file, then the folder's rename
     tmp.write_bytes(b"half a checkpoint, from a kill mid-save")
+    logs = files_under(trained.parents[1] / "logs")
     code, out, _ = cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 3)  # nothing to do
     assert code == 0 and "already at step 3" in out and not tmp.exists()
+    assert files_under(trained.parents[1] / "logs") == logs  # and no empty TensorBoard file
 
 
 # --- fid.py -----------------------------------------------------------------------------------------------

@@ -291,17 +291,19 @@ def test_ctrl_c_is_one_line_even_while_torch_is_half_imported(monkeypatch, capsy
 
 def test_two_samples_do_not_share_a_folder_and_a_killed_ones_is_cleared(workdir, capsys):
     """Each `sample` writes into a folder of its own process; the one of a process that no longer
-    runs is removed, that of one that runs (here: this test's parent) is left alone."""
+    runs is removed, as is one of this process's number (a killed process's, whose number came
+    back), and that of one that runs (here: this test's parent) is left alone."""
     assert cli(capsys, "train", "--exp_name", "e", *SMALL_RUN, "--max_steps", 1)[0] == 0
     samples = workdir / "experiments/e/samples"
-    dead, alive = (samples / f"last_euler2_seed0.{pid}.partial" for pid in (2**22 + 1, os.getppid()))
-    for folder in (dead, alive):
+    dead, alive, own = (samples / f"last_euler2_seed0.{pid}.partial"
+                        for pid in (2**22 + 1, os.getppid(), os.getpid()))
+    for folder in (dead, alive, own):
         folder.mkdir()
         (folder / "000000.png").write_bytes(b"half")
     code, _, err = cli(capsys, "sample", "--exp_name", "e", "--num_samples", 2,
                        "--num_sampling_steps", 2)
     assert code == 0, err
-    assert not dead.exists() and alive.is_dir()
+    assert not dead.exists() and not own.exists() and alive.is_dir()
     assert sorted(p.name for p in (samples / "last_euler2_seed0").iterdir()) == [
         "000000.png", "000001.png"]
 
