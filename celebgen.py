@@ -1468,7 +1468,7 @@ def check_folders(*folders):
 
 
 def check_no_folder_at(path, what):
-    """Refuse, before any work, a folder that stands where the file `path` (what) will be written."""
+    """Refuse, before any work, a folder standing where the file `path` (what) will be written."""
     if path.is_dir():
         raise UserError(f"{path} is a folder, where {what} goes; move it away")
 
