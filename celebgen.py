@@ -873,8 +873,8 @@ def sample_command(args):
     model = autoguided(model, ckpt, path, args.autoguidance, device, not args.no_ema)  # C
     out.mkdir(parents=True, exist_ok=True)
     if args.grid:  # A: one picture, a row per --attributes setting, a column per --cfg_scale
-        return grid_command(args, model, rows, out / f"{path.stem}_grid", ckpt["step"], device,
-                            precision)
+        stem = f"{checkpoint_stem(path, args.exp_name)}_grid"                   # A: its name
+        return grid_command(args, model, rows, out / stem, ckpt["step"], device, precision)
     asked = rows[0].expand(args.num_samples, -1) if rows is not None else None  # (num_samples, K)
     batches = generate(model, args, device, precision, asked, args.cfg_scale[0])
     name = samples_name(path, args)                         # A: the checkpoint and the flags
@@ -1077,10 +1077,19 @@ def sampler_text(args):
     return f"{args.method}{args.num_sampling_steps}{power}{guide}{weights}"
 
 
+def checkpoint_stem(path, exp_name):
+    """A checkpoint's name in sample file names: `last` for last.pt of experiment exp_name, and
+    for one from elsewhere its folder's parent too (`other_last` for other/checkpoints/last.pt), so
+    that its samples neither pass for this experiment's nor replace them."""
+    own = experiment_paths(exp_name)["checkpoints"].resolve()
+    folder = path.resolve().parent
+    return path.stem if folder == own else f"{folder.parent.name}_{path.stem}"
+
+
 def samples_name(path, args):
     """The folder name of `sample`'s images of the checkpoint at path, e.g. last_euler20_seed0, or
     last_euler20_seed0_Smiling=1_cfg3 for a request."""
-    name = f"{path.stem}_{sampler_text(args)}_seed{args.seed}"
+    name = f"{checkpoint_stem(path, args.exp_name)}_{sampler_text(args)}_seed{args.seed}"
     if args.attributes[0] or args.cfg_scale[0] != 1:
         name += f"_{setting_text(args.attributes[0])}_cfg{args.cfg_scale[0]:g}"
     return name
@@ -1245,7 +1254,8 @@ def add_sample_flags(arg):
     """sample's flags."""
     arg("--exp_name", required=True, type=experiment_name, help="the experiment to sample")
     arg("--checkpoint", default="last.pt",
-        help="a name in the experiment's checkpoints/ (last.pt, best.pt) or a path")
+        help="a name in the experiment's checkpoints/ (last.pt, best.pt) or a path; samples of "
+             "another experiment's are named after it (other_last_...)")
     arg("--num_samples", type=positive(int), default=64, help="images to write")
     arg("--num_sampling_steps", type=positive(int), default=20,
         help="steps from noise to image (20 scored as well by FID as 50: RESULTS.md)")

@@ -298,6 +298,20 @@ def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
     assert len(list(folder.iterdir())) == 6 and euler2() == ["last_euler2_seed0"]  # not the grid of three
 
 
+def test_samples_of_another_experiments_checkpoint_are_named_by_it(trained, capsys):
+    """--checkpoint from another experiment's checkpoints/ (a relative or an absolute path) writes
+    samples named by that experiment, not as this one's own; the experiment's own checkpoint given
+    as a path keeps its plain name."""
+    run = lambda exp, ckpt, *flags: cli(capsys, "sample", "--exp_name", exp, "--checkpoint", ckpt,
+                                        "--num_samples", 2, "--num_sampling_steps", 1, *flags)[0]
+    assert run("mine", trained) == run("mine", "experiments/done/checkpoints/last.pt", "--seed", 1) == 0
+    assert run("mine", trained, "--grid") == run("done", trained) == 0
+    assert sorted(p.name for p in (trained.parents[2] / "mine/samples").iterdir()) == [
+        "done_last_euler1_seed0", "done_last_euler1_seed0.png", "done_last_euler1_seed1",
+        "done_last_euler1_seed1.png", "done_last_grid_euler1_seed0.png"]
+    assert (trained.parents[1] / "samples/last_euler1_seed0").is_dir()
+
+
 def sample_pngs(folder):
     """(N, H, W, 3): the PNGs `sample` wrote into folder, in their order."""
     return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
