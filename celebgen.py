@@ -629,12 +629,12 @@ def validation_loss(model, val, t_eps, batch_size, device, precision):
 def learning_rate(step, progress, args):
     """The learning rate of optimizer step `step` (0-based) taken at `progress` p in [0, 1) of the
     run (of its steps or its --max_minutes, whichever is further): warm-up, constant, cooldown,
-        lr(step, p) = lr * min(1, (step + 1) / warmup_steps) * clamp((1 - p) / cooldown, 0, 1)
+        lr(step, p) = lr * min(1, (step + 1) / warmup_steps) * min(1, (1 - p) / cooldown)
     (no cooldown factor with --cooldown 0). Warm-up lets AdamW's moment estimates settle before
     the steps get large. The cooldown makes this the "warmup-stable-decay" (WSD) schedule: a run
     of any length, or stopped by a clock, still ends with small steps, settled, not mid-noise."""
     cooldown = min(1.0, (1 - progress) / args.cooldown) if args.cooldown else 1.0
-    return args.lr * min(1.0, (step + 1) / args.warmup_steps) * max(cooldown, 0.0)
+    return args.lr * min(1.0, (step + 1) / args.warmup_steps) * cooldown
 
 
 def clip_gradients(parts, loss, step, args):
