@@ -340,6 +340,10 @@ def test_pair_noise_gives_the_images_the_noise_of_the_cheapest_assignment():
     least = min(cost(x0[list(order)]) for order in itertools.permutations(range(6)))
     assert sorted(paired.flatten(1).tolist()) == sorted(x0.flatten(1).tolist())
     assert cost(paired) == pytest.approx(least, rel=1e-6) and least < cost(x0) - 1
+    # the squared distance, not the distance: image (0, 0) with noise (0, 0) and image (1, 0) with
+    # noise (-0.9, 0.44) cost 0 + 1.95 unsquared, less than 1 + 1, but 0 + 3.8 squared, more
+    x1, x0 = torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.tensor([[-0.9, 0.44], [0.0, 0.0]])
+    assert torch.equal(cg.pair_noise(x1.view(2, 1, 1, 2), x0.view(2, 1, 1, 2), 0, 1).view(2, 2), x0)
 
 
 def test_the_trainer_pairs_the_noise_by_default_and_a_resume_keeps_the_choice(workdir, capsys, monkeypatch):
