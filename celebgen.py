@@ -160,8 +160,8 @@ def apply_rope(x, angles):
 # each -1 (absent), +1 (present) or 0 (unspecified), is embedded linearly and added to c,
 #     c = time_mlp(features(t)) + W a,            a (B, K), W (D, K), c (B, D),
 # as DiT adds its class embedding. W has no bias, so a = 0 -- nothing asked -- adds nothing: the
-# same network is the unconditional model. The zero-initialised modulation keeps every block the
-# identity whatever c is.
+# same network is the unconditional model. At initialisation the zero modulation makes every
+# block the identity whatever c is.
 
 def time_features(t, dim, base=10_000.0):
     """[cos(1000 t w), sin(1000 t w)] for t in [0, 1]: (B,) -> (B, dim). The factor 1000 makes the
@@ -171,7 +171,7 @@ def time_features(t, dim, base=10_000.0):
 
 
 def modulate(x, shift, scale):
-    """AdaIN: x * (1 + scale) + shift, a per-sample (B, D) shift and scale broadcast over tokens."""
+    """The modulation: x * (1 + scale) + shift, a per-sample (B, D) shift and scale over tokens."""
     return x * (1 + scale[:, None]) + shift[:, None]                          # (B, N, D)
 
 
@@ -315,7 +315,7 @@ def flow_loss(model, x1, x0, t, t_eps, attributes=None):
 
 def pair_noise(x1, x0, rank, world_size):
     """x0 (B, C, H, W) reassigned to the images so that the sum of ||x1_i - x0_i||^2 over the
-    global batch (all processes' images, gathered) is the smallest of any order: every process
+    global batch (all processes' images, gathered: B) is the smallest of any order: every process
     solves the same assignment, so N processes pair as one with N times the batch does."""
     x1_all, x0_all = (gathered(x, world_size).flatten(1) for x in (x1, x0))  # (N B, C H W) each
     cost = torch.cdist(x1_all.float(), x0_all.float()).pow(2)                # (N B, N B)
@@ -374,9 +374,9 @@ def guided_prediction(model, x_t, t, attributes, cfg_scale):
     return x_u + cfg_scale * (x_c - x_u)                                      # (B, C, H, W)
 
 
-# Autoguidance (Karras et al., 2024) needs no attributes: it guides the model by a weaker copy of
-# itself, the same network at GUIDE_AT of its training (guide.pt, section 11). The guide errs where
-# the model does, only more, so x_pred = x_guide + w (x_model - x_guide) with w > 1 moves away.
+# Autoguidance (Karras et al., 2024), sample's default for a model without attributes, guides it
+# by a weaker copy of itself: the network at GUIDE_AT of its training (guide.pt, section 11) errs
+# where the model does, only more: x_pred = x_guide + w (x_model - x_guide), w > 1 (1.5) moves away.
 
 GUIDE_AT = 0.25  # the one fraction measured (RESULTS.md)
 
@@ -398,8 +398,8 @@ class Autoguided(nn.Module):
 # too: section 1's logit-normal draws almost no training times above 0.95, and there the network
 # returns a clean image with its contrast raised (RESULTS.md), towards which each Euler step moves
 # x. By default p = min(2, log(1 / 0.02) / log S): from 8 steps on the last step starts at
-# t_{S-1} = 1 - S^-p = 0.98 (p = 1.70 at 10 steps, 1.31 at 20, 1 at 50, below 1 beyond); fewer
-# steps keep p = 2, as a larger p would make the first step huge.
+# t_{S-1} = 1 - S^-p = 0.98 (p = 1.70 at 10 steps, 1.31 at 20, 1 at 50, and below 1 beyond, so
+# that no step starts above 0.98); fewer steps keep p = 2, lest the first step be huge.
 
 LAST_STEP_FROM = 0.98  # within 1 FID of the best grid tried at 10, 20 and 50 steps (RESULTS.md)
 
@@ -565,7 +565,7 @@ def checkpoint_state(parts, step, best_val, elapsed, args):
 # noise x0, its time t, its hidden attributes -- is a pure function of (seed, epoch, image index),
 # and the pairing of section 6 a function of the global batch. So 2 processes x batch B see exactly
 # the examples 1 process x batch 2B sees, and a run resumed at step k sees what the uninterrupted
-# run saw: an epoch's order is a function of (seed, epoch), and the resume skips its done batches.
+# run saw: each epoch's order is fixed by seed + epoch, and the resume skips its done batches.
 
 class FlowExamples(Dataset):
     """Training examples (x1, x0, t, a): an image (randomly flipped), its noise, its time, its
@@ -606,8 +606,8 @@ def epoch_batches(examples, sampler, step, steps_per_epoch, args, device):
 
 
 def validation_set(images, n, seed, t_mu, t_sigma):
-    """Fixed images, noise, times and attributes (all shown), so the val loss is comparable across
-    steps. The times are the n quantiles of the training distribution,
+    """Fixed images, noise (unpaired), times and attributes (all shown), so the val loss is
+    comparable across steps. The times are the n quantiles of the training distribution,
     t_k = sigmoid(mu + sigma * Phi^-1((k + 1/2) / n))."""
     x1 = torch.stack([images[i] for i in range(min(n, len(images)))])      # (n, C, H, W)
     x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
@@ -656,7 +656,7 @@ def update_ema(ema, model, step, decay):
     Measured as the lag behind a weight that grows by 1 per step (tested), the average spans the
     last (step + 1) / 10 steps while the warm-up rules -- so even a 5-minute run samples from a
     useful EMA -- and d / (1 - d), about 1 / (1 - decay) steps, once d reaches decay. The default
-    0.995 (200 steps; DiT's 0.9999: 10,000) beat longer and shorter windows by FID (RESULTS.md)."""
+    0.995 (200 steps; DiT's 0.9999: 10,000) beat longer windows; shorter ones tied (RESULTS.md)."""
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - d)
@@ -667,7 +667,7 @@ def training_parts(args, device):
     torch.manual_seed(args.seed)
     model = build_model(args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    # fused: one kernel updates every weight, instead of several small ops per tensor
+    # beta2 0.95 (DiT: 0.999): second moments over ~20 steps, not ~1,000; fused: one kernel
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0, fused=True)
     # fp16 only: scale the loss up before backward, so small gradients do not flush to zero
@@ -704,7 +704,7 @@ def train_loop(rank, world_size, args, device, interrupt):
             lr = learning_rate(step, progress, args)
             for group in parts.optimizer.param_groups:
                 group["lr"] = lr
-            # 4. forward + loss, the matmuls in 16 bits under autocast
+            # 4. forward + loss, under autocast (with bf16 or fp16: the matmuls in 16 bits)
             if args.pair_noise:
                 x0 = pair_noise(x1, x0, rank, world_size)  # B: all processes' images, gathered
             with autocast(device, args.resolved_precision):
@@ -819,7 +819,7 @@ def load_model(ckpt, device, use_ema=True):
 
 
 def generate(model, args, device, precision, attributes=None, cfg_scale=1.0):
-    """args.num_samples images (batches (B, C, H, W) in [-1, 1] of args.batch_size) in
+    """args.num_samples images (batches (B, C, H, W) of args.batch_size, about [-1, 1]) in
     args.num_sampling_steps of args.method on the times of args.time_power, from the noise of
     args.seed (drawn on the CPU: the same on every device), asking for attributes (num_samples, K)
     (or None) with guidance weight cfg_scale."""
