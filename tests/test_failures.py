@@ -363,6 +363,16 @@ def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, c
     one_line_error(*sample("--autoguidance", 2)[::2], "(step 1) is not earlier than")
 
 
+def test_the_checkpoint_is_the_model_and_guide_pt_its_guide(trained):
+    """autoguided: x_guide + w (x_model - x_guide) with the sampled checkpoint's EMA as the model
+    and guide.pt's (an earlier, different EMA) as the guide, not the other way round."""
+    ckpt, guide = cg.load_checkpoint(trained), torch.load(trained.parent / "guide.pt", weights_only=True)
+    guided = cg.autoguided(cg.load_model(ckpt, "cpu"), ckpt, trained, 2.0, "cpu")
+    same = lambda net, state: all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    assert same(guided.model, ckpt["ema"]) and same(guided.guide, guide["ema"])
+    assert not same(guided.model, guide["ema"])
+
+
 def test_no_ema_samples_by_the_raw_weights_of_the_model_and_of_its_guide(trained, capsys):
     """A guide equal to the model changes nothing: x_g + w (x - x_g) = x. With guide.pt holding
     this checkpoint's EMA and raw weights, the default (EMA) samples and the --no_ema (raw) ones
@@ -546,12 +556,18 @@ def test_fid_reads_exactly_the_files_pytorch_fid_reads(workdir):
 
 
 def test_fid_says_when_it_adds_eps_to_the_covariances(capsys, monkeypatch):
+    """A product of covariances whose root is not finite is taken again with eps added to each
+    covariance's diagonal, as pytorch-fid does: sqrtm((S1 + eps I)(S2 + eps I))."""
     real_sqrtm, calls = fid.scipy.linalg.sqrtm, []
-    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda a: calls.append(1) or
-                        (np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)))
+    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda a: calls.append(a) or
+                        (np.full_like(a, np.nan) if len(calls) % 2 else real_sqrtm(a)))  # 1st, 3rd
     eye = np.eye(3)
     assert fid.frechet_distance(np.zeros(3), eye, np.zeros(3), eye) == pytest.approx(0, abs=1e-5)
     assert "adding 1e-06 to their diagonals" in capsys.readouterr().err and len(calls) == 2
+    a, b = (np.random.default_rng(seed).standard_normal((3, 2)) for seed in (0, 1))
+    s1, s2 = a @ a.T, b @ b.T  # rank 2 of 3: singular
+    fid.frechet_distance(np.zeros(3), s1, np.zeros(3), s2, eps=0.01)
+    assert np.allclose(calls[3], (s1 + 0.01 * eye) @ (s2 + 0.01 * eye), rtol=0, atol=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore:FID from 3 < 2048 images")

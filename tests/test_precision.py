@@ -114,6 +114,17 @@ def test_fp16_with_loss_scaling_trains_like_fp32(workdir, capsys):
     assert checkpoint("fp32")["scaler"] == {}          # and only in fp16
 
 
+def test_an_fp16_resume_puts_the_loss_scaler_back(workdir, capsys):
+    """The loss scaler's state (its scale, and the steps counted towards raising it) is saved and
+    restored: fp16 stopped at step 2 and resumed to 4 ends with the scaler of a run straight to 4."""
+    for name, stops in (("straight", (4,)), ("resumed", (2, 4))):
+        for i, stop in enumerate(stops):
+            flags = ("--resume",) if i else (*TOY, "--precision", "fp16", "--batch_size", 4)
+            assert cli(capsys, "train", "--exp_name", name, *flags, "--max_steps", stop)[0] == 0
+    straight, resumed = checkpoint("straight")["scaler"], checkpoint("resumed")["scaler"]
+    assert straight == resumed and straight["_growth_tracker"] == 4, (straight, resumed)
+
+
 def test_a_checkpoint_resumes_and_samples_under_another_precision(workdir, capsys):
     code, out, err = cli(capsys, "train", "--exp_name", "mixed", *TOY, "--precision", "fp16",
                          "--batch_size", 4, "--max_steps", 2)

@@ -330,6 +330,17 @@ def test_a_cache_that_cannot_be_written_is_tried_once(workdir, monkeypatch, caps
     assert out.count("decoding 20 images once") == 1 and err.count("cannot write the image cache") == 1
 
 
+def test_validation_loss_is_the_loss_of_the_whole_set_in_uneven_batches():
+    """Batches of 4, 4 and 2 images, each mean weighted by its size: the loss of all 10 at once."""
+    faces = cg.ToyFaces(16, attributes=list(cg.TOY_ATTRIBUTES))
+    model = cg.DiT(16, 4, dim=64, depth=2, heads=2, num_attributes=len(cg.TOY_ATTRIBUTES)).eval()
+    val = cg.validation_set(faces, 10, 0, -0.4, 0.8)
+    with torch.no_grad():
+        whole = cg.flow_loss(model, val[0], val[1], val[2], 0.2, val[3]).item()
+    batched = cg.validation_loss(model, val, 0.2, 4, torch.device("cpu"), "fp32")
+    assert batched == pytest.approx(whole, rel=1e-5)
+
+
 def test_pair_noise_gives_the_images_the_noise_of_the_cheapest_assignment():
     """pair_noise reorders the batch's noise (the same noise vectors) into the order of least total
     squared distance to the images, checked against all 6! orders."""
