@@ -880,9 +880,9 @@ def sample_command(args):
     name = samples_name(path, args)                         # A: the checkpoint and the flags
     # each PNG is written into {name}.partial/, which replaces {name}/ only when complete (B)
     count, first = write_samples_whole(batches, out / name, args.num_samples)
-    save_png(image_grid(torch.stack(first)), (out / name).with_suffix(".png"))
+    save_png(image_grid(torch.stack(first)), out / f"{name}.png")  # name may hold dots: cfg1.5
     print(f"wrote {count} images to {out / name}/ and a grid of the first {len(first)} to "
-          f"{(out / name).with_suffix('.png')}")
+          f"{out / name}.png")
 
 
 def main(argv=None):
@@ -1518,6 +1518,9 @@ def experiment_lock(args, first):
             break
         except FileExistsError:
             remove_dead_lock(lock)  # or refuse
+        except OSError as e:  # a read-only or full disk, before any work
+            raise UserError(f"cannot write {lock} ({e.strerror or e}); "
+                            f"{write_fix(e, exp['root'])}") from None
     try:
         yield
     finally:
@@ -1679,10 +1682,14 @@ def save_checkpoint(path, state):
             os.fsync(folder)  # and the rename itself survives a power cut
         finally:
             os.close(folder)
-    except OSError as e:  # a full disk, a lost mount, no permission
+    except (OSError, RuntimeError) as error:  # a full disk, a lost mount, no permission
+        e = error if isinstance(error, OSError) else error.__context__
+        if not isinstance(e, OSError):  # torch.save raises a RuntimeError over a failed write
+            raise
+        then = ("resume with --resume" if any((path.parent / name).is_file()
+                for name in ("last.pt", "best.pt")) else "run the same command again")
         raise UserError(f"cannot write {path} ({e.strerror or e}); the previous {path.name}, if "
-                        f"any, is intact; {write_fix(e, path.parent)}, then resume with --resume"
-                        ) from None
+                        f"any, is intact; {write_fix(e, path.parent)}, then {then}") from None
 
 
 def write_fix(e, folder):
@@ -1708,7 +1715,7 @@ def write_samples_whole(batches, out, total):
     partial, old = (out.with_name(f"{out.name}.{os.getpid()}.{end}") for end in ("partial", "old"))
     if out.exists() and not out.is_dir():  # checked before the first image is sampled
         raise UserError(f"{out} is a file, where the samples go; move it away")
-    grid = out.with_suffix(".png")
+    grid = out.with_name(f"{out.name}.png")
     check_no_folder_at(grid, "the samples' grid")
     for path in out.parent.glob(f"{out.name}.*.partial"):  # left by a killed `sample`
         pid = path.name.split(".")[-2]  # this process's own: left by a killed one of its number

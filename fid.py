@@ -470,9 +470,13 @@ def reference_statistics(train_args, model, args, device):
         images = itertools.islice((s[i] for s in sets for i in range(len(s))), count)
         batches = (quantized(batch) for batch in batched(images, args.batch_size))
         mu, sigma, features = feature_statistics(model, batches, count, device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with celebgen.written_whole(path) as tmp, open(tmp, "wb") as f:  # complete or absent
-            np.savez(f, mu=mu, sigma=sigma, features=features)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with celebgen.written_whole(path) as tmp, open(tmp, "wb") as f:  # complete or absent
+                np.savez(f, mu=mu, sigma=sigma, features=features)
+        except OSError as e:  # a cache: the run goes on without it
+            print(f"cannot cache the reference statistics in {path.parent} ({e.strerror or e}): "
+                  f"they will be computed again next time", file=sys.stderr, flush=True)
     return {"mu": mu, "sigma": sigma, "features": features, "count": count, "path": path}
 
 
@@ -536,9 +540,14 @@ def write_result(result, exp_name):
     """fid.json in the experiment's folder (complete, or the previous one), and FID and KID in its
     TensorBoard logs at the checkpoint's step."""
     exp = celebgen.experiment_paths(exp_name)
-    exp["root"].mkdir(parents=True, exist_ok=True)  # --checkpoint PATH may name a new experiment
-    with celebgen.written_whole(exp["root"] / "fid.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2))
+    try:
+        exp["root"].mkdir(parents=True, exist_ok=True)  # --checkpoint PATH: maybe a new experiment
+        with celebgen.written_whole(exp["root"] / "fid.json") as tmp:
+            tmp.write_text(json.dumps(result, indent=2))
+    except OSError as e:  # a read-only or full disk: the result is printed above
+        raise UserError(f"cannot write {exp['root'] / 'fid.json'} ({e.strerror or e}); the result "
+                        f"is printed above; {celebgen.write_fix(e, exp['root'])} to keep it there"
+                        ) from None
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(exp["logs"]) as writer:
         tag = (f"fid/{result['num_samples']}_samples_{result['method']}"

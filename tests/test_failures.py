@@ -1,5 +1,6 @@
 """What a user sees when things go wrong: one line, a non-zero exit, no traceback, nothing written outside
 experiments/, earlier checkpoints intact, and never a run that can neither be resumed nor restarted."""
+import errno
 import os
 import signal
 import subprocess
@@ -236,20 +237,29 @@ def test_a_checkpoint_of_another_network_version_is_refused_in_one_line(trained,
     one_line_error(e.value.code, capsys.readouterr().err, expected)
 
 
-def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(workdir, capsys, monkeypatch):
+@pytest.mark.parametrize("failing", [1, 4])
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(workdir, capsys, monkeypatch, failing):
+    """torch.save reports a full disk as a RuntimeError raised over the OSError: one line, the previous
+    checkpoint intact, and the way on: --resume, or before any checkpoint the same command again."""
     real_save, saves = torch.save, []
 
     def save(obj, f, *args, **kwargs):
         saves.append(1)
-        if len(saves) == 4:  # last.pt at step 1, guide.pt (25% of 5 steps) and last.pt at 2, then full
-            raise OSError(28, "No space left on device")
+        if len(saves) == failing:  # 4: last.pt at step 1, guide.pt (25% of 5 steps), last.pt at 2, full
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
         return real_save(obj, f, *args, **kwargs)
     monkeypatch.setattr(torch, "save", save)
     code, _, err = cli(capsys, "train", "--exp_name", "full", *SMALL_RUN, "--max_steps", 5, "--ckpt_every", 1,
                        "--eval_every", 100)
-    one_line_error(code, err, "No space left on device); the previous last.pt, if any, is intact")
-    assert checkpoint("full")["step"] == 2
-    assert sorted(p.name for p in (workdir / "experiments/full/checkpoints").iterdir()) == ["guide.pt", "last.pt"]
+    then = "resume with --resume" if failing > 1 else "run the same command again"
+    one_line_error(code, err, f"No space left on device); the previous last.pt, if any, is intact; free some "
+                              f"space, then {then}")
+    saved = sorted(p.name for p in (workdir / "experiments/full/checkpoints").iterdir())
+    assert saved == (["guide.pt", "last.pt"] if failing > 1 else [])
+    assert failing == 1 or checkpoint("full")["step"] == 2
 
 
 def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
@@ -612,3 +622,45 @@ def test_fid_of_an_experiment_that_does_not_exist_yet(workdir, capsys, monkeypat
         fid.main(["--exp_name", "new", "--checkpoint", str(trained), "--num_samples", "3", "--ref_images", "3",
                   "--num_sampling_steps", "1", "--batch_size", "3"])
     assert '"fid":' in capsys.readouterr().out and (workdir / "experiments/new/fid.json").is_file()
+
+
+def test_fid_that_cannot_write_prints_its_result_and_one_line(workdir, capsys, monkeypatch, trained):
+    """A full disk at the reference cache is a line, and the run goes on; a read-only experiment at
+    fid.json is one error line after the result, which is printed first."""
+    monkeypatch.setattr(fid, "load_weights", lambda *a: fid.fid_inception().state_dict())
+    monkeypatch.setattr(fid, "FIDFeatures", lambda state: FakeFeatures("x"))
+    monkeypatch.setattr(fid.np, "savez", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    real_write = Path.write_text
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: (_ for _ in ()).throw(
+        OSError(errno.EROFS, "Read-only file system")) if self.name == "fid.json.tmp" else real_write(self, *a, **k))
+    with pytest.warns(UserWarning, match="< 2048 images"), pytest.raises(SystemExit) as e:
+        fid.main(["--exp_name", "done", "--num_samples", "3", "--ref_images", "3", "--num_sampling_steps", "1",
+                  "--batch_size", "3", "--autoguidance", "1"])
+    out, err = capsys.readouterr()
+    assert '"fid":' in out and "cannot cache the reference statistics in experiments/fid_refs (No space" in err
+    one_line_error(e.value.code, err.splitlines()[-1] + "\n", "cannot write experiments/done/fid.json (Read-only "
+                   "file system); the result is printed above; make experiments/done writable to keep it there")
+    assert not list((workdir / "experiments").rglob("*.tmp")) and not list((workdir / "experiments").rglob("*.npz"))
+
+
+def test_a_read_only_experiment_is_one_line_at_its_lock(trained, capsys, monkeypatch):
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, mode="r", *a, **k: (_ for _ in ()).throw(
+        OSError(errno.EROFS, "Read-only file system")) if str(path).endswith("train.lock") else
+        real_open(path, mode, *a, **k))
+    code, _, err = cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 3)
+    one_line_error(code, err, "cannot write experiments/done/train.lock (Read-only file system); make "
+                              "experiments/done writable")
+
+
+def test_a_value_with_a_dot_keeps_its_grid_beside_its_folder(trained, capsys):
+    """Sample names hold flag values such as 1.5: each grid is its folder's name + .png, not cut at a dot."""
+    for power in (1.5, 1.25):
+        assert cli(capsys, "sample", "--exp_name", "done", "--num_samples", 2, "--num_sampling_steps", 1,
+                   "--time_power", power)[0] == 0
+    assert sorted(p.name for p in (trained.parents[1] / "samples").glob("last_*")) == [
+        "last_euler1_power1.25_seed0", "last_euler1_power1.25_seed0.png", "last_euler1_power1.5_seed0",
+        "last_euler1_power1.5_seed0.png"]
+    (trained.parents[1] / "samples" / "last_euler1_power1.75_seed0.png").mkdir()  # checked whole too
+    one_line_error(*cli(capsys, "sample", "--exp_name", "done", "--num_samples", 2, "--num_sampling_steps", 1,
+                        "--time_power", 1.75)[::2], "power1.75_seed0.png is a folder, where the samples' grid goes")
