@@ -962,11 +962,12 @@ def exit_on_user_error(command, *args, quiet=False):
 
 
 class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
-    """--help ends each flag's help with "(default: X)", except when X is None, which tells a
-    reader nothing."""
+    """--help ends each flag's help with "(default: X)", except when X is None, a list, or a
+    switch's True or False (--no_pair_noise's True is pairing on): they say nothing, or mislead."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        hidden = action.default is None or isinstance(action.default, (bool, list))
+        return action.help if hidden else super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
@@ -1018,10 +1019,12 @@ def positive(kind):
 
 def experiment_name(text):
     """--exp_name is a folder under experiments/: a plain name, never a path."""
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", text) or text in (".", ".."):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a plain name: use letters, digits and "
-                                         f"- _ . (no slashes, not . or ..); it becomes "
-                                         f"experiments/NAME")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", text) or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain name: use up to 100 letters, "
+                                         f"digits and - _ . (no slashes, not . or ..); it "
+                                         f"becomes experiments/NAME")
+    if text in ("fid_refs", "image_cache"):  # the caches' folders
+        raise argparse.ArgumentTypeError(f"experiments/{text} holds a cache; choose another name")
     return text
 
 
@@ -1144,7 +1147,7 @@ AUTOGUIDANCE_HELP = (f"autoguidance weight w: x_guide + w (x_model - x_guide), w
                      f"--attributes that has a guide.pt, else 1)")
 PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
 PRECISION_HELP = ("autocast dtype; auto: bf16 where it is native (CUDA >= 8.0, a CPU whose bf16 "
-                  "matmul is measured faster), fp16 + loss scaling on older GPUs, else fp32")
+                  "matmul is measured faster), fp16 on older GPUs, else fp32")
 DEVICES = ["auto", "cpu", "cuda", "mps"]
 DEVICE_HELP = "auto: cuda, then mps, then cpu"
 SEED = number(int, at_least=0, below=2**32)  # so that seed + 1, seed + epoch fit in 64 bits
@@ -1229,7 +1232,8 @@ def add_recipe_flags(arg):
         help="the loss's velocities divide by max(1 - t, t_eps), a cap on the time axis")
     arg("--num_sampling_steps", type=positive(int), default=20,
         help="Euler steps of the sample grids")
-    arg("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    arg("--precision", choices=PRECISIONS, default="auto",
+        help=PRECISION_HELP + "; fp16 trains with loss scaling")
     arg("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     arg("--compile", action="store_true",
         help="torch.compile the model: fused kernels for the work between matmuls; the first step "
@@ -1286,8 +1290,9 @@ def check_train_command(args, saved, torchrun, first):
                                                            announce=first)
     train_images = validate_train_args(args, device, torchrun)
     if args.resume:
-        changed = [f"--{k} {flag_value(saved.get(k))} -> {flag_value(getattr(args, k))}"
-                   for k in MODEL_ARGS + RESUME_FIXED
+        flag = {"pair_noise": "no_pair_noise (pairing)", "world_size": "nproc (processes)"}
+        changed = [f"--{flag.get(k, k)} {flag_value(saved.get(k))} -> "
+                   f"{flag_value(getattr(args, k))}" for k in MODEL_ARGS + RESUME_FIXED
                    if saved.get(k, getattr(args, k)) != getattr(args, k)]
         if changed:
             raise UserError(f"--resume cannot change {', '.join(changed)}: they fix the model, the "

@@ -31,7 +31,7 @@ def files_under(folder):
 
 # --- arguments ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["../escaped", "/abs/x", "", ".", "..", "a/b", "a b"])
+@pytest.mark.parametrize("name", ["../escaped", "/abs/x", "", ".", "..", "a/b", "a b", "x" * 101, "fid_refs"])
 @pytest.mark.parametrize("command", ["train", "sample", "fid"])
 def test_exp_name_is_a_plain_name(workdir, capsys, command, name):
     name = name.replace("/abs", str(workdir / "abs"))
@@ -42,7 +42,7 @@ def test_exp_name_is_a_plain_name(workdir, capsys, command, name):
         code, err = e.value.code, capsys.readouterr().err
     else:
         code, _, err = cli(capsys, command, *argv, *(TOY if command == "train" else []))
-    one_line_error(code, err, "is not a plain name")
+    one_line_error(code, err, "holds a cache; choose another name" if name == "fid_refs" else "is not a plain name")
     assert files_under(workdir) == [] and not (workdir.parent / "escaped").exists()
 
 
