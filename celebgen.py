@@ -914,6 +914,7 @@ import errno
 import hashlib
 import json
 import logging
+import multiprocessing
 import re
 import shutil
 import signal
@@ -1407,36 +1408,43 @@ def divergence(loss, grad_norm, step, lr):
 # --------------------------------------------------------------------------------------------------
 
 class Interrupted(Exception):
-    """Ctrl-C ended the run cleanly; the message says where it stopped. The CLI exits with 130."""
+    """Ctrl-C (or SIGTERM) ended the run cleanly; the message says where it stopped. The CLI exits
+    with 130."""
 
 
 class InterruptRequest:
-    """The first Ctrl-C (SIGINT) asks the training loop to stop after the step in flight, so the
-    checkpoint it saves is a consistent one; a second Ctrl-C stops at once."""
+    """The first Ctrl-C (SIGINT) or SIGTERM (kill, timeout, a cluster's scheduler) asks the training
+    loop to stop after the step in flight, so the checkpoint it saves is a consistent one; a second
+    Ctrl-C stops at once (a second SIGTERM does not: a scheduler may send one to every process)."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, announce=True):
         self.announce = announce
 
     def __enter__(self):
         self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.previous = [signal.signal(s, self.handle) for s in self.SIGNALS]
         return self
 
     def handle(self, signum, frame):
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
-        if self.announce:
-            print("\nCtrl-C: stopping after this step (press again to stop at once)",
+        if not self.requested and self.announce:
+            how = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            print(f"\n{how}: stopping after this step (Ctrl-C again to stop at once)",
                   file=sys.stderr, flush=True)
+        self.requested = True
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, previous in zip(self.SIGNALS, self.previous):
+            signal.signal(s, previous)
 
 
 def ignore_interrupts(worker_id):
-    """DataLoader workers leave Ctrl-C to the training process, which stops them when it is done."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """DataLoader workers leave Ctrl-C and SIGTERM to the training process, which stops them when
+    it is done."""
+    for s in InterruptRequest.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def stopped_by_ctrl_c(args, step, world_size):
@@ -1571,13 +1579,19 @@ def process_runs(pid):
 @contextmanager
 def quiet_spawn(args):
     """Around mp.spawn: the workers' rendezvous (this machine, a free port, unless set), Ctrl-C is
-    left to the workers (they stop after their step; the parent waits for them), and a worker that
-    failed ends this process with its status. A worker that said why (a UserError) has printed its
-    line; one killed by a signal could not, so its death is told here in one line. Either way spawn
-    stops the other workers, and logs that it does: expected, not news, so that log is silenced."""
+    left to the workers (they stop after their step; the parent waits for them), a SIGTERM to this
+    process is passed on to them (who stop the same way), and a worker that failed ends this
+    process with its status. A worker that said why (a UserError) has printed its line; one killed
+    by a signal could not, so its death is told here in one line. Either way spawn stops the other
+    workers, and logs that it does: expected, not news, so that log is silenced."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def pass_on(signum, frame):  # a SIGTERM sent to this process alone (kill, timeout)
+        for worker in multiprocessing.active_children():
+            os.kill(worker.pid, signal.SIGTERM)
+    term = signal.signal(signal.SIGTERM, pass_on)
     spawn_log = logging.getLogger("torch.multiprocessing.spawn")
     level = spawn_log.level
     spawn_log.setLevel(logging.ERROR)
@@ -1589,6 +1603,7 @@ def quiet_spawn(args):
         sys.exit(e.exit_code if e.exit_code and e.exit_code > 0 else 1)
     finally:
         signal.signal(signal.SIGINT, ctrl_c)
+        signal.signal(signal.SIGTERM, term)
         spawn_log.setLevel(level)
 
 

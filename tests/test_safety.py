@@ -200,6 +200,27 @@ def test_a_lock_of_a_live_process_on_this_machine_is_respected(workdir, capsys):
     assert lock.read_text().split()[0] == str(os.getpid()) and checkpoint("e")["step"] == 1
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_stops_a_run_as_ctrl_c_does(workdir, nproc):
+    """SIGTERM (kill, timeout, a scheduler) to the trainer, twice, as a scheduler may: the step in
+    flight finishes and is saved, and the line says where to resume; under --nproc 2 the parent
+    passes it on to its workers."""
+    run = trainer("term", *SMALL_RUN, "--nproc", nproc, "--max_steps", 100_000, "--ckpt_every", 1000,
+                  "--eval_every", 1000)
+    wait_for_step(run, 3)
+    run.send_signal(signal.SIGTERM)
+    for line in run.stderr:  # the first was heard
+        if line.startswith("SIGTERM: stopping after this step"):
+            break
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=120)
+    step = checkpoint("term")["step"]
+    assert run.returncode == 130 and "Traceback" not in err and step >= 3, err
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted at step {step}; experiments/term/checkpoints/last.pt holds step {step}; resume "
+        f"with: python celebgen.py train --exp_name term --resume"), err
+
+
 # --- a DDP worker killed by the operating system ---------------------------------------------------
 
 def spawned_workers(parent):
