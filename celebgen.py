@@ -1415,15 +1415,16 @@ class Interrupted(Exception):
 class InterruptRequest:
     """The first Ctrl-C (SIGINT) or SIGTERM (kill, timeout, a cluster's scheduler) asks the training
     loop to stop after the step in flight, so the checkpoint it saves is a consistent one; a second
-    Ctrl-C stops at once (a second SIGTERM does not: a scheduler may send one to every process)."""
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    Ctrl-C stops at once (a second SIGTERM does not: a scheduler may send one to every process).
+    sigterm=False leaves SIGTERM alone: mp.spawn stops the other workers of a failed one with it."""
 
-    def __init__(self, announce=True):
+    def __init__(self, announce=True, sigterm=True):
         self.announce = announce
+        self.signals = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
 
     def __enter__(self):
         self.requested = False
-        self.previous = [signal.signal(s, self.handle) for s in self.SIGNALS]
+        self.previous = [signal.signal(s, self.handle) for s in self.signals]
         return self
 
     def handle(self, signum, frame):
@@ -1436,14 +1437,14 @@ class InterruptRequest:
         self.requested = True
 
     def __exit__(self, *exc):
-        for s, previous in zip(self.SIGNALS, self.previous):
+        for s, previous in zip(self.signals, self.previous):
             signal.signal(s, previous)
 
 
 def ignore_interrupts(worker_id):
     """DataLoader workers leave Ctrl-C and SIGTERM to the training process, which stops them when
     it is done."""
-    for s in InterruptRequest.SIGNALS:
+    for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
 
 
@@ -1465,7 +1466,9 @@ def train_worker(rank, world_size, args, device_type):
             dist.broadcast_object_list(choice, src=0)
             args.resolved_precision = choice[0]
         tokens = (args.image_size // args.patch_size) ** 2
-        with attention_kernels(device, tokens), InterruptRequest(rank == 0) as interrupt:  # F, B
+        spawned = world_size > 1 and "RANK" not in os.environ  # by mp.spawn, not torchrun
+        with attention_kernels(device, tokens), \
+                InterruptRequest(rank == 0, sigterm=not spawned) as interrupt:  # F, B
             if world_size == 1:
                 train_loop(rank, world_size, args, device, interrupt)
             else:  # rank 0 says why; spawn sees the exit status, and the parent exits with it
@@ -1580,17 +1583,18 @@ def process_runs(pid):
 def quiet_spawn(args):
     """Around mp.spawn: the workers' rendezvous (this machine, a free port, unless set), Ctrl-C is
     left to the workers (they stop after their step; the parent waits for them), a SIGTERM to this
-    process is passed on to them (who stop the same way), and a worker that failed ends this
-    process with its status. A worker that said why (a UserError) has printed its line; one killed
-    by a signal could not, so its death is told here in one line. Either way spawn stops the other
-    workers, and logs that it does: expected, not news, so that log is silenced."""
+    process is passed on to them as Ctrl-C, and a worker that failed ends this process with its
+    status. A worker that said why (a UserError) has printed its line; one killed by a signal could
+    not, so its death is told here in one line. Either way spawn stops the other workers (by
+    SIGTERM), and logs that it does: expected, not news, so that log is silenced."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    def pass_on(signum, frame):  # a SIGTERM sent to this process alone (kill, timeout)
+    def pass_on(signum, frame):  # SIGTERM to this process (kill, timeout): once, to the workers,
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as Ctrl-C (their SIGTERM is spawn's)
         for worker in multiprocessing.active_children():
-            os.kill(worker.pid, signal.SIGTERM)
+            os.kill(worker.pid, signal.SIGINT)
     term = signal.signal(signal.SIGTERM, pass_on)
     spawn_log = logging.getLogger("torch.multiprocessing.spawn")
     level = spawn_log.level
