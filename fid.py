@@ -660,7 +660,10 @@ def main(argv=None):
 
 def run(args):
     """fid.py --exp_name NAME, or fid.py PATH_A PATH_B."""
-    if bool(args.exp_name) == bool(args.paths) or (args.paths and len(args.paths) != 2):
+    if args.exp_name and args.paths:  # e.g. --cfg_scale 0 1: a flag of one value, then a path
+        raise UserError(f"--exp_name takes no paths, and {' '.join(args.paths)} was read as one; "
+                        f"each flag of fid.py takes one value (see fid.py --help)")
+    if not args.exp_name and len(args.paths) != 2:
         raise UserError("give either --exp_name or exactly two paths (see fid.py --help)")
     if args.exp_name:
         experiment_fid(args)

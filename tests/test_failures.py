@@ -664,3 +664,13 @@ def test_a_value_with_a_dot_keeps_its_grid_beside_its_folder(trained, capsys):
     (trained.parents[1] / "samples" / "last_euler1_power1.75_seed0.png").mkdir()  # checked whole too
     one_line_error(*cli(capsys, "sample", "--exp_name", "done", "--num_samples", 2, "--num_sampling_steps", 1,
                         "--time_power", 1.75)[::2], "power1.75_seed0.png is a folder, where the samples' grid goes")
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--exp_name", "done", "--cfg_scale", "0", "1"], "--exp_name takes no paths, and 1 was read as one; each flag"),
+    ([], "give either --exp_name or exactly two paths"), (["a"], "give either --exp_name or exactly two paths")])
+def test_fid_is_asked_for_an_experiment_or_two_paths(workdir, capsys, no_weights, argv, expected):
+    """A second value of a one-value flag (sample takes several --cfg_scale) reads as a path: said so."""
+    with pytest.raises(SystemExit) as e:
+        fid.main(argv)
+    one_line_error(e.value.code, capsys.readouterr().err, expected)
