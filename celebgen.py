@@ -1024,7 +1024,7 @@ def experiment_name(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a plain name: use up to 100 letters, "
                                          f"digits and - _ . (no slashes, not . or ..); it "
                                          f"becomes experiments/NAME")
-    if text in ("fid_refs", "image_cache"):  # the caches' folders
+    if text in ("fid_refs", IMAGE_CACHE.name):  # the caches' folders
         raise argparse.ArgumentTypeError(f"experiments/{text} holds a cache; choose another name")
     return text
 
@@ -1466,7 +1466,7 @@ def train_worker(rank, world_size, args, device_type):
             dist.broadcast_object_list(choice, src=0)
             args.resolved_precision = choice[0]
         tokens = (args.image_size // args.patch_size) ** 2
-        spawned = world_size > 1 and "RANK" not in os.environ  # by mp.spawn, not torchrun
+        spawned = multiprocessing.parent_process() is not None  # by mp.spawn (not torchrun)
         with attention_kernels(device, tokens), \
                 InterruptRequest(rank == 0, sigterm=not spawned) as interrupt:  # F, B
             if world_size == 1:
@@ -1506,7 +1506,7 @@ def check_experiment(args, exp):
     if (exp["root"] / "args.json").is_dir():
         raise UserError(f"{exp['root'] / 'args.json'} is a folder, where the run's arguments go; "
                         f"move it away, or choose another --exp_name")
-    if not args.resume and resume_checkpoint(exp) is not None:
+    if not args.resume and resume_checkpoint(exp["checkpoints"]) is not None:
         raise UserError(f"experiment {exp['root']} already exists; add --resume to continue it, "
                         f"or choose another --exp_name")
     if not args.resume and exp["root"].exists():  # a start that failed before a save
@@ -1616,7 +1616,7 @@ def dead_worker(rank, signal_name, args):
     checkpoint to resume from."""
     why = (" (the kernel sends SIGKILL when memory runs out: lower --batch_size or --nproc, or "
            "free memory)" if signal_name == "SIGKILL" else "")
-    path = resume_checkpoint(experiment_paths(args.exp_name))
+    path = resume_checkpoint(experiment_paths(args.exp_name)["checkpoints"])
     if path is None:
         after = "no checkpoint was written yet: run the same command again"
     else:
@@ -1710,8 +1710,8 @@ def save_checkpoint(path, state):
         e = error if isinstance(error, OSError) else error.__context__
         if not isinstance(e, OSError):  # torch.save raises a RuntimeError over a failed write
             raise
-        then = ("resume with --resume" if any((path.parent / name).is_file()
-                for name in ("last.pt", "best.pt")) else "run the same command again")
+        then = ("run the same command again" if resume_checkpoint(path.parent) is None else
+                "resume with --resume")
         raise UserError(f"cannot write {path} ({e.strerror or e}); the previous {path.name}, if "
                         f"any, is intact; {write_fix(e, path.parent)}, then {then}") from None
 
@@ -1802,19 +1802,19 @@ def checkpoint_path(exp_name, checkpoint):
     return root / "checkpoints" / checkpoint
 
 
-def resume_checkpoint(exp):
-    """last.pt, or best.pt for a run killed after its first validation but before its first
-    last.pt was written; None for an experiment without a checkpoint."""
+def resume_checkpoint(checkpoints):
+    """In the folder `checkpoints`: last.pt, or best.pt for a run killed after its first validation
+    but before its first last.pt was written; None for an experiment without a checkpoint."""
     for name in ("last.pt", "best.pt"):
-        if (exp["checkpoints"] / name).is_file():
-            return exp["checkpoints"] / name
+        if (checkpoints / name).is_file():
+            return checkpoints / name
     return None
 
 
 def saved_arguments(exp_name):
     """The arguments saved in the checkpoint that --resume continues from."""
     exp = experiment_paths(exp_name)
-    checkpoint = resume_checkpoint(exp)
+    checkpoint = resume_checkpoint(exp["checkpoints"])
     if checkpoint is None:
         raise UserError(f"nothing to resume: {exp['checkpoints']} holds no last.pt or best.pt; "
                         f"drop --resume to start experiment {exp_name!r}")
@@ -1942,7 +1942,7 @@ def start_or_resume(args, parts, announce):
     place."""
     if not args.resume:
         return 0, math.inf, 0.0
-    path = resume_checkpoint(experiment_paths(args.exp_name))
+    path = resume_checkpoint(experiment_paths(args.exp_name)["checkpoints"])
     ckpt = load_checkpoint(path)
     step, best_val = restore(ckpt, *parts)
     if announce:
