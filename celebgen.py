@@ -871,7 +871,7 @@ def sample_command(args):
     check_folders(out, experiment_paths(args.exp_name)["logs"])              # A: no file there
     model = load_model(ckpt, device, use_ema=not args.no_ema)
     model = autoguided(model, ckpt, path, args.autoguidance, device, not args.no_ema)  # C
-    out.mkdir(parents=True, exist_ok=True)
+    writable_folder(out)  # B: a read-only or full disk fails now, not after the sampling
     if args.grid:  # A: one picture, a row per --attributes setting, a column per --cfg_scale
         stem = f"{checkpoint_stem(path, args.exp_name)}_grid"                   # A: its name
         return grid_command(args, model, rows, out / stem, ckpt["step"], device, precision)
@@ -920,6 +920,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import warnings
 from contextlib import contextmanager
 
@@ -1102,7 +1103,15 @@ def samples_name(path, args):
 def sample_requests(args, trained):
     """sample's --attributes and --cfg_scale as attribute_rows for a checkpoint trained on the
     attributes `trained`; requests that need --grid, or guidance with nothing asked, refused.
-    Without --cfg_scale, a request gets the weight GUIDANCE, and anything else 1."""
+    Without --cfg_scale, a request gets the weight GUIDANCE, and anything else 1. A count for the
+    other kind of output (--num_samples with --grid, --grid_samples without) is refused."""
+    if args.grid and args.num_samples is not None:
+        raise UserError("--grid draws --grid_samples samples per cell, not --num_samples; drop "
+                        "--num_samples, or drop --grid for a folder of samples")
+    if not args.grid and args.grid_samples is not None:
+        raise UserError("--grid_samples counts the samples per cell of --grid; add --grid, or use "
+                        "--num_samples for a folder of samples")
+    args.num_samples, args.grid_samples = args.num_samples or 64, args.grid_samples or 4
     if args.cfg_scale is None:
         args.cfg_scale = [GUIDANCE if trained and any(args.attributes) else 1.0]
     rows = attribute_rows(args.attributes, args.cfg_scale, trained)
@@ -1261,7 +1270,7 @@ def add_sample_flags(arg):
     arg("--checkpoint", default="last.pt",
         help="a name in the experiment's checkpoints/ (last.pt, best.pt) or a path; samples of "
              "another experiment's are named after it (other_last_...)")
-    arg("--num_samples", type=positive(int), default=64, help="images to write")
+    arg("--num_samples", type=positive(int), help="images to write (default: 64); not with --grid")
     arg("--num_sampling_steps", type=positive(int), default=20,
         help="steps from noise to image (20 scored as well by FID as 50: RESULTS.md)")
     arg("--method", choices=["euler", "heun"], default="euler",
@@ -1281,7 +1290,7 @@ def add_sample_flags(arg):
     arg("--grid", action="store_true",
         help="one image: a row per --attributes setting, a column per --cfg_scale, each cell "
              "--grid_samples samples from the same noise")
-    arg("--grid_samples", type=positive(int), default=4, help="samples per cell of --grid")
+    arg("--grid_samples", type=positive(int), help="samples per cell of --grid (default: 4)")
 
 
 def check_train_command(args, saved, torchrun, first):
@@ -1643,14 +1652,15 @@ def free_port():
 
 
 def create_experiment(args):
-    """experiments/{exp_name}/ and its folders, and args.json for a new run."""
+    """experiments/{exp_name}/ and its folders, and args.json: the arguments of the run, rewritten
+    on resume with those that changed (--epochs, --max_minutes, ...)."""
     exp = experiment_paths(args.exp_name)
     for folder in ("checkpoints", "logs", "samples"):
         exp[folder].mkdir(parents=True, exist_ok=True)
     for stale in exp["checkpoints"].glob("*.tmp"):  # a save that a kill cut short
         stale.unlink()
-    if not args.resume:
-        (exp["root"] / "args.json").write_text(json.dumps(vars(args), indent=2))
+    with written_whole(exp["root"] / "args.json") as tmp:
+        tmp.write_text(json.dumps(vars(args), indent=2))
 
 
 @contextmanager
@@ -1658,7 +1668,7 @@ def written_whole(path):
     """`with written_whole(path) as tmp:` write tmp (next to path); when the block ends it is
     renamed over path -- atomic: path is the old file or the new one, never half of one -- or
     deleted if the block failed (a full disk, Ctrl-C)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # its own: two writers never share one
     try:
         yield tmp
         os.replace(tmp, path)
@@ -1714,6 +1724,18 @@ def save_checkpoint(path, state):
                 "resume with --resume")
         raise UserError(f"cannot write {path} ({e.strerror or e}); the previous {path.name}, if "
                         f"any, is intact; {write_fix(e, path.parent)}, then {then}") from None
+
+
+def writable_folder(folder):
+    """Make folder (and its parents), and write and delete a file in it: a disk that cannot take
+    the output fails here, in one line, before the work that makes it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        there = next(p for p in (folder, *folder.parents) if p.exists())  # the nearest that exists
+        raise UserError(f"cannot write in {folder} ({e.strerror or e}); {write_fix(e, there)}, "
+                        f"then run the command again") from None
 
 
 def write_fix(e, folder):
@@ -1791,11 +1813,13 @@ ARCHITECTURE = 2
 
 
 def checkpoint_path(exp_name, checkpoint):
-    """--checkpoint: a path that exists (load_checkpoint refuses a folder), or a name (last.pt,
-    best.pt) in the checkpoints/ of an experiment that exists."""
+    """--checkpoint: a name (last.pt, best.pt) in the checkpoints/ of an experiment that exists,
+    before a file of that name here; or a path that exists (load_checkpoint refuses a folder)."""
+    root = experiment_paths(exp_name)["root"]
+    if Path(checkpoint).name == checkpoint and (root / "checkpoints" / checkpoint).exists():
+        return root / "checkpoints" / checkpoint
     if Path(checkpoint).exists():
         return Path(checkpoint)
-    root = experiment_paths(exp_name)["root"]
     if not root.is_dir():
         raise UserError(f"there is no experiment {exp_name} ({root} does not exist); pass as "
                         f"--exp_name one of the folders in experiments/")
@@ -1945,8 +1969,10 @@ def start_or_resume(args, parts, announce):
     path = resume_checkpoint(experiment_paths(args.exp_name)["checkpoints"])
     ckpt = load_checkpoint(path)
     step, best_val = restore(ckpt, *parts)
-    if announce:
-        print(f"resuming {args.exp_name} from step {step} ({path.name})", flush=True)
+    if announce:  # a last.pt copied in from another experiment continues as this one: said so
+        run = ckpt["args"].get("exp_name", args.exp_name)
+        origin = f", saved by experiment {run}" if run != args.exp_name else ""
+        print(f"resuming {args.exp_name} from step {step} ({path.name}{origin})", flush=True)
     return step, best_val, ckpt.get("elapsed", 0.0)  # no "elapsed": written before time budgets
 
 

@@ -10,8 +10,8 @@ The network is the TensorFlow Inception of published FIDs, rebuilt from torchvis
 as pytorch-fid does, with pytorch-fid's weights. Images stream through it a batch at a time.
 
 Commands:
-    # 10k samples of an experiment's EMA weights (autoguided by its guide.pt) against 10k held-out
-    # (val + test) CelebA images
+    # 10k samples of an experiment's EMA weights (autoguided by its guide.pt) against the first 10k
+    # held-out CelebA images (val, then test)
     python fid.py --exp_name celeba64 [--checkpoint best.pt]
     # the protocol of published CelebA-64 FIDs: 50k samples against the 162,770 training images
     python fid.py --exp_name celeba64 --protocol published
@@ -115,7 +115,8 @@ def fid_inception():
 class FIDFeatures(torch.nn.Module):
     """Images (B, 3, H, W) in [0, 1] -> (pool3 features (B, 2048), logits (B, 1008)), preprocessed
     exactly as pytorch-fid: bilinear resize to 299x299 (align_corners=False, no antialiasing), then
-    scaled to [-1, 1]."""
+    scaled to [-1, 1]. The logits leave out the classifier's bias, as the Inception Score's original
+    code and torchmetrics' ("logits_unbiased") do."""
 
     def __init__(self, state_dict):
         super().__init__()
@@ -134,7 +135,7 @@ class FIDFeatures(torch.nn.Module):
         x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
         x = x.contiguous(memory_format=torch.channels_last)            # (B, 3, 299, 299)
         features = self.net(2 * x - 1)                                 # (B, 2048)
-        return features, self.classifier(features)                     # (B, 1008)
+        return features, features @ self.classifier.weight.T           # (B, 1008)
 
 
 def weights_file(path=None):
@@ -157,19 +158,20 @@ def load_weights(path=None):
         try:  # to a temporary file, renamed when complete: a cut download leaves no file
             file.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(WEIGHTS_URL, str(file), progress=True)
-        except Exception as e:  # no network, a proxy, a full disk: the remedy is the same
+        except Exception as e:  # no network, a proxy, a full disk: named by its type
             raise UserError(f"cannot download the FID Inception weights ({type(e).__name__}); "
                             f"download {WEIGHTS_URL} to {file}, or pass --inception_weights PATH, "
                             f"or set {WEIGHTS_ENV}") from None
+    error = ""
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, not a PyTorch file at all
-        state, error = None, type(e).__name__
+        state, error = None, f" ({type(e).__name__})"
     with torch.device("meta"):  # the names and shapes the network expects, without memory
         expected = {name: t.shape for name, t in fid_inception().state_dict().items()}
     if not (isinstance(state, dict) and expected == {name: getattr(t, "shape", None)
                                                      for name, t in state.items()}):
-        what = f"is unreadable ({error})" if state is None else "holds other weights"
+        what = f"is unreadable{error}" if error else "holds other weights"
         fix = (f"pass pytorch-fid's file ({WEIGHTS_URL}) instead" if given else
                "delete it, and the next run downloads it again")
         raise UserError(f"{file} {what}, not the FID Inception weights; {fix}")
@@ -220,10 +222,10 @@ class RunningStatistics:
         """Mean (D,) and covariance (D, D), np.cov's unbiased N-1 estimate."""
         if self.count < 2:  # np.cov of one sample is all NaN, and sqrtm of NaNs may never return
             raise UserError(f"FID needs at least 2 images per side, got {self.count}")
-        if self.count < 2048:
-            warnings.warn(f"FID from {self.count} < 2048 images: the covariance is singular and "
-                          f"FID is strongly biased upwards; use at least 10000 images for numbers "
-                          f"to compare")
+        if self.count <= len(self.mean):  # rank at most count - 1, below the dimension
+            warnings.warn(f"FID from {self.count} images, no more than the {len(self.mean)} "
+                          f"features: the covariance is singular and FID is strongly biased "
+                          f"upwards; use at least 10000 images for numbers to compare")
         return self.mean, self.m2 / (self.count - 1)
 
 
@@ -254,7 +256,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 #     MMD^2_u = sum_{i != j} k(x_i, x_j) / (m (m-1)) + sum_{i != j} k(y_i, y_j) / (m (m-1))
 #               - 2 sum_{i, j} k(x_i, y_j) / m^2,
 # averaged over KID_SUBSETS random subsets of m = min(KID_SUBSET_SIZE, N_x, N_y) per side, with its
-# standard deviation over them. Each side keeps a uniform sample of at most KID_FEATURES features.
+# standard deviation over them (about 0 when neither side has more than m features: then every
+# subset holds them all). Each side keeps a uniform sample of at most KID_FEATURES features.
 KID_FEATURES, KID_SUBSETS, KID_SUBSET_SIZE = 10_000, 100, 1000  # kept features: 82 MB a side
 
 
@@ -424,8 +427,9 @@ def npz_statistics(path):
 # --------------------------------------------------------------------------------------------------
 
 REF_SPLITS = {"heldout": ["val", "test"], "train": ["train"], "val": ["val"], "test": ["test"]}
-# heldout: samples against CelebA's val + test images, on which the model was never trained -- the
-# default, and the honest comparison for small runs. published: 50,000 samples against the 162,770
+# heldout: samples against the first of CelebA's val, then test images, on which the model was never
+# trained (the first 10,000 of full CelebA's are all val) -- the default, and the honest comparison
+# for small runs. published: 50,000 samples against the 162,770
 # training images, as DDIM, PNDM and U-ViT report CelebA-64 FID: quote it only beside their numbers.
 PROTOCOLS = {"heldout": {"num_samples": 10_000, "ref_split": "heldout", "ref_images": 10_000},
              "published": {"num_samples": 50_000, "ref_split": "train", "ref_images": 162_770}}
@@ -483,12 +487,16 @@ def reference_statistics(train_args, model, args, device):
 def check_references(train_args, args):
     """Refuse, before any slow step, references that cannot be: val or test images of a folder
     without a split file, fewer than 2 (FID needs 2 per side), fewer than --ref_images asks for,
-    or a file where fid.py writes a folder."""
+    the run's images not found, or a file where fid.py writes a folder."""
     exp = celebgen.experiment_paths(args.exp_name)
     celebgen.check_folders(exp["logs"], Path("experiments") / "fid_refs")
     if (exp["root"] / "fid.json").is_dir():
         raise UserError(f"{exp['root'] / 'fid.json'} is a folder, where fid.py writes its result; "
                         f"move it away")
+    if train_args.dataset == "celeba" and not Path(train_args.data_root).is_dir():
+        raise UserError(f"the run trained on --data_root {train_args.data_root}, which is not a "
+                        f"folder here, and its real images are the references; run fid.py where "
+                        f"the run was trained, or compare two folders: fid.py SAMPLES IMAGES")
     if train_args.dataset == "celeba" and args.ref_split != "train":
         folder, split_file = celebgen.find_celeba(train_args.data_root)
         if split_file is None:
@@ -500,6 +508,9 @@ def check_references(train_args, args):
     if there < 2:
         raise UserError(f"--ref_split {args.ref_split} has {there} images, fewer than the 2 FID "
                         f"needs; use another --ref_split")
+    if args.protocol == "published" and args.ref_images > there:
+        raise UserError(f"--protocol published compares with CelebA's {args.ref_images} training "
+                        f"images, and this run's data has {there}; drop --protocol")
     if args.ref_images_given and args.ref_images > there:
         raise UserError(f"--ref_images {args.ref_images} is more than the {there} images of "
                         f"--ref_split {args.ref_split}; use --ref_images {there} or fewer")
@@ -510,7 +521,7 @@ def sample_attributes(train_args, args):
     first --ref_images images of --ref_split that have any (else of the training split), so that
     the samples are asked for what the references show; and where they came from."""
     for split in (args.ref_split, "train"):
-        sets = [celebgen.make_dataset(train_args, name) for name in REF_SPLITS[split]]
+        sets = [celebgen.make_dataset(train_args, name, cache=False) for name in REF_SPLITS[split]]
         labels = itertools.islice((s.label(i) for s in sets for i in range(len(s))),
                                   args.ref_images)
         labelled = [label for label in labels if label.any()]
@@ -573,7 +584,7 @@ def experiment_fid(args):
     celebgen.attribute_rows([{}], [args.cfg_scale], ckpt["args"]["attributes"])
     dit = celebgen.load_model(ckpt, device)  # weights that do not fit fail here
     dit = celebgen.autoguided(dit, ckpt, checkpoint, args.autoguidance, device)  # and a guide's
-    train_args = argparse.Namespace(**ckpt["args"])
+    train_args = argparse.Namespace(**{**ckpt["args"], "download": False})  # reads, never fetches
     check_references(train_args, args)
     attributes, source = (sample_attributes(train_args, args) if train_args.attributes
                           else (None, None))
@@ -624,8 +635,8 @@ def make_parser():
     arg("--checkpoint", default="last.pt",
         help="a name in checkpoints/ (last.pt, best.pt) or a path, as in celebgen.py sample")
     arg("--protocol", choices=list(PROTOCOLS),
-        help="heldout (default): 10000 samples vs up to 10000 val+test images; published: 50000 "
-             "samples vs the 162770 training images, as published CelebA-64 FIDs")
+        help="heldout (default): 10000 samples vs the first 10000 val, then test images; "
+             "published: 50000 samples vs the 162770 training images, as published CelebA-64 FIDs")
     arg("--num_samples", type=celebgen.number(int, at_least=2),
         help="images to sample from the experiment (default: the protocol's)")
     arg("--num_sampling_steps", type=celebgen.positive(int), default=20,
@@ -660,6 +671,8 @@ def main(argv=None):
 
 def run(args):
     """fid.py --exp_name NAME, or fid.py PATH_A PATH_B."""
+    if args.exp_name and len(args.paths) == 2:
+        raise UserError("give either --exp_name or two paths, not both (see fid.py --help)")
     if args.exp_name and args.paths:  # e.g. --cfg_scale 0 1: a flag of one value, then a path
         raise UserError(f"--exp_name takes no paths, and {' '.join(args.paths)} was read as one; "
                         f"each flag of fid.py takes one value (see fid.py --help)")

@@ -217,12 +217,15 @@ def conditional(workdir, capsys):
     (["--attributes", "Smiling=1", "Smiling=0"], "several --attributes settings or --cfg_scale values make a "
                                                  "grid: add --grid"),
     (["--cfg_scale", "-1"], "argument --cfg_scale: must be >= 0, got -1"),
+    (["--grid", "--attributes", "Smiling=1"], "--grid draws --grid_samples samples per cell, not --num_samples; "
+                                              "drop --num_samples"),
+    (["--grid_samples", "2"], "--grid_samples counts the samples per cell of --grid; add --grid"),
 ])
 def test_bad_sample_attributes_are_one_line(conditional, capsys, argv, message):
     code, out, err = cli(capsys, "sample", "--exp_name", "cond", "--num_samples", 2, "--num_sampling_steps", 1,
                          *argv)
     assert code == 2 and err.count("\n") == 1 and message in err and err.startswith("error: "), err
-    assert not list((conditional / "samples").glob("last_euler1*"))
+    assert not list((conditional / "samples").glob("last_*"))
 
 
 def test_sample_writes_requests_and_a_guidance_grid(conditional, capsys):

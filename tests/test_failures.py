@@ -1,7 +1,9 @@
 """What a user sees when things go wrong: one line, a non-zero exit, no traceback, nothing written outside
 experiments/, earlier checkpoints intact, and never a run that can neither be resumed nor restarted."""
 import errno
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -481,14 +483,54 @@ def test_a_full_disk_at_a_sample_grid_is_one_line_and_the_run_resumes(workdir, c
     assert not list(workdir.glob("grid.png*"))
 
 
+def test_a_resume_rewrites_args_json_and_names_a_checkpoint_of_another_experiment(trained, capsys):
+    exp = trained.parents[1]
+    assert json.loads((exp / "args.json").read_text())["max_steps"] == 2
+    assert cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 3)[0] == 0
+    assert json.loads((exp / "args.json").read_text())["max_steps"] == 3
+    assert not list(exp.glob("*.tmp"))
+    copied = exp.parent / "copy" / "checkpoints"
+    copied.mkdir(parents=True)
+    shutil.copy(trained, copied / "last.pt")
+    code, out, _ = cli(capsys, "train", "--exp_name", "copy", "--resume", "--max_steps", 4)
+    assert code == 0 and "resuming copy from step 3 (last.pt, saved by experiment done)" in out
+    code, out, _ = cli(capsys, "train", "--exp_name", "copy", "--resume", "--max_steps", 5)
+    assert code == 0 and "resuming copy from step 4 (last.pt)\n" in out
+
+
+@pytest.mark.parametrize("grid", [[], ["--grid"]])
+def test_sample_on_a_read_only_disk_fails_before_it_samples(trained, capsys, monkeypatch, grid):
+    monkeypatch.setattr(cg.tempfile, "TemporaryFile", lambda **k: (_ for _ in ()).throw(
+        OSError(errno.EROFS, "Read-only file system")))
+    monkeypatch.setattr(cg, "sample", lambda *a, **k: pytest.fail("sampled first"))
+    code, _, err = cli(capsys, "sample", "--exp_name", "done", "--num_sampling_steps", 1, *grid)
+    one_line_error(code, err, "cannot write in experiments/done/samples (Read-only file system); make "
+                   "experiments/done/samples writable, then run the command again")
+
+
+def test_two_processes_writing_one_file_do_not_share_a_temporary_file(tmp_path, monkeypatch):
+    """Two fid.py runs may finish together: each writes its own temporary file, and the file is
+    whole, the last writer's, with nothing left beside it."""
+    path = tmp_path / "fid.json"
+    monkeypatch.setattr(cg.os, "getpid", lambda: 101)
+    with cg.written_whole(path) as first:
+        first.write_text("first")
+        monkeypatch.setattr(cg.os, "getpid", lambda: 102)
+        with cg.written_whole(path) as second:
+            second.write_text("second")
+        assert path.read_text() == "second"
+    assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["fid.json"]
+
+
 def test_checkpoints_are_synced_and_a_stale_temporary_file_is_removed(trained, capsys, monkeypatch):
     synced, real_fsync = [], os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or
                         real_fsync(fd))
     assert cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 3)[0] == 0
     assert checkpoint("done")["step"] == 3
-    tmp = trained.with_name("last.pt.tmp")
+    tmp = trained.with_name(f"last.pt.{os.getpid()}.tmp")
     assert str(tmp) in synced and str(trained.parent) in synced  # the file, then the folder's rename
+    tmp = trained.with_name("last.pt.12345.tmp")  # a process's that was killed
     tmp.write_bytes(b"half a checkpoint, from a kill mid-save")
     logs = files_under(trained.parents[1] / "logs")
     code, out, _ = cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 3)  # nothing to do
@@ -580,7 +622,7 @@ def test_fid_says_when_it_adds_eps_to_the_covariances(capsys, monkeypatch):
     assert np.allclose(calls[3], (s1 + 0.01 * eye) @ (s2 + 0.01 * eye), rtol=0, atol=1e-12)
 
 
-@pytest.mark.filterwarnings("ignore:FID from 3 < 2048 images")
+@pytest.mark.filterwarnings("ignore:FID from 3 images, no more than the")
 def test_reference_images_are_held_out_distinct_and_read_only_as_needed(workdir, monkeypatch):
     val, test = cg.make_dataset(TOY_ARGS, "val"), cg.make_dataset(TOY_ARGS, "test")
     assert not torch.equal(val[0], test[0])  # toy val and test are different images
@@ -618,10 +660,32 @@ def test_fid_of_an_experiment_that_does_not_exist_yet(workdir, capsys, monkeypat
     """--checkpoint PATH under a new --exp_name: the number is printed, and fid.json is written."""
     monkeypatch.setattr(fid, "load_weights", lambda *a: fid.fid_inception().state_dict())
     monkeypatch.setattr(fid, "FIDFeatures", lambda state: FakeFeatures("x"))
-    with pytest.warns(UserWarning, match="< 2048 images"):
+    with pytest.warns(UserWarning, match="images, no more than the"):
         fid.main(["--exp_name", "new", "--checkpoint", str(trained), "--num_samples", "3", "--ref_images", "3",
                   "--num_sampling_steps", "1", "--batch_size", "3"])
     assert '"fid":' in capsys.readouterr().out and (workdir / "experiments/new/fid.json").is_file()
+
+
+def test_fid_of_a_run_whose_images_are_not_here_names_the_run_s_data_root(workdir, capsys, trained, no_weights):
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["args"].update(dataset="celeba", data_root="moved_away")
+    torch.save(ckpt, workdir / "moved.pt")
+    code, err = fid_error(capsys, "--exp_name", "moved", "--checkpoint", workdir / "moved.pt")
+    one_line_error(code, err, "the run trained on --data_root moved_away, which is not a folder here, and its real "
+                   "images are the references; run fid.py where the run was trained, or compare two folders")
+
+
+def test_fid_reads_the_run_s_images_and_never_downloads_them(workdir, capsys, trained, monkeypatch):
+    """A run trained with --download: fid.py reads its images where they are, with no fetch."""
+    random_image_folder(workdir / "images", 6)
+    ckpt = torch.load(trained, weights_only=True)
+    ckpt["args"].update(dataset="celeba", data_root="images", download=True)
+    torch.save(ckpt, workdir / "downloaded.pt")
+    monkeypatch.setattr(cg, "download_celeba", lambda root: pytest.fail("fid.py downloaded CelebA"))
+    monkeypatch.setattr(fid, "inception", lambda *a: sys.exit("checked"))  # the first slow step
+    with pytest.raises(SystemExit, match="checked"):
+        fid.main(["--exp_name", "downloaded", "--checkpoint", str(workdir / "downloaded.pt"),
+                  "--ref_split", "train", "--ref_images", "6"])
 
 
 def test_fid_that_cannot_write_prints_its_result_and_one_line(workdir, capsys, monkeypatch, trained):
@@ -632,8 +696,8 @@ def test_fid_that_cannot_write_prints_its_result_and_one_line(workdir, capsys, m
     monkeypatch.setattr(fid.np, "savez", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     real_write = Path.write_text
     monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: (_ for _ in ()).throw(
-        OSError(errno.EROFS, "Read-only file system")) if self.name == "fid.json.tmp" else real_write(self, *a, **k))
-    with pytest.warns(UserWarning, match="< 2048 images"), pytest.raises(SystemExit) as e:
+        OSError(errno.EROFS, "Read-only file system")) if self.name.startswith("fid.json.") else real_write(self, *a, **k))
+    with pytest.warns(UserWarning, match="images, no more than the"), pytest.raises(SystemExit) as e:
         fid.main(["--exp_name", "done", "--num_samples", "3", "--ref_images", "3", "--num_sampling_steps", "1",
                   "--batch_size", "3", "--autoguidance", "1"])
     out, err = capsys.readouterr()
@@ -668,7 +732,8 @@ def test_a_value_with_a_dot_keeps_its_grid_beside_its_folder(trained, capsys):
 
 @pytest.mark.parametrize("argv,expected", [
     (["--exp_name", "done", "--cfg_scale", "0", "1"], "--exp_name takes no paths, and 1 was read as one; each flag"),
-    ([], "give either --exp_name or exactly two paths"), (["a"], "give either --exp_name or exactly two paths")])
+    ([], "give either --exp_name or exactly two paths"), (["a"], "give either --exp_name or exactly two paths"),
+    (["a", "b", "--exp_name", "done"], "give either --exp_name or two paths, not both")])
 def test_fid_is_asked_for_an_experiment_or_two_paths(workdir, capsys, no_weights, argv, expected):
     """A second value of a one-value flag (sample takes several --cfg_scale) reads as a path: said so."""
     with pytest.raises(SystemExit) as e:

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -40,11 +41,26 @@ def test_running_statistics_equal_np_cov_of_all_features_at_once():
     stats = fid.RunningStatistics()
     for start, stop in ((0, 1), (1, 50), (50, 52), (52, 103)):
         stats.add(features[start:stop])
-    with pytest.warns(UserWarning, match="103 < 2048 images"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 103 features of 40 numbers: a covariance of full rank
         mu, sigma = stats.mean_and_covariance()
     expected = features.astype(np.float64)
     assert stats.count == 103 and np.allclose(mu, expected.mean(0), rtol=0, atol=1e-12)
     assert np.allclose(sigma, np.cov(expected, rowvar=False), rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("count,singular", [(40, True), (41, False)])
+def test_fid_warns_when_the_covariance_is_singular(count, singular):
+    """N features of D numbers span at most N - 1 dimensions: singular for N <= D."""
+    stats = fid.RunningStatistics()
+    features = np.random.default_rng(0).normal(size=(count, 40))
+    stats.add(features)
+    assert (np.linalg.matrix_rank(np.cov(features, rowvar=False)) < 40) == singular
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats.mean_and_covariance()
+    assert [str(w.message).split(":")[0] for w in caught] == (
+        [f"FID from {count} images, no more than the 40 features"] if singular else [])
 
 
 def test_inception_score_streamed_equals_the_direct_formula():
@@ -129,6 +145,27 @@ def test_the_published_protocol_refuses_other_counts(capsys):
     assert e.value.code == 2 and "--protocol published compares 50000 samples" in err and "--num_samples 1000" in err
 
 
+def test_the_published_protocol_refuses_a_run_without_all_training_images(workdir, capsys):
+    """Toy faces have 50,000 training images, not CelebA's 162,770: no number is called published."""
+    assert cli(capsys, "train", "--exp_name", "tiny", *TOY, "--batch_size", 4, "--max_steps", 1)[0] == 0
+    with pytest.raises(SystemExit) as e:
+        fid.main(["--exp_name", "tiny", "--protocol", "published", "--inception_weights", "nothing_loaded"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert "--protocol published compares with CelebA's 162770 training images, and this run's data has " \
+           "50000; drop --protocol" in err
+
+
+def test_the_inception_score_s_logits_leave_out_the_classifier_s_bias():
+    """As the Inception Score's original code and torchmetrics' "logits_unbiased": features @ W^T."""
+    state = fid.fid_inception().state_dict()
+    state["fc.bias"] = 10 * torch.randn(1008)
+    model = fid.FIDFeatures(state)
+    features, logits = model(torch.rand(2, 3, 8, 8))
+    assert torch.allclose(logits, features @ state["fc.weight"].T, atol=1e-4)
+    assert not torch.allclose(logits.softmax(1), model.classifier(features).softmax(1), atol=1e-2)
+
+
 def fid_parser_args(flags):
     """fid.py's parsed arguments, without running it."""
     captured = {}
@@ -198,7 +235,7 @@ def test_features_match_pytorch_fid(random_weights, reference):
 def test_fid_of_two_folders_matches_pytorch_fid(tmp_path, random_weights, reference, capsys):
     fid_score = pytest.importorskip("pytorch_fid.fid_score")
     a, b = image_folders(tmp_path)
-    with pytest.warns(UserWarning, match="< 2048 images"):
+    with pytest.warns(UserWarning, match="images, no more than the"):
         fid.main([str(a), str(b), "--inception_weights", str(random_weights), "--batch_size", "8"])
     out = capsys.readouterr().out
     ours, (kid, kid_std) = float(out.split("FID:")[1].split()[0]), map(float, out.split("KID:")[1].split("+-"))
@@ -216,7 +253,7 @@ def test_cli_writes_fid_json_for_an_experiment(workdir, capsys, random_weights):
     assert cli(capsys, "train", "--exp_name", "tiny", *TOY, "--batch_size", 4, "--max_steps", 2)[0] == 0
     argv = ["--exp_name", "tiny", "--checkpoint", "last.pt", "--num_samples", "6", "--num_sampling_steps", "2",
             "--ref_images", "6", "--inception_weights", str(random_weights), "--batch_size", "6"]
-    with pytest.warns(UserWarning, match="< 2048 images"):
+    with pytest.warns(UserWarning, match="images, no more than the"):
         fid.main(argv)
     err = capsys.readouterr().err  # progress as whole lines, which interleave with the sampler's
     assert "\r" not in err and "Inception features: 6/6 images" in err.splitlines()[-1], err
@@ -243,7 +280,7 @@ def test_an_experiments_fid_is_that_of_its_sample_pngs_against_the_reference_png
     assert cli(capsys, "train", "--exp_name", "e", *TOY, "--batch_size", 4, "--max_steps", 3)[0] == 0
     common = ["--exp_name", "e", "--checkpoint", "last.pt", "--num_sampling_steps", "2", "--precision",
               "fp32", "--batch_size", "4"]
-    with pytest.warns(UserWarning, match="< 2048 images"):
+    with pytest.warns(UserWarning, match="images, no more than the"):
         fid.main([*common, "--num_samples", "6", "--ref_images", "6", "--inception_weights",
                   str(random_weights)])
     result = json.loads((workdir / "experiments" / "e" / "fid.json").read_text())
@@ -254,7 +291,7 @@ def test_an_experiments_fid_is_that_of_its_sample_pngs_against_the_reference_png
     for i in range(6):
         cg.save_png(cg.to_unit(held_out[i]), references / f"{i:03d}.png")
     capsys.readouterr()
-    with pytest.warns(UserWarning, match="< 2048 images"):
+    with pytest.warns(UserWarning, match="images, no more than the"):
         fid.main([str(workdir / "experiments/e/samples/last_euler2_seed0"), str(references),
                   "--inception_weights", str(random_weights)])
     out = capsys.readouterr().out
@@ -274,7 +311,7 @@ def test_a_conditional_model_is_asked_for_the_references_labels(workdir, capsys,
     monkeypatch.setattr(cg, "generate", lambda *a, **k: asked.append(k) or generate(*a, **k))
     argv = ["--exp_name", "cond", "--checkpoint", "last.pt", "--num_samples", "7", "--num_sampling_steps", "2",
             "--ref_images", "5", "--inception_weights", str(random_weights), "--batch_size", "7", "--cfg_scale", "2.5"]
-    with pytest.warns(UserWarning, match="< 2048 images"):
+    with pytest.warns(UserWarning, match="images, no more than the"):
         fid.main(argv)
     val = cg.ToyFaces(16, offset=10**6, attributes=["Smiling", "Wearing_Hat"])
     labels = torch.stack([val.label(i) for i in range(5)])
@@ -282,7 +319,7 @@ def test_a_conditional_model_is_asked_for_the_references_labels(workdir, capsys,
     result = json.loads((workdir / "experiments" / "cond" / "fid.json").read_text())
     assert result["attributes"] == ["Smiling", "Wearing_Hat"] and result["cfg_scale"] == 2.5
     assert result["attribute_source"] == "labels of 5 heldout images"
-    with pytest.warns(UserWarning, match="< 2048 images"):
+    with pytest.warns(UserWarning, match="images, no more than the"):
         fid.main(argv[:-2])  # no --cfg_scale
     assert asked[1]["cfg_scale"] == cg.GUIDANCE != 1
     assert json.loads((workdir / "experiments" / "cond" / "fid.json").read_text())["cfg_scale"] == cg.GUIDANCE
@@ -315,6 +352,8 @@ def test_missing_or_wrong_weights_fail_with_a_clear_message(tmp_path, monkeypatc
         error("--inception_weights", str(not_torch))
     other = tmp_path / "other.pth"
     torch.save({"weight": torch.zeros(3)}, other)  # a PyTorch file, but not the Inception's names
+    assert "other.pth holds other weights" in error("--inception_weights", str(other))
+    torch.save(None, other)  # a PyTorch file that holds nothing
     assert "other.pth holds other weights" in error("--inception_weights", str(other))
     cached = fid.weights_file()  # a corrupt file where the download is kept
     assert cached.parent.is_dir() and not cached.exists()  # the failed download left no file

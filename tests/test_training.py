@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,6 +260,14 @@ def test_missing_checkpoint_name(trained, capsys):
     assert code == 2 and "nope.pt does not exist" in err
 
 
+def test_a_checkpoint_name_means_the_experiment_s_before_a_file_here(trained, capsys):
+    Path("last.pt").write_text("another file of that name, in the working folder")
+    code, out, err = cli(capsys, "sample", "--exp_name", "done", "--num_samples", 1, "--num_sampling_steps", 1)
+    assert code == 0 and "experiments/done/samples/last_euler1_seed0/" in out, err
+    code, out, err = cli(capsys, "sample", "--exp_name", "done", "--checkpoint", "./last.pt")
+    assert code == 2 and "last.pt" in err and "Traceback" not in err  # a path is the file given
+
+
 @pytest.mark.parametrize("poison", ["loss", "gradients", "loss_fp16"])
 def test_divergence_stops_before_the_bad_step_is_taken_or_saved(workdir, capsys, monkeypatch, poison):
     """At step 3 either the loss is NaN, or the loss is finite but the gradients are NaN, or (fp16, where
@@ -283,6 +292,8 @@ def test_divergence_stops_before_the_bad_step_is_taken_or_saved(workdir, capsys,
     assert ("loss nan" in err) == poison.startswith("loss")
     ckpt = checkpoint("boom")
     assert ckpt["step"] == 2 and all(torch.isfinite(w).all() for w in ckpt["model"].values())
+    # the TensorBoard record of the steps before is on disk, though the run ended in an error
+    assert [e.step for e in logged_scalars(workdir / "experiments/boom/logs", "train/loss")] == [1, 2]
 
 
 def test_errors_reach_the_shell_as_one_line_without_a_traceback(workdir):
