@@ -372,8 +372,9 @@ def open_image(path, read):
 
 
 def folder_files(folder):
-    """The image files of a folder that pytorch-fid reads, checked from their headers (fast) to be
-    readable and of one size before any work is done."""
+    """The image files of a folder that pytorch-fid reads, their headers checked (fast) before any
+    work is done: each opens as an image, all of one size. A file cut short after its header is
+    found when decoded, and named then."""
     folder = Path(folder)
     if not folder.exists():
         raise UserError(f"{folder} does not exist; give two folders of images or two .npz files")
@@ -436,9 +437,9 @@ PROTOCOLS = {"heldout": {"num_samples": 10_000, "ref_split": "heldout", "ref_ima
 
 
 def choose_protocol(args):
-    """Fill --num_samples, --ref_split and --ref_images from --protocol. A value given that
-    differs from the published protocol's is refused; with the held-out default it makes the run
-    'custom'."""
+    """Fill --num_samples, --ref_split and --ref_images from --protocol, and note whether
+    --ref_images was given (ref_images_given). A value given that differs from the published
+    protocol's is refused; with the held-out default it makes the run 'custom'."""
     preset = PROTOCOLS[args.protocol or "heldout"]
     given = {k: getattr(args, k) for k in preset if getattr(args, k) is not None}
     differ = [f"--{k} {v}" for k, v in given.items() if v != preset[k]]

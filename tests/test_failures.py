@@ -315,9 +315,10 @@ def test_samples_of_another_experiments_checkpoint_are_named_by_it(trained, caps
     samples named by that experiment, not as this one's own; the experiment's own checkpoint given
     as a path keeps its plain name."""
     run = lambda exp, ckpt, *flags: cli(capsys, "sample", "--exp_name", exp, "--checkpoint", ckpt,
-                                        "--num_samples", 2, "--num_sampling_steps", 1, *flags)[0]
-    assert run("mine", trained) == run("mine", "experiments/done/checkpoints/last.pt", "--seed", 1) == 0
-    assert run("mine", trained, "--grid") == run("done", trained) == 0
+                                        "--num_sampling_steps", 1, *flags)[0]
+    assert run("mine", trained, "--num_samples", 2) == 0
+    assert run("mine", "experiments/done/checkpoints/last.pt", "--num_samples", 2, "--seed", 1) == 0
+    assert run("mine", trained, "--grid") == run("done", trained, "--num_samples", 2) == 0
     assert sorted(p.name for p in (trained.parents[2] / "mine/samples").iterdir()) == [
         "done_last_euler1_seed0", "done_last_euler1_seed0.png", "done_last_euler1_seed1",
         "done_last_euler1_seed1.png", "done_last_grid_euler1_seed0.png"]
