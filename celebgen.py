@@ -487,8 +487,7 @@ class CelebA(Dataset):
 
 
 def make_dataset(args, split, cache=True):
-    """The images of a split; CelebA's training split through the image cache (unless cache=False),
-    because it is read every epoch."""
+    """A split's images; CelebA's training split, read every epoch, via the cache (unless False)."""
     if args.dataset == "toy":
         offset = {"train": 0, "val": 10**6, "test": 2 * 10**6}[split]  # three disjoint sets
         return ToyFaces(args.image_size, offset=offset, attributes=args.attributes)
@@ -750,6 +749,7 @@ class Bookkeeping:
         self.exp = experiment_paths(args.exp_name)
         self.flops_per_image = flops_per_image(parts.model)                    # Part three, F
         self.writer = SummaryWriter(self.exp["logs"])
+        write_arguments(args, self.exp)                      # B: args.json, the flags of this run
         self.val = validation_set(make_dataset(args, "val"), args.val_size, args.seed, args.t_mu,
                                   args.t_sigma)
         self.grid_noise = torch.randn(16, 3, args.image_size, args.image_size,
@@ -849,7 +849,7 @@ def train_command(args, saved):
     with experiment_lock(args, first):  # B: one `train` per experiment at a time
         device = check_train_command(args, saved, torchrun, first)  # A: before any writing
         if first:
-            create_experiment(args)                                 # B: its folders, args.json
+            create_experiment(args)                                 # B: its folders
         # each process runs train_worker (B): its device, the process group, Ctrl-C, train_loop
         if torchrun:  # join torchrun's group instead of spawning
             train_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args, device.type)
@@ -921,6 +921,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import warnings
 from contextlib import contextmanager
 
@@ -939,7 +940,8 @@ def exit_on_user_error(command, *args, quiet=False):
     rank 0 must be the one whose status and message the user gets."""
     code = 2
     try:
-        return command(*args)
+        with sigterm_as_ctrl_c():
+            return command(*args)
     except UserError as e:
         # from a DataLoader worker the message arrives inside the worker's traceback: its last line
         message = "error: " + re.sub(r"^[\w.]*UserError: ", "", str(e).strip().splitlines()[-1])
@@ -1084,20 +1086,29 @@ def sampler_text(args):
 
 def checkpoint_stem(path, exp_name):
     """A checkpoint's name in sample file names: `last` for last.pt of experiment exp_name, and
-    for one from elsewhere its folder's parent too (`other_last` for other/checkpoints/last.pt), so
-    that its samples neither pass for this experiment's nor replace them."""
+    for one from elsewhere its experiment's name too (`other_last` for other/checkpoints/last.pt;
+    `downloads_last` for downloads/last.pt), so that its samples neither pass for this
+    experiment's nor replace them."""
     own = experiment_paths(exp_name)["checkpoints"].resolve()
     folder = path.resolve().parent
-    return path.stem if folder == own else f"{folder.parent.name}_{path.stem}"
+    where = folder.parent if folder.name == "checkpoints" else folder
+    return path.stem if folder == own else f"{where.name}_{path.stem}"
 
 
 def samples_name(path, args):
     """The folder name of `sample`'s images of the checkpoint at path, e.g. last_euler20_seed0, or
     last_euler20_seed0_Smiling=1_cfg3 for a request."""
-    name = f"{checkpoint_stem(path, args.exp_name)}_{sampler_text(args)}_seed{args.seed}"
-    if args.attributes[0] or args.cfg_scale[0] != 1:
-        name += f"_{setting_text(args.attributes[0])}_cfg{args.cfg_scale[0]:g}"
-    return name
+    return f"{checkpoint_stem(path, args.exp_name)}_{sampler_text(args)}_seed{args.seed}" + \
+        requests_text(args.attributes[:1], args.cfg_scale[:1])
+
+
+def requests_text(settings, cfg_scales):
+    """'' without requests, else '_Smiling=1_cfg3', or for a grid '_Smiling=1+none_cfg0,3': in
+    file names, so that other requests never replace these samples."""
+    if not any(settings) and cfg_scales == [1]:
+        return ""
+    weights = ",".join(f"{w:g}" for w in cfg_scales)
+    return f"_{'+'.join(setting_text(setting) for setting in settings)}_cfg{weights}"
 
 
 def sample_requests(args, trained):
@@ -1290,7 +1301,8 @@ def add_sample_flags(arg):
     arg("--grid", action="store_true",
         help="one image: a row per --attributes setting, a column per --cfg_scale, each cell "
              "--grid_samples samples from the same noise")
-    arg("--grid_samples", type=positive(int), help="samples per cell of --grid (default: 4)")
+    arg("--grid_samples", type=number(int, at_least=1, below=65),
+        help="samples per cell of --grid, side by side, sampled at once: 1 to 64 (default: 4)")
 
 
 def check_train_command(args, saved, torchrun, first):
@@ -1300,7 +1312,9 @@ def check_train_command(args, saved, torchrun, first):
                                                            announce=first)
     train_images = validate_train_args(args, device, torchrun)
     if args.resume:
-        flag = {"pair_noise": "no_pair_noise (pairing)", "world_size": "nproc (processes)"}
+        flag = {"pair_noise": "no_pair_noise (pairing)", "world_size": "nproc (processes)",
+                "train_images": "data_root (training images)",
+                "val_images": "data_root (validation images)"}
         changed = [f"--{flag.get(k, k)} {flag_value(saved.get(k))} -> "
                    f"{flag_value(getattr(args, k))}" for k in MODEL_ARGS + RESUME_FIXED
                    if saved.get(k, getattr(args, k)) != getattr(args, k)]
@@ -1344,7 +1358,8 @@ def validate_train_args(args, device, torchrun):
         print(f"note: {train_images.unlabelled} of {len(train_images)} training images have no "
               f"row in the attribute file: their attributes are unspecified (0), so they train the "
               f"unconditional model only", flush=True)
-    make_dataset(args, "val")  # fails now, not after training, if the val split is missing
+    val_images = make_dataset(args, "val")  # fails now, not after training, if it is missing
+    args.train_images, args.val_images = len(train_images), len(val_images)  # a resume keeps them
     if len(train_images) < args.batch_size * args.world_size:
         raise UserError(f"only {len(train_images)} training images for a global batch of "
                         f"{args.batch_size} x {args.world_size} processes; lower --batch_size or "
@@ -1387,7 +1402,8 @@ def guidance_grid(model, rows, cfg_scales, noise, times, method="euler"):
 
 def grid_command(args, model, rows, stem, step, device, precision):
     """`sample --grid`: one PNG, a row per --attributes setting, a column per --cfg_scale."""
-    name = stem.with_name(f"{stem.name}_{sampler_text(args)}_seed{args.seed}.png")
+    name = stem.with_name(f"{stem.name}_{sampler_text(args)}_seed{args.seed}"
+                          f"{requests_text(args.attributes, args.cfg_scale)}.png")
     check_no_folder_at(name, "the grid")  # before the grid is sampled
     rows = rows if rows is not None else torch.zeros(1, 0)  # unconditional: one row, no request
     size = model.grid * model.patch_size
@@ -1419,6 +1435,22 @@ def divergence(loss, grad_norm, step, lr):
 class Interrupted(Exception):
     """Ctrl-C (or SIGTERM) ended the run cleanly; the message says where it stopped. The CLI exits
     with 130."""
+
+
+@contextmanager
+def sigterm_as_ctrl_c():
+    """While a command runs, SIGTERM (kill, timeout, a scheduler) raises KeyboardInterrupt, so that
+    it cleans up and ends as Ctrl-C does. Not in a worker of mp.spawn, which spawn stops with
+    SIGTERM (InterruptRequest), nor off the main thread, where no handler can be set."""
+    if multiprocessing.parent_process() is not None or \
+            threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class InterruptRequest:
@@ -1524,46 +1556,68 @@ def check_experiment(args, exp):
 
 @contextmanager
 def experiment_lock(args, first):
-    """One writer per experiment: experiments/{exp_name}/train.lock names the process (PID and
-    host) that trains it, from its checks to its end. A second `train` of the experiment is refused
-    in one line naming that process; the lock of a process that no longer runs (killed) is taken
-    over, with a line saying so. The first process alone (rank 0 under torchrun) takes it."""
+    """One writer per experiment: experiments/{exp_name}/train.lock names the process (PID, host
+    and the folder it locked) that trains it, from its checks to its end. A second `train` of the
+    experiment is refused in one line naming that process; the lock of a process that no longer
+    runs (killed), or one copied with its folder, is taken over, with a line saying so. The first
+    process alone (rank 0 under torchrun) takes it."""
     if not first:
         yield
         return
     exp = experiment_paths(args.exp_name)
     check_experiment(args, exp)
-    lock, mine = exp["root"] / "train.lock", f"{os.getpid()} {socket.gethostname()}\n"
+    lock = exp["root"] / "train.lock"
+    mine = f"{os.getpid()} {socket.gethostname()} {exp['root'].resolve()}\n"
     made = [p for p in (exp["root"], *exp["root"].parents) if not p.exists()]  # deepest first
-    exp["root"].mkdir(parents=True, exist_ok=True)
-    while True:
-        try:
-            with open(lock, "x") as f:  # "x": created by this process, or FileExistsError
-                f.write(mine)
-            break
-        except FileExistsError:
-            remove_dead_lock(lock)  # or refuse
-        except OSError as e:  # a read-only or full disk, before any work
-            raise UserError(f"cannot write {lock} ({e.strerror or e}); "
-                            f"{write_fix(e, exp['root'])}") from None
+    held = False
     try:
+        try:
+            exp["root"].mkdir(parents=True, exist_ok=True)
+            while not take_lock(lock, mine):
+                remove_dead_lock(lock)  # or refuse
+            held = True
+        except OSError as e:  # a read-only or full disk, before any work
+            there = next(p for p in (exp["root"], *exp["root"].parents) if p.exists())
+            raise UserError(f"cannot write {lock} ({e.strerror or e}); "
+                            f"{write_fix(e, there)}") from None
         yield
     finally:
-        if lock.is_file() and lock.read_text() == mine:
+        if held and lock.is_file() and lock.read_text() == mine:
             lock.unlink()
         for folder in made:  # a run refused before it wrote anything leaves nothing
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
 
 
-def remove_dead_lock(lock):
-    """Delete a lock whose process no longer runs on this host, saying so; refuse any other."""
+def take_lock(lock, text):
+    """Create `lock` holding text: True, or False if it exists. A lock that cannot be written whole
+    (a full disk) is removed, lest it block the next run."""
     try:
-        pid, host = lock.read_text().split()
+        f = open(lock, "x")  # "x": created by this process, or FileExistsError
+    except FileExistsError:
+        return False
+    try:
+        with f:
+            f.write(text)
+    except OSError:
+        lock.unlink()
+        raise
+    return True
+
+
+def remove_dead_lock(lock):
+    """Delete a lock whose process no longer runs on this host, or that was copied with its folder
+    from another experiment, saying so; refuse any other."""
+    try:
+        pid, host, folder = lock.read_text().rstrip("\n").split(" ", 2)
         pid = int(pid)
     except (OSError, ValueError):  # not celebgen's, or being written this instant
         raise UserError(f"{lock} exists and names no process: if no other `train` of this "
                         f"experiment runs, delete it and run again") from None
+    if folder != str(lock.parent.resolve()):
+        print(f"taking over {lock}: it was copied from {folder}, with its folder", flush=True)
+        lock.unlink(missing_ok=True)
+        return
     if host == socket.gethostname() and not process_runs(pid):
         print(f"taking over {lock}: process {pid}, which held it, no longer runs (killed?)",
               flush=True)
@@ -1652,13 +1706,17 @@ def free_port():
 
 
 def create_experiment(args):
-    """experiments/{exp_name}/ and its folders, and args.json: the arguments of the run, rewritten
-    on resume with those that changed (--epochs, --max_minutes, ...)."""
+    """experiments/{exp_name}/ and its folders."""
     exp = experiment_paths(args.exp_name)
     for folder in ("checkpoints", "logs", "samples"):
         exp[folder].mkdir(parents=True, exist_ok=True)
     for stale in exp["checkpoints"].glob("*.tmp"):  # a save that a kill cut short
         stale.unlink()
+
+
+def write_arguments(args, exp):
+    """args.json: the arguments of the run as it trains, rewritten (whole) by each resume with the
+    flags it changed (--epochs, --max_minutes, ...); a resume with nothing to do leaves it."""
     with written_whole(exp["root"] / "args.json") as tmp:
         tmp.write_text(json.dumps(vars(args), indent=2))
 
@@ -1718,6 +1776,8 @@ def save_checkpoint(path, state):
             os.close(folder)
     except (OSError, RuntimeError) as error:  # a full disk, a lost mount, no permission
         e = error if isinstance(error, OSError) else error.__context__
+        if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C mid-write, under torch.save's error
+            raise KeyboardInterrupt from None
         if not isinstance(e, OSError):  # torch.save raises a RuntimeError over a failed write
             raise
         then = ("run the same command again" if resume_checkpoint(path.parent) is None else
@@ -1799,11 +1859,12 @@ def write_samples_whole(batches, out, total):
 # --------------------------------------------------------------------------------------------------
 
 MODEL_ARGS = ("model", "image_size", "patch_size", "attributes")  # what the weights depend on
-# what a resumed run must keep so that it continues exactly: its images, the data order and
+# what a resumed run must keep so that it continues exactly: its images (their kind and numbers:
+# a --data_root of the same images elsewhere is fine, one of others is not), the data order and
 # position in the epoch (seed, batch size, processes), the example times, and the validation set
 # and loss that pick best.pt
-RESUME_FIXED = ("dataset", "batch_size", "world_size", "seed", "t_mu", "t_sigma", "t_eps",
-                "pair_noise", "val_size")
+RESUME_FIXED = ("dataset", "train_images", "val_images", "batch_size", "world_size", "seed",
+                "t_mu", "t_sigma", "t_eps", "pair_noise", "val_size")
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "best_val", "args")
 # What the weights mean: the same tensors under another version of the network's arithmetic load
 # without an error and draw noise, so a checkpoint records the version it was trained under.
@@ -2209,14 +2270,22 @@ def subset_command(args):
     """`subset`: copy the images that --image_list names (a file name first on each line) out of
     the CelebA under --data_root into --out, in the official layout, with the split file and the
     attribute file (if any) cut down to them: a fixed set that anyone with CelebA can rebuild."""
+    if not Path(args.data_root).is_dir():
+        raise UserError(f"--data_root {args.data_root} is not a folder; give the folder CelebA is "
+                        f"unpacked in, which subset copies from")
     folder, split_file = find_celeba(args.data_root)
     out = Path(args.out)
+    if out.name in ("", ".", ".."):
+        raise UserError(f"--out {args.out!r} names no new folder; give one to create, e.g. "
+                        f"--out data/celeba_subset")
     partial = out.with_name(out.name + ".partial")
     if out.resolve().is_relative_to(Path(args.data_root).resolve()):
         raise UserError(f"--out {out} is inside --data_root {args.data_root}, where it would stand "
                         f"for CelebA itself in later runs; choose a folder outside it")
     if split_file is None:
-        raise UserError(f"{folder} has no split file: subset needs CelebA itself; {LAYOUTS_HELP}")
+        raise UserError(f"{folder} has no split file: subset copies from CelebA itself, unpacked "
+                        f"with its list_eval_partition file (official, torchvision or Kaggle "
+                        f"layout)")
     if out.exists():
         raise UserError(f"{out} exists; remove it, or choose another --out")
     try:
@@ -2344,11 +2413,12 @@ def write_cache(images, path):
         if partial.exists():  # False too where the cache's folder is a file
             partial.unlink()
     print(f"  done in {time.time() - start:.0f} s; later runs on these images reuse it", flush=True)
-    others = [p for p in path.parent.glob("*.u8") if p != path]  # nothing deletes an old cache
+    # nothing deletes an old cache, or one whose build was killed (kill -9): they are named
+    others = [p for p in (*path.parent.glob("*.u8"), *path.parent.glob("*.partial")) if p != path]
     if others:
         print(f"  {path.parent} also holds {len(others)} other cache{'s' * (len(others) > 1)} "
               f"({sum(p.stat().st_size for p in others) / 1e9:.2f} GB) of other image sizes or "
-              f"files; delete those no run reads", flush=True)
+              f"files, or unfinished (.partial); delete those no run reads", flush=True)
     return path
 
 

@@ -665,6 +665,11 @@ def make_parser():
     return parser
 
 
+EXPERIMENT_FLAGS = ("checkpoint", "protocol", "num_samples", "num_sampling_steps", "method",
+                    "time_power", "cfg_scale", "autoguidance", "seed", "precision", "ref_split",
+                    "ref_images")  # what --exp_name needs, and two paths ignore
+
+
 def main(argv=None):
     args = celebgen.exit_on_user_error(make_parser().parse_args, argv)
     celebgen.exit_on_user_error(run, args)
@@ -679,6 +684,12 @@ def run(args):
                         f"each flag of fid.py takes one value (see fid.py --help)")
     if not args.exp_name and len(args.paths) != 2:
         raise UserError("give either --exp_name or exactly two paths (see fid.py --help)")
+    defaults = make_parser()
+    given = [f"--{name}" for name in EXPERIMENT_FLAGS
+             if getattr(args, name) != defaults.get_default(name)]
+    if not args.exp_name and given:
+        raise UserError(f"{', '.join(given)} apply to an experiment's samples (--exp_name); two "
+                        f"paths are compared as they are: drop {'them' if given[1:] else 'it'}")
     if args.exp_name:
         experiment_fid(args)
     else:

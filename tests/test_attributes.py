@@ -220,6 +220,7 @@ def conditional(workdir, capsys):
     (["--grid", "--attributes", "Smiling=1"], "--grid draws --grid_samples samples per cell, not --num_samples; "
                                               "drop --num_samples"),
     (["--grid_samples", "2"], "--grid_samples counts the samples per cell of --grid; add --grid"),
+    (["--grid", "--grid_samples", "65"], "argument --grid_samples: must be < 65, got 65"),
 ])
 def test_bad_sample_attributes_are_one_line(conditional, capsys, argv, message):
     code, out, err = cli(capsys, "sample", "--exp_name", "cond", "--num_samples", 2, "--num_sampling_steps", 1,
@@ -249,7 +250,8 @@ def test_sample_writes_requests_and_a_guidance_grid(conditional, capsys):
                          "--attributes", "Smiling=1", "Smiling=0,Blond_Hair=1", "none", "--cfg_scale", 0, 1, 3,
                          "--grid_samples", 2)
     assert code == 0, err
-    with Image.open(conditional / "samples" / "last_grid_euler2_seed0.png") as grid:
+    grid_name = "last_grid_euler2_seed0_Smiling=1+Smiling=0,Blond_Hair=1+none_cfg0,1,3.png"
+    with Image.open(conditional / "samples" / grid_name) as grid:
         # 3 rows x 3 columns of cells, each 2 samples of 16 pixels side by side with 2-pixel gaps, 8 apart
         assert grid.size == (8 + 3 * (2 + 2 * 18 + 8), 8 + 3 * (2 + 18 + 8))
     assert list((conditional / "logs").glob("events.*"))

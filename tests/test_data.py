@@ -120,6 +120,12 @@ def test_image_cache_holds_the_decoded_images_and_follows_changes(tmp_path, monk
     assert cached(tmp_path / "data", 8).cache.name.startswith("6x8px-")
     assert len(list((tmp_path / "cache").glob("*.u8"))) == 4
     assert "also holds 3 other caches" in capsys.readouterr()[0]
+    (tmp_path / "cache" / "6x8px-0123.u8.999999.partial").write_bytes(b"a build killed midway")
+    (tmp_path / "data" / "5.png").unlink()
+    Image.new("RGB", (20, 24)).save(tmp_path / "data" / "6.png")
+    cached(tmp_path / "data", 8)
+    assert "also holds 5 other caches (0.00 GB) of other image sizes or files, or unfinished (.partial)" in \
+        capsys.readouterr()[0]
 
 
 def test_an_interrupted_or_failed_cache_leaves_nothing_half_written(tmp_path, monkeypatch, capsys):

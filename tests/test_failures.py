@@ -17,7 +17,7 @@ from PIL import Image
 import celebgen as cg
 import fid
 from conftest import ROOT
-from test_training import TOY, checkpoint, cli, random_image_folder
+from test_training import TOY, checkpoint, cli, labelled_celeba, random_image_folder
 
 SMALL_RUN = [*TOY, "--batch_size", 4]
 
@@ -164,6 +164,22 @@ def test_resume_refuses_changes_that_would_make_it_inexact(workdir, capsys, flag
     code, _, err = cli(capsys, "train", "--exp_name", "run", "--resume", flag, value, "--max_steps", 4)
     one_line_error(code, err, f"--resume cannot change {flag} ")
     assert torch.equal(checkpoint("run")["model"]["out.weight"], before["model"]["out.weight"])
+
+
+def test_resume_refuses_other_images_and_takes_the_same_images_elsewhere(workdir, capsys):
+    labelled_celeba(workdir / "images")
+    celeba = ["--dataset", "celeba", "--workers", 0]
+    assert cli(capsys, "train", "--exp_name", "run", *SMALL_RUN, *celeba, "--data_root", "images",
+               "--max_steps", 2)[0] == 0
+    shutil.copytree(workdir / "images", workdir / "others")
+    split = workdir / "others" / "list_eval_partition.txt"
+    split.write_text(split.read_text().replace("019.png 0", "019.png 1"))  # one more val image
+    code, _, err = cli(capsys, "train", "--exp_name", "run", "--resume", "--data_root", "others", "--max_steps", 3)
+    one_line_error(code, err, "--resume cannot change --data_root (training images) 20 -> 19, --data_root "
+                              "(validation images) 4 -> 5: they fix")
+    shutil.move(workdir / "images", workdir / "moved")
+    code, _, err = cli(capsys, "train", "--exp_name", "run", "--resume", "--data_root", "moved", "--max_steps", 3)
+    assert code == 0 and checkpoint("run")["step"] == 3, err
 
 
 def test_nproc_is_bounded_by_the_cpu_cores_this_process_may_use(workdir, capsys, monkeypatch):
@@ -490,6 +506,9 @@ def test_a_resume_rewrites_args_json_and_names_a_checkpoint_of_another_experimen
     assert cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 3)[0] == 0
     assert json.loads((exp / "args.json").read_text())["max_steps"] == 3
     assert not list(exp.glob("*.tmp"))
+    before = (exp / "args.json").read_text()
+    code, out, _ = cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 2, "--lr", 0.5)
+    assert code == 0 and "already at step 3" in out and (exp / "args.json").read_text() == before
     copied = exp.parent / "copy" / "checkpoints"
     copied.mkdir(parents=True)
     shutil.copy(trained, copied / "last.pt")
@@ -507,6 +526,38 @@ def test_sample_on_a_read_only_disk_fails_before_it_samples(trained, capsys, mon
     code, _, err = cli(capsys, "sample", "--exp_name", "done", "--num_sampling_steps", 1, *grid)
     one_line_error(code, err, "cannot write in experiments/done/samples (Read-only file system); make "
                    "experiments/done/samples writable, then run the command again")
+
+
+def test_sigterm_while_sampling_ends_as_ctrl_c_does(trained):
+    """SIGTERM (kill, timeout) to `sample`: one line, status 130, and no half-written folder."""
+    run = subprocess.Popen([sys.executable, str(ROOT / "celebgen.py"), "sample", "--exp_name", "done",
+                            "--num_samples", "2000", "--batch_size", "1", "--num_sampling_steps", "2"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in run.stdout:
+        if line.startswith("sampled 2/"):
+            break
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 130 and err.count("\n") == 1 and err.startswith("interrupted after "), err
+    assert "of 2000 images; experiments/done/samples/last_euler2_seed0/ was not made" in err
+    assert not list((trained.parents[1] / "samples").glob("last_*"))
+
+
+def test_a_second_ctrl_c_while_a_checkpoint_is_written_is_a_ctrl_c(tmp_path, monkeypatch):
+    """Ctrl-C inside torch.save's writer surfaces as its RuntimeError ("unexpected pos") over the
+    KeyboardInterrupt: it stays a Ctrl-C (one line, status 130), and the previous file is intact."""
+    def interrupted(state, f):
+        f.write(b"half a checkpoint")
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 52")
+    cg.save_checkpoint(tmp_path / "last.pt", {"step": 1})
+    monkeypatch.setattr(cg.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cg.save_checkpoint(tmp_path / "last.pt", {"step": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"step": 1}
 
 
 def test_two_processes_writing_one_file_do_not_share_a_temporary_file(tmp_path, monkeypatch):
@@ -708,6 +759,34 @@ def test_fid_that_cannot_write_prints_its_result_and_one_line(workdir, capsys, m
     assert not list((workdir / "experiments").rglob("*.tmp")) and not list((workdir / "experiments").rglob("*.npz"))
 
 
+def test_a_full_disk_at_the_lock_leaves_no_lock_behind(trained, capsys, monkeypatch):
+    class FullDisk:  # created, but its text never reaches the disk
+        def __init__(self, f):
+            self.f = f
+        def __enter__(self):
+            return self
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        def __exit__(self, *exc):
+            self.f.close()
+    real_open = open
+    with monkeypatch.context() as patch:
+        patch.setattr("builtins.open", lambda path, mode="r", *a, **k: FullDisk(real_open(path, mode))
+                      if str(path).endswith("train.lock") else real_open(path, mode, *a, **k))
+        code, _, err = cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 3)
+    one_line_error(code, err, "cannot write experiments/done/train.lock (No space left on device); free some")
+    assert not (trained.parents[1] / "train.lock").exists()
+    assert cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 3)[0] == 0
+
+
+def test_a_new_experiment_on_a_read_only_disk_is_one_line(workdir, capsys, monkeypatch):
+    real_mkdir = Path.mkdir
+    monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: (_ for _ in ()).throw(
+        OSError(errno.EROFS, "Read-only file system")) if "experiments" in str(self) else real_mkdir(self, *a, **k))
+    code, _, err = cli(capsys, "train", "--exp_name", "new", *SMALL_RUN, "--max_steps", 1)
+    one_line_error(code, err, "cannot write experiments/new/train.lock (Read-only file system); make . writable")
+
+
 def test_a_read_only_experiment_is_one_line_at_its_lock(trained, capsys, monkeypatch):
     real_open = open
     monkeypatch.setattr("builtins.open", lambda path, mode="r", *a, **k: (_ for _ in ()).throw(
@@ -734,7 +813,9 @@ def test_a_value_with_a_dot_keeps_its_grid_beside_its_folder(trained, capsys):
 @pytest.mark.parametrize("argv,expected", [
     (["--exp_name", "done", "--cfg_scale", "0", "1"], "--exp_name takes no paths, and 1 was read as one; each flag"),
     ([], "give either --exp_name or exactly two paths"), (["a"], "give either --exp_name or exactly two paths"),
-    (["a", "b", "--exp_name", "done"], "give either --exp_name or two paths, not both")])
+    (["a", "b", "--exp_name", "done"], "give either --exp_name or two paths, not both"),
+    (["a", "b", "--num_samples", "10", "--cfg_scale", "3"], "--num_samples, --cfg_scale apply to an experiment's "
+                                                           "samples (--exp_name); two paths are compared as they are")])
 def test_fid_is_asked_for_an_experiment_or_two_paths(workdir, capsys, no_weights, argv, expected):
     """A second value of a one-value flag (sample takes several --cfg_scale) reads as a path: said so."""
     with pytest.raises(SystemExit) as e:

@@ -3,6 +3,7 @@ when its input makes no sense, when the file system is not what it expects, when
 starts on the same experiment, and when the operating system kills one of its processes."""
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -194,10 +195,17 @@ def test_a_lock_of_a_live_process_on_this_machine_is_respected(workdir, capsys):
     """The lock names this test's own process, which runs: refused, and the lock stays."""
     assert cli(capsys, "train", "--exp_name", "e", *SMALL_RUN, "--max_steps", 1)[0] == 0
     lock = workdir / "experiments/e/train.lock"
-    lock.write_text(f"{os.getpid()} {cg.socket.gethostname()}\n")
+    lock.write_text(f"{os.getpid()} {cg.socket.gethostname()} {lock.parent.resolve()}\n")
     code, _, err = cli(capsys, "train", "--exp_name", "e", "--resume", "--max_steps", 2)
     one_line_error(code, err, f"is being trained by process {os.getpid()}")
     assert lock.read_text().split()[0] == str(os.getpid()) and checkpoint("e")["step"] == 1
+    # the same lock copied, with its folder, into another experiment: that one's process is not
+    # training this copy, so the copy's lock is taken over
+    shutil.copytree(lock.parent, workdir / "experiments/copy")
+    code, out, err = cli(capsys, "train", "--exp_name", "copy", "--resume", "--max_steps", 2)
+    assert code == 0 and checkpoint("copy")["step"] == 2, err
+    assert f"taking over {Path('experiments/copy/train.lock')}: it was copied from {lock.parent.resolve()}" in out
+    assert not (workdir / "experiments/copy/train.lock").exists() and lock.is_file()
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

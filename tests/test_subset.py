@@ -50,7 +50,11 @@ def test_subset_holds_exactly_the_listed_images_with_their_split_and_labels(work
     ("exists", "sub exists; remove it, or choose another --out"),
     ("not_listed", "1 of the 2 images of list.txt are not in"),
     ("no_list", "cannot read --image_list missing.txt"),
-    ("plain_folder", "has no split file: subset needs CelebA itself"),
+    ("plain_folder", "has no split file: subset copies from CelebA itself, unpacked with its "
+                     "list_eval_partition file"),
+    ("no_data", "--data_root gone is not a folder; give the folder CelebA is unpacked in"),
+    ("here", "--out '.' names no new folder; give one to create"),
+    ("nothing", "--out '' names no new folder; give one to create"),
     ("inside_the_data", "is inside --data_root celeba, where it would stand for CelebA itself"),
     ("twice", "names 001.png (and 0 more) twice; give each image once"),
     ("empty", "names no image"),
@@ -62,11 +66,13 @@ def test_a_subset_that_cannot_be_made_is_one_line_and_writes_nothing(workdir, ca
                                        "twice": "001.png\n002.png\n001.png\n"}.get(case,
                                                                                 "001.png\n002.png\n"))
     root, image_list = "celeba", "missing.txt" if case == "no_list" else "list.txt"
-    out = "celeba/celeba" if case == "inside_the_data" else "sub"
+    out = {"inside_the_data": "celeba/celeba", "here": ".", "nothing": ""}.get(case, "sub")
     if case == "exists":
         (workdir / "sub").mkdir()
     if case == "plain_folder":
         root = "celeba/img_align_celeba"
+    if case == "no_data":
+        root = "gone"
     code, _, err = cli(capsys, "subset", "--data_root", root, "--image_list", image_list,
                        "--out", out)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -1,5 +1,6 @@
 """The trainer and the CLI: DDP equivalence, exact resume, files and logs, and every bad input."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -266,6 +267,11 @@ def test_a_checkpoint_name_means_the_experiment_s_before_a_file_here(trained, ca
     assert code == 0 and "experiments/done/samples/last_euler1_seed0/" in out, err
     code, out, err = cli(capsys, "sample", "--exp_name", "done", "--checkpoint", "./last.pt")
     assert code == 2 and "last.pt" in err and "Traceback" not in err  # a path is the file given
+    Path("downloads").mkdir()
+    shutil.copy(trained, "downloads/last.pt")  # a checkpoint outside any experiment
+    code, out, err = cli(capsys, "sample", "--exp_name", "done", "--checkpoint", "downloads/last.pt",
+                         "--num_samples", 1, "--num_sampling_steps", 1)
+    assert code == 0 and "samples/downloads_last_euler1_seed0/" in out, err
 
 
 @pytest.mark.parametrize("poison", ["loss", "gradients", "loss_fp16"])
