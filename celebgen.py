@@ -487,7 +487,7 @@ class CelebA(Dataset):
 
 
 def make_dataset(args, split, cache=True):
-    """A split's images; CelebA's training split, read every epoch, via the cache (unless False)."""
+    """A split's images; CelebA's training split, read every epoch, via its cache if cache=True."""
     if args.dataset == "toy":
         offset = {"train": 0, "val": 10**6, "test": 2 * 10**6}[split]  # three disjoint sets
         return ToyFaces(args.image_size, offset=offset, attributes=args.attributes)
@@ -871,10 +871,10 @@ def sample_command(args):
     check_folders(out, experiment_paths(args.exp_name)["logs"])              # A: no file there
     model = load_model(ckpt, device, use_ema=not args.no_ema)
     model = autoguided(model, ckpt, path, args.autoguidance, device, not args.no_ema)  # C
-    writable_folder(out)  # B: a read-only or full disk fails now, not after the sampling
+    writable_folder(out)  # B: a read-only disk fails now, not after the sampling
     if args.grid:  # A: one picture, a row per --attributes setting, a column per --cfg_scale
-        stem = f"{checkpoint_stem(path, args.exp_name)}_grid"                   # A: its name
-        return grid_command(args, model, rows, out / stem, ckpt["step"], device, precision)
+        name = out / f"{samples_name(path, args)}.png"                         # A: its name
+        return grid_command(args, model, rows, name, ckpt["step"], device, precision)
     asked = rows[0].expand(args.num_samples, -1) if rows is not None else None  # (num_samples, K)
     batches = generate(model, args, device, precision, asked, args.cfg_scale[0])
     name = samples_name(path, args)                         # A: the checkpoint and the flags
@@ -934,10 +934,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 def exit_on_user_error(command, *args, quiet=False):
     """Run a command. Bad input (UserError), an op without an MPS kernel and a --compile that finds
-    no working compiler end as one line `error: ...` and exit status 2; Ctrl-C as one line and
-    status 130 (the shell's code for SIGINT). No traceback. quiet: a DDP rank other than 0, which
-    says nothing and leaves with status 0, because spawn stops every process as soon as one fails:
-    rank 0 must be the one whose status and message the user gets."""
+    no working compiler end as one line `error: ...` and exit status 2; Ctrl-C (or SIGTERM) as one
+    line and status 130 (the shell's code for SIGINT). No traceback. quiet: a DDP rank other than
+    0, which says nothing and leaves with status 0, because spawn stops every process as soon as
+    one fails: rank 0 must be the one whose status and message the user gets."""
     code = 2
     try:
         with sigterm_as_ctrl_c():
@@ -1096,19 +1096,19 @@ def checkpoint_stem(path, exp_name):
 
 
 def samples_name(path, args):
-    """The folder name of `sample`'s images of the checkpoint at path, e.g. last_euler20_seed0, or
-    last_euler20_seed0_Smiling=1_cfg3 for a request."""
-    return f"{checkpoint_stem(path, args.exp_name)}_{sampler_text(args)}_seed{args.seed}" + \
-        requests_text(args.attributes[:1], args.cfg_scale[:1])
-
-
-def requests_text(settings, cfg_scales):
-    """'' without requests, else '_Smiling=1_cfg3', or for a grid '_Smiling=1+none_cfg0,3': in
-    file names, so that other requests never replace these samples."""
-    if not any(settings) and cfg_scales == [1]:
-        return ""
-    weights = ",".join(f"{w:g}" for w in cfg_scales)
-    return f"_{'+'.join(setting_text(setting) for setting in settings)}_cfg{weights}"
+    """The name of `sample`'s images of the checkpoint at path: e.g. last_euler20_seed0 (a folder),
+    last_euler20_seed0_Smiling=1_cfg3 for a request, last_grid_euler20_seed0_Smiling=1+none_cfg0,3
+    for --grid; so that other flags or requests never replace them. Requests that would make the
+    name long are named by a digest of them instead (requests3f2a...)."""
+    grid = "_grid" if args.grid else ""
+    name = f"{checkpoint_stem(path, args.exp_name)}{grid}_{sampler_text(args)}_seed{args.seed}"
+    if not any(args.attributes) and args.cfg_scale == [1]:
+        return name
+    weights = ",".join(f"{w:g}" for w in args.cfg_scale)
+    requests = f"{'+'.join(setting_text(setting) for setting in args.attributes)}_cfg{weights}"
+    if len(requests) > 100:  # file names end at 255 bytes
+        requests = f"requests{hashlib.sha1(requests.encode()).hexdigest()[:10]}"
+    return f"{name}_{requests}"
 
 
 def sample_requests(args, trained):
@@ -1122,7 +1122,8 @@ def sample_requests(args, trained):
     if not args.grid and args.grid_samples is not None:
         raise UserError("--grid_samples counts the samples per cell of --grid; add --grid, or use "
                         "--num_samples for a folder of samples")
-    args.num_samples, args.grid_samples = args.num_samples or 64, args.grid_samples or 4
+    args.num_samples = args.num_samples or NUM_SAMPLES
+    args.grid_samples = args.grid_samples or GRID_SAMPLES
     if args.cfg_scale is None:
         args.cfg_scale = [GUIDANCE if trained and any(args.attributes) else 1.0]
     rows = attribute_rows(args.attributes, args.cfg_scale, trained)
@@ -1275,13 +1276,17 @@ def add_recipe_flags(arg):
     arg("--ckpt_every", type=positive(int), default=1000, help="steps between saves of last.pt")
 
 
+NUM_SAMPLES, GRID_SAMPLES = 64, 4  # sample's defaults: a folder of images, a cell of a grid
+
+
 def add_sample_flags(arg):
     """sample's flags."""
     arg("--exp_name", required=True, type=experiment_name, help="the experiment to sample")
     arg("--checkpoint", default="last.pt",
         help="a name in the experiment's checkpoints/ (last.pt, best.pt) or a path; samples of "
              "another experiment's are named after it (other_last_...)")
-    arg("--num_samples", type=positive(int), help="images to write (default: 64); not with --grid")
+    arg("--num_samples", type=positive(int),
+        help=f"images to write (default: {NUM_SAMPLES}); not with --grid")
     arg("--num_sampling_steps", type=positive(int), default=20,
         help="steps from noise to image (20 scored as well by FID as 50: RESULTS.md)")
     arg("--method", choices=["euler", "heun"], default="euler",
@@ -1302,7 +1307,8 @@ def add_sample_flags(arg):
         help="one image: a row per --attributes setting, a column per --cfg_scale, each cell "
              "--grid_samples samples from the same noise")
     arg("--grid_samples", type=number(int, at_least=1, below=65),
-        help="samples per cell of --grid, side by side, sampled at once: 1 to 64 (default: 4)")
+        help=f"samples per cell of --grid, side by side, sampled at once (default: "
+             f"{GRID_SAMPLES})")
 
 
 def check_train_command(args, saved, torchrun, first):
@@ -1318,10 +1324,12 @@ def check_train_command(args, saved, torchrun, first):
         changed = [f"--{flag.get(k, k)} {flag_value(saved.get(k))} -> "
                    f"{flag_value(getattr(args, k))}" for k in MODEL_ARGS + RESUME_FIXED
                    if saved.get(k, getattr(args, k)) != getattr(args, k)]
-        if changed:
+        if changed:  # other images may come from the saved --data_root: no flag to drop then
+            images = " (--data_root: point it at the run's own images)" * any(
+                c.startswith("--data_root") for c in changed)
             raise UserError(f"--resume cannot change {', '.join(changed)}: they fix the model, the "
                             f"data, their order or the validation loss of the run; drop those "
-                            f"flags, or start a new --exp_name")
+                            f"flags{images}, or start a new --exp_name")
     # all is well: build the image cache now, before any process starts (under torchrun by the
     # first process of each machine only; the others wait for it in train_loop)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and isinstance(train_images, CelebA):
@@ -1400,10 +1408,9 @@ def guidance_grid(model, rows, cfg_scales, noise, times, method="euler"):
                                        pad_value=1.0)
 
 
-def grid_command(args, model, rows, stem, step, device, precision):
-    """`sample --grid`: one PNG, a row per --attributes setting, a column per --cfg_scale."""
-    name = stem.with_name(f"{stem.name}_{sampler_text(args)}_seed{args.seed}"
-                          f"{requests_text(args.attributes, args.cfg_scale)}.png")
+def grid_command(args, model, rows, name, step, device, precision):
+    """`sample --grid`: one PNG at name (samples_name), a row per --attributes setting, a column
+    per --cfg_scale."""
     check_no_folder_at(name, "the grid")  # before the grid is sampled
     rows = rows if rows is not None else torch.zeros(1, 0)  # unconditional: one row, no request
     size = model.grid * model.patch_size
@@ -1439,11 +1446,12 @@ class Interrupted(Exception):
 
 @contextmanager
 def sigterm_as_ctrl_c():
-    """While a command runs, SIGTERM (kill, timeout, a scheduler) raises KeyboardInterrupt, so that
-    it cleans up and ends as Ctrl-C does. Not in a worker of mp.spawn, which spawn stops with
-    SIGTERM (InterruptRequest), nor off the main thread, where no handler can be set."""
-    if multiprocessing.parent_process() is not None or \
-            threading.current_thread() is not threading.main_thread():
+    """While a command runs, an unhandled SIGTERM (kill, timeout, a scheduler) raises
+    KeyboardInterrupt, so that it cleans up and ends as Ctrl-C does. Left alone where a handler
+    has it already (training's InterruptRequest), in a worker of mp.spawn, which spawn stops with
+    SIGTERM, and off the main thread, where no handler can be set."""
+    if spawned_worker() or threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -1451,6 +1459,11 @@ def sigterm_as_ctrl_c():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def spawned_worker():
+    """Whether this process is a worker started by mp.spawn (not by torchrun, not the parent)."""
+    return multiprocessing.parent_process() is not None
 
 
 class InterruptRequest:
@@ -1507,9 +1520,8 @@ def train_worker(rank, world_size, args, device_type):
             dist.broadcast_object_list(choice, src=0)
             args.resolved_precision = choice[0]
         tokens = (args.image_size // args.patch_size) ** 2
-        spawned = multiprocessing.parent_process() is not None  # by mp.spawn (not torchrun)
         with attention_kernels(device, tokens), \
-                InterruptRequest(rank == 0, sigterm=not spawned) as interrupt:  # F, B
+                InterruptRequest(rank == 0, sigterm=not spawned_worker()) as interrupt:  # F, B
             if world_size == 1:
                 train_loop(rank, world_size, args, device, interrupt)
             else:  # rank 0 says why; spawn sees the exit status, and the parent exits with it
@@ -1559,8 +1571,9 @@ def experiment_lock(args, first):
     """One writer per experiment: experiments/{exp_name}/train.lock names the process (PID, host
     and the folder it locked) that trains it, from its checks to its end. A second `train` of the
     experiment is refused in one line naming that process; the lock of a process that no longer
-    runs (killed), or one copied with its folder, is taken over, with a line saying so. The first
-    process alone (rank 0 under torchrun) takes it."""
+    runs (killed), or one copied here with its folder from another folder of this machine, is
+    taken over, with a line saying so. The first process alone (rank 0 under torchrun) takes
+    it."""
     if not first:
         yield
         return
@@ -1577,9 +1590,8 @@ def experiment_lock(args, first):
                 remove_dead_lock(lock)  # or refuse
             held = True
         except OSError as e:  # a read-only or full disk, before any work
-            there = next(p for p in (exp["root"], *exp["root"].parents) if p.exists())
             raise UserError(f"cannot write {lock} ({e.strerror or e}); "
-                            f"{write_fix(e, there)}") from None
+                            f"{write_fix(e, existing_folder(exp['root']))}") from None
         yield
     finally:
         if held and lock.is_file() and lock.read_text() == mine:
@@ -1599,7 +1611,7 @@ def take_lock(lock, text):
     try:
         with f:
             f.write(text)
-    except OSError:
+    except BaseException:  # a full disk, or Ctrl-C this instant
         lock.unlink()
         raise
     return True
@@ -1607,18 +1619,19 @@ def take_lock(lock, text):
 
 def remove_dead_lock(lock):
     """Delete a lock whose process no longer runs on this host, or that was copied with its folder
-    from another experiment, saying so; refuse any other."""
+    from another folder of this host, saying so; refuse any other."""
     try:
         pid, host, folder = lock.read_text().rstrip("\n").split(" ", 2)
         pid = int(pid)
     except (OSError, ValueError):  # not celebgen's, or being written this instant
         raise UserError(f"{lock} exists and names no process: if no other `train` of this "
                         f"experiment runs, delete it and run again") from None
-    if folder != str(lock.parent.resolve()):
+    here = host == socket.gethostname()
+    if here and Path(folder).is_dir() and not os.path.samefile(folder, lock.parent):
         print(f"taking over {lock}: it was copied from {folder}, with its folder", flush=True)
         lock.unlink(missing_ok=True)
         return
-    if host == socket.gethostname() and not process_runs(pid):
+    if here and not process_runs(pid):
         print(f"taking over {lock}: process {pid}, which held it, no longer runs (killed?)",
               flush=True)
         lock.unlink(missing_ok=True)
@@ -1716,9 +1729,14 @@ def create_experiment(args):
 
 def write_arguments(args, exp):
     """args.json: the arguments of the run as it trains, rewritten (whole) by each resume with the
-    flags it changed (--epochs, --max_minutes, ...); a resume with nothing to do leaves it."""
-    with written_whole(exp["root"] / "args.json") as tmp:
-        tmp.write_text(json.dumps(vars(args), indent=2))
+    flags it changed (--epochs, --max_minutes, ...); a resume with nothing to do leaves it. A record
+    for the reader (each checkpoint holds the arguments): a disk that refuses it stops nothing."""
+    try:
+        with written_whole(exp["root"] / "args.json") as tmp:
+            tmp.write_text(json.dumps(vars(args), indent=2))
+    except OSError as e:
+        print(f"cannot write {exp['root'] / 'args.json'} ({e.strerror or e}); training goes on "
+              f"(each checkpoint holds the arguments)", file=sys.stderr, flush=True)
 
 
 @contextmanager
@@ -1726,7 +1744,7 @@ def written_whole(path):
     """`with written_whole(path) as tmp:` write tmp (next to path); when the block ends it is
     renamed over path -- atomic: path is the old file or the new one, never half of one -- or
     deleted if the block failed (a full disk, Ctrl-C)."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # its own: two writers never share one
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # this process's: not another's
     try:
         yield tmp
         os.replace(tmp, path)
@@ -1787,15 +1805,20 @@ def save_checkpoint(path, state):
 
 
 def writable_folder(folder):
-    """Make folder (and its parents), and write and delete a file in it: a disk that cannot take
-    the output fails here, in one line, before the work that makes it."""
+    """Make folder (and its parents), and create and delete a file in it: a read-only disk or
+    folder fails here, in one line, before the work that would fill it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        there = next(p for p in (folder, *folder.parents) if p.exists())  # the nearest that exists
-        raise UserError(f"cannot write in {folder} ({e.strerror or e}); {write_fix(e, there)}, "
-                        f"then run the command again") from None
+        raise UserError(f"cannot write in {folder} ({e.strerror or e}); "
+                        f"{write_fix(e, existing_folder(folder))}, then run the command again"
+                        ) from None
+
+
+def existing_folder(path):
+    """path, or the nearest folder above it that exists: where a write's fix applies."""
+    return next(p for p in (path, *path.parents) if p.exists())
 
 
 def write_fix(e, folder):
@@ -1859,10 +1882,10 @@ def write_samples_whole(batches, out, total):
 # --------------------------------------------------------------------------------------------------
 
 MODEL_ARGS = ("model", "image_size", "patch_size", "attributes")  # what the weights depend on
-# what a resumed run must keep so that it continues exactly: its images (their kind and numbers:
-# a --data_root of the same images elsewhere is fine, one of others is not), the data order and
-# position in the epoch (seed, batch size, processes), the example times, and the validation set
-# and loss that pick best.pt
+# what a resumed run must keep so that it continues exactly: its images (their kind, and how many
+# train and val images there are: the same images moved elsewhere resume, other numbers do not),
+# the data order and position in the epoch (seed, batch size, processes), the example times, and
+# the validation set and loss that pick best.pt
 RESUME_FIXED = ("dataset", "train_images", "val_images", "batch_size", "world_size", "seed",
                 "t_mu", "t_sigma", "t_eps", "pair_noise", "val_size")
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "best_val", "args")
@@ -1876,15 +1899,15 @@ ARCHITECTURE = 2
 def checkpoint_path(exp_name, checkpoint):
     """--checkpoint: a name (last.pt, best.pt) in the checkpoints/ of an experiment that exists,
     before a file of that name here; or a path that exists (load_checkpoint refuses a folder)."""
-    root = experiment_paths(exp_name)["root"]
-    if Path(checkpoint).name == checkpoint and (root / "checkpoints" / checkpoint).exists():
-        return root / "checkpoints" / checkpoint
+    exp = experiment_paths(exp_name)
+    if Path(checkpoint).name == checkpoint and (exp["checkpoints"] / checkpoint).exists():
+        return exp["checkpoints"] / checkpoint
     if Path(checkpoint).exists():
         return Path(checkpoint)
-    if not root.is_dir():
-        raise UserError(f"there is no experiment {exp_name} ({root} does not exist); pass as "
-                        f"--exp_name one of the folders in experiments/")
-    return root / "checkpoints" / checkpoint
+    if not exp["root"].is_dir():
+        raise UserError(f"there is no experiment {exp_name} ({exp['root']} does not exist); pass "
+                        f"as --exp_name one of the folders in experiments/")
+    return exp["checkpoints"] / checkpoint
 
 
 def resume_checkpoint(checkpoints):
@@ -2055,12 +2078,11 @@ def say_if_finished(args, step, elapsed, total_steps, budget, announce):
 
 # the image files read from a folder: pytorch-fid's list, which fid.py must follow (in lower case)
 IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")
-LAYOUTS_HELP = ("put CelebA under --data_root in one of these layouts: "
-                "ROOT/celeba/img_align_celeba + ROOT/celeba/list_eval_partition.txt (torchvision), "
-                "ROOT/img_align_celeba + ROOT/list_eval_partition.txt (official), "
-                "ROOT/img_align_celeba/img_align_celeba + "
-                "ROOT/list_eval_partition.csv (Kaggle), or ROOT/*.jpg (a plain folder, no split); "
-                "or use --dataset toy")
+SPLIT_LAYOUTS = ("ROOT/celeba/img_align_celeba + ROOT/celeba/list_eval_partition.txt "
+                 "(torchvision), ROOT/img_align_celeba + ROOT/list_eval_partition.txt (official), "
+                 "ROOT/img_align_celeba/img_align_celeba + ROOT/list_eval_partition.csv (Kaggle)")
+LAYOUTS_HELP = (f"put CelebA under --data_root in one of these layouts: {SPLIT_LAYOUTS}, or "
+                f"ROOT/*.jpg (a plain folder, no split); or use --dataset toy")
 
 
 def find_celeba(root):
@@ -2283,9 +2305,8 @@ def subset_command(args):
         raise UserError(f"--out {out} is inside --data_root {args.data_root}, where it would stand "
                         f"for CelebA itself in later runs; choose a folder outside it")
     if split_file is None:
-        raise UserError(f"{folder} has no split file: subset copies from CelebA itself, unpacked "
-                        f"with its list_eval_partition file (official, torchvision or Kaggle "
-                        f"layout)")
+        raise UserError(f"{folder} has no split file: subset copies from CelebA itself, in one of "
+                        f"these layouts: {SPLIT_LAYOUTS}")
     if out.exists():
         raise UserError(f"{out} exists; remove it, or choose another --out")
     try:
@@ -2413,12 +2434,14 @@ def write_cache(images, path):
         if partial.exists():  # False too where the cache's folder is a file
             partial.unlink()
     print(f"  done in {time.time() - start:.0f} s; later runs on these images reuse it", flush=True)
-    # nothing deletes an old cache, or one whose build was killed (kill -9): they are named
-    others = [p for p in (*path.parent.glob("*.u8"), *path.parent.glob("*.partial")) if p != path]
-    if others:
-        print(f"  {path.parent} also holds {len(others)} other cache{'s' * (len(others) > 1)} "
+    # nothing deletes an old cache, or one whose build was killed (kill -9): they are counted
+    others = [p for p in path.parent.glob("*.u8") if p != path]
+    unfinished = len(list(path.parent.glob("*.partial")))  # killed, or being built right now
+    if others or unfinished:
+        print(f"  {path.parent} also holds {len(others)} other cache{'s' * (len(others) != 1)} "
               f"({sum(p.stat().st_size for p in others) / 1e9:.2f} GB) of other image sizes or "
-              f"files, or unfinished (.partial); delete those no run reads", flush=True)
+              f"files, and {unfinished} unfinished (.partial); delete those no run reads",
+              flush=True)
     return path
 
 

@@ -667,7 +667,7 @@ def make_parser():
 
 EXPERIMENT_FLAGS = ("checkpoint", "protocol", "num_samples", "num_sampling_steps", "method",
                     "time_power", "cfg_scale", "autoguidance", "seed", "precision", "ref_split",
-                    "ref_images")  # what --exp_name needs, and two paths ignore
+                    "ref_images")  # the flags of an experiment's samples, which two paths ignore
 
 
 def main(argv=None):
@@ -677,11 +677,11 @@ def main(argv=None):
 
 def run(args):
     """fid.py --exp_name NAME, or fid.py PATH_A PATH_B."""
-    if args.exp_name and len(args.paths) == 2:
-        raise UserError("give either --exp_name or two paths, not both (see fid.py --help)")
-    if args.exp_name and args.paths:  # e.g. --cfg_scale 0 1: a flag of one value, then a path
-        raise UserError(f"--exp_name takes no paths, and {' '.join(args.paths)} was read as one; "
-                        f"each flag of fid.py takes one value (see fid.py --help)")
+    if args.exp_name and args.paths:  # paths too, or e.g. --cfg_scale 0 1: a value read as a path
+        raise UserError(f"--exp_name takes no paths, and {' '.join(args.paths)} "
+                        f"{'were read as paths' if args.paths[1:] else 'was read as one'}: give "
+                        f"either --exp_name or two paths, and one value per flag (see fid.py "
+                        f"--help)")
     if not args.exp_name and len(args.paths) != 2:
         raise UserError("give either --exp_name or exactly two paths (see fid.py --help)")
     defaults = make_parser()

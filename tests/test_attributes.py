@@ -258,6 +258,15 @@ def test_sample_writes_requests_and_a_guidance_grid(conditional, capsys):
     assert "rows Smiling=1 | Smiling=0,Blond_Hair=1 | none; columns cfg_scale 0, 1, 3" in out
 
 
+def test_a_grid_of_many_requests_is_named_by_their_digest(conditional, capsys):
+    settings = [f"Smiling={a},Blond_Hair={b}" for a in (0, 1) for b in (0, 1)] + ["Smiling=1", "Blond_Hair=1"]
+    code, out, err = cli(capsys, "sample", "--exp_name", "cond", "--num_sampling_steps", 1, "--grid",
+                         "--grid_samples", 1, "--attributes", *settings, "--cfg_scale", 0, 1, 2, 3)
+    assert code == 0, err
+    [grid] = (conditional / "samples").glob("last_grid_euler1_seed0_requests*.png")
+    assert len(grid.name) == len("last_grid_euler1_seed0_requests") + 10 + len(".png")
+
+
 def test_unconditional_and_old_checkpoints_refuse_requests_and_still_sample(trained_unconditional, capsys):
     """A checkpoint written before conditioning existed (no 'attributes' in its arguments) samples as
     before, and asking it for attributes or guidance is one line."""

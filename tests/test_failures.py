@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,7 @@ def test_resume_refuses_other_images_and_takes_the_same_images_elsewhere(workdir
     code, _, err = cli(capsys, "train", "--exp_name", "run", "--resume", "--data_root", "others", "--max_steps", 3)
     one_line_error(code, err, "--resume cannot change --data_root (training images) 20 -> 19, --data_root "
                               "(validation images) 4 -> 5: they fix")
+    assert "drop those flags (--data_root: point it at the run's own images)" in err
     shutil.move(workdir / "images", workdir / "moved")
     code, _, err = cli(capsys, "train", "--exp_name", "run", "--resume", "--data_root", "moved", "--max_steps", 3)
     assert code == 0 and checkpoint("run")["step"] == 3, err
@@ -560,6 +562,24 @@ def test_a_second_ctrl_c_while_a_checkpoint_is_written_is_a_ctrl_c(tmp_path, mon
     assert torch.load(tmp_path / "last.pt", weights_only=True) == {"step": 1}
 
 
+def test_training_s_own_sigterm_handler_is_not_replaced_by_a_nested_command(capsys):
+    """Under torchrun, train_loop runs through exit_on_user_error inside InterruptRequest: SIGTERM
+    stays a request to stop after the step, not a KeyboardInterrupt in the middle of one."""
+    with cg.InterruptRequest(announce=False) as interrupt:
+        cg.exit_on_user_error(lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(0.2))
+    assert interrupt.requested
+
+
+def test_args_json_that_cannot_be_written_stops_no_run(workdir, capsys, monkeypatch):
+    real_write = Path.write_text
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")) if self.name.startswith("args.json.") else
+        real_write(self, *a, **k))
+    code, _, err = cli(capsys, "train", "--exp_name", "full", *SMALL_RUN, "--max_steps", 2)
+    assert code == 0 and checkpoint("full")["step"] == 2, err
+    assert "cannot write experiments/full/args.json (No space left on device); training goes on" in err
+
+
 def test_two_processes_writing_one_file_do_not_share_a_temporary_file(tmp_path, monkeypatch):
     """Two fid.py runs may finish together: each writes its own temporary file, and the file is
     whole, the last writer's, with nothing left beside it."""
@@ -759,13 +779,16 @@ def test_fid_that_cannot_write_prints_its_result_and_one_line(workdir, capsys, m
     assert not list((workdir / "experiments").rglob("*.tmp")) and not list((workdir / "experiments").rglob("*.npz"))
 
 
-def test_a_full_disk_at_the_lock_leaves_no_lock_behind(trained, capsys, monkeypatch):
+@pytest.mark.parametrize("cut", ["full_disk", "ctrl_c"])
+def test_a_lock_cut_short_is_not_left_behind(trained, capsys, monkeypatch, cut):
     class FullDisk:  # created, but its text never reaches the disk
         def __init__(self, f):
             self.f = f
         def __enter__(self):
             return self
         def write(self, text):
+            if cut == "ctrl_c":
+                raise KeyboardInterrupt
             raise OSError(errno.ENOSPC, "No space left on device")
         def __exit__(self, *exc):
             self.f.close()
@@ -774,7 +797,10 @@ def test_a_full_disk_at_the_lock_leaves_no_lock_behind(trained, capsys, monkeypa
         patch.setattr("builtins.open", lambda path, mode="r", *a, **k: FullDisk(real_open(path, mode))
                       if str(path).endswith("train.lock") else real_open(path, mode, *a, **k))
         code, _, err = cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 3)
-    one_line_error(code, err, "cannot write experiments/done/train.lock (No space left on device); free some")
+    if cut == "ctrl_c":
+        assert code == 130 and err.startswith("interrupted") and err.count("\n") == 1, err
+    else:
+        one_line_error(code, err, "cannot write experiments/done/train.lock (No space left on device); free some")
     assert not (trained.parents[1] / "train.lock").exists()
     assert cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 3)[0] == 0
 
@@ -811,9 +837,10 @@ def test_a_value_with_a_dot_keeps_its_grid_beside_its_folder(trained, capsys):
 
 
 @pytest.mark.parametrize("argv,expected", [
-    (["--exp_name", "done", "--cfg_scale", "0", "1"], "--exp_name takes no paths, and 1 was read as one; each flag"),
+    (["--exp_name", "done", "--cfg_scale", "0", "1"], "--exp_name takes no paths, and 1 was read as one: give "
+                                                       "either --exp_name or two paths, and one value per flag"),
     ([], "give either --exp_name or exactly two paths"), (["a"], "give either --exp_name or exactly two paths"),
-    (["a", "b", "--exp_name", "done"], "give either --exp_name or two paths, not both"),
+    (["a", "b", "--exp_name", "done"], "--exp_name takes no paths, and a b were read as paths: give either"),
     (["a", "b", "--num_samples", "10", "--cfg_scale", "3"], "--num_samples, --cfg_scale apply to an experiment's "
                                                            "samples (--exp_name); two paths are compared as they are")])
 def test_fid_is_asked_for_an_experiment_or_two_paths(workdir, capsys, no_weights, argv, expected):

@@ -199,6 +199,11 @@ def test_a_lock_of_a_live_process_on_this_machine_is_respected(workdir, capsys):
     code, _, err = cli(capsys, "train", "--exp_name", "e", "--resume", "--max_steps", 2)
     one_line_error(code, err, f"is being trained by process {os.getpid()}")
     assert lock.read_text().split()[0] == str(os.getpid()) and checkpoint("e")["step"] == 1
+    (workdir / "same").symlink_to(lock.parent.resolve())  # the same folder by another path
+    lock.write_text(f"{os.getpid()} {cg.socket.gethostname()} {workdir / 'same'}\n")
+    one_line_error(*cli(capsys, "train", "--exp_name", "e", "--resume", "--max_steps", 2)[::2],
+                   f"is being trained by process {os.getpid()}")
+    lock.write_text(f"{os.getpid()} {cg.socket.gethostname()} {lock.parent.resolve()}\n")
     # the same lock copied, with its folder, into another experiment: that one's process is not
     # training this copy, so the copy's lock is taken over
     shutil.copytree(lock.parent, workdir / "experiments/copy")

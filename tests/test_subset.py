@@ -50,8 +50,8 @@ def test_subset_holds_exactly_the_listed_images_with_their_split_and_labels(work
     ("exists", "sub exists; remove it, or choose another --out"),
     ("not_listed", "1 of the 2 images of list.txt are not in"),
     ("no_list", "cannot read --image_list missing.txt"),
-    ("plain_folder", "has no split file: subset copies from CelebA itself, unpacked with its "
-                     "list_eval_partition file"),
+    ("plain_folder", "has no split file: subset copies from CelebA itself, in one of these layouts: "
+                     "ROOT/celeba/img_align_celeba"),
     ("no_data", "--data_root gone is not a folder; give the folder CelebA is unpacked in"),
     ("here", "--out '.' names no new folder; give one to create"),
     ("nothing", "--out '' names no new folder; give one to create"),
