@@ -684,16 +684,16 @@ def run(args):
                         f"--help)")
     if not args.exp_name and len(args.paths) != 2:
         raise UserError("give either --exp_name or exactly two paths (see fid.py --help)")
+    if args.exp_name:
+        experiment_fid(args)
+        return
     defaults = make_parser()
     given = [f"--{name}" for name in EXPERIMENT_FLAGS
              if getattr(args, name) != defaults.get_default(name)]
-    if not args.exp_name and given:
+    if given:
         raise UserError(f"{', '.join(given)} apply to an experiment's samples (--exp_name); two "
                         f"paths are compared as they are: drop {'them' if given[1:] else 'it'}")
-    if args.exp_name:
-        experiment_fid(args)
-    else:
-        paths_fid(args)
+    paths_fid(args)
 
 
 def paths_fid(args):
