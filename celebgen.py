@@ -1086,9 +1086,9 @@ def sampler_text(args):
 
 def checkpoint_stem(path, exp_name):
     """A checkpoint's name in sample file names: `last` for last.pt of experiment exp_name, and
-    for one from elsewhere its experiment's name too (`other_last` for other/checkpoints/last.pt;
-    `downloads_last` for downloads/last.pt), so that its samples neither pass for this
-    experiment's nor replace them."""
+    for one from elsewhere the name of its experiment or folder too (`other_last` for
+    other/checkpoints/last.pt, `downloads_last` for downloads/last.pt), so that its samples
+    neither pass for this experiment's nor replace them."""
     own = experiment_paths(exp_name)["checkpoints"].resolve()
     folder = path.resolve().parent
     where = folder.parent if folder.name == "checkpoints" else folder
