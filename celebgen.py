@@ -126,8 +126,8 @@ def rope_angles(rows, cols, head_dim, base=100.0):
     """Axial 2D RoPE angles for tokens at patch coordinates rows, cols (N,) each -> (N, head_dim/2).
     The first head_dim/4 pairs rotate by row*w_k, the last head_dim/4 by col*w_k. With
     base=100 and head width 64 the fastest pair turns 1 radian per patch and the slowest 0.0133;
-    across 8, 16 and 32 patches the slowest turns 0.09, 0.20 and 0.41 radians, less than half a
-    turn, so it never wraps around and tells near from far on grids of up to 32 x 32 patches."""
+    across grids of 8, 16 and 32 patches (offsets up to 7, 15, 31) it turns 0.09, 0.20 and 0.41
+    radians, less than half a turn: it never wraps around and tells near from far up to 32 x 32."""
     w = frequency_bank(head_dim // 4, base)                                     # (head_dim/4,)
     return torch.cat([rows.float()[:, None] * w, cols.float()[:, None] * w], -1)  # (N, head_dim/2)
 
@@ -148,10 +148,10 @@ def apply_rope(x, angles):
 # --------------------------------------------------------------------------------------------------
 # Each block is attention and an MLP, each wrapped as
 #     x <- x + gate * f( LayerNorm(x) * (1 + scale) + shift )
-# where (shift, scale, gate) are regressed from the time embedding c. That is how the network knows
-# how noisy its input is. The name: adaptive instance normalisation (AdaIN, from style transfer)
-# normalises each channel over an image's positions, then lets a condition choose its scale and
-# shift; DiT's adaLN, used here, normalises each token over its channels (LayerNorm) instead.
+# where (shift, scale, gate) are regressed from the condition c (time; attributes below): so the
+# network knows how noisy its input is. The name: adaptive instance normalisation (AdaIN, from
+# style transfer) normalises each channel over an image's positions, then lets a condition choose
+# its scale and shift; DiT's adaLN, used here, normalises each token over its channels instead.
 # "Zero": the layer that produces (shift, scale, gate) starts at zero, so gate = 0 and every
 # block is the identity at initialisation -- a deep stack starts as a shallow, well-behaved network
 # and grows into its depth. The time embedding c starts from the features
@@ -201,7 +201,7 @@ class Attention(nn.Module):
 class Block(nn.Module):
     def __init__(self, dim, heads, mlp_ratio=4):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # AdaIN is the affine
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)  # modulate is the affine
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         # DiT's MLP, with the exact GELU x Phi(x) instead of DiT's tanh approximation of it
@@ -315,10 +315,10 @@ def flow_loss(model, x1, x0, t, t_eps, attributes=None):
 
 def pair_noise(x1, x0, rank, world_size):
     """x0 (B, C, H, W) reassigned to the images so that the sum of ||x1_i - x0_i||^2 over the
-    global batch (all processes' images, gathered: B) is the smallest of any order: every process
-    solves the same assignment, so N processes pair as one with N times the batch does."""
-    x1_all, x0_all = (gathered(x, world_size).flatten(1) for x in (x1, x0))  # (N B, C H W) each
-    cost = torch.cdist(x1_all.float(), x0_all.float()).pow(2)                # (N B, N B)
+    global batch (every process's images: `gathered`, Part three B) is the smallest of any order;
+    every process solves the same assignment, so W processes pair as one with W times the batch."""
+    x1_all, x0_all = (gathered(x, world_size).flatten(1) for x in (x1, x0))  # (W B, C H W) each
+    cost = torch.cdist(x1_all.float(), x0_all.float()).pow(2)                # (W B, W B)
     _, order = linear_sum_assignment(cost.cpu().numpy())  # image i gets noise order[i]
     mine = torch.from_numpy(order[rank * len(x1):(rank + 1) * len(x1)]).to(x0.device)  # (B,)
     return x0_all[mine].view_as(x0)                                           # (B, C, H, W)
@@ -376,7 +376,7 @@ def guided_prediction(model, x_t, t, attributes, cfg_scale):
 
 # Autoguidance (Karras et al., 2024), sample's default for a model without attributes, guides it
 # by a weaker copy of itself: the network at GUIDE_AT of its training (guide.pt, section 11) errs
-# where the model does, only more: x_pred = x_guide + w (x_model - x_guide), w > 1 (1.5) moves away.
+# where the model does, only more: x_pred = x_guide + w (x_model - x_guide); w > 1 moves away.
 
 GUIDE_AT = 0.25  # the one fraction measured (RESULTS.md)
 
@@ -458,7 +458,7 @@ def to_signed(pixels):
 
 class CelebA(Dataset):
     """CelebA (or any folder of images) at size x size: dataset[i] is image i, dataset.label(i)
-    its values of `attributes` (names from ATTRIBUTE_NAMES). cache=True reads the pixels from the
+    its values of `attributes` (names: ATTRIBUTE_NAMES, D). cache=True reads the pixels from the
     image cache once it has been built (Part three, E). An unreadable file is reported once and
     replaced by the next image (and its label), so one bad JPEG never stops a run mid-epoch."""
 
@@ -505,7 +505,7 @@ def make_dataset(args, split, cache=True):
 # too; flow_loss computes the loss in fp32.
 #   bf16 keeps fp32's 8 exponent bits and drops mantissa bits: a gradient of 1e-10 is still
 #        representable, so bf16 needs no loss scaling.
-#   fp16 has 5 exponent bits: values below ~6e-8 flush to zero, and small gradients with them.
+#   fp16 has 5 exponent bits: magnitudes below ~3e-8 round to zero, small gradients with them.
 #        GradScaler multiplies the loss by a large factor before backward and divides the gradients
 #        by it before the step, and skips a step whose gradients overflowed (lowering the factor).
 # GPUs of compute capability >= 8.0 and CPUs with AVX512-BF16 or AMX multiply bf16 natively; on
@@ -549,7 +549,7 @@ def checkpoint_state(parts, step, best_val, elapsed, args):
     """Everything a run needs to continue exactly, as a dict of tensors and plain values."""
     state = {name: part.state_dict() for name, part in parts._asdict().items()}
     return {**state, "step": step, "best_val": best_val, "elapsed": elapsed, "args": vars(args),
-            "architecture": ARCHITECTURE}
+            "architecture": ARCHITECTURE}  # the network's version (Part three, C)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -679,7 +679,7 @@ def train_loop(rank, world_size, args, device, interrupt):
     Ctrl-C, and args.resolved_precision is --precision resolved for this machine (F)."""
     # 1. the model, its EMA, AdamW and the loss scaler: new, or as the checkpoint left them
     parts = training_parts(args, device)
-    step, best_val, elapsed = start_or_resume(args, parts, announce=rank == 0)
+    step, best_val, elapsed = start_or_resume(args, parts, announce=rank == 0)  # C
     model = parts.model if world_size == 1 else DistributedDataParallel(
         parts.model, device_ids=[device] if device.type == "cuda" else None)
     if args.compile:  # fused kernels for the elementwise ops between the matmuls, made at step 1
@@ -791,7 +791,7 @@ class Bookkeeping:
         with autocast(self.device, self.args.resolved_precision):
             images = sample(self.parts.ema, self.grid_noise.to(self.device),
                             time_grid(self.args.num_sampling_steps))
-        grid = image_grid(images)
+        grid = image_grid(images)                                             # B
         self.writer.add_image("samples", grid, step)
         save_png(grid, self.exp["samples"] / f"step_{step:07d}.png")          # B: written whole
 
@@ -863,12 +863,12 @@ def train_command(args, saved):
 def sample_command(args):
     """`sample`: --num_samples PNGs of a checkpoint into a folder of experiments/{exp_name}/samples/
     (and a grid of the first 64 beside it), or with --grid one picture of requests x weights."""
-    device, precision = device_and_precision(args.device, args.precision)
-    path = checkpoint_path(args.exp_name, args.checkpoint)
+    device, precision = device_and_precision(args.device, args.precision)     # F
+    path = checkpoint_path(args.exp_name, args.checkpoint)                     # C
     ckpt = load_checkpoint(path)                                               # C: checked
     rows = sample_requests(args, ckpt["args"]["attributes"])         # A: (R, K), or None, checked
     out = experiment_paths(args.exp_name)["samples"]
-    check_folders(out, experiment_paths(args.exp_name)["logs"])              # A: no file there
+    check_folders(out, experiment_paths(args.exp_name)["logs"])              # B: no file there
     model = load_model(ckpt, device, use_ema=not args.no_ema)
     model = autoguided(model, ckpt, path, args.autoguidance, device, not args.no_ema)  # C
     writable_folder(out)  # B: a read-only disk fails now, not after the sampling
@@ -878,7 +878,7 @@ def sample_command(args):
     asked = rows[0].expand(args.num_samples, -1) if rows is not None else None  # (num_samples, K)
     batches = generate(model, args, device, precision, asked, args.cfg_scale[0])
     name = samples_name(path, args)                         # A: the checkpoint and the flags
-    # each PNG is written into {name}.partial/, which replaces {name}/ only when complete (B)
+    # each PNG is written into {name}.PID.partial/, which replaces {name}/ when complete (B)
     count, first = write_samples_whole(batches, out / name, args.num_samples)
     save_png(image_grid(torch.stack(first)), out / f"{name}.png")  # name may hold dots: cfg1.5
     print(f"wrote {count} images to {out / name}/ and a grid of the first {len(first)} to "
@@ -894,7 +894,7 @@ def main(argv=None):
         return exit_on_user_error(subset_command, args)
     saved = None
     if args.resume:  # the saved arguments become the defaults; flags given now override them
-        saved = exit_on_user_error(saved_arguments, args.exp_name)
+        saved = exit_on_user_error(saved_arguments, args.exp_name)                # C
         train_parser.set_defaults(**saved)
         args = exit_on_user_error(parser.parse_args, argv)
     exit_on_user_error(train_command, args, saved)

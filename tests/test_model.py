@@ -219,7 +219,7 @@ def test_named_model_sizes_have_the_stated_parameter_counts(name, millions):
 
 def test_rope_slowest_frequency_turns_less_than_half_a_turn_across_each_grid():
     """What rope_angles' docstring states, for head width 64: 1 rad per patch fastest, 0.0133 slowest,
-    and 0.09 / 0.20 / 0.41 rad across 8 / 16 / 32 patches."""
+    and 0.09 / 0.20 / 0.41 rad across grids of 8 / 16 / 32 patches (offsets up to 7 / 15 / 31)."""
     for grid, span in [(8, 0.09), (16, 0.20), (32, 0.41)]:
         rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
         angles = cg.rope_angles(rows.flatten(), cols.flatten(), 64)                 # (N, 32)
