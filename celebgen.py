@@ -1941,6 +1941,10 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} cannot be read (permission denied); give this user "
                         f"read access to it") from None
     except Exception as e:  # truncated zip, bad pickle, wrong file type: all "unreadable"
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive; not this file
+                raise UserError(f"{path} is not a PyTorch file, so not a checkpoint; pass a last.pt "
+                                f"or best.pt written by celebgen.py train") from None
         other = ("last.pt" if path.name == "best.pt" else
                  "best.pt (to --resume from it: move last.pt away)")
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}): it is truncated or "

@@ -404,8 +404,11 @@ def folder_batches(files, batch_size):
 
 def npz_statistics(path):
     """(mu, sigma, features or None) saved by pytorch-fid (--save-stats: no features) or fid.py."""
+    if Path(path).is_dir():
+        raise UserError(f"{path} is a folder, and a name ending in .npz is read as statistics; "
+                        f"rename a folder of images")
     if not Path(path).is_file():
-        raise UserError(f"{path} {'is a folder' if Path(path).is_dir() else 'does not exist'}")
+        raise UserError(f"{path} does not exist; give two folders of images or .npz statistics")
     try:
         with np.load(path) as stats:
             mu, sigma = stats["mu"], stats["sigma"]

@@ -1,5 +1,7 @@
 """Faces on request: attribute files in every layout, attribute dropout, classifier-free guidance, and
 a conditional model that learns what it is asked for."""
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -256,6 +258,41 @@ def test_sample_writes_requests_and_a_guidance_grid(conditional, capsys):
         assert grid.size == (8 + 3 * (2 + 2 * 18 + 8), 8 + 3 * (2 + 18 + 8))
     assert list((conditional / "logs").glob("events.*"))
     assert "rows Smiling=1 | Smiling=0,Blond_Hair=1 | none; columns cfg_scale 0, 1, 3" in out
+
+
+def recorded_sampling(monkeypatch):
+    """Every call of cg.sample, as {parameter: value}; each call still samples."""
+    calls, real = [], cg.sample
+
+    def recording(*args, **kwargs):
+        bound = inspect.signature(real).bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(dict(bound.arguments))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cg, "sample", recording)
+    return calls
+
+
+def test_sample_and_its_grid_sample_as_their_flags_ask(conditional, capsys, monkeypatch):
+    """`sample` and `sample --grid` hand the sampler the requests, weights, method and time grid their
+    flags ask for, and the model autoguided by its guide.pt at the --autoguidance asked for."""
+    calls = recorded_sampling(monkeypatch)
+    flags = ["--exp_name", "cond", "--num_sampling_steps", 3, "--method", "heun", "--time_power", 1.5,
+             "--autoguidance", 1.5]
+    code, _, err = cli(capsys, "sample", *flags, "--attributes", "Smiling=1", "--cfg_scale", 2.5,
+                       "--num_samples", 2)
+    assert code == 0, err
+    code, _, err = cli(capsys, "sample", *flags, "--grid", "--attributes", "Smiling=0", "Blond_Hair=1",
+                       "--cfg_scale", 0, 3, "--grid_samples", 2)
+    assert code == 0, err
+    smiling = cg.load_checkpoint(conditional / "checkpoints/last.pt")["args"]["attributes"].index("Smiling")
+    request = lambda name, value: [[value if (name == "Smiling") == (k == smiling) else 0.0 for k in range(2)]] * 2
+    assert [(call["cfg_scale"], call["attributes"].tolist()) for call in calls] == [
+        (2.5, request("Smiling", 1.0)), (0, request("Smiling", -1.0)), (3, request("Smiling", -1.0)),
+        (0, request("Blond_Hair", 1.0)), (3, request("Blond_Hair", 1.0))]
+    for call in calls:
+        assert call["method"] == "heun" and call["times"] == cg.time_grid(3, 1.5)
+        assert isinstance(call["model"], cg.Autoguided) and call["model"].weight == 1.5
 
 
 def test_a_grid_of_many_requests_is_named_by_their_digest(conditional, capsys):

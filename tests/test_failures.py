@@ -635,12 +635,14 @@ def fid_error(capsys, *argv):
     ("one_image", "holds 1 images with a lower-case extension"),
     ("missing", "missing does not exist"),
     ("a_file", "is a file, not a folder"),
-    ("missing.npz", "missing.npz does not exist"),
+    ("missing.npz", "missing.npz does not exist; give two folders of images or .npz statistics"),
+    ("images.npz", "images.npz is a folder, and a name ending in .npz is read as statistics; rename"),
     ("no_mu.npz", "is not an .npz of FID statistics with arrays mu and sigma"),
 ])
 def test_fid_refuses_bad_paths_before_loading_weights(workdir, capsys, no_weights, case, message):
     png_folder(workdir / "one_image", [16])
     png_folder(workdir / "good", [16, 16])
+    png_folder(workdir / "images.npz", [16, 16])
     (workdir / "a_file").write_text("x")
     np.savez(workdir / "no_mu.npz", mean=np.zeros(3))
     one_line_error(*fid_error(capsys, "good", case), message)

@@ -1,4 +1,5 @@
 """fid.py: the Frechet distance in closed-form cases, and agreement with pytorch-fid (the reference)."""
+import argparse
 import hashlib
 import json
 import math
@@ -11,7 +12,7 @@ from PIL import Image
 
 import celebgen as cg
 import fid
-from test_training import TOY, cli
+from test_training import TOY, cli, labelled_celeba
 
 
 def test_identical_statistics_have_zero_distance():
@@ -101,6 +102,42 @@ def test_kid_of_one_distribution_is_zero_within_its_spread():
     itself, _ = fid.kernel_inception_distance(x, x.copy(), subsets=50, subset_size=500)
     shifted, _ = fid.kernel_inception_distance(x, y + 0.2, subsets=50, subset_size=500)
     assert abs(same) < same_std and abs(same) < 0.05 * shifted and abs(itself) < 0.05 * shifted
+
+
+def test_kid_draws_each_subset_from_all_of_each_side():
+    """With 40 rows against 10, KID's subsets of 10 are drawn from all 40: reordering the 40 rows, whose
+    first 10 lie far from y, changes it only by the draws' noise."""
+    rng = np.random.default_rng(6)
+    y, near = rng.normal(0, 1, (10, 8)), rng.normal(0, 1, (30, 8))
+    x = np.concatenate([rng.normal(3, 1, (10, 8)), near])
+    forward, _ = fid.kernel_inception_distance(x, y, subsets=1000, subset_size=10)
+    backward, _ = fid.kernel_inception_distance(x[::-1].copy(), y, subsets=1000, subset_size=10)
+    assert forward == pytest.approx(backward, rel=0.15)
+
+
+def test_the_inception_score_is_of_the_logits_and_fid_of_the_features():
+    """feature_statistics feeds the network's features to the statistics and its logits to the score."""
+    features = torch.arange(24.0).view(6, 4) ** 0.5
+    logits = -torch.arange(30.0).view(6, 5)
+    scored = []
+    score = type("Score", (), {"add": lambda self, x: scored.append(x)})()
+    mu, _, kept = fid.feature_statistics(lambda batch: (features, logits), [torch.zeros(6, 3, 8, 8)], 6,
+                                         torch.device("cpu"), score)
+    assert torch.equal(torch.cat(scored), logits) and np.allclose(mu, features.mean(0).numpy())
+    assert np.array_equal(kept, features.numpy())
+
+
+def test_a_conditional_model_is_asked_only_for_labels_the_references_have(tmp_path):
+    """Images without a row in the attribute file (all attributes 0) are not requests: of the 20
+    training images of labelled_celeba (its 4 val images have none), the 15 with rows are cycled."""
+    labelled_celeba(tmp_path / "celeba")
+    train_args = argparse.Namespace(dataset="celeba", data_root=str(tmp_path / "celeba"), image_size=16,
+                                    attributes=["Smiling", "Male"], download=False)
+    args = argparse.Namespace(ref_split="val", ref_images=20, num_samples=30)
+    asked, source = fid.sample_attributes(train_args, args)
+    train = cg.make_dataset(train_args, "train", cache=False)
+    assert source == "labels of 15 train images" and asked.shape == (30, 2)
+    assert torch.equal(asked, torch.stack([train.label(i % 15) for i in range(30)])) and asked.abs().min() == 1
 
 
 def test_feature_sample_keeps_a_uniform_sample():

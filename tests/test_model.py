@@ -286,14 +286,17 @@ def test_sampler_transports_a_gaussian_with_first_and_second_order_error(power):
 
 
 def test_autoguidance_extrapolates_from_the_guide_through_the_model():
-    """x_guide + w (x_model - x_guide): the guide at w = 0, the model at w = 1, beyond it above."""
+    """x_guide + w (x_model - x_guide): the guide at w = 0, the model at w = 1, beyond it above; both
+    asked for the same attributes."""
     torch.manual_seed(0)
-    model, guide = (randomized(cg.DiT(8, 4, **cg.MODELS["tiny"]), seed) for seed in (0, 1))
-    x, t = torch.randn(3, 3, 8, 8), torch.rand(3)
+    model, guide = (randomized(cg.DiT(8, 4, **cg.MODELS["tiny"], num_attributes=2), seed) for seed in (0, 1))
+    x, t, a = torch.randn(3, 3, 8, 8), torch.rand(3), torch.tensor([[1.0, -1], [0, 1], [-1, 0]])
     with torch.no_grad():
-        x_model, x_guide = model(x, t), guide(x, t)
+        x_model, x_guide = model(x, t, a), guide(x, t, a)
         for w in (0.0, 1.0, 2.5):
-            assert torch.allclose(cg.Autoguided(model, guide, w)(x, t), x_guide + w * (x_model - x_guide), atol=1e-5)
+            assert torch.allclose(cg.Autoguided(model, guide, w)(x, t, a), x_guide + w * (x_model - x_guide),
+                                  atol=1e-5)
+        assert not torch.allclose(guide(x, t), x_guide, atol=1e-3)  # the attributes matter to the guide
     assert not torch.allclose(x_model, x_guide)
 
 

@@ -102,6 +102,7 @@ def test_a_time_budget_ends_on_time_cooled_down_and_resumes_on_the_same_clock(wo
 # ----- through the real trainer (toy data or a small folder of images, a few steps) -----
 
 from test_data import LAYOUTS  # noqa: E402
+from test_model import randomized  # noqa: E402
 from test_training import (TOY, checkpoint, cli, labelled_celeba, logged_scalars, random_image_folder,  # noqa: E402
                            toy_initial_weights)
 
@@ -331,14 +332,53 @@ def test_a_cache_that_cannot_be_written_is_tried_once(workdir, monkeypatch, caps
 
 
 def test_validation_loss_is_the_loss_of_the_whole_set_in_uneven_batches():
-    """Batches of 4, 4 and 2 images, each mean weighted by its size: the loss of all 10 at once."""
+    """Batches of 4, 4 and 2 images, each mean weighted by its size: the loss of all 10 at once, asked
+    for their attributes."""
     faces = cg.ToyFaces(16, attributes=list(cg.TOY_ATTRIBUTES))
-    model = cg.DiT(16, 4, dim=64, depth=2, heads=2, num_attributes=len(cg.TOY_ATTRIBUTES)).eval()
+    model = randomized(cg.DiT(16, 4, dim=64, depth=2, heads=2, num_attributes=len(cg.TOY_ATTRIBUTES))).eval()
     val = cg.validation_set(faces, 10, 0, -0.4, 0.8)
     with torch.no_grad():
         whole = cg.flow_loss(model, val[0], val[1], val[2], 0.2, val[3]).item()
+        unasked = cg.flow_loss(model, val[0], val[1], val[2], 0.2, torch.zeros_like(val[3])).item()
     batched = cg.validation_loss(model, val, 0.2, 4, torch.device("cpu"), "fp32")
-    assert batched == pytest.approx(whole, rel=1e-5)
+    assert batched == pytest.approx(whole, rel=1e-5) and abs(unasked - whole) > 1e-4 * whole
+
+
+def test_an_epoch_is_whole_batches_only():
+    """10 images in batches of 4 make 2 steps of 4: every step sees a whole batch, and the 2 images
+    left over wait for the next epoch's order."""
+    images = Images(torch.zeros(3, 2, 2) for _ in range(10))
+    args = argparse.Namespace(seed=0, t_mu=0.0, t_sigma=1.0, attr_dropout=0.0, attr_dropout_all=0.0,
+                              batch_size=4, workers=0)
+    examples = cg.FlowExamples(images, args)
+    sampler = cg.DistributedSampler(examples, 1, 0, seed=0, drop_last=True)
+    batches = cg.epoch_batches(examples, sampler, 0, len(sampler) // 4, args, torch.device("cpu"))
+    assert [len(x1) for x1, *_ in batches] == [4, 4]
+
+
+def test_best_pt_is_saved_at_each_new_lowest_validation_loss_only(workdir, capsys, monkeypatch):
+    """Validation losses 0.5, 0.3, 0.4, 0.2 at steps 1-4: new bests at 1, 2 and 4, not at 3."""
+    losses = iter([0.5, 0.3, 0.4, 0.2])
+    monkeypatch.setattr(cg, "validation_loss", lambda *args: next(losses))
+    saved, save = [], cg.Bookkeeping.save
+    monkeypatch.setattr(cg.Bookkeeping, "save", lambda self, name, step: saved.append((name, step)) or
+                        save(self, name, step))
+    code, out, err = cli(capsys, "train", "--exp_name", "best", *TOY, "--batch_size", 4, "--eval_every", 1,
+                         "--max_steps", 4)
+    assert code == 0, err
+    assert [line.endswith("new best") for line in out.splitlines() if "val loss" in line] == [True, True, False, True]
+    assert [step for name, step in saved if name == "best.pt"] == [1, 2, 4]
+    assert checkpoint("best", "best.pt")["best_val"] == 0.2
+
+
+def test_training_times_are_logit_normal_with_the_flags_mu_and_sigma():
+    """The examples' times t = sigmoid(mu + sigma n), n ~ N(0, 1): logit(t) has mean mu and spread
+    sigma over many examples."""
+    images = Images(torch.zeros(3, 1, 1) for _ in range(4000))
+    args = argparse.Namespace(seed=0, t_mu=-0.8, t_sigma=0.6, attr_dropout=0.0, attr_dropout_all=0.0)
+    logits = torch.logit(torch.stack([cg.FlowExamples(images, args)[i][2] for i in range(4000)]).double())
+    assert logits.mean().item() == pytest.approx(-0.8, abs=0.03)
+    assert logits.std().item() == pytest.approx(0.6, abs=0.03)
 
 
 def test_pair_noise_gives_the_images_the_noise_of_the_cheapest_assignment():

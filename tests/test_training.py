@@ -246,6 +246,9 @@ def test_truncated_checkpoint_is_reported_not_loaded(trained, capsys):
     for argv in (["sample", "--exp_name", "done"], ["train", "--exp_name", "done", "--resume"]):
         code, _, err = cli(capsys, *argv)
         assert code == 2 and "is unreadable" in err and "truncated or corrupt" in err and err.count("\n") == 1
+    trained.write_text("step,loss\n1,0.5\n")  # another program's file under the checkpoint's name
+    code, _, err = cli(capsys, "sample", "--exp_name", "done")
+    assert code == 2 and "last.pt is not a PyTorch file, so not a checkpoint" in err and err.count("\n") == 1
 
 
 def test_checkpoint_whose_weights_do_not_fit_its_config(trained, capsys):
