@@ -325,11 +325,13 @@ def trained_unconditional(workdir, capsys):
     return workdir / "experiments" / "done" / "checkpoints" / "last.pt"
 
 
-def test_a_conditional_model_learns_what_it_is_asked_for(workdir, capsys):
-    """A short run on toy faces conditioned on all four toy attributes. Asked for Blond_Hair=1 and =0
-    (the others unspecified) from the same noise, its samples' hair band differs clearly in yellowness,
-    and more with guidance weight 3 than 1."""
-    code, out, err = cli(capsys, "train", "--exp_name", "learn", "--dataset", "toy", "--model", "tiny",
+def test_a_conditional_model_learns_what_it_is_asked_for(workdir, capsys, monkeypatch):
+    """A short run on toy faces conditioned on all four toy attributes, of a model smaller than tiny
+    (width 96, depth 4: a third of tiny's time per step). Asked for Blond_Hair=1 and =0 (the others
+    unspecified) from the same noise, its samples' hair band differs in yellowness, and at guidance
+    weight 3 more than twice as much as at 1."""
+    monkeypatch.setitem(cg.MODELS, "micro", dict(dim=96, depth=4, heads=3))
+    code, out, err = cli(capsys, "train", "--exp_name", "learn", "--dataset", "toy", "--model", "micro",
                          "--image_size", 16, "--workers", 0, "--precision", "fp32", "--attributes", "all",
                          "--lr", "2e-3", "--warmup_steps", 50, "--max_steps", 600, "--batch_size", 32,
                          "--ema_decay", 0.99, "--eval_every", 600, "--sample_every", 600, "--log_every", 100)
@@ -344,4 +346,4 @@ def test_a_conditional_model_learns_what_it_is_asked_for(workdir, capsys):
             images = cg.sample(model, noise, cg.time_grid(20), attributes=asked, cfg_scale=cfg_scale)
             blond[cfg_scale, value] = hair_yellowness(images).mean().item()
     gap1, gap3 = blond[1.0, 1.0] - blond[1.0, -1.0], blond[3.0, 1.0] - blond[3.0, -1.0]
-    assert gap1 > 0.1 and gap3 > gap1 + 0.02, blond
+    assert gap1 > 0.05 and gap3 > 2 * gap1, blond
