@@ -1940,11 +1940,11 @@ def load_checkpoint(path):
     except PermissionError:
         raise UserError(f"checkpoint {path} cannot be read (permission denied); give this user "
                         f"read access to it") from None
-    except Exception as e:  # truncated zip, bad pickle, wrong file type: all "unreadable"
+    except Exception as e:  # a truncated zip or a bad pickle: "unreadable"; another file: named
         with open(path, "rb") as f:
             if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive; not this file
-                raise UserError(f"{path} is not a PyTorch file, so not a checkpoint; pass a last.pt "
-                                f"or best.pt written by celebgen.py train") from None
+                raise UserError(f"{path} is not a PyTorch file, so not a checkpoint; pass a "
+                                f"last.pt or best.pt written by celebgen.py train") from None
         other = ("last.pt" if path.name == "best.pt" else
                  "best.pt (to --resume from it: move last.pt away)")
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}): it is truncated or "
