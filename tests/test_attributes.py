@@ -327,7 +327,7 @@ def trained_unconditional(workdir, capsys):
 
 def test_a_conditional_model_learns_what_it_is_asked_for(workdir, capsys, monkeypatch):
     """A short run on toy faces conditioned on all four toy attributes, of a model smaller than tiny
-    (width 96, depth 4: a third of tiny's time per step). Asked for Blond_Hair=1 and =0 (the others
+    (width 96, depth 4: under half of tiny's time per step). Asked for Blond_Hair=1 and =0 (the others
     unspecified) from the same noise, its samples' hair band differs in yellowness, and at guidance
     weight 3 more than twice as much as at 1."""
     monkeypatch.setitem(cg.MODELS, "micro", dict(dim=96, depth=4, heads=3))
