@@ -408,7 +408,7 @@ def npz_statistics(path):
         raise UserError(f"{path} is a folder, and a name ending in .npz is read as statistics; "
                         f"rename a folder of images")
     if not Path(path).is_file():
-        raise UserError(f"{path} does not exist; give two folders of images or .npz statistics")
+        raise UserError(f"{path} does not exist; give two folders of images or two .npz files")
     try:
         with np.load(path) as stats:
             mu, sigma = stats["mu"], stats["sigma"]

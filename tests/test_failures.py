@@ -635,7 +635,7 @@ def fid_error(capsys, *argv):
     ("one_image", "holds 1 images with a lower-case extension"),
     ("missing", "missing does not exist"),
     ("a_file", "is a file, not a folder"),
-    ("missing.npz", "missing.npz does not exist; give two folders of images or .npz statistics"),
+    ("missing.npz", "missing.npz does not exist; give two folders of images or two .npz files"),
     ("images.npz", "images.npz is a folder, and a name ending in .npz is read as statistics; rename"),
     ("no_mu.npz", "is not an .npz of FID statistics with arrays mu and sigma"),
 ])
