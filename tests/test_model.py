@@ -253,7 +253,7 @@ def test_time_grid_starts_the_last_step_at_0_98_and_shrinks_the_steps_by_the_pow
 
 
 @pytest.mark.parametrize("power", [1.0, None])
-@pytest.mark.parametrize("method", ["euler", "heun"])
+@pytest.mark.parametrize("method", ["euler", "heun", "multistep"])
 @pytest.mark.parametrize("steps", [1, 7, 50])
 def test_sampler_lands_exactly_on_a_fixed_prediction(method, steps, power):
     """A model that always predicts the same image makes every path straight: both solvers are exact."""
@@ -263,11 +263,23 @@ def test_sampler_lands_exactly_on_a_fixed_prediction(method, steps, power):
     assert torch.allclose(out, target.expand_as(out), atol=1e-5)
 
 
+@pytest.mark.parametrize("steps", [2, 5, 20])
+def test_multistep_lands_exactly_on_a_prediction_linear_in_t(steps):
+    """x_pred(t) = a + b t is its own line through the last two predictions, so from the second step on
+    the multistep solver integrates exactly, and at t = 1 it lands on a + b, whatever its first (Euler)
+    step did; Euler lands on the last prediction, a + b t_{S-1}."""
+    a, b = torch.rand(1, 3, 8, 8) * 2 - 1, torch.rand(1, 3, 8, 8) - 0.5
+    model = lambda x, t: a + b * t.view(-1, 1, 1, 1)
+    noise, times = torch.randn(4, 3, 8, 8), cg.time_grid(steps)
+    assert torch.allclose(cg.sample(model, noise, times, "multistep"), (a + b).expand(4, -1, -1, -1), atol=1e-5)
+    assert torch.allclose(cg.sample(model, noise, times), (a + b * times[-2]).expand(4, -1, -1, -1), atol=1e-5)
+
+
 @pytest.mark.parametrize("power", [1.0, 2.0])
 def test_sampler_transports_a_gaussian_with_first_and_second_order_error(power):
     """Data x1 ~ N(m, s^2): the best x-prediction is E[x1 | x_t] = m + t s^2 (x_t - t m) / (t^2 s^2 + (1-t)^2),
     and the flow maps noise x0 to exactly m + s x0. Doubling the steps halves Euler's error (first order)
-    and quarters Heun's (second order)."""
+    and quarters Heun's and the multistep solver's (second order)."""
     m, s = 0.5, 0.3
 
     def oracle(x, t):
@@ -282,6 +294,7 @@ def test_sampler_transports_a_gaussian_with_first_and_second_order_error(power):
 
     assert 1.7 < error(20, "euler") / error(40, "euler") < 2.3
     assert error(20, "heun") / error(40, "heun") > 3.5
+    assert error(40, "multistep") / error(80, "multistep") > 3.2  # 3.5 uniform, 4.2 at p = 2
     assert error(40, "heun") < 0.005 and error(400, "euler") < 0.01
 
 
