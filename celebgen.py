@@ -160,8 +160,7 @@ def apply_rope(x, angles):
 # each -1 (absent), +1 (present) or 0 (unspecified), is embedded linearly and added to c,
 #     c = time_mlp(features(t)) + W a,            a (B, K), W (D, K), c (B, D),
 # as DiT adds its class embedding. W has no bias, so a = 0 -- nothing asked -- adds nothing: the
-# same network is the unconditional model. At initialisation the zero modulation makes every
-# block the identity whatever c is.
+# same network is the unconditional model.
 
 def time_features(t, dim, base=10_000.0):
     """[cos(1000 t w), sin(1000 t w)] for t in [0, 1]: (B,) -> (B, dim). The factor 1000 makes the
@@ -393,13 +392,12 @@ class Autoguided(nn.Module):
         return x_guide + self.weight * (self.model(x_t, t, attributes).float() - x_guide)
 
 
-# Where the steps go. The times t_i = 1 - (1 - i/S)^p are uniform for p = 1 and shrink towards
-# the image for p > 1. A last step from low t lands on a blurred prediction. Steps near t = 1 hurt
-# too: section 1's logit-normal draws almost no training times above 0.95, and there the network
-# returns a clean image with its contrast raised (RESULTS.md), towards which each Euler step moves
-# x. By default p = min(2, log(1 / 0.02) / log S): from 8 steps on the last step starts at
-# t_{S-1} = 1 - S^-p = 0.98 (p = 1.70 at 10 steps, 1.31 at 20, 1 at 50, and below 1 beyond, so
-# that no step starts above 0.98); fewer steps keep p = 2, lest the first step be huge.
+# Where the steps go: t_i = 1 - (1 - i/S)^p, uniform for p = 1, shrinking towards the image for
+# p > 1. A last step from low t lands on a blurred prediction; steps above t = 0.95, where section
+# 1's logit-normal draws almost no training times, move x towards a prediction with its contrast
+# raised (RESULTS.md). So by default p = min(2, log(1 / 0.02) / log S): from 8 steps on the last
+# step starts at t_{S-1} = 1 - S^-p = 0.98 (p = 1.70 at 10 steps, 1.31 at 20, 1 at 50, below 1
+# beyond, so that no step starts above 0.98); fewer steps keep p = 2, lest the first step be huge.
 
 LAST_STEP_FROM = 0.98  # within 1 FID of the best grid tried at 10, 20 and 50 steps (RESULTS.md)
 
@@ -414,28 +412,19 @@ def time_grid(num_steps, power=None):
     return (1 - (1 - u) ** power).tolist()
 
 
-# A multistep solver (second order, one model call per step). In terms of the prediction the ODE
-# is dx/dt = (x_pred - x) / (1 - t), so d/dt [x / (1 - t)] = x_pred / (1 - t)^2, and the step is
-#     x_{i+1} = r x_i + (1 - t_{i+1}) * integral from t_i to t_{i+1} of x_pred(s) / (1 - s)^2 ds,
-# with r = (1 - t_{i+1}) / (1 - t_i). x_pred held at x_pred(t_i) gives r x_i + (1 - r) x_pred(t_i):
-# Euler's step, exactly. x_pred on the line through the last two predictions, slope g, adds
-#     (1 - t_i) (1 - r + r ln r) g      (r ln r = 0 at r = 0)
-# -- DPM-Solver++(2M)'s idea (Lu et al., 2022), in t rather than in log-SNR, which is -inf at t = 0.
-# The first step, with no prediction before it, is Euler's.
-
-def multistep_correction(x_pred, t, t_next, t_before, x_pred_before):
-    """What the line through (t_before, x_pred_before) and (t, x_pred) adds to Euler's step from t
-    to t_next (tensors (B, C, H, W), times floats)."""
-    r = (1 - t_next) / (1 - t)
-    slope = (x_pred - x_pred_before) / (t - t_before)                         # (B, C, H, W)
-    return (1 - t) * (1 - r + (r * math.log(r) if r > 0 else 0.0)) * slope    # (B, C, H, W)
-
+# Multistep: second order at one model call per step. With the prediction, dx/dt = (x_pred - x) /
+# (1 - t), so d/dt [x / (1 - t)] = x_pred / (1 - t)^2 and, with r = (1 - t_{i+1}) / (1 - t_i),
+#     x_{i+1} = r x_i + (1 - t_{i+1}) * integral over [t_i, t_{i+1}] of x_pred(s) / (1 - s)^2 ds.
+# x_pred held at x_pred(t_i) gives r x_i + (1 - r) x_pred(t_i): Euler's step, exactly. x_pred on the
+# line through the last two predictions, of slope g, adds (1 - t_i) (1 - r + r ln r) g (r ln r = 0
+# at r = 0): DPM-Solver++(2M) (Lu et al. 2022), in t as log-SNR is -inf at t = 0. The first step is
+# Euler's. Sampled with it, 10 steps score as 20 of Euler's (RESULTS.md).
 
 @torch.no_grad()
 def sample(model, noise, times, method="euler", attributes=None, cfg_scale=1.0):
     """noise (B, C, H, W) at t = 0 -> images (B, C, H, W) at t = 1, by `method` between the times
     (time_grid), asking for attributes (B, K) (or None) with guidance weight cfg_scale."""
-    x, previous = noise.float(), None  # previous: (t, x_pred) of the step before, for multistep
+    x, before = noise.float(), None  # before: (t, x_pred) of the previous step, for multistep
 
     def predict(x, t):  # (x_pred, v), each (B, C, H, W)
         t = torch.full((x.shape[0],), t, device=x.device)
@@ -447,9 +436,10 @@ def sample(model, noise, times, method="euler", attributes=None, cfg_scale=1.0):
         if method == "heun" and t_next < 1:
             v_t = 0.5 * (v_t + predict(x + (t_next - t) * v_t, t_next)[1])
         x_next = x + (t_next - t) * v_t
-        if method == "multistep" and previous is not None:
-            x_next += multistep_correction(x_pred, t, t_next, *previous)
-        x, previous = x_next, (t, x_pred)
+        if method == "multistep" and before is not None:  # the line's correction, above
+            r, slope = (1 - t_next) / (1 - t), (x_pred - before[1]) / (t - before[0])
+            x_next += (1 - t) * (1 - r + (r * math.log(r) if r > 0 else 0.0)) * slope
+        x, before = x_next, (t, x_pred)
     return x
 
 
@@ -552,9 +542,8 @@ def autocast(device, precision):
 #                       /samples/                 grids during training; `sample` writes here too
 # A checkpoint holds the weights, their EMA, the optimizer's moments, the fp16 loss scale, the step,
 # the run's arguments and its clock: all a run needs to continue, as every random draw of training
-# follows from the seed and the step (section 11). Only tensors and plain Python values, so it loads
-# with torch.load(weights_only=True), which cannot execute code from a downloaded file. Saving
-# writes it whole, and loading checks it (Part three, B and C).
+# follows from the seed and the step (section 11). Plain values and tensors only: it loads with
+# torch.load(weights_only=True), which runs no code from a file. Written whole (B), checked (C).
 
 TrainingParts = namedtuple("TrainingParts", "model ema optimizer scaler")  # what is trained
 
@@ -831,18 +820,10 @@ class Bookkeeping:
 #                                   12. Sampling from a checkpoint
 # --------------------------------------------------------------------------------------------------
 
-def load_model(ckpt, device, use_ema=True):
-    """A loaded checkpoint's network (its EMA by default), to sample; unfit weights fail here."""
-    model = build_model(argparse.Namespace(**ckpt["args"]))
-    load_weights(model, ckpt["ema" if use_ema else "model"], ckpt["args"])    # Part three, C
-    return model.to(device).eval()
-
-
 def generate(model, args, device, precision, attributes=None, cfg_scale=1.0):
-    """args.num_samples images (batches (B, C, H, W) of args.batch_size, about [-1, 1]) in
-    args.num_sampling_steps of args.method on the times of args.time_power, from the noise of
-    args.seed (drawn on the CPU: the same on every device), asking for attributes (num_samples, K)
-    (or None) with guidance weight cfg_scale."""
+    """args.num_samples images (batches (B, C, H, W) of args.batch_size, about [-1, 1]) by sample
+    with args.method, num_sampling_steps and time_power from the noise of args.seed (drawn on the
+    CPU: the same on any device), asking for attributes (num_samples, K) (or None), cfg_scale."""
     size, total = model.grid * model.patch_size, args.num_samples
     generator, start = torch.Generator().manual_seed(args.seed), time.time()
     times = time_grid(args.num_sampling_steps, args.time_power)
@@ -889,7 +870,7 @@ def sample_command(args):
     rows = sample_requests(args, ckpt["args"]["attributes"])         # A: (R, K), or None, checked
     out = experiment_paths(args.exp_name)["samples"]
     check_folders(out, experiment_paths(args.exp_name)["logs"])              # B: no file there
-    model = load_model(ckpt, device, use_ema=not args.no_ema)
+    model = load_model(ckpt, device, use_ema=not args.no_ema)                 # C: built, loaded
     model = autoguided(model, ckpt, path, args.autoguidance, device, not args.no_ema)  # C
     writable_folder(out)  # B: a read-only disk fails now, not after the sampling
     if args.grid:  # A: one picture, a row per --attributes setting, a column per --cfg_scale
@@ -1987,6 +1968,13 @@ def load_checkpoint(path):
                         f"train it again, or sample it with that celebgen.py (version 1: git "
                         f"checkout 533a38b)")
     return ckpt
+
+
+def load_model(ckpt, device, use_ema=True):
+    """A loaded checkpoint's network (its EMA by default), to sample; unfit weights fail here."""
+    model = build_model(argparse.Namespace(**ckpt["args"]))
+    load_weights(model, ckpt["ema" if use_ema else "model"], ckpt["args"])
+    return model.to(device).eval()
 
 
 def autoguided(model, ckpt, path, weight, device, use_ema=True):

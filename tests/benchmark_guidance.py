@@ -90,7 +90,8 @@ def main():
         help="samples per weight")
     arg("--ref_images", type=celebgen.number(int, at_least=2), default=1440,
         help="held-out images FID compares with")
-    arg("--num_sampling_steps", type=celebgen.positive(int), default=20, help="Euler steps")
+    arg("--num_sampling_steps", type=celebgen.positive(int), default=20, help="sampling steps")
+    arg("--method", choices=["euler", "heun", "multistep"], default="euler", help="the sampler")
     arg("--seed", type=celebgen.SEED, default=0, help="seed of the noise")
     arg("--autoguidance", type=celebgen.number(float, at_least=0),
         help=celebgen.AUTOGUIDANCE_HELP)
@@ -104,7 +105,8 @@ def main():
     fid_args = fid.make_parser().parse_args([
         "--exp_name", args.exp_name, "--checkpoint", args.checkpoint,
         "--num_samples", str(args.num_samples), "--ref_images", str(args.ref_images),
-        "--num_sampling_steps", str(args.num_sampling_steps), "--seed", str(args.seed)])
+        "--num_sampling_steps", str(args.num_sampling_steps), "--method", args.method,
+        "--seed", str(args.seed)])
     fid.choose_protocol(fid_args)
     if interval:
         guide_only_between(*interval)
@@ -134,7 +136,7 @@ def main():
     print(f"probe: {len(x)} labelled training images, {time.time() - start:.0f} s; accuracy, each "
           f"fifth scored by the probe fitted on the rest: "
           + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, accuracy)))
-    print(f"checkpoint step {ckpt['step']}; {args.num_samples} samples per weight, Euler "
+    print(f"checkpoint step {ckpt['step']}; {args.num_samples} samples per weight, {args.method} "
           f"{args.num_sampling_steps} steps (default times), autoguidance "
           f"{model.weight if isinstance(model, celebgen.Autoguided) else 1:g}, guided at t in "
           f"{args.guidance_interval or 'all'}, asked for the {source}; FID and KID "
