@@ -377,7 +377,7 @@ def guided_prediction(model, x_t, t, attributes, cfg_scale):
 # by a weaker copy of itself: the network at GUIDE_AT of its training (guide.pt, section 11) errs
 # where the model does, only more: x_pred = x_guide + w (x_model - x_guide); w > 1 moves away.
 
-GUIDE_AT = 0.25  # by the default sampler, a guide at 1/4 scored better than at 1/8 (RESULTS.md)
+GUIDE_AT = 0.25  # 1/8 was 1.0 FID better in 20-minute runs, 1.3 worse in 10-minute (RESULTS.md)
 
 
 class Autoguided(nn.Module):
@@ -411,8 +411,8 @@ def time_grid(num_steps, power=None):
     return (1 - (1 - u) ** power).tolist()
 
 
-# Multistep, the `sample` command's default: second order at one model call per step. Written with
-# the prediction x_pred(t) along the path, dx/dt = (x_pred - x) / (1 - t), so d/dt [x / (1 - t)] =
+# Multistep (--method multistep): second order at one model call per step. Written with the
+# prediction x_pred(t) along the path, dx/dt = (x_pred - x) / (1 - t), so d/dt [x / (1 - t)] =
 # x_pred / (1 - t)^2 and, with r = (1 - t_{i+1}) / (1 - t_i),
 #     x_{i+1} = r x_i + (1 - t_{i+1}) * integral over [t_i, t_{i+1}] of x_pred(s) / (1 - s)^2 ds.
 # x_pred held at x_pred(t_i) gives r x_i + (1 - r) x_pred(t_i): Euler's step, exactly. x_pred on the
@@ -1076,7 +1076,7 @@ TIME_POWER_HELP = ("the steps' times t_i = 1 - (1 - i/S)^P: 1 uniform, > 1 steps
 
 
 def sampler_text(args):
-    """'multistep20' for the defaults, 'euler20_power1_autoguidance1_no_ema' for --method euler
+    """'euler20' for the defaults, 'multistep20_power1_autoguidance1_no_ema' for --method multistep
     --time_power 1 --autoguidance 1 --no_ema: in file names."""
     power = "" if args.time_power is None else f"_power{args.time_power:g}"
     guide = "" if args.autoguidance is None else f"_autoguidance{args.autoguidance:g}"
@@ -1096,11 +1096,10 @@ def checkpoint_stem(path, exp_name):
 
 
 def samples_name(path, args):
-    """The name of `sample`'s images of the checkpoint at path: e.g. last_multistep20_seed0 (a
-    folder), last_multistep20_seed0_Smiling=1_cfg3 for a request, and for --grid
-    last_grid_multistep20_seed0_Smiling=1+none_cfg0,3; so that other flags or requests never
-    replace them. Requests that would make the name long are named by a digest of them instead
-    (requests3f2a...)."""
+    """The name of `sample`'s images of the checkpoint at path: e.g. last_euler20_seed0 (a folder),
+    last_euler20_seed0_Smiling=1_cfg3 for a request, last_grid_euler20_seed0_Smiling=1+none_cfg0,3
+    for --grid; so that other flags or requests never replace them. Requests that would make the
+    name long are named by a digest of them instead (requests3f2a...)."""
     grid = "_grid" if args.grid else ""
     name = f"{checkpoint_stem(path, args.exp_name)}{grid}_{sampler_text(args)}_seed{args.seed}"
     if not any(args.attributes) and args.cfg_scale == [1]:
@@ -1168,11 +1167,11 @@ AUTOGUIDANCE_HELP = (f"autoguidance weight w: x_guide + w (x_model - x_guide), w
                      f"the run's EMA at {GUIDE_AT:.0%}% of its length, the guide.pt beside the "
                      f"checkpoint; 1: off (default: {AUTOGUIDANCE:g} for a model trained without "
                      f"--attributes that has a guide.pt, else 1)")
-METHODS = ["multistep", "euler", "heun"]
-METHOD_HELP = ("the sampler (section 7): multistep, one model call per step, second order from the "
-               "last two predictions (unguided, 10 steps within 0.5 FID of euler's 20; guided, 20 "
-               "steps at a 25%% lower KID than euler's: RESULTS.md); euler, one call, first order; "
-               "heun, two calls (the last step one), second order")
+METHODS = ["euler", "heun", "multistep"]
+METHOD_HELP = ("the sampler (section 7): euler, one model call per step, first order; heun, two "
+               "calls (the last step one), second order; multistep, one call, second order from "
+               "the last two predictions (unguided, its 10 steps within 0.5 FID of euler's 20: "
+               "RESULTS.md)")
 PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
 PRECISION_HELP = ("autocast dtype; auto: bf16 where it is native (CUDA >= 8.0, a CPU whose bf16 "
                   "matmul is measured faster), fp16 on older GPUs, else fp32")
@@ -1294,8 +1293,9 @@ def add_sample_flags(arg):
     arg("--num_samples", type=positive(int),
         help=f"images to write (default: {NUM_SAMPLES}); not with --grid")
     arg("--num_sampling_steps", type=positive(int), default=20,
-        help="steps from noise to image (20 scored as well by FID as 50: RESULTS.md)")
-    arg("--method", choices=METHODS, default="multistep", help=METHOD_HELP)
+        help="steps from noise to image (by FID, unguided 20 scored as 50; autoguided, 40 "
+             "scored 1.5 below 20 at twice the time: RESULTS.md)")
+    arg("--method", choices=METHODS, default="euler", help=METHOD_HELP)
     arg("--time_power", type=number(float, above=0, below=5), help=TIME_POWER_HELP)
     arg("--seed", type=SEED, default=0, help="seed of the noise")
     arg("--batch_size", type=positive(int), default=64, help="images sampled at once")

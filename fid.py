@@ -645,7 +645,7 @@ def make_parser():
         help="images to sample from the experiment (default: the protocol's)")
     arg("--num_sampling_steps", type=celebgen.positive(int), default=20,
         help="sampler steps from noise to image")
-    arg("--method", choices=celebgen.METHODS, default="multistep", help=celebgen.METHOD_HELP)
+    arg("--method", choices=celebgen.METHODS, default="euler", help=celebgen.METHOD_HELP)
     arg("--time_power", type=celebgen.number(float, above=0, below=5),
         help=celebgen.TIME_POWER_HELP)
     arg("--cfg_scale", type=celebgen.number(float, at_least=0),

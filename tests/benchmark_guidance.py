@@ -91,7 +91,7 @@ def main():
     arg("--ref_images", type=celebgen.number(int, at_least=2), default=1440,
         help="held-out images FID compares with")
     arg("--num_sampling_steps", type=celebgen.positive(int), default=20, help="sampling steps")
-    arg("--method", choices=celebgen.METHODS, default="multistep", help=celebgen.METHOD_HELP)
+    arg("--method", choices=celebgen.METHODS, default="euler", help=celebgen.METHOD_HELP)
     arg("--seed", type=celebgen.SEED, default=0, help="seed of the noise")
     arg("--autoguidance", type=celebgen.number(float, at_least=0),
         help=celebgen.AUTOGUIDANCE_HELP)

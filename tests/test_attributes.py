@@ -235,24 +235,24 @@ def test_sample_writes_requests_and_a_guidance_grid(conditional, capsys):
     code, out, err = cli(capsys, "sample", "--exp_name", "cond", "--num_samples", 3, "--num_sampling_steps", 2,
                          "--attributes", "Smiling=1", "--cfg_scale", 2)
     assert code == 0, err
-    assert len(list((conditional / "samples" / "last_multistep2_seed0_Smiling=1_cfg2").glob("*.png"))) == 3
+    assert len(list((conditional / "samples" / "last_euler2_seed0_Smiling=1_cfg2").glob("*.png"))) == 3
     # without --cfg_scale a request is guided at GUIDANCE, and no request is plainly conditional (1)
     code, out, err = cli(capsys, "sample", "--exp_name", "cond", "--num_samples", 1, "--num_sampling_steps", 2,
                          "--attributes", "Blond_Hair=0")
     assert code == 0 and cg.GUIDANCE != 1, err
-    assert (conditional / "samples" / f"last_multistep2_seed0_Blond_Hair=0_cfg{cg.GUIDANCE:g}").is_dir()
+    assert (conditional / "samples" / f"last_euler2_seed0_Blond_Hair=0_cfg{cg.GUIDANCE:g}").is_dir()
     code, out, err = cli(capsys, "sample", "--exp_name", "cond", "--num_samples", 1, "--num_sampling_steps", 2)
-    assert code == 0 and (conditional / "samples" / "last_multistep2_seed0").is_dir(), err
+    assert code == 0 and (conditional / "samples" / "last_euler2_seed0").is_dir(), err
     # nor autoguided by default, guide.pt or not (it costs agreement with the request: RESULTS.md)
     assert cli(capsys, "sample", "--exp_name", "cond", "--num_samples", 1, "--num_sampling_steps", 2,
                "--autoguidance", 1)[0] == 0 and (conditional / "checkpoints" / "guide.pt").is_file()
     assert np.array_equal(*(np.asarray(Image.open(conditional / "samples" / name / "000000.png"))
-                            for name in ("last_multistep2_seed0", "last_multistep2_autoguidance1_seed0")))
+                            for name in ("last_euler2_seed0", "last_euler2_autoguidance1_seed0")))
     code, out, err = cli(capsys, "sample", "--exp_name", "cond", "--num_sampling_steps", 2, "--grid",
                          "--attributes", "Smiling=1", "Smiling=0,Blond_Hair=1", "none", "--cfg_scale", 0, 1, 3,
                          "--grid_samples", 2)
     assert code == 0, err
-    grid_name = "last_grid_multistep2_seed0_Smiling=1+Smiling=0,Blond_Hair=1+none_cfg0,1,3.png"
+    grid_name = "last_grid_euler2_seed0_Smiling=1+Smiling=0,Blond_Hair=1+none_cfg0,1,3.png"
     with Image.open(conditional / "samples" / grid_name) as grid:
         # 3 rows x 3 columns of cells, each 2 samples of 16 pixels side by side with 2-pixel gaps, 8 apart
         assert grid.size == (8 + 3 * (2 + 2 * 18 + 8), 8 + 3 * (2 + 18 + 8))
@@ -300,8 +300,8 @@ def test_a_grid_of_many_requests_is_named_by_their_digest(conditional, capsys):
     code, out, err = cli(capsys, "sample", "--exp_name", "cond", "--num_sampling_steps", 1, "--grid",
                          "--grid_samples", 1, "--attributes", *settings, "--cfg_scale", 0, 1, 2, 3)
     assert code == 0, err
-    [grid] = (conditional / "samples").glob("last_grid_multistep1_seed0_requests*.png")
-    assert len(grid.name) == len("last_grid_multistep1_seed0_requests") + 10 + len(".png")
+    [grid] = (conditional / "samples").glob("last_grid_euler1_seed0_requests*.png")
+    assert len(grid.name) == len("last_grid_euler1_seed0_requests") + 10 + len(".png")
 
 
 def test_unconditional_and_old_checkpoints_refuse_requests_and_still_sample(trained_unconditional, capsys):

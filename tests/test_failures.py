@@ -288,15 +288,15 @@ def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
     it was, no .partial folder and no half-written PNG. Ctrl-C while the grid is written leaves no grid, rather
     than the old samples' grid beside the new samples."""
     samples = trained.parents[1] / "samples"
-    folder = samples / "last_multistep2_seed0"
+    folder = samples / "last_euler2_seed0"
     command = ["sample", "--exp_name", "done", "--num_sampling_steps", 2, "--batch_size", 3, "--precision", "fp32"]
     assert cli(capsys, *command, "--num_samples", 6)[0] == 0
     six = {p.name: p.read_bytes() for p in folder.iterdir()}
     assert cli(capsys, *command, "--num_samples", 3)[0] == 0
     three = {p.name: p.read_bytes() for p in folder.iterdir()}
     assert sorted(three) == ["000000.png", "000001.png", "000002.png"]
-    named2 = lambda: sorted(p.name for p in samples.iterdir() if "multistep2" in p.name)
-    assert named2() == ["last_multistep2_seed0", "last_multistep2_seed0.png"]  # the replaced folder is gone too
+    euler2 = lambda: sorted(p.name for p in samples.iterdir() if "euler2" in p.name)
+    assert euler2() == ["last_euler2_seed0", "last_euler2_seed0.png"]  # the replaced folder is gone too
     assert all(six[name] == image for name, image in three.items())  # the same seed, the same images
 
     real_save, calls = Image.Image.save, []
@@ -315,9 +315,9 @@ def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
             assert code == 130 and "interrupted after 3 of 6 images" in err and "is as it was" in err
         else:  # the fix names the samples' folder, not the .partial one, which is gone
             fix = "free some space" if failure.errno == 28 else "check that experiments/done/samples still"
-            one_line_error(code, err, f"last_multistep2_seed0.{os.getpid()}.partial/000003.png ({failure.strerror}); {fix}")
+            one_line_error(code, err, f"last_euler2_seed0.{os.getpid()}.partial/000003.png ({failure.strerror}); {fix}")
         assert {p.name: p.read_bytes() for p in folder.iterdir()} == three
-        assert named2() == ["last_multistep2_seed0", "last_multistep2_seed0.png"]
+        assert euler2() == ["last_euler2_seed0", "last_euler2_seed0.png"]
 
     def save_but_the_grid(image, path, *args, **kwargs):  # Ctrl-C as the grid is being written
         if Path(path).parent.name == "samples":
@@ -325,7 +325,7 @@ def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
         return real_save(image, path, *args, **kwargs)
     monkeypatch.setattr(Image.Image, "save", save_but_the_grid)
     assert cli(capsys, *command, "--num_samples", 6)[0] == 130
-    assert len(list(folder.iterdir())) == 6 and named2() == ["last_multistep2_seed0"]  # not the grid of three
+    assert len(list(folder.iterdir())) == 6 and euler2() == ["last_euler2_seed0"]  # not the grid of three
 
 
 def test_samples_of_another_experiments_checkpoint_are_named_by_it(trained, capsys):
@@ -338,9 +338,9 @@ def test_samples_of_another_experiments_checkpoint_are_named_by_it(trained, caps
     assert run("mine", "experiments/done/checkpoints/last.pt", "--num_samples", 2, "--seed", 1) == 0
     assert run("mine", trained, "--grid") == run("done", trained, "--num_samples", 2) == 0
     assert sorted(p.name for p in (trained.parents[2] / "mine/samples").iterdir()) == [
-        "done_last_grid_multistep1_seed0.png", "done_last_multistep1_seed0", "done_last_multistep1_seed0.png",
-        "done_last_multistep1_seed1", "done_last_multistep1_seed1.png"]
-    assert (trained.parents[1] / "samples/last_multistep1_seed0").is_dir()
+        "done_last_euler1_seed0", "done_last_euler1_seed0.png", "done_last_euler1_seed1",
+        "done_last_euler1_seed1.png", "done_last_grid_euler1_seed0.png"]
+    assert (trained.parents[1] / "samples/last_euler1_seed0").is_dir()
 
 
 def sample_pngs(folder):
@@ -361,9 +361,9 @@ def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, c
     code, out, err = sample()
     assert code == 0 and f"autoguidance {cg.AUTOGUIDANCE:g} by {shown}/guide.pt (step 1)\n" in out, err
     assert sample("--autoguidance", cg.AUTOGUIDANCE)[0] == sample("--autoguidance", 1)[0] == 0
-    default = sample_pngs(samples / "last_multistep3_seed0")
-    assert np.array_equal(default, sample_pngs(samples / f"last_multistep3_autoguidance{cg.AUTOGUIDANCE:g}_seed0"))
-    assert not np.array_equal(default, sample_pngs(samples / "last_multistep3_autoguidance1_seed0"))
+    default = sample_pngs(samples / "last_euler3_seed0")
+    assert np.array_equal(default, sample_pngs(samples / f"last_euler3_autoguidance{cg.AUTOGUIDANCE:g}_seed0"))
+    assert not np.array_equal(default, sample_pngs(samples / "last_euler3_autoguidance1_seed0"))
     foreign = torch.load(guide, weights_only=True)
     torch.save({**foreign, "args": {**foreign["args"], "exp_name": "other"}}, guide)  # copied in
     code, out, err = sample()
@@ -371,8 +371,8 @@ def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, c
     guide.rename(trained.parent / "kept.pt")
     code, out, err = sample()
     assert code == 0 and f"no {shown}/guide.pt: sampling without autoguidance" in out, err
-    assert np.array_equal(sample_pngs(samples / "last_multistep3_seed0"),
-                          sample_pngs(samples / "last_multistep3_autoguidance1_seed0"))
+    assert np.array_equal(sample_pngs(samples / "last_euler3_seed0"),
+                          sample_pngs(samples / "last_euler3_autoguidance1_seed0"))
     one_line_error(*sample("--autoguidance", 2)[::2], f"--autoguidance 2 needs {shown}/guide.pt,")
     with pytest.raises(SystemExit) as stop:  # fid.py too, before its weights load (no_weights)
         fid.main(["--exp_name", "done", "--autoguidance", "2", "--num_samples", "3", "--ref_images", "3"])
@@ -417,10 +417,10 @@ def test_no_ema_samples_by_the_raw_weights_of_the_model_and_of_its_guide(trained
         for weight in [2, 1]:
             assert cli(capsys, "sample", "--exp_name", "done", "--num_samples", 3, "--num_sampling_steps", 3,
                        "--autoguidance", weight, *flags)[0] == 0
-        assert np.array_equal(sample_pngs(samples / f"last_multistep3_autoguidance2{suffix}_seed0"),
-                              sample_pngs(samples / f"last_multistep3_autoguidance1{suffix}_seed0"))
-    assert not np.array_equal(sample_pngs(samples / "last_multistep3_autoguidance1_seed0"),
-                              sample_pngs(samples / "last_multistep3_autoguidance1_no_ema_seed0"))
+        assert np.array_equal(sample_pngs(samples / f"last_euler3_autoguidance2{suffix}_seed0"),
+                              sample_pngs(samples / f"last_euler3_autoguidance1{suffix}_seed0"))
+    assert not np.array_equal(sample_pngs(samples / "last_euler3_autoguidance1_seed0"),
+                              sample_pngs(samples / "last_euler3_autoguidance1_no_ema_seed0"))
 
 
 def test_a_denied_or_failing_write_or_read_is_one_line_naming_its_fix(trained, capsys, monkeypatch):
@@ -451,18 +451,18 @@ def test_a_flag_cut_short_or_a_missing_experiment_is_one_line(trained, capsys):
     sample = lambda *flags: cli(capsys, "sample", "--num_samples", 1, "--num_sampling_steps", 1, *flags)
     one_line_error(*sample("--exp_name", "done", "--autoguidanc", 2)[::2], "unrecognized arguments: --autoguidanc 2")
     one_line_error(*sample("--exp_name", "dnoe")[::2], "there is no experiment dnoe (experiments/dnoe does not exist)")
-    assert not list((trained.parents[1] / "samples").glob("last_multistep1*"))
+    assert not list((trained.parents[1] / "samples").glob("last_euler1*"))
 
 
 def test_a_folder_where_the_grid_goes_is_refused_before_sampling(trained, capsys, monkeypatch):
-    (trained.parents[1] / "samples" / "last_grid_multistep1_seed0.png").mkdir(parents=True)
+    (trained.parents[1] / "samples" / "last_grid_euler1_seed0.png").mkdir(parents=True)
     monkeypatch.setattr(cg, "guidance_grid", lambda *args: pytest.fail("sampled before the check"))
     code, _, err = cli(capsys, "sample", "--exp_name", "done", "--grid", "--num_sampling_steps", 1)
-    one_line_error(code, err, "last_grid_multistep1_seed0.png is a folder, where the grid goes; move it away")
-    (trained.parents[1] / "samples" / "last_multistep1_seed0.png").mkdir()  # and where the samples' grid goes
+    one_line_error(code, err, "last_grid_euler1_seed0.png is a folder, where the grid goes; move it away")
+    (trained.parents[1] / "samples" / "last_euler1_seed0.png").mkdir()  # and where the samples' grid goes
     code, _, err = cli(capsys, "sample", "--exp_name", "done", "--num_samples", 1, "--num_sampling_steps", 1)
-    one_line_error(code, err, "last_multistep1_seed0.png is a folder, where the samples' grid goes; move it away")
-    assert not list((trained.parents[1] / "samples").glob("last_multistep1_seed0.*partial"))
+    one_line_error(code, err, "last_euler1_seed0.png is a folder, where the samples' grid goes; move it away")
+    assert not list((trained.parents[1] / "samples").glob("last_euler1_seed0.*partial"))
 
 
 @pytest.mark.parametrize("flags,named", [
@@ -541,7 +541,7 @@ def test_sigterm_while_sampling_ends_as_ctrl_c_does(trained):
     run.send_signal(signal.SIGTERM)
     out, err = run.communicate(timeout=120)
     assert run.returncode == 130 and err.count("\n") == 1 and err.startswith("interrupted after "), err
-    assert "of 2000 images; experiments/done/samples/last_multistep2_seed0/ was not made" in err
+    assert "of 2000 images; experiments/done/samples/last_euler2_seed0/ was not made" in err
     assert not list((trained.parents[1] / "samples").glob("last_*"))
 
 
@@ -831,9 +831,9 @@ def test_a_value_with_a_dot_keeps_its_grid_beside_its_folder(trained, capsys):
         assert cli(capsys, "sample", "--exp_name", "done", "--num_samples", 2, "--num_sampling_steps", 1,
                    "--time_power", power)[0] == 0
     assert sorted(p.name for p in (trained.parents[1] / "samples").glob("last_*")) == [
-        "last_multistep1_power1.25_seed0", "last_multistep1_power1.25_seed0.png", "last_multistep1_power1.5_seed0",
-        "last_multistep1_power1.5_seed0.png"]
-    (trained.parents[1] / "samples" / "last_multistep1_power1.75_seed0.png").mkdir()  # checked whole too
+        "last_euler1_power1.25_seed0", "last_euler1_power1.25_seed0.png", "last_euler1_power1.5_seed0",
+        "last_euler1_power1.5_seed0.png"]
+    (trained.parents[1] / "samples" / "last_euler1_power1.75_seed0.png").mkdir()  # checked whole too
     one_line_error(*cli(capsys, "sample", "--exp_name", "done", "--num_samples", 2, "--num_sampling_steps", 1,
                         "--time_power", 1.75)[::2], "power1.75_seed0.png is a folder, where the samples' grid goes")
 

@@ -330,7 +330,7 @@ def test_an_experiments_fid_is_that_of_its_sample_pngs_against_the_reference_png
         cg.save_png(cg.to_unit(held_out[i]), references / f"{i:03d}.png")
     capsys.readouterr()
     with pytest.warns(UserWarning, match="images, no more than the"):
-        fid.main([str(workdir / "experiments/e/samples/last_multistep2_seed0"), str(references),
+        fid.main([str(workdir / "experiments/e/samples/last_euler2_seed0"), str(references),
                   "--inception_weights", str(random_weights)])
     out = capsys.readouterr().out
     folder_fid, (folder_kid, _) = float(out.split("FID:")[1].split()[0]), map(float, out.split("KID:")[1].split("+-"))

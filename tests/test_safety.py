@@ -105,10 +105,10 @@ def test_train_refuses_a_file_system_in_the_way_before_any_work(workdir, capsys,
 def test_sample_refuses_a_file_where_its_images_go_before_sampling(workdir, capsys, monkeypatch):
     assert cli(capsys, "train", "--exp_name", "e", *SMALL_RUN, "--max_steps", 1)[0] == 0
     monkeypatch.setattr(cg, "sample", lambda *a, **k: pytest.fail("sampled before the check"))
-    (workdir / "experiments/e/samples/last_multistep2_seed0").write_text("a file")
+    (workdir / "experiments/e/samples/last_euler2_seed0").write_text("a file")
     code, _, err = cli(capsys, "sample", "--exp_name", "e", "--num_sampling_steps", 2)
-    one_line_error(code, err, "last_multistep2_seed0 is a file, where the samples go")
-    (workdir / "experiments/e/samples/last_multistep2_seed0").unlink()
+    one_line_error(code, err, "last_euler2_seed0 is a file, where the samples go")
+    (workdir / "experiments/e/samples/last_euler2_seed0").unlink()
     (workdir / "experiments/e/logs").rename(workdir / "experiments/e/logs_")
     (workdir / "experiments/e/logs").write_text("a file")
     code, _, err = cli(capsys, "sample", "--exp_name", "e", "--grid")
@@ -333,7 +333,7 @@ def test_two_samples_do_not_share_a_folder_and_a_killed_ones_is_cleared(workdir,
     back), and that of one that runs (here: this test's parent) is left alone."""
     assert cli(capsys, "train", "--exp_name", "e", *SMALL_RUN, "--max_steps", 1)[0] == 0
     samples = workdir / "experiments/e/samples"
-    dead, alive, own = (samples / f"last_multistep2_seed0.{pid}.partial"
+    dead, alive, own = (samples / f"last_euler2_seed0.{pid}.partial"
                         for pid in (2**22 + 1, os.getppid(), os.getpid()))
     for folder in (dead, alive, own):
         folder.mkdir()
@@ -342,7 +342,7 @@ def test_two_samples_do_not_share_a_folder_and_a_killed_ones_is_cleared(workdir,
                        "--num_sampling_steps", 2)
     assert code == 0, err
     assert not dead.exists() and not own.exists() and alive.is_dir()
-    assert sorted(p.name for p in (samples / "last_multistep2_seed0").iterdir()) == [
+    assert sorted(p.name for p in (samples / "last_euler2_seed0").iterdir()) == [
         "000000.png", "000001.png"]
 
 
@@ -396,10 +396,10 @@ def test_sample_draws_on_the_time_grid_asked_for_and_names_it(workdir, capsys):
     assert cli(capsys, "sample", "--exp_name", "e", "--num_samples", 2, "--num_sampling_steps", 3,
                "--time_power", 2, "--precision", "fp32")[0] == 0
     written = cg.to_signed(cg.image_tensor(cg.Image.open(
-        workdir / "experiments/e/samples/last_multistep3_power2_seed0/000000.png")))
+        workdir / "experiments/e/samples/last_euler3_power2_seed0/000000.png")))
     ckpt = cg.load_checkpoint(workdir / "experiments/e/checkpoints/last.pt")
     noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     model = cg.load_model(ckpt, torch.device("cpu"))
-    on_grid = {p: cg.sample(model, noise, cg.time_grid(3, p), "multistep")[0] for p in (1.0, 2.0)}
+    on_grid = {p: cg.sample(model, noise, cg.time_grid(3, p))[0] for p in (1.0, 2.0)}
     assert (on_grid[2.0] - written).abs().max() <= 1.01 / 127.5  # the same up to 8-bit rounding
     assert (on_grid[1.0] - written).abs().max() > 3 / 127.5

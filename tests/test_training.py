@@ -185,9 +185,9 @@ def test_cli_trains_logs_and_samples(workdir):
     smp = run("sample", "--exp_name", "e2e", "--checkpoint", "best.pt", "--num_samples", 5,
               "--num_sampling_steps", 3, "--batch_size", 2)
     assert smp.returncode == 0, smp.stderr
-    images = sorted((exp / "samples" / "best_multistep3_seed0").glob("*.png"))
+    images = sorted((exp / "samples" / "best_euler3_seed0").glob("*.png"))
     assert len(images) == 5 and Image.open(images[0]).size == (16, 16)
-    assert (exp / "samples" / "best_multistep3_seed0.png").is_file()
+    assert (exp / "samples" / "best_euler3_seed0.png").is_file()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(exp / "logs")).Reload()
@@ -267,14 +267,14 @@ def test_missing_checkpoint_name(trained, capsys):
 def test_a_checkpoint_name_means_the_experiment_s_before_a_file_here(trained, capsys):
     Path("last.pt").write_text("another file of that name, in the working folder")
     code, out, err = cli(capsys, "sample", "--exp_name", "done", "--num_samples", 1, "--num_sampling_steps", 1)
-    assert code == 0 and "experiments/done/samples/last_multistep1_seed0/" in out, err
+    assert code == 0 and "experiments/done/samples/last_euler1_seed0/" in out, err
     code, out, err = cli(capsys, "sample", "--exp_name", "done", "--checkpoint", "./last.pt")
     assert code == 2 and "last.pt" in err and "Traceback" not in err  # a path is the file given
     Path("downloads").mkdir()
     shutil.copy(trained, "downloads/last.pt")  # a checkpoint outside any experiment
     code, out, err = cli(capsys, "sample", "--exp_name", "done", "--checkpoint", "downloads/last.pt",
                          "--num_samples", 1, "--num_sampling_steps", 1)
-    assert code == 0 and "samples/downloads_last_multistep1_seed0/" in out, err
+    assert code == 0 and "samples/downloads_last_euler1_seed0/" in out, err
 
 
 @pytest.mark.parametrize("poison", ["loss", "gradients", "loss_fp16"])
