@@ -643,7 +643,7 @@ def make_parser():
              "published: 50000 samples vs the 162770 training images, as published CelebA-64 FIDs")
     arg("--num_samples", type=celebgen.number(int, at_least=2),
         help="images to sample from the experiment (default: the protocol's)")
-    arg("--num_sampling_steps", type=celebgen.positive(int), default=20,
+    arg("--num_sampling_steps", type=celebgen.positive(int), default=40,
         help="sampler steps from noise to image")
     arg("--method", choices=celebgen.METHODS, default="euler", help=celebgen.METHOD_HELP)
     arg("--time_power", type=celebgen.number(float, above=0, below=5),
