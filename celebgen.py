@@ -1167,6 +1167,9 @@ AUTOGUIDANCE_HELP = (f"autoguidance weight w: x_guide + w (x_model - x_guide), w
                      f"the run's EMA at {GUIDE_AT:.0%}% of its length, the guide.pt beside the "
                      f"checkpoint; 1: off (default: {AUTOGUIDANCE:g} for a model trained without "
                      f"--attributes that has a guide.pt, else 1)")
+SAMPLING_STEPS = 40  # the default of sample and fid.py
+SAMPLING_STEPS_HELP = ("steps from noise to image (by FID, autoguided 40 scored 1.2-1.5 below 20 "
+                       "at twice the time; unguided, 20 scored as 50: RESULTS.md)")
 METHODS = ["euler", "heun", "multistep"]
 METHOD_HELP = ("the sampler (section 7): euler, one model call per step, first order; heun, two "
                "calls (the last step one), second order; multistep, one call, second order from "
@@ -1292,9 +1295,8 @@ def add_sample_flags(arg):
              "another experiment's are named after it (other_last_...)")
     arg("--num_samples", type=positive(int),
         help=f"images to write (default: {NUM_SAMPLES}); not with --grid")
-    arg("--num_sampling_steps", type=positive(int), default=40,
-        help="steps from noise to image (by FID, autoguided 40 scored 1.2-1.5 below 20 at twice "
-             "the time; unguided, 20 scored as 50: RESULTS.md)")
+    arg("--num_sampling_steps", type=positive(int), default=SAMPLING_STEPS,
+        help=SAMPLING_STEPS_HELP)
     arg("--method", choices=METHODS, default="euler", help=METHOD_HELP)
     arg("--time_power", type=number(float, above=0, below=5), help=TIME_POWER_HELP)
     arg("--seed", type=SEED, default=0, help="seed of the noise")

@@ -643,8 +643,8 @@ def make_parser():
              "published: 50000 samples vs the 162770 training images, as published CelebA-64 FIDs")
     arg("--num_samples", type=celebgen.number(int, at_least=2),
         help="images to sample from the experiment (default: the protocol's)")
-    arg("--num_sampling_steps", type=celebgen.positive(int), default=40,
-        help="sampler steps from noise to image")
+    arg("--num_sampling_steps", type=celebgen.positive(int), default=celebgen.SAMPLING_STEPS,
+        help=celebgen.SAMPLING_STEPS_HELP)
     arg("--method", choices=celebgen.METHODS, default="euler", help=celebgen.METHOD_HELP)
     arg("--time_power", type=celebgen.number(float, above=0, below=5),
         help=celebgen.TIME_POWER_HELP)

@@ -256,7 +256,7 @@ def test_time_grid_starts_the_last_step_at_0_98_and_shrinks_the_steps_by_the_pow
 @pytest.mark.parametrize("method", ["euler", "heun", "multistep"])
 @pytest.mark.parametrize("steps", [1, 7, 50])
 def test_sampler_lands_exactly_on_a_fixed_prediction(method, steps, power):
-    """A model that always predicts the same image makes every path straight: both solvers are exact."""
+    """A model that always predicts the same image makes every path straight: every solver is exact."""
     target = torch.rand(1, 3, 8, 8) * 2 - 1
     noise = torch.randn(4, 3, 8, 8)
     out = cg.sample(lambda x, t: target.expand_as(x), noise, cg.time_grid(steps, power), method)
