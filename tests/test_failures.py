@@ -364,6 +364,9 @@ def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, c
     default = sample_pngs(samples / "last_euler3_seed0")
     assert np.array_equal(default, sample_pngs(samples / f"last_euler3_autoguidance{cg.AUTOGUIDANCE:g}_seed0"))
     assert not np.array_equal(default, sample_pngs(samples / "last_euler3_autoguidance1_seed0"))
+    code, out, err = sample("--autoguidance", 2)  # a weight asked for is the one used
+    assert code == 0 and f"autoguidance 2 by {shown}/guide.pt (step 1)\n" in out, err
+    assert not np.array_equal(default, sample_pngs(samples / "last_euler3_autoguidance2_seed0"))
     foreign = torch.load(guide, weights_only=True)
     torch.save({**foreign, "args": {**foreign["args"], "exp_name": "other"}}, guide)  # copied in
     code, out, err = sample()

@@ -128,6 +128,24 @@ def test_the_inception_score_is_of_the_logits_and_fid_of_the_features():
     assert np.array_equal(kept, features.numpy())
 
 
+def test_the_references_are_the_first_ref_images_of_the_split_and_no_more(workdir):
+    """reference_statistics feeds the network the first --ref_images held-out images (val, then test),
+    and no more, a batch at a time: here 10 of the toy faces' 50,000 val images."""
+    seen = []
+
+    def network(batch):  # records its input; one feature per pixel of channel 0's first row
+        seen.append(batch)
+        return batch[:, 0, 0].double(), torch.zeros(len(batch), 5)
+    network.fingerprint = "recorder"
+    train_args = argparse.Namespace(dataset="toy", image_size=8, attributes=[])
+    args = argparse.Namespace(ref_split="heldout", ref_images=10, batch_size=4)
+    ref = fid.reference_statistics(train_args, network, args, torch.device("cpu"))
+    val = cg.make_dataset(train_args, "val")
+    expected = fid.quantized(torch.stack([val[i] for i in range(10)]))              # (10, 3, 8, 8)
+    assert ref["count"] == 10 and [len(b) for b in seen] == [4, 4, 2] and torch.equal(torch.cat(seen), expected)
+    assert np.allclose(ref["mu"], expected[:, 0, 0].double().mean(0).numpy())
+
+
 def test_a_conditional_model_is_asked_only_for_labels_the_references_have(tmp_path):
     """Images without a row in the attribute file (all attributes 0) are not requests: of the 20
     training images of labelled_celeba (its 4 val images have none), the 15 with rows are cycled."""

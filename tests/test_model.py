@@ -315,7 +315,8 @@ def test_autoguidance_extrapolates_from_the_guide_through_the_model():
 
 def test_generate_draws_fresh_noise_per_image_whatever_the_batch_size():
     """Sampling a checkpoint 3 at a time gives the very images of 6 at once (the noise is one stream
-    from the seed, and each batch takes its own rows of the requests), and all 6 differ. (This holds
+    from the seed, and each batch takes its own rows of the requests), and all 6 differ. They are
+    sample()'s from torch.randn of a CPU generator seeded with --seed; another seed draws others. (This holds
     for 8x8 images, 192 normals each: the CPU draws normals in blocks of 16, so a batch boundary that
     splits a block would give other numbers.)"""
     torch.manual_seed(0)
@@ -324,12 +325,15 @@ def test_generate_draws_fresh_noise_per_image_whatever_the_batch_size():
             "ema": model.state_dict()}
     asked = torch.tensor([[1.0, -1], [-1, 1], [1, 1], [-1, -1], [0, 1], [1, 0]])  # (6, 2)
     cpu = torch.device("cpu")
-    settings = lambda batch_size: cg.argparse.Namespace(num_samples=6, num_sampling_steps=3, method="euler", time_power=None,
-                                                        seed=7, batch_size=batch_size)
-    draw = lambda batch_size: torch.cat(list(cg.generate(cg.load_model(ckpt, cpu), settings(batch_size), cpu,
-                                                         "fp32", attributes=asked)))  # (6, 3, 8, 8)
+    settings = lambda batch_size, seed: cg.argparse.Namespace(num_samples=6, num_sampling_steps=3, method="euler",
+                                                              time_power=None, seed=seed, batch_size=batch_size)
+    draw = lambda batch_size, seed=7: torch.cat(list(cg.generate(cg.load_model(ckpt, cpu), settings(batch_size, seed),
+                                                                 cpu, "fp32", attributes=asked)))  # (6, 3, 8, 8)
     whole, in_halves = draw(6), draw(3)
     assert torch.allclose(whole, in_halves, atol=1e-5)
+    noise = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    by_hand = cg.sample(cg.load_model(ckpt, cpu), noise, cg.time_grid(3), attributes=asked)
+    assert torch.allclose(whole, by_hand, atol=1e-5) and not torch.allclose(draw(6, seed=8), whole, atol=1e-3)
     distance = (whole[:, None] - whole[None]).abs().flatten(2).max(-1).values   # (6, 6)
     assert (distance + torch.eye(6)).min() > 1e-3
 

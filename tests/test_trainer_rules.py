@@ -40,12 +40,16 @@ class Images(list):
 
 def test_validation_times_are_the_quantiles_of_the_training_times():
     """validation_set's docstring: t_k = the (k + 1/2)/n quantile of the training distribution, so the
-    fraction of training draws below t_k is (k + 1/2)/n. Images and noise are fixed by the seed."""
+    fraction of training draws below t_k is (k + 1/2)/n, n the images used (at most those there). Images
+    and noise are fixed by the seed."""
     images = Images(torch.full((3, 4, 4), float(i)) for i in range(20))
     x1, x0, t, a = cg.validation_set(images, 16, seed=3, t_mu=-0.8, t_sigma=0.8)
     draws = cg.logit_normal(torch.randn(400_000, generator=torch.Generator().manual_seed(0)), -0.8, 0.8)
     below = (draws[:, None] < t[None, :]).double().mean(0)
     assert torch.allclose(below, (torch.arange(16) + 0.5).double() / 16, atol=0.003)
+    t20 = cg.validation_set(images, 30, seed=3, t_mu=-0.8, t_sigma=0.8)[2]  # 30 asked, 20 there: n = 20
+    below = (draws[:, None] < t20[None, :]).double().mean(0)
+    assert torch.allclose(below, (torch.arange(20) + 0.5).double() / 20, atol=0.003)
     assert torch.equal(x1, torch.stack(images[:16])) and torch.equal(a[:, 0], torch.tensor([-1.0, 1.0] * 8))
     again = cg.validation_set(images, 16, seed=3, t_mu=-0.8, t_sigma=0.8)
     assert torch.equal(again[1], x0) and torch.equal(again[2], t)
@@ -83,7 +87,7 @@ def test_a_time_budget_ends_on_time_cooled_down_and_resumes_on_the_same_clock(wo
     minutes continues the same clock: 24 steps more, to 6.0 s, not 3 s more after a fresh start."""
     fake_training_clock(monkeypatch, 0.125)
     args = [*TOY, "--batch_size", 4, "--lr", 1e-3, "--warmup_steps", 2, "--log_every", 1000,
-            "--eval_every", 1000, "--max_minutes", 0.05]
+            "--eval_every", 1000, "--max_minutes", 0.05, "--max_steps", 60]  # the clock ends it first
     code, out, err = cli(capsys, "train", "--exp_name", "budget", *args)
     assert code == 0, err
     first = checkpoint("budget")
@@ -183,6 +187,22 @@ def test_the_first_step_is_plain_adamw_and_the_logs_show_the_ema(workdir, capsys
     drawn = {part: cg.image_grid(cg.sample(m, noise, cg.time_grid(args.num_sampling_steps))) * 2 - 1 for part, m in weights.items()}
     assert (drawn["ema"] - saved).abs().max() <= 1.01 / 127.5  # the same up to 8-bit rounding
     assert (drawn["model"] - saved).abs().max() > 3 / 127.5
+
+
+def test_adams_second_moments_forget_old_gradients_within_tens_of_steps():
+    """training_parts' comment: AdamW's beta2 0.95 averages squared gradients over ~20 steps. After 100
+    steps of gradient 1 and 30 of gradient 100, its step is m / sqrt(v) = 1.08 lr (bias-corrected moments:
+    0.96 * 100 / sqrt(0.79 * 10^4)); DiT's 0.999 still remembers the small gradients: 1.94 lr."""
+    args = argparse.Namespace(seed=0, model="tiny", image_size=8, patch_size=4, attributes=[], lr=1e-3,
+                              resolved_precision="fp32")
+    parts = cg.training_parts(args, torch.device("cpu"))
+    weight = parts.model.out.bias
+    for step in range(130):
+        for p in parts.model.parameters():
+            p.grad = torch.full_like(p, 1.0 if step < 100 else 100.0)
+        before = weight.detach().clone()
+        parts.optimizer.step()
+    assert ((before - weight.detach()) / args.lr).tolist() == pytest.approx([1.08] * len(weight), abs=0.01)
 
 
 def record_training_images(monkeypatch):
@@ -357,17 +377,19 @@ def test_an_epoch_is_whole_batches_only():
 
 
 def test_best_pt_is_saved_at_each_new_lowest_validation_loss_only(workdir, capsys, monkeypatch):
-    """Validation losses 0.5, 0.3, 0.4, 0.2 at steps 1-4: new bests at 1, 2 and 4, not at 3."""
-    losses = iter([0.5, 0.3, 0.4, 0.2])
+    """Validation losses 0.5, 0.3, 0.4, 0.3, 0.2 at steps 1-5: new bests at 1, 2 and 5, not at 3 (higher)
+    nor at 4 (a tie: best.pt stays the earlier weights)."""
+    losses = iter([0.5, 0.3, 0.4, 0.3, 0.2])
     monkeypatch.setattr(cg, "validation_loss", lambda *args: next(losses))
     saved, save = [], cg.Bookkeeping.save
     monkeypatch.setattr(cg.Bookkeeping, "save", lambda self, name, step: saved.append((name, step)) or
                         save(self, name, step))
     code, out, err = cli(capsys, "train", "--exp_name", "best", *TOY, "--batch_size", 4, "--eval_every", 1,
-                         "--max_steps", 4)
+                         "--max_steps", 5)
     assert code == 0, err
-    assert [line.endswith("new best") for line in out.splitlines() if "val loss" in line] == [True, True, False, True]
-    assert [step for name, step in saved if name == "best.pt"] == [1, 2, 4]
+    assert [line.endswith("new best") for line in out.splitlines() if "val loss" in line] == [True, True, False,
+                                                                                             False, True]
+    assert [step for name, step in saved if name == "best.pt"] == [1, 2, 5]
     assert checkpoint("best", "best.pt")["best_val"] == 0.2
 
 
