@@ -23,9 +23,7 @@ Each command says early on which device and precision it chose, and why.
 """
 
 import argparse
-import collections
 import copy
-import functools
 import math
 import os
 import time
@@ -61,7 +59,7 @@ class UserError(Exception):
 #     x_t = t x1 + (1 - t) x0,            whose velocity is    v = dx_t/dt = x1 - x0.
 # Training shows the network x_t at a random t and asks which image it is heading to (sections 5-6);
 # sampling starts from noise and follows the predicted velocity to t = 1 (section 7). Images are
-# tensors (B, 3, H, W) in [-1, 1], the scale of the noise.
+# tensors (B, 3, H, W) in [-1, 1], on the scale of the unit-variance noise.
 # Times come from a logit-normal, t = sigmoid(mu + sigma * n) with n ~ N(0, 1): the defaults,
 # mu = -0.4 and sigma = 0.8 (JiT uses -0.8 and 0.8), put 69% of the times at t < 0.5, the noisy
 # end, where the coarse structure of a face is decided: of the settings tried for short CPU runs,
@@ -125,9 +123,10 @@ def frequency_bank(n, base):
 def rope_angles(rows, cols, head_dim, base=100.0):
     """Axial 2D RoPE angles for tokens at patch coordinates rows, cols (N,) each -> (N, head_dim/2).
     The first head_dim/4 pairs rotate by row*w_k, the last head_dim/4 by col*w_k. With
-    base=100 and head width 64 the fastest pair turns 1 radian per patch and the slowest 0.0133;
-    across grids of 8, 16 and 32 patches (offsets up to 7, 15, 31) it turns 0.09, 0.20 and 0.41
-    radians, less than half a turn: it never wraps around and tells near from far up to 32 x 32."""
+    base=100 and head width 64 the fastest pair turns 1 radian per patch (a full turn every ~6
+    patches: fine offsets) and the slowest 0.0133: across grids of 8, 16 and 32 patches (offsets up
+    to 7, 15, 31) the slowest turns 0.09, 0.20 and 0.41 radians, never half a turn, so it tells
+    near from far up to 32 x 32."""
     w = frequency_bank(head_dim // 4, base)                                     # (head_dim/4,)
     return torch.cat([rows.float()[:, None] * w, cols.float()[:, None] * w], -1)  # (N, head_dim/2)
 
@@ -181,8 +180,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         # Per-head LayerNorm on q and k ("QK-norm", as ViT-22B applies it): each becomes a vector of
         # mean 0 and RMS at most 1 times a learned gain per channel, so, RoPE's rotation keeping
-        # lengths, |q.k| / sqrt(d) <= sqrt(d) max|gain_q| max|gain_k| however large the activations
-        # grow, and attention does not saturate with a large learning rate or in bf16.
+        # lengths, |q.k| / sqrt(d) <= sqrt(d) max|gain_q| max|gain_k|: the logits grow only as the
+        # gains do, not with the activations, which a large learning rate or bf16 can blow up.
         self.q_norm = nn.LayerNorm(dim // heads, eps=1e-6, bias=False)
         self.k_norm = nn.LayerNorm(dim // heads, eps=1e-6, bias=False)
         self.proj = nn.Linear(dim, dim)
@@ -214,8 +213,7 @@ class Block(nn.Module):
     def forward(self, x, c, rope):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, -1)  # (B, D)
         x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
-        x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))  # (B, N, D)
-        return x
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))  # (B, N, D)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,8 +224,8 @@ class Block(nn.Module):
 # the noise, not the velocity): a clean image lies on the low-dimensional manifold of faces, which a
 # network of width D can represent, while noise fills all p*p*3 dimensions of a patch (the argument
 # of JiT, "Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025). That argument is
-# strongest when a patch holds more numbers than a token's width; here a 4x4 patch holds 48 numbers
-# against D = 192 (tiny) or 384 (small), so at these sizes it applies only weakly.
+# strongest when a patch holds more numbers than a token's width; a 4x4 patch holds 48 against
+# D = 192 (tiny) or 384 (small), where it applies only weakly: JiT's recipe is kept whole anyway.
 
 # named sizes: width, depth and heads (head width 64 throughout); parameters at 4x4 patches
 MODELS = {
@@ -251,7 +249,7 @@ class DiT(nn.Module):
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.out = nn.Linear(dim, channels * patch_size**2)
-        for layer in (self.final_modulation[-1], self.out):  # zero-init: the new model predicts 0
+        for layer in (self.final_modulation[-1], self.out):  # as DiT: predicts 0 at first
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
         rows, cols = torch.meshgrid(torch.arange(self.grid), torch.arange(self.grid), indexing="ij")
@@ -393,11 +391,11 @@ class Autoguided(nn.Module):
 
 
 # Where the steps go: t_i = 1 - (1 - i/S)^p, uniform for p = 1, shrinking towards the image for
-# p > 1. A last step from low t lands on a blurred prediction; steps above t = 0.95, where section
-# 1's logit-normal draws almost no training times, move x towards a prediction with its contrast
-# raised (RESULTS.md). So by default p = min(2, log(1 / 0.02) / log S): from 8 steps on the last
-# step starts at t_{S-1} = 1 - S^-p = 0.98 (p = 1.70 at 10 steps, 1.31 at 20, 1 at 50, below 1
-# beyond, so that no step starts above 0.98); fewer steps keep p = 2, lest the first step be huge.
+# p > 1. A last step from low t lands on a blurred prediction; each step from above t = 0.95, where
+# section 1's logit-normal draws almost no training times, moves x towards a prediction with its
+# contrast raised (RESULTS.md). The default trades the two: the last step starts at t_{S-1} =
+# 1 - S^-p = 0.98, p = min(2, log(1 / 0.02) / log S) (1.70 at 10 steps, 1.31 at 20, 1 at 50, below
+# 1 beyond, so no step starts above 0.98); fewer than 8 steps keep p = 2, lest the first be huge.
 
 LAST_STEP_FROM = 0.98  # within 1 FID of the best grid tried at 10, 20 and 50 steps (RESULTS.md)
 
@@ -418,7 +416,7 @@ def time_grid(num_steps, power=None):
 # x_pred held at x_pred(t_i) gives r x_i + (1 - r) x_pred(t_i): Euler's step, exactly. x_pred on the
 # line through the last two predictions, of slope g, adds (1 - t_i) (1 - r + r ln r) g (r ln r = 0
 # at r = 0: the last step lands on the line at t = 1); the first step is Euler's. DPM-Solver++(2M)
-# (Lu et al. 2022) draws its line in log-SNR ln(t / (1 - t)), -inf at t = 0. FID: RESULTS.md.
+# (Lu et al. 2022) draws the line in lambda = ln(t / (1 - t)), half the log-SNR, instead of in t.
 
 @torch.no_grad()
 def sample(model, noise, times, method="euler", attributes=None, cfg_scale=1.0):
@@ -454,8 +452,8 @@ def sample(model, noise, times, method="euler", attributes=None, cfg_scale=1.0):
 # list_eval_partition.txt mapping each to 0 (train), 1 (val) or 2 (test), and list_attr_celeba.txt
 # with 40 labels of -1/1 per image (Part three, D, reads them, the other layouts, and downloads).
 # The CelebA-64 preprocessing of DDIM, PNDM and U-ViT crops a 128x128 box centred at (x=89, y=121)
-# and resizes it; the same crop makes FIDs comparable with published ones. Toy faces (Part three,
-# G) are drawn, not read, with four exact attribute labels: the quickstart and tests run anywhere.
+# and resizes it (load_pixels, D): the same crop makes FIDs comparable with published ones. Toy
+# faces (G) are drawn, not read, with four exact labels: the quickstart and tests run anywhere.
 
 CELEBA_CROP = (89 - 64, 121 - 64, 89 + 64, 121 + 64)  # (left, top, right, bottom) in 178x218
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -574,6 +572,7 @@ def checkpoint_state(parts, step, best_val, elapsed, args):
 # and the pairing of section 6 a function of the global batch. So 2 processes x batch B see exactly
 # the examples 1 process x batch 2B sees, and a run resumed at step k sees what the uninterrupted
 # run saw: each epoch's order is fixed by seed + epoch, and the resume skips its done batches.
+# (Under --max_minutes the learning rate follows the clock, so it repeats as the speed does.)
 
 class FlowExamples(Dataset):
     """Training examples (x1, x0, t, a): an image (randomly flipped), its noise, its time, its
@@ -614,8 +613,8 @@ def epoch_batches(examples, sampler, step, steps_per_epoch, args, device):
 
 
 def validation_set(images, n, seed, t_mu, t_sigma):
-    """Fixed images, noise (unpaired), attributes (all shown) and times -- the n quantiles
-    t_k = sigmoid(mu + sigma * Phi^-1((k + 1/2) / n)) of training's -- so val losses compare."""
+    """Fixed images, noise (unpaired, as sampling's), all attributes and times (the n quantiles
+    t_k = sigmoid(mu + sigma * Phi^-1((k + 1/2) / n)) of training's), so val losses compare."""
     x1 = torch.stack([images[i] for i in range(min(n, len(images)))])      # (n, C, H, W)
     x0 = torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
     quantiles = (torch.arange(len(x1)) + 0.5) / len(x1)
@@ -762,7 +761,8 @@ class Bookkeeping:
                                   args.t_sigma)
         self.grid_noise = torch.randn(16, 3, args.image_size, args.image_size,
                                       generator=torch.Generator().manual_seed(args.seed + 1))
-        self.clock, self.steps_since_log, self.elapsed, self.saved_step = time.time(), 0, 0.0, -1
+        self.clock, self.steps_since_log = time.monotonic(), 0
+        self.elapsed, self.saved_step = 0.0, -1
         announce_run(self)                                                    # F: what runs
 
     def after_step(self, step, numbers, elapsed, progress):
@@ -824,7 +824,7 @@ def generate(model, args, device, precision, attributes=None, cfg_scale=1.0):
     with args.method, num_sampling_steps and time_power from the noise of args.seed (drawn on the
     CPU: the same on any device), asking for attributes (num_samples, K) (or None), cfg_scale."""
     size, total = model.grid * model.patch_size, args.num_samples
-    generator, start = torch.Generator().manual_seed(args.seed), time.time()
+    generator, start = torch.Generator().manual_seed(args.seed), time.monotonic()
     times = time_grid(args.num_sampling_steps, args.time_power)
     for n in range(0, total, args.batch_size):
         noise = torch.randn((min(args.batch_size, total - n), 3, size, size), generator=generator)
@@ -832,7 +832,7 @@ def generate(model, args, device, precision, attributes=None, cfg_scale=1.0):
         with autocast(device, precision), attention_kernels(device, model.grid**2):   # F
             images = sample(model, noise.to(device), times, args.method, asked, cfg_scale).cpu()
         done = n + len(noise)
-        print(f"sampled {done}/{total} images | {done / (time.time() - start):.2f} img/s",
+        print(f"sampled {done}/{total} images | {done / (time.monotonic() - start):.2f} img/s",
               flush=True)
         yield images
 
@@ -868,7 +868,7 @@ def sample_command(args):
     ckpt = load_checkpoint(path)                                               # C: checked
     rows = sample_requests(args, ckpt["args"]["attributes"])         # A: (R, K), or None, checked
     out = experiment_paths(args.exp_name)["samples"]
-    check_folders(out, experiment_paths(args.exp_name)["logs"])              # B: no file there
+    check_folders(out, experiment_paths(args.exp_name)["logs"])  # B: no file there (grid: logs)
     model = load_model(ckpt, device, use_ema=not args.no_ema)                 # C: built, loaded
     model = autoguided(model, ckpt, path, args.autoguidance, device, not args.no_ema)  # C
     writable_folder(out)  # B: a read-only disk fails now, not after the sampling
@@ -880,7 +880,7 @@ def sample_command(args):
     name = samples_name(path, args)                         # A: the checkpoint and the flags
     # each PNG is written into {name}.PID.partial/, which replaces {name}/ when complete (B)
     count, first = write_samples_whole(batches, out / name, args.num_samples)
-    save_png(image_grid(torch.stack(first)), out / f"{name}.png")  # name may hold dots: cfg1.5
+    save_png(image_grid(torch.stack(first)), out / f"{name}.png")  # not with_suffix: cfg1.5
     print(f"wrote {count} images to {out / name}/ and a grid of the first {len(first)} to "
           f"{out / name}.png")
 
@@ -909,8 +909,10 @@ def main(argv=None):
 # unpacked; and the device, precision and attention kernel are chosen for the machine.
 
 # the imports that only Part three needs stand here, out of the learner's way
+import collections
 import difflib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -1161,7 +1163,7 @@ GUIDANCE = 2.0
 GUIDANCE_HELP = (f"classifier-free guidance weight: 0 unconditional, 1 conditional, > 1 stronger "
                  f"(default: {GUIDANCE:g} for a model asked for attributes, else 1)")
 # The autoguidance weight unless --autoguidance says otherwise: the lowest FID of the weights
-# measured on CelebA, unconditional (RESULTS.md).
+# measured on CelebA, unconditional (RESULTS.md). (argparse formats help texts: %% prints %.)
 AUTOGUIDANCE = 1.5
 AUTOGUIDANCE_HELP = (f"autoguidance weight w: x_guide + w (x_model - x_guide), where the guide is "
                      f"the run's EMA at {GUIDE_AT:.0%}% of its length, the guide.pt beside the "
@@ -2424,7 +2426,7 @@ def write_cache(images, path):
     it cannot be written (a full disk, a read-only folder: each image is then decoded when read)."""
     files, size = images.files, images.size
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # only complete caches get
-    start, shown = time.time(), time.time()                         # the cache's name
+    start = shown = time.monotonic()                                # the cache's name
     print(f"decoding {len(files)} images once into {path} "
           f"({len(files) * 3 * size**2 / 1e9:.2f} GB)", flush=True)
     try:
@@ -2437,8 +2439,8 @@ def write_cache(images, path):
                     report_unreadable(images, file, e)
                     pixels = torch.zeros(3, size, size, dtype=torch.uint8)
                 out.write(pixels.numpy().tobytes())
-                if time.time() - shown > 10:
-                    shown, rate = time.time(), (i + 1) / (time.time() - start)
+                if time.monotonic() - shown > 10:
+                    shown, rate = time.monotonic(), (i + 1) / (time.monotonic() - start)
                     print(f"  {i + 1} of {len(files)} images, "
                           f"{(len(files) - i - 1) / rate / 60:.1f} min left", flush=True)
         unreadable = "".join(f"{p.name}\n" for p in sorted(images.reported))
@@ -2451,7 +2453,8 @@ def write_cache(images, path):
     finally:
         if partial.exists():  # False too where the cache's folder is a file
             partial.unlink()
-    print(f"  done in {time.time() - start:.0f} s; later runs on these images reuse it", flush=True)
+    print(f"  done in {time.monotonic() - start:.0f} s; later runs on these images reuse it",
+          flush=True)
     # nothing deletes an old cache, or one whose build was killed (kill -9): they are counted
     others = [p for p in path.parent.glob("*.u8") if p != path]
     unfinished = len(list(path.parent.glob("*.partial")))  # killed, or being built right now
@@ -2591,7 +2594,7 @@ def announce_run(book):
 def log_progress(book, step, loss, lr, grad_norm):
     """Bookkeeping's progress line and TensorBoard scalars: speed in images/s and in model FLOP/s
     (flops_per_image) since the last line, and the time left by steps or by --max_minutes."""
-    seconds_per_step = (time.time() - book.clock) / book.steps_since_log
+    seconds_per_step = (time.monotonic() - book.clock) / book.steps_since_log
     speed = book.args.batch_size * book.args.world_size / seconds_per_step  # every batch is full
     eta = max(0.0, min((book.total_steps - step) * seconds_per_step, book.budget - book.elapsed))
     print(f"step {step}/{book.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad "
@@ -2600,7 +2603,7 @@ def log_progress(book, step, loss, lr, grad_norm):
     for name, value in [("loss", loss), ("lr", lr), ("grad_norm", grad_norm),
                         ("images_per_sec", speed)]:
         book.writer.add_scalar(f"train/{name}", value, step)
-    book.clock, book.steps_since_log = time.time(), 0
+    book.clock, book.steps_since_log = time.monotonic(), 0
 
 
 def flops_per_image(model):

@@ -223,9 +223,9 @@ class RunningStatistics:
         if self.count < 2:  # np.cov of one sample is all NaN, and sqrtm of NaNs may never return
             raise UserError(f"FID needs at least 2 images per side, got {self.count}")
         if self.count <= len(self.mean):  # rank at most count - 1, below the dimension
-            warnings.warn(f"FID from {self.count} images, no more than the {len(self.mean)} "
-                          f"features: the covariance is singular and FID is strongly biased "
-                          f"upwards; use at least 10000 images for numbers to compare")
+            print(f"warning: FID from {self.count} images, no more than the {len(self.mean)} "
+                  f"features: the covariance is singular and FID is strongly biased upwards; "
+                  f"use at least 10000 images for numbers to compare", file=sys.stderr)
         return self.mean, self.m2 / (self.count - 1)
 
 
@@ -338,7 +338,7 @@ def feature_statistics(model, batches, total, device, score=None):
     batches in [0, 1]; their logits go to `score`, an InceptionScore, if given. Memory does not
     grow with N. Progress goes to stderr in whole lines, which interleave cleanly with a sampler's:
     after a batch that ends 10 s or more after the previous line, and after the last batch."""
-    stats, sample, done, start = RunningStatistics(), FeatureSample(), 0, time.time()
+    stats, sample, done, start = RunningStatistics(), FeatureSample(), 0, time.monotonic()
     reported = start
     for batch in batches:
         features, logits = model(batch.to(device))
@@ -347,7 +347,7 @@ def feature_statistics(model, batches, total, device, score=None):
         if score is not None:
             score.add(logits.cpu())
         done += len(batch)
-        now = time.time()
+        now = time.monotonic()
         if now - reported >= 10 or done == total:
             print(f"Inception features: {done}/{total} images | {done / (now - start):.1f} img/s",
                   file=sys.stderr, flush=True)

@@ -1,6 +1,7 @@
 """The celebgen.py and fid.py commands a reader copies (the top docstrings', and those of README.md
 and RESULTS.md: their ```bash blocks and their inline `python celebgen.py ...` spans) are ones their
-parsers accept: a renamed or removed flag fails here, not in a user's terminal."""
+parsers accept: a renamed or removed flag fails here, not in a user's terminal. And the defaults
+README names are the code's."""
 import re
 import shlex
 from pathlib import Path
@@ -79,3 +80,20 @@ def test_the_defaults_readme_names_are_the_parsers():
     for flag, value in pairs:
         parse = train._option_string_actions[flag].type or str
         assert train.get_default(flag[2:]) == parse(value), flag
+
+
+def test_the_sampling_defaults_readme_names_are_the_codes():
+    """README's "Sampling and FID" states sample's and fid.py's defaults: steps, sampler, where the
+    last step starts, the autoguidance weight and the guide's age. Each is what the code uses."""
+    text = (ROOT / "README.md").read_text().replace("\n", " ")
+    steps, method, last = re.search(r"its EMA and (\d+) (\w+) steps whose last starts at t = ([\d.]+)",
+                                    text).groups()
+    parser, _ = cg.make_parser()
+    sample = parser.parse_args(["sample", "--exp_name", "e"])
+    assert int(steps) == sample.num_sampling_steps == cg.SAMPLING_STEPS
+    assert method.lower() == sample.method and float(last) == cg.LAST_STEP_FROM
+    assert cg.time_grid(sample.num_sampling_steps)[-2] == pytest.approx(cg.LAST_STEP_FROM)
+    weight = float(re.search(r"x_guide \+ w \(x_model − x_guide\) with w = ([\d.]+)", text).group(1))
+    assert weight == cg.AUTOGUIDANCE
+    age = re.search(r"`guide.pt` \(the EMA at (\d+)% of the run", text).group(1)
+    assert int(age) / 100 == cg.GUIDE_AT

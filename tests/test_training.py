@@ -96,6 +96,7 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(workdir, capsy
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # compiling on a CPU: minutes
 def test_compile_takes_the_same_steps_as_eager(workdir, capsys, monkeypatch, recwarn):
     """--compile (torch.compile, whose inductor fuses the elementwise ops between matmuls into
     generated kernels) trains the same weights as eager PyTorch, up to float rounding, without the
