@@ -1370,7 +1370,13 @@ def validate_train_args(args, device, torchrun):
         if unknown:
             raise UserError(f"toy faces have no {', '.join(unknown)}; their attributes are "
                             f"{','.join(TOY_ATTRIBUTES)}")
-    train_images = make_dataset(args, "train", cache=False)
+    try:
+        train_images = make_dataset(args, "train", cache=False)
+    except UserError as e:  # another dataset is no fix for a resume: its images are
+        if not (args.resume and args.dataset == "celeba"):
+            raise
+        raise UserError(f"{str(e).split('; ')[0]}; a resumed run trains on its own images: point "
+                        f"--data_root at where they are now") from None
     if args.attributes and train_images.unlabelled and int(os.environ.get("RANK", 0)) == 0:
         print(f"note: {train_images.unlabelled} of {len(train_images)} training images have no "
               f"row in the attribute file: their attributes are unspecified (0), so they train the "
@@ -1573,6 +1579,10 @@ def check_experiment(args, exp):
                         f"or choose another --exp_name")
     if not args.resume and exp["root"].exists():  # a start that failed before a save
         print(f"experiment {exp['root']} has no checkpoint yet: starting it afresh", flush=True)
+    for name in ("last.pt", "best.pt", "guide.pt"):  # a run would fail at its first save
+        check_no_folder_at(exp["checkpoints"] / name, f"the run's {name}")
+    if exp["checkpoints"].is_dir():  # a resume: a read-only folder fails now, not at a save
+        writable_folder(exp["checkpoints"])
 
 
 @contextmanager
@@ -1911,11 +1921,12 @@ def checkpoint_path(exp_name, checkpoint):
     exp = experiment_paths(exp_name)
     if Path(checkpoint).name == checkpoint and (exp["checkpoints"] / checkpoint).exists():
         return exp["checkpoints"] / checkpoint
-    if Path(checkpoint).exists():
+    if Path(checkpoint).exists() or Path(checkpoint).name != checkpoint:  # a path, as given
         return Path(checkpoint)
     if not exp["root"].is_dir():
-        raise UserError(f"there is no experiment {exp_name} ({exp['root']} does not exist); pass "
-                        f"as --exp_name one of the folders in experiments/")
+        state = "is a file" if exp["root"].exists() else "does not exist"
+        raise UserError(f"there is no experiment {exp_name} ({exp['root']} {state}); pass as "
+                        f"--exp_name one of the folders in experiments/")
     return exp["checkpoints"] / checkpoint
 
 
@@ -2329,6 +2340,7 @@ def subset_command(args):
                         f"these layouts: {SPLIT_LAYOUTS}")
     if out.exists():
         raise UserError(f"{out} exists; remove it, or choose another --out")
+    check_folders(out.parent)  # B: no file where a folder above --out goes
     try:
         names = [line.split()[0] for line in Path(args.image_list).read_text().splitlines()
                  if line.strip()]
@@ -2360,6 +2372,9 @@ def subset_command(args):
             (partial / "list_attr_celeba.txt").write_text(
                 "\n".join([str(len(kept)), " ".join(columns), *kept]) + "\n")
         partial.rename(out)  # the folder appears whole, or not at all
+    except OSError as e:  # no permission, a full disk
+        raise UserError(f"cannot write {out} ({e.strerror or e}); {write_fix(e, out.parent)}, then "
+                        f"run the same command again") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     counts = [sum(split[n] == k for n in names) for k in SPLITS.values()]

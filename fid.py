@@ -417,10 +417,15 @@ def npz_statistics(path):
         raise UserError(f"{path} is not an .npz of FID statistics with arrays mu and sigma "
                         f"({type(e).__name__}); compute it again (a cached reference: delete it, "
                         f"and fid.py remakes it)") from None
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its "
-                        f"covariance")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+    arrays = [mu, sigma] + ([] if features is None else [features])
+    if (mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or (np.diagonal(sigma) < 0).any()
+            or (features is not None and (features.ndim != 2 or features.shape[1] != len(mu)))
+            or not all(np.issubdtype(a.dtype, np.floating) for a in arrays)):
+        raise UserError(f"{path}: mu {mu.shape} {mu.dtype}, sigma {sigma.shape} {sigma.dtype} and "
+                        f"features {None if features is None else features.shape} are not a mean, "
+                        f"its covariance and the features; compute it again (a cached reference: "
+                        f"delete it, and fid.py remakes it)")
+    if not all(np.isfinite(a).all() for a in arrays):
         raise UserError(f"{path} holds numbers that are not finite (NaN or inf): it is damaged; "
                         f"compute it again (a cached reference: delete it, and fid.py remakes it)")
     return mu, sigma, features
@@ -474,6 +479,9 @@ def reference_statistics(train_args, model, args, device):
     if path.is_file():
         print(f"reference statistics from {path}")
         mu, sigma, features = npz_statistics(path)
+        if features is None:  # fid.py's own caches hold them, for KID
+            raise UserError(f"{path} holds no features, which KID needs: delete it, and fid.py "
+                            f"remakes it")
     else:  # decodes only the `count` images used, a batch at a time
         images = itertools.islice((s[i] for s in sets for i in range(len(s))), count)
         batches = (quantized(batch) for batch in batched(images, args.batch_size))

@@ -180,6 +180,9 @@ def test_resume_refuses_other_images_and_takes_the_same_images_elsewhere(workdir
                               "(validation images) 4 -> 5: they fix")
     assert "drop those flags (--data_root: point it at the run's own images)" in err
     shutil.move(workdir / "images", workdir / "moved")
+    code, _, err = cli(capsys, "train", "--exp_name", "run", "--resume", "--max_steps", 3)  # the saved root
+    one_line_error(code, err, "--data_root images does not exist; a resumed run trains on its own images: point "
+                              "--data_root at where they are now")
     code, _, err = cli(capsys, "train", "--exp_name", "run", "--resume", "--data_root", "moved", "--max_steps", 3)
     assert code == 0 and checkpoint("run")["step"] == 3, err
 
@@ -225,6 +228,27 @@ def test_a_foreign_torch_file_is_not_a_checkpoint(trained, capsys, foreign):
     for argv in (["sample", "--exp_name", "done"], ["train", "--exp_name", "done", "--resume"]):
         code, _, err = cli(capsys, *argv)
         one_line_error(code, err, "is not a CelebGen checkpoint")
+
+
+@pytest.mark.parametrize("case", ["best.pt", "guide.pt", "read_only"])
+def test_a_resume_that_could_not_save_is_refused_before_training(trained, capsys, monkeypatch, case):
+    """A folder where a checkpoint goes, or a read-only checkpoints/, would fail the run at its
+    first save, after minutes of training: refused in one line first."""
+    monkeypatch.setattr(cg, "train_loop", lambda *a: pytest.fail("trained before the check"))
+    checkpoints = trained.parent
+    if case == "read_only":  # as a read-only folder (root ignores permissions): EROFS on a write
+        temporary = cg.tempfile.TemporaryFile
+        monkeypatch.setattr(cg.tempfile, "TemporaryFile", lambda dir=None: (_ for _ in ()).throw(
+            OSError(cg.errno.EROFS, "Read-only file system")) if Path(dir).resolve() == checkpoints.resolve()
+            else temporary(dir=dir))
+        message = ("cannot write in experiments/done/checkpoints (Read-only file system); make "
+                   "experiments/done/checkpoints writable")
+    else:
+        (checkpoints / case).unlink(missing_ok=True)
+        (checkpoints / case).mkdir()
+        message = f"experiments/done/checkpoints/{case} is a folder, where the run's {case} goes; move it away"
+    code, _, err = cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 4)
+    one_line_error(code, err, message)
 
 
 def test_resume_whose_weights_do_not_fit_its_arguments(trained, capsys):
@@ -454,6 +478,10 @@ def test_a_flag_cut_short_or_a_missing_experiment_is_one_line(trained, capsys):
     sample = lambda *flags: cli(capsys, "sample", "--num_samples", 1, "--num_sampling_steps", 1, *flags)
     one_line_error(*sample("--exp_name", "done", "--autoguidanc", 2)[::2], "unrecognized arguments: --autoguidanc 2")
     one_line_error(*sample("--exp_name", "dnoe")[::2], "there is no experiment dnoe (experiments/dnoe does not exist)")
+    (trained.parents[2] / "filey").write_text("not an experiment")
+    one_line_error(*sample("--exp_name", "filey")[::2], "there is no experiment filey (experiments/filey is a file)")
+    one_line_error(*sample("--exp_name", "done", "--checkpoint", "odd/gone.pt")[::2],
+                   "checkpoint odd/gone.pt does not exist")  # the path as given, not under checkpoints/
     assert not list((trained.parents[1] / "samples").glob("last_euler1*"))
 
 
@@ -716,6 +744,19 @@ def test_reference_images_are_held_out_distinct_and_read_only_as_needed(workdir,
     assert len(reads) == 3  # of the 100,000 val + test images, only the 3 used are drawn
     fid.reference_statistics(TOY_ARGS, FakeFeatures("weights-b"), args, "cpu")
     assert len(list((workdir / "experiments/fid_refs").iterdir())) == 2  # one cache file per weights
+
+
+
+def test_a_cached_reference_without_features_is_refused_in_one_line(workdir):
+    """KID needs the reference features: a cache that lost them is named, not a late traceback."""
+    args = cg.argparse.Namespace(ref_split="heldout", ref_images=3, batch_size=2, exp_name="x",
+                                 ref_images_given=True)
+    fid.reference_statistics(TOY_ARGS, FakeFeatures("weights-a"), args, "cpu")
+    (cache,) = (workdir / "experiments/fid_refs").iterdir()
+    with np.load(cache) as stats:
+        np.savez(cache, mu=stats["mu"], sigma=stats["sigma"])  # pytorch-fid's keys only
+    with pytest.raises(cg.UserError, match="holds no features, which KID needs: delete it"):
+        fid.reference_statistics(TOY_ARGS, FakeFeatures("weights-a"), args, "cpu")
 
 
 TOY_ARGS = cg.argparse.Namespace(dataset="toy", image_size=16, data_root=None, attributes=[])

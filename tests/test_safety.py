@@ -136,6 +136,20 @@ def test_fid_refuses_what_it_cannot_do_before_loading_weights(workdir, capsys, n
     one_line_error(*fid_error(capsys, *argv), message)
 
 
+@pytest.mark.parametrize("bad", [
+    {"mu": np.array(["0", "0", "0", "0"]), "sigma": np.eye(4)},  # strings
+    {"mu": np.zeros(4), "sigma": -np.eye(4)},  # negative variances: no covariance
+    {"mu": np.zeros(4), "sigma": np.eye(4), "features": np.zeros((5, 3))},  # 3 features, not 4
+    {"mu": np.zeros(4), "sigma": np.eye(4), "features": np.zeros(4)},  # not one row per image
+])
+def test_fid_refuses_statistics_that_are_not_a_mean_and_covariance(workdir, capsys, no_weights, bad):
+    np.savez(workdir / "good.npz", mu=np.zeros(4), sigma=np.eye(4), features=np.ones((5, 4)))
+    np.savez(workdir / "bad.npz", **bad)
+    code, err = fid_error(capsys, workdir / "good.npz", workdir / "bad.npz")
+    one_line_error(code, err, f"{workdir / 'bad.npz'}: mu (4,)")
+    assert "are not a mean, its covariance and the features; compute it again" in err
+
+
 def test_fid_refuses_statistics_that_are_not_finite(workdir, capsys, no_weights):
     good = {"mu": np.zeros(4), "sigma": np.eye(4)}
     np.savez(workdir / "good.npz", **good)
@@ -143,7 +157,8 @@ def test_fid_refuses_statistics_that_are_not_finite(workdir, capsys, no_weights)
     infinite = np.eye(4)
     infinite[2, 2] = np.inf
     np.savez(workdir / "inf.npz", mu=np.zeros(4), sigma=infinite)
-    for bad in ("nan.npz", "inf.npz"):
+    np.savez(workdir / "nan_features.npz", **good, features=np.full((3, 4), np.nan))
+    for bad in ("nan.npz", "inf.npz", "nan_features.npz"):
         code, err = fid_error(capsys, workdir / "good.npz", workdir / bad)
         one_line_error(code, err, f"{bad} holds numbers that are not finite (NaN or inf)")
 

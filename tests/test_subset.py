@@ -58,15 +58,28 @@ def test_subset_holds_exactly_the_listed_images_with_their_split_and_labels(work
     ("inside_the_data", "is inside --data_root celeba, where it would stand for CelebA itself"),
     ("twice", "names 001.png (and 0 more) twice; give each image once"),
     ("empty", "names no image"),
+    ("under_a_file", "list.txt is a file, where celebgen keeps a folder; move it away"),
+    ("full_disk", "cannot write sub (No space left on device); free some space, then run the same "
+                  "command again"),
 ])
-def test_a_subset_that_cannot_be_made_is_one_line_and_writes_nothing(workdir, capsys, case,
-                                                                      message):
+def test_a_subset_that_cannot_be_made_is_one_line_and_writes_nothing(workdir, capsys, monkeypatch,
+                                                                      case, message):
     labelled_celeba(workdir / "celeba")
     (workdir / "list.txt").write_text({"not_listed": "001.png\n999.png\n", "empty": "\n",
                                        "twice": "001.png\n002.png\n001.png\n"}.get(case,
                                                                                 "001.png\n002.png\n"))
     root, image_list = "celeba", "missing.txt" if case == "no_list" else "list.txt"
-    out = {"inside_the_data": "celeba/celeba", "here": ".", "nothing": ""}.get(case, "sub")
+    out = {"inside_the_data": "celeba/celeba", "here": ".", "nothing": "",
+           "under_a_file": "list.txt/sub"}.get(case, "sub")
+    if case == "full_disk":  # the second image's copy finds the disk full
+        copies, copy = [], cg.shutil.copyfile
+
+        def copy_until_full(*paths):
+            copies.append(paths)
+            if len(copies) > 1:
+                raise OSError(cg.errno.ENOSPC, "No space left on device")
+            return copy(*paths)
+        monkeypatch.setattr(cg.shutil, "copyfile", copy_until_full)
     if case == "exists":
         (workdir / "sub").mkdir()
     if case == "plain_folder":
