@@ -1049,6 +1049,9 @@ def attribute_list(text):
     if text == "all":
         return list(ATTRIBUTE_NAMES)
     names = {attribute_name(name.strip()) for name in text.split(",") if name.strip()}
+    if not names:  # "" or ",": asked for attributes, named none
+        raise argparse.ArgumentTypeError(f"{text!r} names no attribute; give names like "
+                                         f"Smiling,Male, or all, or leave out --attributes")
     return [name for name in ATTRIBUTE_NAMES if name in names]
 
 
@@ -1325,6 +1328,9 @@ def check_train_command(args, saved, torchrun, first):
     experiment's folder: experiment_lock); the device. first: this process announces it."""
     device, args.resolved_precision = device_and_precision(args.device, args.precision,
                                                            announce=first)
+    if args.resume and saved.get("dataset", args.dataset) != args.dataset:  # before any image
+        raise UserError(f"--resume cannot change --dataset {saved['dataset']} -> {args.dataset}: "
+                        f"a run trains on one dataset; drop --dataset, or start a new --exp_name")
     train_images = validate_train_args(args, device, torchrun)
     if args.resume:
         flag = {"pair_noise": "no_pair_noise (pairing)", "world_size": "nproc (processes)",
@@ -1917,17 +1923,18 @@ ARCHITECTURE = 2
 
 def checkpoint_path(exp_name, checkpoint):
     """--checkpoint: a name (last.pt, best.pt) in the checkpoints/ of an experiment that exists,
-    before a file of that name here; or a path that exists (load_checkpoint refuses a folder)."""
-    exp = experiment_paths(exp_name)
-    if Path(checkpoint).name == checkpoint and (exp["checkpoints"] / checkpoint).exists():
+    before a file of that name here; or a path with a folder in it, such as ./last.pt, as given
+    (load_checkpoint refuses a folder, or a path that does not exist)."""
+    exp, name = experiment_paths(exp_name), Path(checkpoint).name == checkpoint
+    if name and (exp["checkpoints"] / checkpoint).exists():
         return exp["checkpoints"] / checkpoint
-    if Path(checkpoint).exists() or Path(checkpoint).name != checkpoint:  # a path, as given
+    if not name:  # a path, as given
         return Path(checkpoint)
-    if not exp["root"].is_dir():
+    if not exp["root"].is_dir():  # a mistyped --exp_name never falls back to a file here
         state = "is a file" if exp["root"].exists() else "does not exist"
         raise UserError(f"there is no experiment {exp_name} ({exp['root']} {state}); pass as "
                         f"--exp_name one of the folders in experiments/")
-    return exp["checkpoints"] / checkpoint
+    return Path(checkpoint) if Path(checkpoint).exists() else exp["checkpoints"] / checkpoint
 
 
 def resume_checkpoint(checkpoints):

@@ -207,6 +207,8 @@ def test_cli_trains_logs_and_samples(workdir):
     ([*TOY, "--image_size", -8], "argument --image_size: must be positive"),
     ([*TOY, "--nproc", 64], "--nproc 64 is more than"),
     ([*TOY, "--batch_size", 8, "--data_root", "three", "--dataset", "celeba"], "only 3 training images"),
+    ([*TOY, "--max_steps", 1, "--attributes", ""], "argument --attributes: '' names no attribute; give"),
+    ([*TOY, "--max_steps", 1, "--attributes", " , "], "argument --attributes: ' , ' names no attribute"),
 ])
 def test_bad_train_input_is_one_line_and_writes_nothing(workdir, capsys, argv, message):
     (workdir / "empty").mkdir()
@@ -231,7 +233,8 @@ def test_existing_experiment_is_never_overwritten(trained, capsys):
 
 
 @pytest.mark.parametrize("flags,change", [(["--model", "small"], "--model tiny -> small"),
-                                          (["--attributes", "Smiling"], "--attributes (none) -> Smiling")])
+                                          (["--attributes", "Smiling"], "--attributes (none) -> Smiling"),
+                                          (["--dataset", "celeba"], "--dataset toy -> celeba: a run trains on one")])
 def test_resume_with_another_model_config_is_refused(trained, capsys, flags, change):
     code, _, err = cli(capsys, "train", "--exp_name", "done", "--resume", *flags)
     assert code == 2 and f"--resume cannot change {change}" in err, err
@@ -276,6 +279,10 @@ def test_a_checkpoint_name_means_the_experiment_s_before_a_file_here(trained, ca
     code, out, err = cli(capsys, "sample", "--exp_name", "done", "--checkpoint", "downloads/last.pt",
                          "--num_samples", 1, "--num_sampling_steps", 1)
     assert code == 0 and "samples/downloads_last_euler1_seed0/" in out, err
+    shutil.copy(trained, "last.pt")  # a checkpoint here, and a mistyped --exp_name: not sampled
+    code, out, err = cli(capsys, "sample", "--exp_name", "dnoe", "--num_samples", 1, "--num_sampling_steps", 1)
+    assert code == 2 and "there is no experiment dnoe (experiments/dnoe does not exist)" in err, out
+    assert not Path("experiments/dnoe").exists()
 
 
 @pytest.mark.parametrize("poison", ["loss", "gradients", "loss_fp16"])
