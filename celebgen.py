@@ -1583,8 +1583,6 @@ def check_experiment(args, exp):
     if not args.resume and resume_checkpoint(exp["checkpoints"]) is not None:
         raise UserError(f"experiment {exp['root']} already exists; add --resume to continue it, "
                         f"or choose another --exp_name")
-    if not args.resume and exp["root"].exists():  # a start that failed before a save
-        print(f"experiment {exp['root']} has no checkpoint yet: starting it afresh", flush=True)
     for name in ("last.pt", "best.pt", "guide.pt"):  # a run would fail at its first save
         check_no_folder_at(exp["checkpoints"] / name, f"the run's {name}")
     if exp["checkpoints"].is_dir():  # a resume: a read-only folder fails now, not at a save
@@ -1617,6 +1615,8 @@ def experiment_lock(args, first):
         except OSError as e:  # a read-only or full disk, before any work
             raise UserError(f"cannot write {lock} ({e.strerror or e}); "
                             f"{write_fix(e, existing_folder(exp['root']))}") from None
+        if not args.resume and exp["root"] not in made:  # a start that failed before a save
+            print(f"experiment {exp['root']} has no checkpoint yet: starting it afresh", flush=True)
         yield
     finally:
         if held and lock.is_file() and lock.read_text() == mine:

@@ -214,6 +214,11 @@ def test_a_lock_of_a_live_process_on_this_machine_is_respected(workdir, capsys):
     code, _, err = cli(capsys, "train", "--exp_name", "e", "--resume", "--max_steps", 2)
     one_line_error(code, err, f"is being trained by process {os.getpid()}")
     assert lock.read_text().split()[0] == str(os.getpid()) and checkpoint("e")["step"] == 1
+    (workdir / "experiments/f").mkdir()  # a run that has not saved yet: only its lock
+    (workdir / "experiments/f/train.lock").write_text(lock.read_text().replace("/e\n", "/f\n"))
+    code, out, err = cli(capsys, "train", "--exp_name", "f", *SMALL_RUN, "--max_steps", 1)
+    one_line_error(code, err, f"is being trained by process {os.getpid()}")
+    assert "starting it afresh" not in out  # the refusal is the only word
     (workdir / "same").symlink_to(lock.parent.resolve())  # the same folder by another path
     lock.write_text(f"{os.getpid()} {cg.socket.gethostname()} {workdir / 'same'}\n")
     one_line_error(*cli(capsys, "train", "--exp_name", "e", "--resume", "--max_steps", 2)[::2],
