@@ -1328,28 +1328,35 @@ def check_train_command(args, saved, torchrun, first):
     experiment's folder: experiment_lock); the device. first: this process announces it."""
     device, args.resolved_precision = device_and_precision(args.device, args.precision,
                                                            announce=first)
-    if args.resume and saved.get("dataset", args.dataset) != args.dataset:  # before any image
-        raise UserError(f"--resume cannot change --dataset {saved['dataset']} -> {args.dataset}: "
-                        f"a run trains on one dataset; drop --dataset, or start a new --exp_name")
+    fixed = MODEL_ARGS + RESUME_FIXED if args.resume else ()
+    refuse_resume_changes(args, saved, [k for k in fixed if k not in SET_FROM_THE_DATA])
     train_images = validate_train_args(args, device, torchrun)
-    if args.resume:
-        flag = {"pair_noise": "no_pair_noise (pairing)", "world_size": "nproc (processes)",
-                "train_images": "data_root (training images)",
-                "val_images": "data_root (validation images)"}
-        changed = [f"--{flag.get(k, k)} {flag_value(saved.get(k))} -> "
-                   f"{flag_value(getattr(args, k))}" for k in MODEL_ARGS + RESUME_FIXED
-                   if saved.get(k, getattr(args, k)) != getattr(args, k)]
-        if changed:  # other images may come from the saved --data_root: no flag to drop then
-            images = " (--data_root: point it at the run's own images)" * any(
-                c.startswith("--data_root") for c in changed)
-            raise UserError(f"--resume cannot change {', '.join(changed)}: they fix the model, the "
-                            f"data, their order or the validation loss of the run; drop those "
-                            f"flags{images}, or start a new --exp_name")
+    refuse_resume_changes(args, saved, [k for k in fixed if k in SET_FROM_THE_DATA])
     # all is well: build the image cache now, before any process starts (under torchrun by the
     # first process of each machine only; the others wait for it in train_loop)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and isinstance(train_images, CelebA):
         build_cache(train_images)                                             # E
     return device
+
+
+# what validate_train_args sets from the images and the machine: compared once it has run; the
+# other fixed flags are compared before any image is read
+SET_FROM_THE_DATA = ("attributes", "train_images", "val_images", "world_size")
+
+
+def refuse_resume_changes(args, saved, keys):
+    """Refuse a --resume whose arguments differ from the saved run's in any of `keys`."""
+    flag = {"pair_noise": "no_pair_noise (pairing)", "world_size": "nproc (processes)",
+            "train_images": "data_root (training images)",
+            "val_images": "data_root (validation images)"}
+    changed = [f"--{flag.get(k, k)} {flag_value(saved.get(k))} -> {flag_value(getattr(args, k))}"
+               for k in keys if saved.get(k, getattr(args, k)) != getattr(args, k)]
+    if changed:  # other images may come from the saved --data_root: no flag to drop then
+        images = " (--data_root: point it at the run's own images)" * any(
+            c.startswith("--data_root") for c in changed)
+        raise UserError(f"--resume cannot change {', '.join(changed)}: they fix the model, the "
+                        f"data, their order or the validation loss of the run; drop those "
+                        f"flags{images}, or start a new --exp_name")
 
 
 def validate_train_args(args, device, torchrun):
@@ -1925,10 +1932,10 @@ def checkpoint_path(exp_name, checkpoint):
     """--checkpoint: a name (last.pt, best.pt) in the checkpoints/ of an experiment that exists,
     before a file of that name here; or a path with a folder in it, such as ./last.pt, as given
     (load_checkpoint refuses a folder, or a path that does not exist)."""
-    exp, name = experiment_paths(exp_name), Path(checkpoint).name == checkpoint
-    if name and (exp["checkpoints"] / checkpoint).exists():
+    exp, bare_name = experiment_paths(exp_name), Path(checkpoint).name == checkpoint
+    if bare_name and (exp["checkpoints"] / checkpoint).exists():
         return exp["checkpoints"] / checkpoint
-    if not name:  # a path, as given
+    if not bare_name:  # a path, as given
         return Path(checkpoint)
     if not exp["root"].is_dir():  # a mistyped --exp_name never falls back to a file here
         state = "is a file" if exp["root"].exists() else "does not exist"

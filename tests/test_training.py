@@ -234,7 +234,7 @@ def test_existing_experiment_is_never_overwritten(trained, capsys):
 
 @pytest.mark.parametrize("flags,change", [(["--model", "small"], "--model tiny -> small"),
                                           (["--attributes", "Smiling"], "--attributes (none) -> Smiling"),
-                                          (["--dataset", "celeba"], "--dataset toy -> celeba: a run trains on one")])
+                                          (["--dataset", "celeba"], "--dataset toy -> celeba: they fix the model")])
 def test_resume_with_another_model_config_is_refused(trained, capsys, flags, change):
     code, _, err = cli(capsys, "train", "--exp_name", "done", "--resume", *flags)
     assert code == 2 and f"--resume cannot change {change}" in err, err
