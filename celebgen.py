@@ -26,11 +26,14 @@ import argparse
 import copy
 import math
 import os
+import signal
 import time
 from collections import namedtuple
 from contextlib import nullcontext
 from pathlib import Path
 
+if __name__ == "__main__":  # until main(): Ctrl-C while torch loads (seconds) ends it, quietly
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -111,9 +114,8 @@ def unpatchify(x, p, grid):
 # half of each head's rotation pairs turn with the patch's row, the other half with its column.
 #
 # Design note, why time is NOT a rotation: rotating every query and key by the same time angle t*w
-# is a shift of all positions by the same amount, and the difference (n - m) is unchanged -- the
-# logits, and so attention, would not see t at all. Time enters through AdaIN-Zero instead
-# (section 4), as sinusoidal features of t.
+# shifts all positions alike and leaves each difference (n - m) as it was, so the logits, and with
+# them attention, would not see t at all. Time enters through AdaIN-Zero (section 4) instead.
 
 def frequency_bank(n, base):
     """w_k = base^(-k/n) for k = 0..n-1, shape (n,): from 1 radian per unit to almost 1/base."""
@@ -132,9 +134,8 @@ def rope_angles(rows, cols, head_dim, base=100.0):
 
 
 def apply_rope(x, angles):
-    """Rotate the channel pairs (x_2k, x_2k+1) of x (B, H, N, d) by angles (N, d/2), pair k by angle
-    a_k. Read as a complex number z_k = x_2k + i x_2k+1, a rotation by a is a product with
-    e^(ia) = cos a + i sin a, as LLaMA writes it:
+    """Rotate the channel pairs (x_2k, x_2k+1) of x (B, H, N, d) by angles a_k (N, d/2). Read as a
+    complex number z_k = x_2k + i x_2k+1, a rotation by a is a product with e^(ia), as LLaMA does:
         z_k e^(ia) = (x_2k cos a - x_2k+1 sin a) + i (x_2k sin a + x_2k+1 cos a),
     one complex product per pair, in fp32 (PyTorch has no bf16 complex type; the caller casts)."""
     z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))        # (B, H, N, d/2) complex
@@ -548,8 +549,7 @@ TrainingParts = namedtuple("TrainingParts", "model ema optimizer scaler")  # wha
 
 def experiment_paths(exp_name):
     root = Path("experiments") / exp_name
-    return {"root": root, "checkpoints": root / "checkpoints", "logs": root / "logs",
-            "samples": root / "samples"}
+    return {"root": root, **{name: root / name for name in ("checkpoints", "logs", "samples")}}
 
 
 def checkpoint_state(parts, step, best_val, elapsed, args):
@@ -652,17 +652,16 @@ def clip_gradients(parts, loss, step, args):
     local_loss, grad_norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
     finite = math.isfinite(local_loss) and math.isfinite(grad_norm)
     if not parts.scaler.is_enabled() and not finite:
-        raise divergence(local_loss, grad_norm, step + 1, args.lr)           # Part three, A
+        raise divergence(local_loss, grad_norm, step + 1, args)              # Part three, A
     return grad_norm
 
 
 @torch.no_grad()
 def update_ema(ema, model, step, decay):
     """ema <- d ema + (1 - d) model, with the warm-up d = min(decay, (1 + step) / (10 + step)).
-    Measured as the lag behind a weight that grows by 1 per step (tested), the average spans the
-    last (step + 1) / 10 steps while the warm-up rules -- so even a 5-minute run samples from a
-    useful EMA -- and d / (1 - d), about 1 / (1 - decay) steps, once d reaches decay. The default
-    0.995 (200 steps; DiT's 0.9999: 10,000) beat longer windows; shorter ones tied (RESULTS.md)."""
+    As the lag behind a weight that grows by 1 per step (tested), the average spans (step + 1) / 10
+    steps in the warm-up, so even short runs sample a useful EMA, then d / (1 - d): 199 at 0.995,
+    9,999 at DiT's 0.9999. 0.995 beat longer windows; shorter ones tied or lost (RESULTS.md)."""
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - d)
@@ -732,7 +731,7 @@ def train_loop(rank, world_size, args, device, interrupt):
                 dist.all_reduce(stats, op=dist.ReduceOp.AVG)
             loss, stop, elapsed = stats[0].item(), stats[1].item() > 0, stats[2].item()
             if not math.isfinite(loss):  # fp16, where a non-finite step was skipped, not taken
-                raise divergence(loss, grad_norm, step, args.lr)
+                raise divergence(loss, grad_norm, step, args)
             # 8. rank 0: log, validate, sample a grid, save, each at its interval and at the end
             progress, before = max(step / total_steps, elapsed / budget), progress
             if rank == 0:
@@ -834,7 +833,7 @@ def generate(model, args, device, precision, attributes=None, cfg_scale=1.0):
         done = n + len(noise)
         print(f"sampled {done}/{total} images | {done / (time.monotonic() - start):.2f} img/s",
               flush=True)
-        yield images
+        yield finite(images)  # A: an overflow (NaN, inf) stops here, before it is written
 
 
 # --------------------------------------------------------------------------------------------------
@@ -919,7 +918,6 @@ import logging
 import multiprocessing
 import re
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -1103,9 +1101,11 @@ def checkpoint_stem(path, exp_name):
 def samples_name(path, args):
     """The name of `sample`'s images of the checkpoint at path: e.g. last_euler40_seed0 (a folder),
     last_euler40_seed0_Smiling=1_cfg3 for a request, last_grid_euler40_seed0_Smiling=1+none_cfg0,3
-    for --grid; so that other flags or requests never replace them. Requests that would make the
-    name long are named by a digest of them instead (requests3f2a...)."""
-    grid = "_grid" if args.grid else ""
+    for --grid (last_grid8_... for --grid_samples 8); so that other flags or requests never replace
+    them. Requests that would make the name long are named by a digest of them instead
+    (requests3f2a...)."""
+    cells = "" if args.grid_samples == GRID_SAMPLES else args.grid_samples  # samples per cell
+    grid = f"_grid{cells}" if args.grid else ""
     name = f"{checkpoint_stem(path, args.exp_name)}{grid}_{sampler_text(args)}_seed{args.seed}"
     if not any(args.attributes) and args.cfg_scale == [1]:
         return name
@@ -1421,6 +1421,16 @@ def check_processes(args, device, torchrun):
     args.world_size = int(os.environ["WORLD_SIZE"]) if torchrun else args.nproc
 
 
+def finite(images):
+    """images, or a UserError if sampling overflowed (NaN or inf) and they would be written
+    black."""
+    if not torch.isfinite(images).all():
+        raise UserError("sampling gave images that are not finite (NaN or inf): a guidance weight "
+                        "(--cfg_scale, --autoguidance) this large overflows, or the checkpoint's "
+                        "weights are not finite; lower the weight, or sample another checkpoint")
+    return images
+
+
 def guidance_grid(model, rows, cfg_scales, noise, times, method="euler"):
     """The effect of a request at a glance: one image (3, H', W') in [0, 1] with a row per attribute
     setting in rows (R, K), a column per guidance weight, each cell the samples of the same noise
@@ -1430,7 +1440,7 @@ def guidance_grid(model, rows, cfg_scales, noise, times, method="euler"):
     for row in rows:
         asked = row.expand(len(noise), -1).to(noise.device)                  # (n, K)
         for cfg_scale in cfg_scales:
-            images = sample(model, noise, times, method, asked, cfg_scale)
+            images = finite(sample(model, noise, times, method, asked, cfg_scale))
             cells.append(image_grid(images.cpu(), columns=len(noise)))       # (3, h, n*w)
     return torchvision.utils.make_grid(torch.stack(cells), nrow=len(cfg_scales), padding=8,
                                        pad_value=1.0)
@@ -1456,11 +1466,14 @@ def grid_command(args, model, rows, name, step, device, precision):
     print(f"wrote {name}: rows {settings}; columns cfg_scale {scales}")
 
 
-def divergence(loss, grad_norm, step, lr):
-    """The error that ends a run whose loss or gradients stopped being finite at `step`."""
+def divergence(loss, grad_norm, step, args):
+    """The error that ends a run whose loss or gradients stopped being finite at `step`; its fix
+    goes on from the last checkpoint (saved before that step), if any, at half the --lr."""
+    saved = resume_checkpoint(experiment_paths(args.exp_name)["checkpoints"]) is not None
+    again = (f"python celebgen.py train --exp_name {args.exp_name} --resume --lr {args.lr / 2:g}"
+             if saved else f"the same command with --lr {args.lr / 2:g}")
     return UserError(f"loss {loss:g}, gradient norm {grad_norm:g} at step {step}: training "
-                     f"diverged; lower --lr (now {lr:g}), or resume from a checkpoint before the "
-                     f"divergence")
+                     f"diverged; lower the learning rate: {again}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1989,8 +2002,8 @@ def load_checkpoint(path):
         saved.setdefault("attributes", [])  # written before conditioning existed: unconditional
         saved.setdefault("pair_noise", False)  # written before pairing existed: unpaired
         missing = [f"args.{k}" for k in MODEL_ARGS if k not in saved]
-    if missing or not isinstance(ckpt["args"]["model"], str) or ckpt["args"]["model"] not in MODELS:
-        what = f"no {', '.join(missing)}" if missing else f"unknown model {ckpt['args']['model']!r}"
+    what = f"no {', '.join(missing)}" if missing else model_args_problem(ckpt["args"])
+    if what:
         raise UserError(f"{path} is not a CelebGen checkpoint ({what}); pass a last.pt or best.pt "
                         f"written by celebgen.py train")
     version = ckpt.get("architecture", 1)  # written without the key: version 1
@@ -2000,6 +2013,18 @@ def load_checkpoint(path):
                         f"train it again, or sample it with that celebgen.py (version 1: git "
                         f"checkout 533a38b)")
     return ckpt
+
+
+def model_args_problem(saved):
+    """What in the saved MODEL_ARGS no `train` writes (an edited or foreign file), or ''."""
+    size, patch, names = saved["image_size"], saved["patch_size"], saved["attributes"]
+    if not isinstance(saved["model"], str) or saved["model"] not in MODELS:
+        return f"unknown model {saved['model']!r}"
+    if not all(type(n) is int and n > 0 for n in (size, patch)) or size % patch:
+        return f"image_size {size!r} with patch_size {patch!r}"
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return f"attributes {names!r}"
+    return ""
 
 
 def load_model(ckpt, device, use_ema=True):
@@ -2733,4 +2758,5 @@ class ToyFaces(Dataset):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, handled
     main()

@@ -26,12 +26,15 @@ import hashlib
 import itertools
 import json
 import os
+import signal
 import sys
 import time
 import warnings
 import zipfile
 from pathlib import Path
 
+if __name__ == "__main__":  # until main(): Ctrl-C while torch loads (seconds) ends it, quietly
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 import numpy as np
 import scipy.linalg
 import torch
@@ -496,15 +499,24 @@ def reference_statistics(train_args, model, args, device):
     return {"mu": mu, "sigma": sigma, "features": features, "count": count, "path": path}
 
 
-def check_references(train_args, args):
+def result_path(checkpoint, exp_name):
+    """Where the result goes: the experiment's fid.json for a checkpoint of its own, and e.g.
+    fid_other_last.json for other/checkpoints/last.pt, so that another run's score neither passes
+    for this experiment's nor replaces it."""
+    exp = celebgen.experiment_paths(exp_name)
+    stem = celebgen.checkpoint_stem(checkpoint, exp_name)
+    own = checkpoint.resolve().parent == exp["checkpoints"].resolve()
+    return exp["root"] / ("fid.json" if own else f"fid_{stem}.json")
+
+
+def check_references(train_args, args, result):
     """Refuse, before any slow step, references that cannot be: val or test images of a folder
     without a split file, fewer than 2 (FID needs 2 per side), fewer than --ref_images asks for,
-    the run's images not found, or a file where fid.py writes a folder."""
+    the run's images not found; and a result that cannot be written (at path `result`)."""
     exp = celebgen.experiment_paths(args.exp_name)
     celebgen.check_folders(exp["logs"], Path("experiments") / "fid_refs")
-    if (exp["root"] / "fid.json").is_dir():
-        raise UserError(f"{exp['root'] / 'fid.json'} is a folder, where fid.py writes its result; "
-                        f"move it away")
+    celebgen.check_no_folder_at(result, "fid.py's result")
+    celebgen.writable_folder(celebgen.existing_folder(exp["root"]))  # creates no folder
     if train_args.dataset == "celeba" and not Path(train_args.data_root).is_dir():
         raise UserError(f"the run trained on --data_root {train_args.data_root}, which is not a "
                         f"folder here, and its real images are the references; run fid.py where "
@@ -541,8 +553,9 @@ def sample_attributes(train_args, args):
             source = f"labels of {len(labelled)} {split} images"
             print(f"asking for the attributes {','.join(train_args.attributes)} with the {source}")
             return torch.stack(labelled)[torch.arange(args.num_samples) % len(labelled)], source
-    raise UserError(f"no {args.ref_split} or train image has attribute labels to ask the "
-                    f"conditional model for; add CelebA's list_attr_celeba.txt")
+    raise UserError(f"no {args.ref_split} or train image has a row in the attribute file, so "
+                    f"there are no labels to ask the conditional model for; use the attribute "
+                    f"file the run was trained with")
 
 
 def sample_scores(model, samples, num_samples, ref, device):
@@ -559,18 +572,19 @@ def sample_scores(model, samples, num_samples, ref, device):
     return {"fid": fid, "kid": kid, "kid_std": kid_std}, score.score() if has_classifier else None
 
 
-def write_result(result, exp_name):
-    """fid.json in the experiment's folder (complete, or the previous one), and FID and KID in its
-    TensorBoard logs at the checkpoint's step."""
+def write_result(result, path, exp_name):
+    """The result at path (complete, or the previous one), and for the experiment's own checkpoint
+    (fid.json) FID and KID in its TensorBoard logs at the checkpoint's step."""
     exp = celebgen.experiment_paths(exp_name)
     try:
         exp["root"].mkdir(parents=True, exist_ok=True)  # --checkpoint PATH: maybe a new experiment
-        with celebgen.written_whole(exp["root"] / "fid.json") as tmp:
+        with celebgen.written_whole(path) as tmp:
             tmp.write_text(json.dumps(result, indent=2))
     except OSError as e:  # a read-only or full disk: the result is printed above
-        raise UserError(f"cannot write {exp['root'] / 'fid.json'} ({e.strerror or e}); the result "
-                        f"is printed above; {celebgen.write_fix(e, exp['root'])} to keep it there"
-                        ) from None
+        raise UserError(f"cannot write {path} ({e.strerror or e}); the result is printed above; "
+                        f"{celebgen.write_fix(e, exp['root'])} to keep it there") from None
+    if path.name != "fid.json":  # another run's step is not on this run's axis
+        return
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(exp["logs"]) as writer:
         tag = (f"fid/{result['num_samples']}_samples_{result['method']}"
@@ -584,8 +598,8 @@ def write_result(result, exp_name):
 
 def experiment_fid(args):
     """FID and KID (and IS) of the checkpoint's samples against real images, printed and written to
-    the experiment's fid.json. The flags and the checkpoint are checked before the Inception
-    weights load (slow)."""
+    the experiment's fid.json (result_path). The flags and the checkpoint are checked before the
+    Inception weights load (slow)."""
     choose_protocol(args)
     device, precision = celebgen.device_and_precision(args.device, args.precision)
     checkpoint = celebgen.checkpoint_path(args.exp_name, args.checkpoint)
@@ -597,7 +611,8 @@ def experiment_fid(args):
     dit = celebgen.load_model(ckpt, device)  # weights that do not fit fail here
     dit = celebgen.autoguided(dit, ckpt, checkpoint, args.autoguidance, device)  # and a guide's
     train_args = argparse.Namespace(**{**ckpt["args"], "download": False})  # reads, never fetches
-    check_references(train_args, args)
+    result_file = result_path(checkpoint, args.exp_name)
+    check_references(train_args, args, result_file)
     attributes, source = (sample_attributes(train_args, args) if train_args.attributes
                           else (None, None))
     model = inception(args.inception_weights, device)  # the first slow step
@@ -623,7 +638,7 @@ def experiment_fid(args):
     if inception_score is not None:
         result["inception_score"] = inception_score
     print(json.dumps(result, indent=2))  # first, so that no failure below can lose the number
-    write_result(result, args.exp_name)
+    write_result(result, result_file, args.exp_name)
     return result
 
 
@@ -645,7 +660,8 @@ def make_parser():
     arg("--exp_name", type=celebgen.experiment_name,
         help="sample from this experiment and compare with real images")
     arg("--checkpoint", default="last.pt",
-        help="a name in checkpoints/ (last.pt, best.pt) or a path, as in celebgen.py sample")
+        help="a name in checkpoints/ (last.pt, best.pt) or a path, as in celebgen.py sample; the "
+             "result of another experiment's is named after it (fid_other_last.json)")
     arg("--protocol", choices=list(PROTOCOLS),
         help="heldout (default): 10000 samples vs the first 10000 val, then test images; "
              "published: 50000 samples vs the 162770 training images, as published CelebA-64 FIDs")
@@ -736,4 +752,5 @@ def paths_fid(args):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, handled
     main()

@@ -252,7 +252,7 @@ def test_sample_writes_requests_and_a_guidance_grid(conditional, capsys):
                          "--attributes", "Smiling=1", "Smiling=0,Blond_Hair=1", "none", "--cfg_scale", 0, 1, 3,
                          "--grid_samples", 2)
     assert code == 0, err
-    grid_name = "last_grid_euler2_seed0_Smiling=1+Smiling=0,Blond_Hair=1+none_cfg0,1,3.png"
+    grid_name = "last_grid2_euler2_seed0_Smiling=1+Smiling=0,Blond_Hair=1+none_cfg0,1,3.png"
     with Image.open(conditional / "samples" / grid_name) as grid:
         # 3 rows x 3 columns of cells, each 2 samples of 16 pixels side by side with 2-pixel gaps, 8 apart
         assert grid.size == (8 + 3 * (2 + 2 * 18 + 8), 8 + 3 * (2 + 18 + 8))
@@ -300,8 +300,8 @@ def test_a_grid_of_many_requests_is_named_by_their_digest(conditional, capsys):
     code, out, err = cli(capsys, "sample", "--exp_name", "cond", "--num_sampling_steps", 1, "--grid",
                          "--grid_samples", 1, "--attributes", *settings, "--cfg_scale", 0, 1, 2, 3)
     assert code == 0, err
-    [grid] = (conditional / "samples").glob("last_grid_euler1_seed0_requests*.png")
-    assert len(grid.name) == len("last_grid_euler1_seed0_requests") + 10 + len(".png")
+    [grid] = (conditional / "samples").glob("last_grid1_euler1_seed0_requests*.png")
+    assert len(grid.name) == len("last_grid1_euler1_seed0_requests") + 10 + len(".png")
 
 
 def test_unconditional_and_old_checkpoints_refuse_requests_and_still_sample(trained_unconditional, capsys):

@@ -140,6 +140,18 @@ def test_ctrl_c_saves_the_finished_step_and_resumes_exactly(workdir):
     assert all(torch.equal(a[part][k], b[part][k]) for part in ("model", "ema") for k in a[part])
 
 
+@pytest.mark.parametrize("program", ["celebgen.py", "fid.py"])
+def test_ctrl_c_while_torch_loads_ends_quietly(workdir, program):
+    """Ctrl-C in the first second, while the imports load (a few seconds): the process ends at once, as
+    by SIGINT (the shell's 130), with no traceback, or, on a machine that loads faster, in one line."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / program), *(["sample"] if program == "celebgen.py" else []),
+                             "--exp_name", "x"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode in (-signal.SIGINT, 130) and "Traceback" not in err and err.count("\n") <= 1, err
+
+
 def test_ctrl_c_under_ddp_saves_and_says_so_once(workdir):
     """2 gloo processes: both stop after the same step, rank 0 saves and prints the one line, exit 130."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "celebgen.py"), "train", "--exp_name", "ddp",
@@ -213,15 +225,21 @@ def trained(workdir, capsys):
     return workdir / "experiments" / "done" / "checkpoints" / "last.pt"
 
 
-@pytest.mark.parametrize("foreign", ["state_dict", "tensor", "no_args_model", "unknown_model", "args_list"])
+EDITED_ARGS = {"unknown_model": {"model": "huge"}, "patch_0": {"patch_size": 0}, "size_text": {"image_size": "16"},
+               "size_not_divisible": {"patch_size": 3}, "attributes_text": {"attributes": "Smiling"}}
+
+
+@pytest.mark.parametrize("foreign", ["state_dict", "tensor", "no_args_model", "args_list", *EDITED_ARGS])
 def test_a_foreign_torch_file_is_not_a_checkpoint(trained, capsys, foreign):
+    """Another program's file, or a checkpoint whose model arguments were edited into what no run
+    writes: one line for `sample` and for `train --resume`, before any network is built."""
     ckpt = torch.load(trained, weights_only=True)
     if foreign == "no_args_model":
         del ckpt["args"]["model"]
-    elif foreign == "unknown_model":
-        ckpt["args"]["model"] = "huge"
     elif foreign == "args_list":
         ckpt["args"] = ["tiny", 16, 4]
+    elif foreign in EDITED_ARGS:
+        ckpt["args"].update(EDITED_ARGS[foreign])
     content = {"state_dict": {"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)},
                "tensor": torch.zeros(3)}.get(foreign, ckpt)
     torch.save(content, trained)
@@ -365,6 +383,30 @@ def test_samples_of_another_experiments_checkpoint_are_named_by_it(trained, caps
         "done_last_euler1_seed0", "done_last_euler1_seed0.png", "done_last_euler1_seed1",
         "done_last_euler1_seed1.png", "done_last_grid_euler1_seed0.png"]
     assert (trained.parents[1] / "samples/last_euler1_seed0").is_dir()
+
+
+def test_grids_of_other_sizes_keep_their_own_files(trained, capsys):
+    for cells in (4, 2, 4):  # 4: the default, named without its count; given again: the same file
+        assert cli(capsys, "sample", "--exp_name", "done", "--grid", "--grid_samples", cells,
+                   "--num_sampling_steps", 1)[0] == 0
+    assert sorted(p.name for p in (trained.parents[1] / "samples").glob("last_grid*")) == [
+        "last_grid2_euler1_seed0.png", "last_grid_euler1_seed0.png"]
+
+
+@pytest.mark.parametrize("command", ["sample", "grid", "fid"])
+def test_an_overflowing_guidance_weight_writes_no_black_images(trained, capsys, command, monkeypatch):
+    """Autoguidance at w = 1e300 overflows float32 (x_guide + w (x_model - x_guide) is inf, then NaN):
+    one line naming the weight, and no samples, grid or fid.json written."""
+    monkeypatch.setattr(fid, "load_weights", lambda *a: fid.fid_inception().state_dict())
+    monkeypatch.setattr(fid, "FIDFeatures", lambda state: FakeFeatures("x"))
+    flags = ["--exp_name", "done", "--autoguidance", "1e300", "--num_sampling_steps", "2"]
+    if command == "fid":
+        code, err = fid_error(capsys, *flags, "--num_samples", 2, "--ref_images", 2)
+    else:
+        code, _, err = cli(capsys, "sample", *flags, *(["--grid"] if command == "grid" else ["--num_samples", 2]))
+    one_line_error(code, err.splitlines()[-1] + "\n", "sampling gave images that are not finite (NaN or inf): a "
+                   "guidance weight (--cfg_scale, --autoguidance) this large overflows")
+    assert not list((trained.parents[1] / "samples").glob("last_*")) and not (trained.parents[1] / "fid.json").exists()
 
 
 def sample_pngs(folder):
@@ -735,7 +777,7 @@ def test_reference_images_are_held_out_distinct_and_read_only_as_needed(workdir,
     args = cg.argparse.Namespace(ref_split="heldout", ref_images=3, batch_size=2, exp_name="x",
                                  ref_images_given=True)
     with pytest.raises(cg.UserError, match="has no split file, so its heldout images are its training images"):
-        fid.check_references(plain, args)  # before the weights load: fid.py checks its references first
+        fid.check_references(plain, args, Path("fid.json"))  # before the weights load: fid.py checks its references first
 
     reads, real_getitem = [], cg.ToyFaces.__getitem__
     monkeypatch.setattr(cg.ToyFaces, "__getitem__", lambda self, i: reads.append(i) or real_getitem(self, i))
@@ -773,13 +815,26 @@ class FakeFeatures(torch.nn.Module):
         return images.flatten(1)[:, :8], images.flatten(1)[:, :4]
 
 
-def test_fid_of_an_experiment_that_does_not_exist_yet(workdir, capsys, monkeypatch, trained):
-    """--checkpoint PATH under a new --exp_name: the number is printed, and fid.json is written."""
+def test_fid_of_another_experiment_s_checkpoint_is_named_after_it(workdir, capsys, monkeypatch, trained):
+    """--checkpoint PATH of experiment done under --exp_name new (which need not exist yet): the number is
+    printed and written as new's fid_done_last.json, never as new's own fid.json or in new's logs."""
     monkeypatch.setattr(fid, "load_weights", lambda *a: fid.fid_inception().state_dict())
     monkeypatch.setattr(fid, "FIDFeatures", lambda state: FakeFeatures("x"))
     fid.main(["--exp_name", "new", "--checkpoint", str(trained), "--num_samples", "3", "--ref_images", "3",
               "--num_sampling_steps", "1", "--batch_size", "3"])
-    assert '"fid":' in capsys.readouterr().out and (workdir / "experiments/new/fid.json").is_file()
+    result = json.loads((workdir / "experiments/new/fid_done_last.json").read_text())
+    assert f'"fid": {result["fid"]}' in capsys.readouterr().out and result["checkpoint"] == str(trained)
+    assert files_under(workdir / "experiments/new") == ["fid_done_last.json"]
+
+
+def test_fid_into_a_read_only_experiment_is_refused_before_the_slow_steps(trained, capsys, monkeypatch):
+    real = cg.tempfile.TemporaryFile
+    monkeypatch.setattr(cg.tempfile, "TemporaryFile", lambda dir, **k: (_ for _ in ()).throw(
+        OSError(errno.EROFS, "Read-only file system")) if dir == Path("experiments/done") else real(dir=dir, **k))
+    monkeypatch.setattr(fid, "inception", lambda *a: pytest.fail("the Inception weights loaded"))
+    code, err = fid_error(capsys, "--exp_name", "done", "--num_samples", "3", "--ref_images", "3")
+    one_line_error(code, err, "cannot write in experiments/done (Read-only file system); make experiments/done "
+                   "writable, then run the command again")
 
 
 def test_fid_of_a_run_whose_images_are_not_here_names_the_run_s_data_root(workdir, capsys, trained, no_weights):

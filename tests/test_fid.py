@@ -155,6 +155,18 @@ def test_a_conditional_model_is_asked_only_for_labels_the_references_have(tmp_pa
     assert torch.equal(asked, torch.stack([train.label(i % 15) for i in range(30)])) and asked.abs().min() == 1
 
 
+def test_a_conditional_model_whose_attribute_file_names_no_image_is_refused(tmp_path):
+    labelled_celeba(tmp_path / "celeba")
+    attribute_file = tmp_path / "celeba" / "list_attr_celeba.txt"
+    attribute_file.write_text(attribute_file.read_text().replace(".png ", ".jpg "))  # rows of other images
+    train_args = argparse.Namespace(dataset="celeba", data_root=str(tmp_path / "celeba"), image_size=16,
+                                    attributes=["Smiling"], download=False)
+    args = argparse.Namespace(ref_split="val", ref_images=20, num_samples=30)
+    with pytest.raises(cg.UserError, match="no val or train image has a row in the attribute file, so there "
+                       "are no labels to ask the conditional model for; use the attribute file the run"):
+        fid.sample_attributes(train_args, args)
+
+
 def test_feature_sample_keeps_a_uniform_sample():
     """Every vector is kept with probability capacity / N, whatever the batches (here: 10 of 40, 400 seeds,
     so each frequency is 0.25 +- 0.022); up to the capacity, everything is kept in order."""

@@ -119,7 +119,7 @@ def test_sample_refuses_a_file_where_its_images_go_before_sampling(workdir, caps
     ("one_sample", "argument --num_samples: must be >= 2, got 1"),
     ("too_many_refs", "--ref_images 200000 is more than the 100000 images of --ref_split"),
     ("refs_folder_is_a_file", "experiments/fid_refs is a file, where celebgen keeps a folder"),
-    ("fid_json_is_a_folder", "experiments/e/fid.json is a folder, where fid.py writes"),
+    ("fid_json_is_a_folder", "experiments/e/fid.json is a folder, where fid.py's result goes"),
 ])
 def test_fid_refuses_what_it_cannot_do_before_loading_weights(workdir, capsys, no_weights, case,
                                                               message):

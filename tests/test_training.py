@@ -285,11 +285,12 @@ def test_a_checkpoint_name_means_the_experiment_s_before_a_file_here(trained, ca
     assert not Path("experiments/dnoe").exists()
 
 
-@pytest.mark.parametrize("poison", ["loss", "gradients", "loss_fp16"])
+@pytest.mark.parametrize("poison", ["loss", "gradients", "loss_fp16", "loss_unsaved"])
 def test_divergence_stops_before_the_bad_step_is_taken_or_saved(workdir, capsys, monkeypatch, poison):
     """At step 3 either the loss is NaN, or the loss is finite but the gradients are NaN, or (fp16, where
     GradScaler skips the step) the loss is NaN: the run stops with one line, and the checkpoint (written
-    every step) keeps step 2's finite weights."""
+    every step) keeps step 2's finite weights; the line says how to go on from it at half the learning
+    rate, or, when no checkpoint was written, to start again at half of it."""
     real_loss, calls = cg.flow_loss, []
 
     def diverging_loss(model, *args):
@@ -302,10 +303,17 @@ def test_divergence_stops_before_the_bad_step_is_taken_or_saved(workdir, capsys,
         return loss + 0 * torch.sqrt(0 * next(model.parameters()).sum())  # value 0, gradient 0 * inf = nan
     monkeypatch.setattr(cg, "flow_loss", diverging_loss)
     precision = "fp16" if poison == "loss_fp16" else "fp32"
+    saves = ["--ckpt_every", 100, "--eval_every", 100] if poison == "loss_unsaved" else ["--ckpt_every", 1]
     code, _, err = cli(capsys, "train", "--exp_name", "boom", *TOY, "--batch_size", 4, "--max_steps", 20,
-                       "--ckpt_every", 1, "--precision", precision)
+                       *saves, "--precision", precision, "--lr", 1e-3)
     lines = [line for line in err.splitlines() if not line.startswith("warning: ")]  # fp16 is slow here
-    assert code == 2 and len(lines) == 1 and "at step 3: training diverged; lower --lr" in lines[0], err
+    fix = ("the same command with --lr 0.0005" if poison == "loss_unsaved" else
+           "python celebgen.py train --exp_name boom --resume --lr 0.0005")
+    assert code == 2 and len(lines) == 1 and lines[0].endswith(
+        f"at step 3: training diverged; lower the learning rate: {fix}"), err
+    if poison == "loss_unsaved":
+        assert not list(Path("experiments/boom/checkpoints").iterdir())
+        return
     assert ("loss nan" in err) == poison.startswith("loss")
     ckpt = checkpoint("boom")
     assert ckpt["step"] == 2 and all(torch.isfinite(w).all() for w in ckpt["model"].values())
