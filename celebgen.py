@@ -607,7 +607,7 @@ def epoch_batches(examples, sampler, step, steps_per_epoch, args, device):
     loader = DataLoader(examples, args.batch_size, sampler=order, drop_last=True,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
                         worker_init_fn=ignore_interrupts)                    # Part three, B
-    for x1, x0, t, a in loader:
+    for x1, x0, t, a in started(loader):  # B: its workers start with Ctrl-C held back
         yield (x1.to(device, non_blocking=True), x0.to(device, non_blocking=True),  # (B, C, H, W)
                t.to(device), a.to(device))                                           # (B,), (B, K)
 
@@ -909,6 +909,7 @@ def main(argv=None):
 
 # the imports that only Part three needs stand here, out of the learner's way
 import collections
+import ctypes
 import difflib
 import errno
 import functools
@@ -916,6 +917,7 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import multiprocessing.resource_tracker
 import re
 import shutil
 import socket
@@ -1520,6 +1522,7 @@ class InterruptRequest:
     def __enter__(self):
         self.requested = False
         self.previous = [signal.signal(s, self.handle) for s in self.signals]
+        unblock(self.signals)  # a Ctrl-C held back since spawn (quiet_spawn) arrives now
         return self
 
     def handle(self, signum, frame):
@@ -1538,9 +1541,45 @@ class InterruptRequest:
 
 def ignore_interrupts(worker_id):
     """DataLoader workers leave Ctrl-C and SIGTERM to the training process, which stops them when
-    it is done."""
+    it is done (they start with both held back: interrupts_held). On Linux they also die with it
+    when it is killed (kill -9, out of memory), which torch only notices within 5 s, or never if
+    it died while they started."""
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)
+    unblock((signal.SIGINT, signal.SIGTERM))  # ignored now: one held back is dropped
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != multiprocessing.parent_process().pid:  # it died before the prctl
+            os._exit(1)
+
+
+def started(loader):
+    """iter(loader), whose worker processes start with Ctrl-C and SIGTERM held back
+    (interrupts_held): one that comes while they import torch waits until ignore_interrupts has
+    them ignore it, and stops the training process alone, after its step."""
+    with interrupts_held(signal.SIGINT, signal.SIGTERM):
+        return iter(loader)
+
+
+@contextmanager
+def interrupts_held(*signals):
+    """Hold back (block) `signals` in this thread while it starts processes: they inherit the
+    block, so one that arrives before a child has set its handlers waits, pending, instead of
+    killing it (KeyboardInterrupt in its imports) or being lost (ignored); the child unblocks
+    them once its handlers are set, as multiprocessing's resource tracker does. No-op where
+    there are no signal masks (Windows)."""
+    if hasattr(signal, "pthread_sigmask"):
+        multiprocessing.resource_tracker.ensure_running()  # its start would unblock them
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        unblock(signals)
+
+
+def unblock(signals):
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
 
 
 def stopped_by_ctrl_c(args, step, world_size):
@@ -1707,9 +1746,13 @@ def quiet_spawn(args):
     process is passed on to them as Ctrl-C, and a worker that failed ends this process with its
     status. A worker that said why (a UserError) has printed its line; one killed by a signal could
     not, so its death is told here in one line. Either way spawn stops the other workers (by
-    SIGTERM), and logs that it does: expected, not news, so that log is silenced."""
+    SIGTERM), and logs that it does: expected, not news, so that log is silenced. The workers start
+    with Ctrl-C held back (interrupts_held) until their handler (InterruptRequest) is set."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+    # the resource tracker started for spawn takes this process's -W options: its warning, after
+    # that line, of a killed worker's semaphores (which it then removes) is not news either
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def pass_on(signum, frame):  # SIGTERM to this process (kill, timeout): once, to the workers,
@@ -1721,7 +1764,8 @@ def quiet_spawn(args):
     level = spawn_log.level
     spawn_log.setLevel(logging.ERROR)
     try:
-        yield
+        with interrupts_held(signal.SIGINT):  # ignored here; the workers get it at InterruptRequest
+            yield
     except mp.ProcessExitedException as e:
         if e.exit_code is not None and e.exit_code < 0:
             print(dead_worker(e.error_index, e.signal_name, args), file=sys.stderr, flush=True)

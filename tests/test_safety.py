@@ -270,22 +270,67 @@ def spawned_workers(parent):
     return sorted(found)
 
 
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="needs signal masks")
+def test_a_ctrl_c_held_back_reaches_the_training_loop_at_once():
+    """A Ctrl-C that came while Ctrl-C was held back (as in a worker that mp.spawn starts) reaches the
+    training loop's InterruptRequest as soon as its handler is set, so that a second one can still stop
+    the run at once."""
+    previous = signal.signal(signal.SIGINT, lambda *a: None)  # whatever is still pending lands here
+    try:
+        with cg.interrupts_held(signal.SIGINT):
+            os.kill(os.getpid(), signal.SIGINT)
+            with cg.InterruptRequest(announce=False, sigterm=False) as interrupt:
+                delivered = interrupt.requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert delivered
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("starting", ["ranks", "loaders"])
+def test_ctrl_c_while_ddp_workers_start_is_not_lost(workdir, starting):
+    """Ctrl-C to the process group as soon as mp.spawn has started the 2 workers (ranks), or as soon
+    as a rank has started its DataLoader worker (loaders), while they still import torch: the run
+    stops after its first step, saves it and says so (exit 130), as once running; it neither
+    trains on regardless nor ends in tracebacks."""
+    run = trainer("start", *SMALL_RUN, "--nproc", 2, "--max_steps", 100_000, "--eval_every", 1000,
+                  "--workers", 1)
+    started = {"ranks": lambda: len(spawned_workers(run.pid)) == 2,
+               "loaders": lambda: any(spawned_workers(rank) for rank in spawned_workers(run.pid))}
+    try:
+        deadline = time.monotonic() + 60
+        while not started[starting]() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(run.pid, signal.SIGINT)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:  # trained on: the Ctrl-C was lost
+            os.killpg(run.pid, signal.SIGKILL)
+    step = checkpoint("start")["step"]
+    assert run.returncode == 130 and "Traceback" not in err and err.count("interrupted at step") == 1, err
+    assert err.strip().splitlines()[-1].startswith(f"interrupted at step {step}; ")
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
 def test_a_killed_ddp_worker_is_one_line_and_the_run_resumes(workdir):
-    """kill -9 of rank 1 of 2 gloo processes mid-run: rank 0 and the parent are gone within
-    seconds, the parent's last word is one line (the rank, the signal, the likely cause, the
-    intact checkpoint and the command to resume), and --resume continues from that checkpoint."""
+    """kill -9 of rank 1 of 2 gloo processes mid-run: rank 0, the parent and both ranks'
+    DataLoader workers are gone within seconds (the workers at once: torch's own check of their
+    parent would take 5 s), the parent's last word is one line (the rank, the signal, the likely
+    cause, the intact checkpoint and the command to resume), and --resume continues from that
+    checkpoint."""
     run = trainer("ddp", *SMALL_RUN, "--nproc", 2, "--max_steps", 100_000, "--ckpt_every", 2,
-                  "--eval_every", 1000)
+                  "--eval_every", 1000, "--workers", 1)
     wait_for_step(run, 5)
     workers = spawned_workers(run.pid)
-    assert len(workers) == 2
+    loaders = [pid for worker in workers for pid in spawned_workers(worker)]
+    assert len(workers) == 2 and len(loaders) == 2
     killed = time.monotonic()
     os.kill(workers[1], signal.SIGKILL)
     out, err = run.communicate(timeout=120)
     gone = time.monotonic() - killed
+    time.sleep(1.0)
     assert run.returncode == 1 and "Traceback" not in err, err
-    assert not any(Path(f"/proc/{pid}").exists() for pid in workers) and gone < 60
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers + loaders) and gone < 60
     step = checkpoint("ddp")["step"]
     assert err.strip().splitlines()[-1] == (
         f"error: process 1 of 2 was killed by SIGKILL (the kernel sends SIGKILL when memory runs "
