@@ -925,6 +925,7 @@ import sys
 import tempfile
 import threading
 import warnings
+import zipfile
 from contextlib import contextmanager
 
 from PIL import ImageDraw
@@ -1305,7 +1306,7 @@ def add_sample_flags(arg):
     arg("--num_sampling_steps", type=positive(int), default=SAMPLING_STEPS,
         help=SAMPLING_STEPS_HELP)
     arg("--method", choices=METHODS, default="euler", help=METHOD_HELP)
-    arg("--time_power", type=number(float, above=0, below=5), help=TIME_POWER_HELP)
+    arg("--time_power", type=number(float, at_least=0.1, below=5), help=TIME_POWER_HELP)
     arg("--seed", type=SEED, default=0, help="seed of the noise")
     arg("--batch_size", type=positive(int), default=64, help="images sampled at once")
     arg("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
@@ -1922,6 +1923,16 @@ def write_fix(e, folder):
     return "remove the cause given in brackets"
 
 
+def remove_leftovers(out):
+    """Delete the folders out.PID.partial and out.PID.old that a killed process left beside out
+    (or one of this process's number); a running process's are its work in progress."""
+    for path in out.parent.glob(f"{out.name}.*.*"):
+        pid, end = path.name.split(".")[-2:]
+        if end in ("partial", "old") and pid.isdigit() and \
+                (int(pid) == os.getpid() or not process_runs(int(pid))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def write_samples_whole(batches, out, total):
     """Write the images of `batches` as out/000000.png, ... by way of a folder of this process's
     own, out.PID.partial/, which replaces out/ only when complete: the folder never holds a
@@ -1935,10 +1946,7 @@ def write_samples_whole(batches, out, total):
         raise UserError(f"{out} is a file, where the samples go; move it away")
     grid = out.with_name(f"{out.name}.png")
     check_no_folder_at(grid, "the samples' grid")
-    for path in out.parent.glob(f"{out.name}.*.partial"):  # left by a killed `sample`
-        pid = path.name.split(".")[-2]  # this process's own: left by a killed one of its number
-        if pid.isdigit() and (int(pid) == os.getpid() or not process_runs(int(pid))):
-            shutil.rmtree(path, ignore_errors=True)
+    remove_leftovers(out)
     try:
         partial.mkdir()
     except OSError as e:
@@ -2032,10 +2040,9 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} cannot be read (permission denied); give this user "
                         f"read access to it") from None
     except Exception as e:  # a truncated zip or a bad pickle: "unreadable"; another file: named
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":  # torch.save writes a zip archive; not this file
-                raise UserError(f"{path} is not a PyTorch file, so not a checkpoint; pass a "
-                                f"last.pt or best.pt written by celebgen.py train") from None
+        if not torch_archive(path):
+            raise UserError(f"{path} is not a PyTorch file, so not a checkpoint; pass a "
+                            f"last.pt or best.pt written by celebgen.py train") from None
         other = ("last.pt" if path.name == "best.pt" else
                  "best.pt (to --resume from it: move last.pt away)")
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}): it is truncated or "
@@ -2046,7 +2053,8 @@ def load_checkpoint(path):
         saved.setdefault("attributes", [])  # written before conditioning existed: unconditional
         saved.setdefault("pair_noise", False)  # written before pairing existed: unpaired
         missing = [f"args.{k}" for k in MODEL_ARGS if k not in saved]
-    what = f"no {', '.join(missing)}" if missing else model_args_problem(ckpt["args"])
+    what = (f"no {', '.join(missing)}" if missing else
+            model_args_problem(ckpt["args"]) or saved_args_problem(ckpt["args"]))
     if what:
         raise UserError(f"{path} is not a CelebGen checkpoint ({what}); pass a last.pt or best.pt "
                         f"written by celebgen.py train")
@@ -2059,6 +2067,19 @@ def load_checkpoint(path):
     return ckpt
 
 
+def torch_archive(path):
+    """Whether path may be what torch.save writes: a zip archive holding a data.pkl (an .npz is a
+    zip without one), or one cut short, which cannot be listed."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return True
+
+
 def model_args_problem(saved):
     """What in the saved MODEL_ARGS no `train` writes (an edited or foreign file), or ''."""
     size, patch, names = saved["image_size"], saved["patch_size"], saved["attributes"]
@@ -2068,6 +2089,29 @@ def model_args_problem(saved):
         return f"image_size {size!r} with patch_size {patch!r}"
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         return f"attributes {names!r}"
+    return ""
+
+
+def saved_args_problem(saved):
+    """The first saved argument that `train`'s flag of its name would refuse (an edited file), as
+    '--flag value: why', or '' (lists: model_args_problem)."""
+    for action in make_parser()[1]._actions:
+        value = saved.get(action.dest, action.default)
+        if value == action.default or isinstance(value, list):
+            continue
+        if action.nargs == 0:  # a switch
+            why = "" if isinstance(value, bool) else "not true or false"
+        elif action.choices is not None:
+            why = "" if value in action.choices else f"not one of {', '.join(action.choices)}"
+        elif isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            why = "not a value of a flag"
+        else:
+            try:
+                why = "" if (action.type or str)(str(value)) == value else "not what the flag reads"
+            except argparse.ArgumentTypeError as e:
+                why = str(e)
+        if why:
+            return f"--{action.dest} {value!r}: {why}"
     return ""
 
 
@@ -2414,7 +2458,7 @@ def subset_command(args):
     if out.name in ("", ".", ".."):
         raise UserError(f"--out {args.out!r} names no new folder; give one to create, e.g. "
                         f"--out data/celeba_subset")
-    partial = out.with_name(out.name + ".partial")
+    partial = out.with_name(f"{out.name}.{os.getpid()}.partial")  # this process's own
     if out.resolve().is_relative_to(Path(args.data_root).resolve()):
         raise UserError(f"--out {out} is inside --data_root {args.data_root}, where it would stand "
                         f"for CelebA itself in later runs; choose a folder outside it")
@@ -2442,7 +2486,7 @@ def subset_command(args):
                         f"--data_root all of CelebA?")
     attributes = [split_file.parent / a for a in ATTRIBUTE_FILES
                   if (split_file.parent / a).is_file()][:1]
-    shutil.rmtree(partial, ignore_errors=True)  # left by a kill
+    remove_leftovers(out)  # B: of a killed subset
     try:
         (partial / "img_align_celeba").mkdir(parents=True)
         for name in names:  # copied, not linked: the set stays whole if CelebA moves

@@ -422,6 +422,7 @@ def npz_statistics(path):
                         f"and fid.py remakes it)") from None
     arrays = [mu, sigma] + ([] if features is None else [features])
     if (mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or (np.diagonal(sigma) < 0).any()
+            or np.abs(sigma - sigma.T).max(initial=0) > 1e-6 * np.abs(sigma).max(initial=0)
             or (features is not None and (features.ndim != 2 or features.shape[1] != len(mu)))
             or not all(np.issubdtype(a.dtype, np.floating) for a in arrays)):
         raise UserError(f"{path}: mu {mu.shape} {mu.dtype}, sigma {sigma.shape} {sigma.dtype} and "
@@ -482,9 +483,9 @@ def reference_statistics(train_args, model, args, device):
     if path.is_file():
         print(f"reference statistics from {path}")
         mu, sigma, features = npz_statistics(path)
-        if features is None:  # fid.py's own caches hold them, for KID
-            raise UserError(f"{path} holds no features, which KID needs: delete it, and fid.py "
-                            f"remakes it")
+        if features is None or len(features) < 2:  # fid.py's own caches hold them, for KID
+            raise UserError(f"{path} holds no features, which KID needs, of 2 or more images: "
+                            f"delete it, and fid.py remakes it")
     else:  # decodes only the `count` images used, a batch at a time
         images = itertools.islice((s[i] for s in sets for i in range(len(s))), count)
         batches = (quantized(batch) for batch in batched(images, args.batch_size))
@@ -565,6 +566,9 @@ def sample_scores(model, samples, num_samples, ref, device):
     score = InceptionScore(num_samples) if has_classifier else None
     batches = (quantized(batch) for batch in samples)
     mu, sigma, features = feature_statistics(model, batches, num_samples, device, score)
+    if len(mu) != len(ref["mu"]):  # a cache edited or written by another program
+        raise UserError(f"{ref['path']} holds statistics of {len(ref['mu'])} features, the samples "
+                        f"have {len(mu)}: delete it, and fid.py remakes it")
     fid = frechet_distance(mu, sigma, ref["mu"], ref["sigma"])
     kid, kid_std = kernel_inception_distance(features, ref["features"])
     if not has_classifier:
@@ -670,7 +674,7 @@ def make_parser():
     arg("--num_sampling_steps", type=celebgen.positive(int), default=celebgen.SAMPLING_STEPS,
         help=celebgen.SAMPLING_STEPS_HELP)
     arg("--method", choices=celebgen.METHODS, default="euler", help=celebgen.METHOD_HELP)
-    arg("--time_power", type=celebgen.number(float, above=0, below=5),
+    arg("--time_power", type=celebgen.number(float, at_least=0.1, below=5),
         help=celebgen.TIME_POWER_HELP)
     arg("--cfg_scale", type=celebgen.number(float, at_least=0),
         help=celebgen.GUIDANCE_HELP + "; a model trained with --attributes is asked for the "

@@ -226,7 +226,10 @@ def trained(workdir, capsys):
 
 
 EDITED_ARGS = {"unknown_model": {"model": "huge"}, "patch_0": {"patch_size": 0}, "size_text": {"image_size": "16"},
-               "size_not_divisible": {"patch_size": 3}, "attributes_text": {"attributes": "Smiling"}}
+               "size_not_divisible": {"patch_size": 3}, "attributes_text": {"attributes": "Smiling"},
+               "seed_negative": {"seed": -1}, "seed_text": {"seed": "0"}, "batch_0": {"batch_size": 0},
+               "batch_float": {"batch_size": 4.0}, "t_eps_negative": {"t_eps": -1.0},
+               "dataset_unknown": {"dataset": "imagenet"}, "data_root_number": {"data_root": 5}}
 
 
 @pytest.mark.parametrize("foreign", ["state_dict", "tensor", "no_args_model", "args_list", *EDITED_ARGS])
@@ -383,6 +386,15 @@ def test_samples_of_another_experiments_checkpoint_are_named_by_it(trained, caps
         "done_last_euler1_seed0", "done_last_euler1_seed0.png", "done_last_euler1_seed1",
         "done_last_euler1_seed1.png", "done_last_grid_euler1_seed0.png"]
     assert (trained.parents[1] / "samples/last_euler1_seed0").is_dir()
+
+
+def test_a_time_power_that_would_put_every_step_at_t_0_is_refused(trained, capsys):
+    """t_i = 1 - (1 - i/S)^p: at p = 1e-300 every t_i < 1 rounds to 0, and multistep's slope would divide by
+    t_i - t_(i-1) = 0: the flag's range ends at 0.1, in sample and in fid.py."""
+    assert cg.time_grid(4, 1e-300)[:-1] == [0.0] * 4
+    for code, err in [cli(capsys, "sample", "--exp_name", "done", "--time_power", "1e-300")[::2],
+                      fid_error(capsys, "--exp_name", "done", "--time_power", "1e-300")]:
+        one_line_error(code, err, "argument --time_power: must be >= 0.1, got 1e-300")
 
 
 def test_grids_of_other_sizes_keep_their_own_files(trained, capsys):
@@ -789,6 +801,17 @@ def test_reference_images_are_held_out_distinct_and_read_only_as_needed(workdir,
 
 
 
+def test_a_cached_reference_of_other_features_is_refused_in_one_line(trained, capsys, monkeypatch):
+    monkeypatch.setattr(fid, "load_weights", lambda *a: fid.fid_inception().state_dict())
+    monkeypatch.setattr(fid, "FIDFeatures", lambda state: FakeFeatures("x"))  # 8 features
+    monkeypatch.setattr(fid, "reference_statistics", lambda *a: {  # a cache of 3
+        "mu": np.zeros(3), "sigma": np.eye(3), "features": np.ones((4, 3)), "count": 4, "path": Path("c.npz")})
+    code, err = fid_error(capsys, "--exp_name", "done", "--num_samples", 3, "--ref_images", 3,
+                          "--num_sampling_steps", 1, "--autoguidance", 1)
+    one_line_error(code, err.splitlines()[-1] + "\n", "c.npz holds statistics of 3 features, the samples have 8: "
+                   "delete it")  # after the progress and the small-count warning
+
+
 def test_a_cached_reference_without_features_is_refused_in_one_line(workdir):
     """KID needs the reference features: a cache that lost them is named, not a late traceback."""
     args = cg.argparse.Namespace(ref_split="heldout", ref_images=3, batch_size=2, exp_name="x",
@@ -796,9 +819,12 @@ def test_a_cached_reference_without_features_is_refused_in_one_line(workdir):
     fid.reference_statistics(TOY_ARGS, FakeFeatures("weights-a"), args, "cpu")
     (cache,) = (workdir / "experiments/fid_refs").iterdir()
     with np.load(cache) as stats:
-        np.savez(cache, mu=stats["mu"], sigma=stats["sigma"])  # pytorch-fid's keys only
-    with pytest.raises(cg.UserError, match="holds no features, which KID needs: delete it"):
-        fid.reference_statistics(TOY_ARGS, FakeFeatures("weights-a"), args, "cpu")
+        saved = dict(stats)
+    for features in (None, saved["features"][:1]):  # pytorch-fid's keys only; one image's
+        np.savez(cache, **{**saved, "features": features} if features is not None else
+                 {k: saved[k] for k in ("mu", "sigma")})
+        with pytest.raises(cg.UserError, match="holds no features, which KID needs, of 2 or more images: delete"):
+            fid.reference_statistics(TOY_ARGS, FakeFeatures("weights-a"), args, "cpu")
 
 
 TOY_ARGS = cg.argparse.Namespace(dataset="toy", image_size=16, data_root=None, attributes=[])

@@ -141,6 +141,7 @@ def test_fid_refuses_what_it_cannot_do_before_loading_weights(workdir, capsys, n
     {"mu": np.zeros(4), "sigma": -np.eye(4)},  # negative variances: no covariance
     {"mu": np.zeros(4), "sigma": np.eye(4), "features": np.zeros((5, 3))},  # 3 features, not 4
     {"mu": np.zeros(4), "sigma": np.eye(4), "features": np.zeros(4)},  # not one row per image
+    {"mu": np.zeros(4), "sigma": np.eye(4) + np.triu(np.ones((4, 4)), 1)},  # not symmetric
 ])
 def test_fid_refuses_statistics_that_are_not_a_mean_and_covariance(workdir, capsys, no_weights, bad):
     np.savez(workdir / "good.npz", mu=np.zeros(4), sigma=np.eye(4), features=np.ones((5, 4)))

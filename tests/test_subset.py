@@ -1,4 +1,7 @@
 """`celebgen.py subset`: the benchmark set of RESULTS.md, rebuilt from a full CelebA by its list."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,6 +95,25 @@ def test_a_subset_that_cannot_be_made_is_one_line_and_writes_nothing(workdir, ca
     assert sorted(p.name for p in Path(workdir).iterdir()) == (
         ["celeba", "list.txt", "sub"] if case == "exists" else ["celeba", "list.txt"])
     assert not (workdir / "celeba/celeba").exists()
+
+
+def test_subset_leaves_other_folders_alone_and_clears_what_a_killed_one_left(workdir, capsys):
+    """Its work in progress is out.PID.partial: a folder of the user's named out.partial is left
+    alone, as is a running subset's; a killed one's (its process gone) is deleted, as is the
+    out.PID.old a killed `sample` leaves while it replaces its folder."""
+    labelled_celeba(workdir / "celeba")
+    (workdir / "list.txt").write_text("001.png\n002.png\n")
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    for name in ("sub.partial", f"sub.{os.getppid()}.partial", f"sub.{dead.pid}.partial", f"sub.{dead.pid}.old"):
+        (workdir / name).mkdir()
+        (workdir / name / "notes.txt").write_text("mine")
+    code, out, err = cli(capsys, "subset", "--data_root", "celeba", "--image_list", "list.txt",
+                         "--out", "sub")
+    assert code == 0, err
+    assert sorted(p.name for p in workdir.iterdir()) == [
+        "celeba", "list.txt", "sub", f"sub.{os.getppid()}.partial", "sub.partial"]
+    assert (workdir / "sub.partial" / "notes.txt").read_text() == "mine"
 
 
 def test_an_out_folder_written_with_a_slash_is_the_same_folder(workdir, capsys):

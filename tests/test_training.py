@@ -253,6 +253,9 @@ def test_truncated_checkpoint_is_reported_not_loaded(trained, capsys):
     trained.write_text("step,loss\n1,0.5\n")  # another program's file under the checkpoint's name
     code, _, err = cli(capsys, "sample", "--exp_name", "done")
     assert code == 2 and "last.pt is not a PyTorch file, so not a checkpoint" in err and err.count("\n") == 1
+    np.savez(trained.with_suffix(".npz"), mu=np.zeros(3))  # a zip archive too, as torch.save's
+    code, _, err = cli(capsys, "sample", "--exp_name", "done", "--checkpoint", trained.with_suffix(".npz"))
+    assert code == 2 and "last.npz is not a PyTorch file, so not a checkpoint" in err and err.count("\n") == 1
 
 
 def test_checkpoint_whose_weights_do_not_fit_its_config(trained, capsys):
