@@ -2222,9 +2222,10 @@ def say_if_finished(args, step, elapsed, total_steps, budget, announce):
     """Why a resumed run has nothing left to do, printed if announce."""
     if not announce:
         return
-    if step >= total_steps:
-        print(f"{args.exp_name} is already at step {step} of {total_steps}; raise --max_steps or "
-              f"--epochs to train further", flush=True)
+    if step >= total_steps:  # the limit that set total_steps is the one to raise
+        limit = "--max_steps" if total_steps == args.max_steps else "--epochs"
+        print(f"{args.exp_name} is already at step {step} of {total_steps}; raise {limit} to train "
+              f"further", flush=True)
     if elapsed >= budget:
         print(f"{args.exp_name} has trained {elapsed / 60:.2f} of its {args.max_minutes:g} "
               f"minutes; raise --max_minutes to train further", flush=True)

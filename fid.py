@@ -422,7 +422,6 @@ def npz_statistics(path):
                         f"and fid.py remakes it)") from None
     arrays = [mu, sigma] + ([] if features is None else [features])
     if (mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or (np.diagonal(sigma) < 0).any()
-            or np.abs(sigma - sigma.T).max(initial=0) > 1e-6 * np.abs(sigma).max(initial=0)
             or (features is not None and (features.ndim != 2 or features.shape[1] != len(mu)))
             or not all(np.issubdtype(a.dtype, np.floating) for a in arrays)):
         raise UserError(f"{path}: mu {mu.shape} {mu.dtype}, sigma {sigma.shape} {sigma.dtype} and "
@@ -431,6 +430,9 @@ def npz_statistics(path):
                         f"delete it, and fid.py remakes it)")
     if not all(np.isfinite(a).all() for a in arrays):
         raise UserError(f"{path} holds numbers that are not finite (NaN or inf): it is damaged; "
+                        f"compute it again (a cached reference: delete it, and fid.py remakes it)")
+    if np.abs(sigma - sigma.T).max(initial=0) > 1e-6 * np.abs(sigma).max(initial=0):
+        raise UserError(f"{path}: sigma is not symmetric, so not a covariance: it is damaged; "
                         f"compute it again (a cached reference: delete it, and fid.py remakes it)")
     return mu, sigma, features
 

@@ -141,7 +141,6 @@ def test_fid_refuses_what_it_cannot_do_before_loading_weights(workdir, capsys, n
     {"mu": np.zeros(4), "sigma": -np.eye(4)},  # negative variances: no covariance
     {"mu": np.zeros(4), "sigma": np.eye(4), "features": np.zeros((5, 3))},  # 3 features, not 4
     {"mu": np.zeros(4), "sigma": np.eye(4), "features": np.zeros(4)},  # not one row per image
-    {"mu": np.zeros(4), "sigma": np.eye(4) + np.triu(np.ones((4, 4)), 1)},  # not symmetric
 ])
 def test_fid_refuses_statistics_that_are_not_a_mean_and_covariance(workdir, capsys, no_weights, bad):
     np.savez(workdir / "good.npz", mu=np.zeros(4), sigma=np.eye(4), features=np.ones((5, 4)))
@@ -149,6 +148,13 @@ def test_fid_refuses_statistics_that_are_not_a_mean_and_covariance(workdir, caps
     code, err = fid_error(capsys, workdir / "good.npz", workdir / "bad.npz")
     one_line_error(code, err, f"{workdir / 'bad.npz'}: mu (4,)")
     assert "are not a mean, its covariance and the features; compute it again" in err
+
+
+def test_fid_refuses_a_covariance_that_is_not_symmetric(workdir, capsys, no_weights):
+    np.savez(workdir / "good.npz", mu=np.zeros(4), sigma=np.eye(4))
+    np.savez(workdir / "bad.npz", mu=np.zeros(4), sigma=np.eye(4) + np.triu(np.ones((4, 4)), 1))
+    code, err = fid_error(capsys, workdir / "good.npz", workdir / "bad.npz")
+    one_line_error(code, err, f"{workdir / 'bad.npz'}: sigma is not symmetric, so not a covariance")
 
 
 def test_fid_refuses_statistics_that_are_not_finite(workdir, capsys, no_weights):
