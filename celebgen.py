@@ -1556,8 +1556,9 @@ def ignore_interrupts(worker_id):
 
 def started(loader):
     """iter(loader), whose worker processes start with Ctrl-C and SIGTERM held back
-    (interrupts_held): one that comes while they import torch waits until ignore_interrupts has
-    them ignore it, and stops the training process alone, after its step."""
+    (interrupts_held): one that comes while they start (spawned: seconds of importing torch) waits
+    until ignore_interrupts has them ignore it, and stops the training process alone, after its
+    step."""
     with interrupts_held(signal.SIGINT, signal.SIGTERM):
         return iter(loader)
 
@@ -2500,9 +2501,10 @@ def subset_command(args):
             (partial / "list_attr_celeba.txt").write_text(
                 "\n".join([str(len(kept)), " ".join(columns), *kept]) + "\n")
         partial.rename(out)  # the folder appears whole, or not at all
-    except OSError as e:  # no permission, a full disk
-        raise UserError(f"cannot write {out} ({e.strerror or e}); {write_fix(e, out.parent)}, then "
-                        f"run the same command again") from None
+    except OSError as e:  # no permission, a full disk; or another subset made out meanwhile
+        fix = ("another subset made it meanwhile: use it, or remove it and run this again" if
+               out.exists() else f"{write_fix(e, out.parent)}, then run the same command again")
+        raise UserError(f"cannot write {out} ({e.strerror or e}); {fix}") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     counts = [sum(split[n] == k for n in names) for k in SPLITS.values()]

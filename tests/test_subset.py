@@ -116,6 +116,28 @@ def test_subset_leaves_other_folders_alone_and_clears_what_a_killed_one_left(wor
     assert (workdir / "sub.partial" / "notes.txt").read_text() == "mine"
 
 
+def test_a_subset_that_another_one_finished_first_says_so(workdir, capsys, monkeypatch):
+    """Two subsets of one --out at once: the one whose folder cannot take the place of the other's
+    says that another run made it, and leaves it whole."""
+    labelled_celeba(workdir / "celeba")
+    (workdir / "list.txt").write_text("001.png\n")
+    rename = Path.rename
+
+    def the_other_first(self, target):  # another subset's folder appears just before this rename
+        if self.name.endswith(".partial"):
+            (workdir / "sub").mkdir()
+            (workdir / "sub" / "theirs").write_text("complete")
+            raise OSError(cg.errno.ENOTEMPTY, "Directory not empty")
+        return rename(self, target)
+    monkeypatch.setattr(Path, "rename", the_other_first)
+    code, _, err = cli(capsys, "subset", "--data_root", "celeba", "--image_list", "list.txt",
+                       "--out", "sub")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot write sub (Directory not empty); another subset made it meanwhile" in err
+    assert sorted(p.name for p in workdir.iterdir()) == ["celeba", "list.txt", "sub"]
+    assert (workdir / "sub" / "theirs").read_text() == "complete"
+
+
 def test_an_out_folder_written_with_a_slash_is_the_same_folder(workdir, capsys):
     labelled_celeba(workdir / "celeba")
     (workdir / "list.txt").write_text("001.png\n002.png\n")
