@@ -1076,6 +1076,9 @@ def setting_text(setting):
     return ",".join(f"{name}={int(value > 0)}" for name, value in setting.items()) or "none"
 
 
+# --time_power's range: from 0.1, every time t_i < 1 of any usable step count stays apart from its
+# neighbours (near 0, all round to 0, and multistep's slope would divide by t_i - t_(i-1) = 0)
+TIME_POWER = number(float, at_least=0.1, below=5)
 TIME_POWER_HELP = ("the steps' times t_i = 1 - (1 - i/S)^P: 1 uniform, > 1 steps shrinking "
                    "towards the image (default: the P whose last step starts at t = 0.98, at most "
                    "2; 1 at 50 steps)")
@@ -1306,7 +1309,7 @@ def add_sample_flags(arg):
     arg("--num_sampling_steps", type=positive(int), default=SAMPLING_STEPS,
         help=SAMPLING_STEPS_HELP)
     arg("--method", choices=METHODS, default="euler", help=METHOD_HELP)
-    arg("--time_power", type=number(float, at_least=0.1, below=5), help=TIME_POWER_HELP)
+    arg("--time_power", type=TIME_POWER, help=TIME_POWER_HELP)
     arg("--seed", type=SEED, default=0, help="seed of the noise")
     arg("--batch_size", type=positive(int), default=64, help="images sampled at once")
     arg("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
@@ -1559,6 +1562,8 @@ def started(loader):
     (interrupts_held): one that comes while they start (spawned: seconds of importing torch) waits
     until ignore_interrupts has them ignore it, and stops the training process alone, after its
     step."""
+    if loader.num_workers == 0:  # no process to start
+        return iter(loader)
     with interrupts_held(signal.SIGINT, signal.SIGTERM):
         return iter(loader)
 
@@ -2055,7 +2060,7 @@ def load_checkpoint(path):
         saved.setdefault("pair_noise", False)  # written before pairing existed: unpaired
         missing = [f"args.{k}" for k in MODEL_ARGS if k not in saved]
     what = (f"no {', '.join(missing)}" if missing else
-            model_args_problem(ckpt["args"]) or saved_args_problem(ckpt["args"]))
+            saved_args_problem(ckpt["args"]) or model_args_problem(ckpt["args"]))
     if what:
         raise UserError(f"{path} is not a CelebGen checkpoint ({what}); pass a last.pt or best.pt "
                         f"written by celebgen.py train")
@@ -2081,24 +2086,13 @@ def torch_archive(path):
         return True
 
 
-def model_args_problem(saved):
-    """What in the saved MODEL_ARGS no `train` writes (an edited or foreign file), or ''."""
-    size, patch, names = saved["image_size"], saved["patch_size"], saved["attributes"]
-    if not isinstance(saved["model"], str) or saved["model"] not in MODELS:
-        return f"unknown model {saved['model']!r}"
-    if not all(type(n) is int and n > 0 for n in (size, patch)) or size % patch:
-        return f"image_size {size!r} with patch_size {patch!r}"
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        return f"attributes {names!r}"
-    return ""
-
-
 def saved_args_problem(saved):
     """The first saved argument that `train`'s flag of its name would refuse (an edited file), as
-    '--flag value: why', or '' (lists: model_args_problem)."""
+    '--flag value: why', or '' (--attributes, a list: model_args_problem)."""
     for action in make_parser()[1]._actions:
         value = saved.get(action.dest, action.default)
-        if value == action.default or isinstance(value, list):
+        if (type(value), value) == (type(action.default), action.default) or \
+                isinstance(action.default, list):
             continue
         if action.nargs == 0:  # a switch
             why = "" if isinstance(value, bool) else "not true or false"
@@ -2113,6 +2107,18 @@ def saved_args_problem(saved):
                 why = str(e)
         if why:
             return f"--{action.dest} {value!r}: {why}"
+    return ""
+
+
+def model_args_problem(saved):
+    """What in the saved MODEL_ARGS, each a value its flag takes (saved_args_problem), no `train`
+    writes all the same, or '': patches that do not tile the image, attributes that are not a list
+    of names."""
+    size, patch, names = saved["image_size"], saved["patch_size"], saved["attributes"]
+    if size % patch:
+        return f"image_size {size} with patch_size {patch}"
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return f"attributes {names!r}"
     return ""
 
 

@@ -506,10 +506,9 @@ def result_path(checkpoint, exp_name):
     """Where the result goes: the experiment's fid.json for a checkpoint of its own, and e.g.
     fid_other_last.json for other/checkpoints/last.pt, so that another run's score neither passes
     for this experiment's nor replaces it."""
-    exp = celebgen.experiment_paths(exp_name)
-    stem = celebgen.checkpoint_stem(checkpoint, exp_name)
-    own = checkpoint.resolve().parent == exp["checkpoints"].resolve()
-    return exp["root"] / ("fid.json" if own else f"fid_{stem}.json")
+    stem = celebgen.checkpoint_stem(checkpoint, exp_name)  # prefixed unless the checkpoint is own
+    name = "fid.json" if stem == checkpoint.stem else f"fid_{stem}.json"
+    return celebgen.experiment_paths(exp_name)["root"] / name
 
 
 def check_references(train_args, args, result):
@@ -676,8 +675,7 @@ def make_parser():
     arg("--num_sampling_steps", type=celebgen.positive(int), default=celebgen.SAMPLING_STEPS,
         help=celebgen.SAMPLING_STEPS_HELP)
     arg("--method", choices=celebgen.METHODS, default="euler", help=celebgen.METHOD_HELP)
-    arg("--time_power", type=celebgen.number(float, at_least=0.1, below=5),
-        help=celebgen.TIME_POWER_HELP)
+    arg("--time_power", type=celebgen.TIME_POWER, help=celebgen.TIME_POWER_HELP)
     arg("--cfg_scale", type=celebgen.number(float, at_least=0),
         help=celebgen.GUIDANCE_HELP + "; a model trained with --attributes is asked for the "
              "reference images' own labels")

@@ -226,7 +226,8 @@ def trained(workdir, capsys):
 
 
 EDITED_ARGS = {"unknown_model": {"model": "huge"}, "patch_0": {"patch_size": 0}, "size_text": {"image_size": "16"},
-               "size_not_divisible": {"patch_size": 3}, "attributes_text": {"attributes": "Smiling"},
+               "size_not_divisible": {"patch_size": 3}, "patch_float": {"patch_size": 4.0},  # 4: the default
+               "attributes_text": {"attributes": "Smiling"}, "model_list": {"model": ["tiny"]},
                "seed_negative": {"seed": -1}, "seed_text": {"seed": "0"}, "batch_0": {"batch_size": 0},
                "batch_float": {"batch_size": 4.0}, "t_eps_negative": {"t_eps": -1.0},
                "dataset_unknown": {"dataset": "imagenet"}, "data_root_number": {"data_root": 5}}
