@@ -877,10 +877,10 @@ def sample_command(args):
     asked = rows[0].expand(args.num_samples, -1) if rows is not None else None  # (num_samples, K)
     batches = generate(model, args, device, precision, asked, args.cfg_scale[0])
     name = samples_name(path, args)                         # A: the checkpoint and the flags
-    # each PNG is written into {name}.PID.partial/, which replaces {name}/ when complete (B)
-    count, first = write_samples_whole(batches, out / name, args.num_samples)
-    save_png(image_grid(torch.stack(first)), out / f"{name}.png")  # not with_suffix: cfg1.5
-    print(f"wrote {count} images to {out / name}/ and a grid of the first {len(first)} to "
+    # each PNG is written into {name}.PID.partial/, which replaces {name}/ when complete, and
+    # {name}.png, the grid of the first 64, follows (B)
+    count = write_samples_whole(batches, out / name, args.num_samples)
+    print(f"wrote {count} images to {out / name}/ and a grid of the first {min(count, 64)} to "
           f"{out / name}.png")
 
 
@@ -1084,11 +1084,17 @@ TIME_POWER_HELP = ("the steps' times t_i = 1 - (1 - i/S)^P: 1 uniform, > 1 steps
                    "2; 1 at 50 steps)")
 
 
+def name_number(x):
+    """A flag's number in a file name with every digit it has (2, 1.5, 1.5000001): two values
+    never share a name, as they would rounded."""
+    return repr(float(x)).removesuffix(".0")
+
+
 def sampler_text(args):
     """'euler40' for the defaults, 'multistep20_power1_autoguidance1_no_ema' for --method multistep
     --num_sampling_steps 20 --time_power 1 --autoguidance 1 --no_ema: in file names."""
-    power = "" if args.time_power is None else f"_power{args.time_power:g}"
-    guide = "" if args.autoguidance is None else f"_autoguidance{args.autoguidance:g}"
+    power = "" if args.time_power is None else f"_power{name_number(args.time_power)}"
+    guide = "" if args.autoguidance is None else f"_autoguidance{name_number(args.autoguidance)}"
     weights = "_no_ema" if args.no_ema else ""
     return f"{args.method}{args.num_sampling_steps}{power}{guide}{weights}"
 
@@ -1115,7 +1121,7 @@ def samples_name(path, args):
     name = f"{checkpoint_stem(path, args.exp_name)}{grid}_{sampler_text(args)}_seed{args.seed}"
     if not any(args.attributes) and args.cfg_scale == [1]:
         return name
-    weights = ",".join(f"{w:g}" for w in args.cfg_scale)
+    weights = ",".join(name_number(w) for w in args.cfg_scale)
     requests = f"{'+'.join(setting_text(setting) for setting in args.attributes)}_cfg{weights}"
     if len(requests) > 100:  # file names end at 255 bytes
         requests = f"requests{hashlib.sha1(requests.encode()).hexdigest()[:10]}"
@@ -1944,8 +1950,8 @@ def write_samples_whole(batches, out, total):
     own, out.PID.partial/, which replaces out/ only when complete: the folder never holds a
     cut-short set, nor mixes these images with those of an earlier run (another checkpoint behind
     last.pt, more samples), nor with those of a `sample` running beside this one. out.png, the grid
-    of the images replaced, is deleted before the swap; the caller writes the new one. Returns the
-    count and the first 64 images."""
+    of the images replaced, is deleted before the swap, and the grid of the first 64 new ones is
+    written after it. Returns the count."""
     count, first = 0, []
     partial, old = (out.with_name(f"{out.name}.{os.getpid()}.{end}") for end in ("partial", "old"))
     if out.exists() and not out.is_dir():  # checked before the first image is sampled
@@ -1968,16 +1974,21 @@ def write_samples_whole(batches, out, total):
         if out.is_dir():
             out.rename(old)
         partial.rename(out)  # between these two renames, and only there, there is no out/
+        shutil.rmtree(old, ignore_errors=True)
+        save_png(image_grid(torch.stack(first)), grid)
     except KeyboardInterrupt:
         if old.is_dir() and not out.exists():  # stopped between the two renames: undo the first
             old.rename(out)
+        if not partial.exists():  # stopped after the swap: the new images are all there
+            shutil.rmtree(old, ignore_errors=True)
+            grid_fate = "" if grid.exists() else f"; {grid.name}, their grid, was not written"
+            raise Interrupted(f"interrupted; {out}/ holds all {count} images{grid_fate}") from None
         was = "is as it was" if out.is_dir() else "was not made"
         raise Interrupted(f"interrupted after {count} of {total} images; {out}/ {was}: run the "
                           f"command again to write them") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return count, first
+    return count
 
 
 # --------------------------------------------------------------------------------------------------

@@ -594,9 +594,10 @@ def write_result(result, path, exp_name):
     with SummaryWriter(exp["logs"]) as writer:
         tag = (f"fid/{result['num_samples']}_samples_{result['method']}"
                f"{result['num_sampling_steps']}")
-        tag += f"_power{result['time_power']:g}" if result["time_power"] is not None else ""
-        tag += f"_cfg{result['cfg_scale']:g}" if "attributes" in result else ""
-        tag += f"_autoguidance{result['autoguidance']:g}" if result["autoguidance"] != 1 else ""
+        number, power, guide = celebgen.name_number, result["time_power"], result["autoguidance"]
+        tag += f"_power{number(power)}" if power is not None else ""
+        tag += f"_cfg{number(result['cfg_scale'])}" if "attributes" in result else ""
+        tag += f"_autoguidance{number(guide)}" if guide != 1 else ""
         writer.add_scalar(tag, result["fid"], result["step"])
         writer.add_scalar(tag.replace("fid/", "kid/"), result["kid"], result["step"])
 

@@ -313,3 +313,12 @@ def test_real_celeba_in_its_layout(celeba_root):
     assert len(data) == len(splits[1])
     image = data[0]
     assert image.shape == (3, 64, 64) and image.std() > 0.1 and -1 <= image.min() <= image.max() <= 1
+
+
+def test_toy_faces_have_three_disjoint_splits():
+    """Toy train, val and test images are drawn from other seeds: validation and FID references are
+    never training images."""
+    splits = [cg.make_dataset(SimpleNamespace(dataset="toy", image_size=16, attributes=[]), name)
+              for name in ("train", "val", "test")]
+    for i in range(4):
+        assert not any(torch.equal(splits[a][i], splits[b][i]) for a, b in ((0, 1), (0, 2), (1, 2)))

@@ -370,8 +370,23 @@ def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
             raise KeyboardInterrupt
         return real_save(image, path, *args, **kwargs)
     monkeypatch.setattr(Image.Image, "save", save_but_the_grid)
-    assert cli(capsys, *command, "--num_samples", 6)[0] == 130
+    code, _, err = cli(capsys, *command, "--num_samples", 6)
+    assert code == 130 and err == ("interrupted; experiments/done/samples/last_euler2_seed0/ holds all 6 images; "
+                                   "last_euler2_seed0.png, their grid, was not written\n")
     assert len(list(folder.iterdir())) == 6 and euler2() == ["last_euler2_seed0"]  # not the grid of three
+    # stopped while the replaced folder is deleted: the new images and their grid stand, the old go next time
+    real_rmtree, interrupted = shutil.rmtree, []
+    def rmtree_interrupted_once(path, **kwargs):  # Ctrl-C while the replaced folder is deleted
+        if Path(path).name.endswith(".old") and not interrupted:
+            interrupted.append(path)
+            raise KeyboardInterrupt
+        real_rmtree(path, **kwargs)
+    monkeypatch.setattr(Image.Image, "save", real_save)
+    monkeypatch.setattr(shutil, "rmtree", rmtree_interrupted_once)
+    code, _, err = cli(capsys, *command, "--num_samples", 3)
+    assert code == 130 and err == ("interrupted; experiments/done/samples/last_euler2_seed0/ holds all 3 images; "
+                                   "last_euler2_seed0.png, their grid, was not written\n")
+    assert interrupted and len(list(folder.iterdir())) == 3 and euler2() == ["last_euler2_seed0"]
 
 
 def test_samples_of_another_experiments_checkpoint_are_named_by_it(trained, capsys):
@@ -951,13 +966,15 @@ def test_a_read_only_experiment_is_one_line_at_its_lock(trained, capsys, monkeyp
 
 
 def test_a_value_with_a_dot_keeps_its_grid_beside_its_folder(trained, capsys):
-    """Sample names hold flag values such as 1.5: each grid is its folder's name + .png, not cut at a dot."""
-    for power in (1.5, 1.25):
+    """Sample names hold flag values such as 1.5: each grid is its folder's name + .png, not cut at a dot;
+    and every digit, so that a value near another (1.2500001) does not replace its samples."""
+    for power in (1.5, 1.25, 1.2500001, 2.0):
         assert cli(capsys, "sample", "--exp_name", "done", "--num_samples", 2, "--num_sampling_steps", 1,
                    "--time_power", power)[0] == 0
     assert sorted(p.name for p in (trained.parents[1] / "samples").glob("last_*")) == [
-        "last_euler1_power1.25_seed0", "last_euler1_power1.25_seed0.png", "last_euler1_power1.5_seed0",
-        "last_euler1_power1.5_seed0.png"]
+        "last_euler1_power1.2500001_seed0", "last_euler1_power1.2500001_seed0.png", "last_euler1_power1.25_seed0",
+        "last_euler1_power1.25_seed0.png", "last_euler1_power1.5_seed0", "last_euler1_power1.5_seed0.png",
+        "last_euler1_power2_seed0", "last_euler1_power2_seed0.png"]
     (trained.parents[1] / "samples" / "last_euler1_power1.75_seed0.png").mkdir()  # checked whole too
     one_line_error(*cli(capsys, "sample", "--exp_name", "done", "--num_samples", 2, "--num_sampling_steps", 1,
                         "--time_power", 1.75)[::2], "power1.75_seed0.png is a folder, where the samples' grid goes")

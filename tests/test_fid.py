@@ -7,12 +7,13 @@ import types
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from PIL import Image
 
 import celebgen as cg
 import fid
-from test_training import TOY, cli, labelled_celeba
+from test_training import TOY, cli, labelled_celeba, random_image_folder
 
 
 def test_identical_statistics_have_zero_distance():
@@ -34,6 +35,19 @@ def test_diagonal_covariances_match_the_closed_form():
     mu1, mu2 = rng.standard_normal(100), rng.standard_normal(100)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
     assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_a_complex_root_of_singular_covariances_keeps_its_real_part():
+    """Covariances of 3 images in 6 dimensions: scipy's root of their product comes out complex, with a
+    negative diagonal entry. Tr((S1 S2)^(1/2)) is the sum of the roots of S1 S2's eigenvalues (real, >= 0)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((6, 3)), rng.standard_normal((6, 3))
+    sigma1, sigma2, mu1, mu2 = a @ a.T, b @ b.T, np.zeros(6), np.ones(6)
+    root = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    assert np.iscomplexobj(root) and (np.diagonal(root).real < 0).any()  # the case under test
+    eigenvalues = np.linalg.eigvals(sigma1 @ sigma2).real.clip(0)
+    expected = 6 + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(eigenvalues).sum()
+    assert fid.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-6)
 
 
 def test_running_statistics_equal_np_cov_of_all_features_at_once(capsys):
@@ -140,6 +154,45 @@ def test_the_references_are_the_first_ref_images_of_the_split_and_no_more(workdi
     expected = fid.quantized(torch.stack([val[i] for i in range(10)]))              # (10, 3, 8, 8)
     assert ref["count"] == 10 and [len(b) for b in seen] == [4, 4, 2] and torch.equal(torch.cat(seen), expected)
     assert np.allclose(ref["mu"], expected[:, 0, 0].double().mean(0).numpy())
+
+
+def test_held_out_references_are_val_then_test_never_train(workdir):
+    """CelebA's official split of 7 images: 4 held-out references are the 2 val images, then the 2 test
+    images, each in file order; no training image."""
+    (workdir / "celeba").mkdir()
+    random_image_folder(workdir / "celeba" / "img_align_celeba", 7)
+    split = [0, 1, 2, 0, 1, 2, 0]  # 000-006.png: train, val, test, train, val, test, train
+    (workdir / "celeba" / "list_eval_partition.txt").write_text(
+        "".join(f"{i:03d}.png {s}\n" for i, s in enumerate(split)))
+    seen = []
+    def network(batch):  # records its input
+        seen.append(batch)
+        return batch.flatten(1)[:, :3].double(), torch.zeros(len(batch), 5)
+    network.fingerprint = "recorder"
+    train_args = argparse.Namespace(dataset="celeba", data_root="celeba", image_size=8, attributes=[],
+                                    download=False)
+    args = argparse.Namespace(ref_split="heldout", ref_images=4, batch_size=8)
+    assert fid.reference_statistics(train_args, network, args, torch.device("cpu"))["count"] == 4
+    expected = [cg.to_signed(cg.load_pixels(workdir / "celeba" / "img_align_celeba" / f"{i:03d}.png", 8))
+                for i in (1, 4, 2, 5)]  # val, val, test, test
+    assert torch.equal(torch.cat(seen), fid.quantized(torch.stack(expected)))
+
+
+def test_each_data_folder_caches_its_own_references(workdir):
+    """Two folders of as many images, other images: the second's references are its own, not the first's
+    from the cache (whose key names the folder)."""
+    def network(batch):  # one feature per pixel of channel 0's first row
+        return batch[:, 0, 0].double(), torch.zeros(len(batch), 5)
+    network.fingerprint = "pixels"
+    random_image_folder(workdir / "a", 4)
+    random_image_folder(workdir / "b", 5)
+    (workdir / "b" / "000.png").unlink()  # b: the images a has from its second on, and one more
+    args = argparse.Namespace(ref_split="heldout", ref_images=4, batch_size=4)
+    refs = [fid.reference_statistics(argparse.Namespace(dataset="celeba", data_root=folder, image_size=8,
+                                                        attributes=[], download=False),
+                                     network, args, torch.device("cpu")) for folder in ("a", "b", "a")]
+    assert refs[0]["path"] != refs[1]["path"] and not np.allclose(refs[0]["mu"], refs[1]["mu"])
+    assert refs[2]["path"] == refs[0]["path"] and np.array_equal(refs[2]["mu"], refs[0]["mu"])  # cached
 
 
 def test_a_conditional_model_is_asked_only_for_labels_the_references_have(tmp_path):

@@ -88,6 +88,48 @@ def test_attention_logits_depend_only_on_relative_position(monkeypatch):
     assert (logits[0][0, 0, 0] - logits[0][0, 0, 0, 0]).abs().max() > 0.1      # keys differ
 
 
+def test_attention_is_each_heads_softmax_over_its_values_then_the_heads_side_by_side():
+    """Attention written out, head by head (RoPE at angle 0, the identity): each token's output is
+    proj of its heads' outputs concatenated, head h being softmax(q_h k_h^T / sqrt(d)) v_h over the
+    tokens, with q_h and k_h normalised (QK-norm)."""
+    torch.manual_seed(0)
+    attention, (B, N, H, d) = cg.Attention(16, 2), (2, 5, 2, 8)
+    x = torch.randn(B, N, H * d)
+    q, k, v = attention.qkv(x).view(B, N, 3, H, d).unbind(2)                  # (B, N, H, d) each
+    q, k = (F.layer_norm(z, (d,), eps=1e-6) for z in (q, k))  # the norms' gains start at 1
+    heads = [torch.softmax(q[:, :, h] @ k[:, :, h].transpose(1, 2) / d**0.5, -1) @ v[:, :, h]
+             for h in range(H)]                                               # (B, N, d) each
+    expected = attention.proj(torch.cat(heads, -1))                           # (B, N, H d)
+    assert torch.allclose(attention(x, torch.zeros(N, d // 2)), expected, atol=1e-5)
+
+
+def test_a_block_is_the_adain_zero_formula_written_out():
+    """x <- x + g1 attn(LN(x)(1 + s1) + b1), then x <- x + g2 mlp(LN(x)(1 + s2) + b2), where (b1, s1, g1,
+    b2, s2, g2) are the six chunks of the modulation of c, once trained away from zero."""
+    torch.manual_seed(0)
+    block, x, c, rope = cg.Block(16, 2), torch.randn(2, 5, 16), torch.randn(2, 16), torch.zeros(5, 4)
+    torch.nn.init.normal_(block.modulation[-1].weight, std=0.5)
+    b1, s1, g1, b2, s2, g2 = block.modulation(c)[:, None].chunk(6, -1)        # (B, 1, D) each
+    norm = lambda z: F.layer_norm(z, (16,), eps=1e-6)
+    after_attention = x + g1 * block.attn(norm(x) * (1 + s1) + b1, rope)
+    expected = after_attention + g2 * block.mlp(norm(after_attention) * (1 + s2) + b2)
+    assert torch.allclose(block(x, c, rope), expected, atol=1e-5)
+
+
+def test_the_dit_is_its_section_5_pipeline_written_out():
+    """x_pred = unpatchify(out(LN(h)(1 + scale) + shift)): h the blocks' output from
+    patch_embed(patchify(x_t)), and (shift, scale) the two chunks of the final modulation of
+    c = time_mlp(time_features(t)) + W a."""
+    torch.manual_seed(0)
+    model = randomized(cg.DiT(8, 4, dim=16, depth=1, heads=2, num_attributes=2))
+    x_t, t, a = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([[1.0, -1.0], [0.0, 1.0]])
+    c = model.time_mlp(cg.time_features(t, cg.TIME_FEATURES)) + model.attribute_embed(a)      # (B, D)
+    h = model.blocks[0](model.patch_embed(cg.patchify(x_t, 4)), c, model.rope)                # (B, N, D)
+    shift, scale = model.final_modulation(c)[:, None].chunk(2, -1)                           # (B, 1, D)
+    expected = cg.unpatchify(model.out(F.layer_norm(h, (16,), eps=1e-6) * (1 + scale) + shift), 4, 2)
+    assert torch.allclose(model(x_t, t, a), expected, atol=1e-5)
+
+
 def test_uniform_time_rotation_leaves_attention_unchanged():
     """Rotating all queries and keys by the same time angle t*w cancels in q.k: t would be invisible."""
     torch.manual_seed(0)
@@ -96,6 +138,13 @@ def test_uniform_time_rotation_leaves_attention_unchanged():
         time_angles = (1000 * t * cg.frequency_bank(16, 10_000.0)).expand(16, 16)  # the same for all N tokens
         rotated = F.scaled_dot_product_attention(cg.apply_rope(q, time_angles), cg.apply_rope(k, time_angles), v)
         assert torch.allclose(rotated, F.scaled_dot_product_attention(q, k, v), atol=1e-5)
+
+
+def test_pixels_map_to_the_models_range_and_back():
+    """uint8 pixels 0..255 -> [-1, 1] (the model's range, 0 -> -1, 255 -> 1) -> [0, 1] for PNGs: p / 255."""
+    pixels = torch.arange(256, dtype=torch.uint8)
+    signed = cg.to_signed(pixels)
+    assert signed[0] == -1 and signed[-1] == 1 and torch.allclose(cg.to_unit(signed), pixels / 255.0, atol=1e-6)
 
 
 def test_model_output_depends_on_t():

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -284,8 +285,8 @@ def test_a_ctrl_c_held_back_reaches_the_training_loop_at_once():
     the run at once."""
     previous = signal.signal(signal.SIGINT, lambda *a: None)  # whatever is still pending lands here
     try:
-        with cg.interrupts_held(signal.SIGINT):
-            os.kill(os.getpid(), signal.SIGINT)
+        with cg.interrupts_held(signal.SIGINT):  # held in this thread: sent to it, not to torch's threads
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)
             with cg.InterruptRequest(announce=False, sigterm=False) as interrupt:
                 delivered = interrupt.requested
     finally:

@@ -221,7 +221,7 @@ def record_training_images(monkeypatch):
 
 def test_every_epoch_is_a_new_permutation_of_all_images_and_a_resume_sees_the_same(workdir, capsys, monkeypatch):
     """Each epoch reads every image once, in a new order, and with new noise and a new time; a resume
-    reads exactly what the uninterrupted run read."""
+    reads exactly what the uninterrupted run read; another --seed reads another order."""
     random_image_folder(workdir / "images", 12)
     args = [*TOY, "--dataset", "celeba", "--data_root", "images", "--batch_size", 4]
     seen, drawn = record_training_images(monkeypatch)
@@ -237,6 +237,9 @@ def test_every_epoch_is_a_new_permutation_of_all_images_and_a_resume_sees_the_sa
     assert cli(capsys, "train", "--exp_name", "resumed", *args, "--max_steps", 5)[0] == 0
     assert cli(capsys, "train", "--exp_name", "resumed", "--resume", "--max_steps", 9)[0] == 0
     assert seen == straight  # the resume skipped exactly the 2 batches of epoch 2 already seen
+    seen.clear()
+    assert cli(capsys, "train", "--exp_name", "seed1", *args, "--max_steps", 3, "--seed", 1)[0] == 0
+    assert sorted(seen) == list(range(12)) and seen != straight[:12]  # another seed, another order
 
 
 def test_validation_is_the_same_number_after_a_resume(workdir, capsys):
