@@ -374,7 +374,7 @@ def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
     assert code == 130 and err == ("interrupted; experiments/done/samples/last_euler2_seed0/ holds all 6 images; "
                                    "last_euler2_seed0.png, their grid, was not written\n")
     assert len(list(folder.iterdir())) == 6 and euler2() == ["last_euler2_seed0"]  # not the grid of three
-    # stopped while the replaced folder is deleted: the new images and their grid stand, the old go next time
+    # stopped while the replaced folder is deleted: the new images stand, the old are removed, no grid is drawn
     real_rmtree, interrupted = shutil.rmtree, []
     def rmtree_interrupted_once(path, **kwargs):  # Ctrl-C while the replaced folder is deleted
         if Path(path).name.endswith(".old") and not interrupted:

@@ -138,15 +138,21 @@ def test_the_inception_score_is_of_the_logits_and_fid_of_the_features():
     assert np.array_equal(kept, features.numpy())
 
 
+def recording_network(seen):
+    """A stand-in for FIDFeatures that appends each batch it is fed to `seen`: one feature per pixel of
+    channel 0's first row, and 5 logits of 0."""
+    def network(batch):
+        seen.append(batch)
+        return batch[:, 0, 0].double(), torch.zeros(len(batch), 5)
+    network.fingerprint = "recorder"
+    return network
+
+
 def test_the_references_are_the_first_ref_images_of_the_split_and_no_more(workdir):
     """reference_statistics feeds the network the first --ref_images held-out images (val, then test),
     and no more, a batch at a time: here 10 of the toy faces' 50,000 val images."""
     seen = []
-
-    def network(batch):  # records its input; one feature per pixel of channel 0's first row
-        seen.append(batch)
-        return batch[:, 0, 0].double(), torch.zeros(len(batch), 5)
-    network.fingerprint = "recorder"
+    network = recording_network(seen)
     train_args = argparse.Namespace(dataset="toy", image_size=8, attributes=[])
     args = argparse.Namespace(ref_split="heldout", ref_images=10, batch_size=4)
     ref = fid.reference_statistics(train_args, network, args, torch.device("cpu"))
@@ -165,10 +171,7 @@ def test_held_out_references_are_val_then_test_never_train(workdir):
     (workdir / "celeba" / "list_eval_partition.txt").write_text(
         "".join(f"{i:03d}.png {s}\n" for i, s in enumerate(split)))
     seen = []
-    def network(batch):  # records its input
-        seen.append(batch)
-        return batch.flatten(1)[:, :3].double(), torch.zeros(len(batch), 5)
-    network.fingerprint = "recorder"
+    network = recording_network(seen)
     train_args = argparse.Namespace(dataset="celeba", data_root="celeba", image_size=8, attributes=[],
                                     download=False)
     args = argparse.Namespace(ref_split="heldout", ref_images=4, batch_size=8)
@@ -181,9 +184,7 @@ def test_held_out_references_are_val_then_test_never_train(workdir):
 def test_each_data_folder_caches_its_own_references(workdir):
     """Two folders of as many images, other images: the second's references are its own, not the first's
     from the cache (whose key names the folder)."""
-    def network(batch):  # one feature per pixel of channel 0's first row
-        return batch[:, 0, 0].double(), torch.zeros(len(batch), 5)
-    network.fingerprint = "pixels"
+    network = recording_network([])
     random_image_folder(workdir / "a", 4)
     random_image_folder(workdir / "b", 5)
     (workdir / "b" / "000.png").unlink()  # b: the images a has from its second on, and one more
