@@ -62,7 +62,7 @@ class UserError(Exception):
 #     x_t = t x1 + (1 - t) x0,            whose velocity is    v = dx_t/dt = x1 - x0.
 # Training shows the network x_t at a random t and asks which image it is heading to (sections 5-6);
 # sampling starts from noise and follows the predicted velocity to t = 1 (section 7). Images are
-# tensors (B, 3, H, W) in [-1, 1], on the scale of the unit-variance noise.
+# tensors (B, 3, H, W) in [-1, 1], of the same order as the noise, whose standard deviation is 1.
 # Times come from a logit-normal, t = sigmoid(mu + sigma * n) with n ~ N(0, 1): the defaults,
 # mu = -0.4 and sigma = 0.8 (JiT uses -0.8 and 0.8), put 69% of the times at t < 0.5, the noisy
 # end, where the coarse structure of a face is decided: of the settings tried for short CPU runs,
@@ -179,10 +179,10 @@ class Attention(nn.Module):
         super().__init__()
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        # Per-head LayerNorm on q and k ("QK-norm", as ViT-22B applies it): each becomes a vector of
-        # mean 0 and RMS at most 1 times a learned gain per channel, so, RoPE's rotation keeping
-        # lengths, |q.k| / sqrt(d) <= sqrt(d) max|gain_q| max|gain_k|: the logits grow only as the
-        # gains do, not with the activations, which a large learning rate or bf16 can blow up.
+        # Per-head LayerNorm on q and k ("QK-norm", as ViT-22B): each becomes a vector of mean 0 and
+        # RMS at most 1 times a learned gain (per channel of a head, shared by the heads), so, RoPE
+        # keeping lengths, |q.k| / sqrt(d) <= sqrt(d) max|gain_q| max|gain_k|: the logits grow only
+        # as the gains do, not with the activations, which bf16 or a high learning rate can blow up.
         self.q_norm = nn.LayerNorm(dim // heads, eps=1e-6, bias=False)
         self.k_norm = nn.LayerNorm(dim // heads, eps=1e-6, bias=False)
         self.proj = nn.Linear(dim, dim)
@@ -226,7 +226,7 @@ class Block(nn.Module):
 # network of width D can represent, while noise fills all p*p*3 dimensions of a patch (the argument
 # of JiT, "Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025). That argument is
 # strongest when a patch holds more numbers than a token's width; a 4x4 patch holds 48 against
-# D = 192 (tiny) or 384 (small), where it applies only weakly: JiT's recipe is kept whole anyway.
+# D = 192 (tiny) or 384 (small), where it applies only weakly: kept anyway, one target at any size.
 
 # named sizes: width, depth and heads (head width 64 throughout); parameters at 4x4 patches
 MODELS = {
@@ -238,10 +238,10 @@ TIME_FEATURES = 256  # width of the [cos, sin] time features fed to the conditio
 
 
 class DiT(nn.Module):
-    def __init__(self, image_size, patch_size, dim, depth, heads, num_attributes=0, channels=3):
+    def __init__(self, image_size, patch_size, dim, depth, heads, num_attributes=0):
         super().__init__()
         self.patch_size, self.grid = patch_size, image_size // patch_size
-        self.patch_embed = nn.Linear(channels * patch_size**2, dim)
+        self.patch_embed = nn.Linear(3 * patch_size**2, dim)  # a patch: p*p RGB pixels
         self.time_mlp = nn.Sequential(nn.Linear(TIME_FEATURES, dim), nn.SiLU(), nn.Linear(dim, dim))
         # W a of section 4; None in an unconditional model, whose weights then have no such key
         self.attribute_embed = nn.Linear(num_attributes, dim, bias=False) if num_attributes \
@@ -249,7 +249,7 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.out = nn.Linear(dim, channels * patch_size**2)
+        self.out = nn.Linear(dim, 3 * patch_size**2)
         for layer in (self.final_modulation[-1], self.out):  # as DiT: predicts 0 at first
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -309,7 +309,7 @@ def flow_loss(model, x1, x0, t, t_eps, attributes=None):
 # to many images, and the model learns their blurred average. So each image takes the noise of the
 # assignment that minimises the batch's total squared distance (off: --no_pair_noise),
 #     min over permutations P of  sum_i || x1_i - x0_P(i) ||^2:
-# both keep their distributions, only the pairs change; FID 2 lower in 20-min CPU runs (RESULTS.md).
+# the sets of noise and images stay, only the pairs change; on for its lower FID (RESULTS.md).
 
 def pair_noise(x1, x0, rank, world_size):
     """x0 (B, C, H, W) reassigned to the images so that the sum of ||x1_i - x0_i||^2 over the
@@ -372,11 +372,12 @@ def guided_prediction(model, x_t, t, attributes, cfg_scale):
     return x_u + cfg_scale * (x_c - x_u)                                      # (B, C, H, W)
 
 
-# Autoguidance (Karras et al., 2024), sample's default for a model without attributes, guides it
-# by a weaker copy of itself: the network at GUIDE_AT of its training (guide.pt, section 11) errs
-# where the model does, only more: x_pred = x_guide + w (x_model - x_guide); w > 1 moves away.
+# Autoguidance (Karras et al., 2024) guides a model by a weaker copy of itself: the network at
+# GUIDE_AT of its training (guide.pt, section 11) errs where the model does, only more:
+#     x_pred = x_guide + w (x_model - x_guide);  w > 1 moves away from the guide's errors.
+# sample uses it by default (w = 1.5) for a model without attributes whose run saved guide.pt.
 
-GUIDE_AT = 0.25  # 1/8 was 1.0 FID better in 20-minute runs, 1.3 worse in 10-minute (RESULTS.md)
+GUIDE_AT = 0.25  # of the ages tried, the best over 10- and 20-minute runs together (RESULTS.md)
 
 
 class Autoguided(nn.Module):
@@ -395,8 +396,8 @@ class Autoguided(nn.Module):
 # p > 1. A last step from low t lands on a blurred prediction; each step from above t = 0.95, where
 # section 1's logit-normal draws almost no training times, moves x towards a prediction with its
 # contrast raised (RESULTS.md). The default trades the two: the last step starts at t_{S-1} =
-# 1 - S^-p = 0.98, p = min(2, log(1 / 0.02) / log S) (1.70 at 10 steps, 1.31 at 20, 1 at 50, below
-# 1 beyond, so no step starts above 0.98); fewer than 8 steps keep p = 2, lest the first be huge.
+# 1 - S^-p = 0.98, p = min(2, log(1 / 0.02) / log S) (1.70 at 10 steps, 1.31 at 20, 1 at 50, and
+# below 1 beyond: no step starts above 0.98); fewer than 8 steps keep p = 2, lest the first be huge.
 
 LAST_STEP_FROM = 0.98  # within 1 FID of the best grid tried at 10, 20 and 50 steps (RESULTS.md)
 
@@ -404,7 +405,7 @@ LAST_STEP_FROM = 0.98  # within 1 FID of the best grid tried at 10, 20 and 50 st
 def time_grid(num_steps, power=None):
     """The S + 1 = num_steps + 1 times t_i = 1 - (1 - i/S)^power, from 0 to 1 (floats); power None:
     the one whose last step starts at LAST_STEP_FROM, at most 2 (uniform for S = 1)."""
-    if power is None:  # (for S = 1 any power gives [0, 1])
+    if power is None:
         power = min(2.0, math.log(1 / (1 - LAST_STEP_FROM)) / math.log(max(num_steps, 2)))
     u = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64)                   # (S + 1,)
     return (1 - (1 - u) ** power).tolist()
@@ -659,9 +660,9 @@ def clip_gradients(parts, loss, step, args):
 @torch.no_grad()
 def update_ema(ema, model, step, decay):
     """ema <- d ema + (1 - d) model, with the warm-up d = min(decay, (1 + step) / (10 + step)).
-    As the lag behind a weight that grows by 1 per step (tested), the average spans (step + 1) / 10
-    steps in the warm-up, so even short runs sample a useful EMA, then d / (1 - d): 199 at 0.995,
-    9,999 at DiT's 0.9999. 0.995 beat longer windows; shorter ones tied or lost (RESULTS.md)."""
+    Behind a weight that grows by 1 per step the average lags (step + 1) / 10 steps in the warm-up
+    (tested), so even short runs sample a useful EMA, then d / (1 - d): 199 at 0.995, 9,999 at
+    DiT's 0.9999. 0.995: of the windows tried, none sampled better (RESULTS.md)."""
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - d)
@@ -672,7 +673,7 @@ def training_parts(args, device):
     torch.manual_seed(args.seed)
     model = build_model(args).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    # beta2 0.95 (DiT: 0.999): second moments over ~20 steps, not ~1,000; fused: one kernel
+    # no weight decay, as DiT (so AdamW is Adam); beta2 0.95, not DiT's 0.999: ~20 steps' memory
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0, fused=True)
     # fp16 only: scale the loss up before backward, so small gradients do not flush to zero
@@ -691,7 +692,7 @@ def train_loop(rank, world_size, args, device, interrupt):
     if args.compile:  # fused kernels for the elementwise ops between the matmuls, made at step 1
         model = compiled(model)                                               # Part three, F
     # 2. the data, and how long the run is: --epochs, --max_steps or --max_minutes
-    if world_size > 1:  # wait for the image cache, built by one process per machine (A)
+    if world_size > 1:  # wait for the image cache, built by one process per machine (E)
         dist.barrier()
     examples = FlowExamples(make_dataset(args, "train"), args)
     sampler = DistributedSampler(examples, world_size, rank, seed=args.seed, drop_last=True)
@@ -794,7 +795,7 @@ class Bookkeeping:
             self.save("best.pt", step)
 
     def sample_grid(self, step):
-        """16 samples of the EMA from fixed noise: the same faces, improving, at every interval."""
+        """16 EMA samples from fixed noise, asking for nothing: the same faces, getting better."""
         with autocast(self.device, self.args.resolved_precision):
             images = sample(self.parts.ema, self.grid_noise.to(self.device),
                             time_grid(self.args.num_sampling_steps))
@@ -1266,7 +1267,7 @@ def add_recipe_flags(arg):
         help="steps of linear learning-rate warm-up from lr/warmup_steps to lr")
     arg("--grad_clip", type=positive(float), default=1.0, help="clip the gradient norm to this")
     arg("--ema_decay", type=number(float, at_least=0, below=1), default=0.995,
-        help="EMA decay d: the average spans about 1 / (1 - d) steps (DiT's, for runs "
+        help="EMA decay d: the average lags about d / (1 - d) steps behind (DiT's, for runs "
              "of hundreds of thousands of steps: 0.9999)")
     arg("--no_pair_noise", dest="pair_noise", action="store_false",
         help="draw each example's noise independently of its image, instead of pairing a batch's "
@@ -1765,7 +1766,9 @@ def quiet_spawn(args):
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     # the resource tracker started for spawn takes this process's -W options: its warning, after
     # that line, of a killed worker's semaphores (which it then removes) is not news either
-    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
+    quiet = "ignore:resource_tracker:UserWarning"
+    if quiet not in sys.warnoptions:  # once, though a notebook may start many runs
+        sys.warnoptions.append(quiet)
     ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def pass_on(signum, frame):  # SIGTERM to this process (kill, timeout): once, to the workers,
