@@ -801,7 +801,7 @@ class Bookkeeping:
                             time_grid(self.args.num_sampling_steps))
         grid = image_grid(images)                                             # B
         self.writer.add_image("samples", grid, step)
-        save_png(grid, self.exp["samples"] / f"step_{step:07d}.png")          # B: written whole
+        save_step_grid(grid, self.exp, step)  # B: samples/step_0000100.png, written whole
 
     def save(self, name, step):
         state = checkpoint_state(self.parts, step, self.best_val, self.elapsed, self.args)
@@ -1201,6 +1201,9 @@ DEVICE_HELP = "auto: cuda, then mps, then cpu"
 SEED = number(int, at_least=0, below=2**32)  # so that seed + 1, seed + epoch fit in 64 bits
 
 
+DATA_ROOT = "./data"  # where --data_root looks unless told
+
+
 def make_parser():
     """The `train`, `sample` and `subset` subcommands; returns the parser and its `train`
     subparser (whose defaults --resume replaces with the saved arguments)."""
@@ -1213,7 +1216,7 @@ def make_parser():
                      .add_argument)
     arg = commands.add_parser("subset", help="copy a listed part of CelebA into a folder")
     arg = arg.add_argument
-    arg("--data_root", default="./data", help="where CelebA is (see README for the layouts)")
+    arg("--data_root", default=DATA_ROOT, help="where CelebA is (see README for the layouts)")
     arg("--image_list", required=True,
         help="the images to copy, a file name first on each line (e.g. assets/celeba_subset.txt)")
     arg("--out", required=True, help="the folder to create, in CelebA's official layout")
@@ -1230,7 +1233,7 @@ def add_train_flags(arg):
              "--t_sigma, --t_eps, --no_pair_noise and --val_size cannot change")
     arg("--dataset", choices=["celeba", "toy"], default="celeba",
         help="celeba: images under --data_root; toy: procedurally drawn faces, no download")
-    arg("--data_root", default="./data", help="where CelebA is (see README for the layouts)")
+    arg("--data_root", default=DATA_ROOT, help="where CelebA is (see README for the layouts)")
     arg("--download", action="store_true",
         help="fetch CelebA into DATA_ROOT/celeba first (needs: pip install gdown), unless there")
     arg("--image_size", type=positive(int), default=32, help="side of the square training images")
@@ -1389,6 +1392,10 @@ def validate_train_args(args, device, torchrun):
         # (tests/benchmark_speed.py --trainer measures both; RESULTS.md)
         args.workers = 0 if device.type == "cpu" and args.dataset == "celeba" else 2
     check_processes(args, device, torchrun)
+    if args.dataset == "toy" and not args.resume and (args.download or args.data_root != DATA_ROOT):
+        flag = "--download" if args.download else f"--data_root {args.data_root}"
+        raise UserError(f"toy faces are drawn, not read: drop {flag}, or drop --dataset toy to "
+                        f"train on CelebA")
     if args.dataset == "toy" and args.attributes:
         if args.attributes == ATTRIBUTE_NAMES:  # `all`
             args.attributes = list(TOY_ATTRIBUTES)
@@ -1479,12 +1486,20 @@ def grid_command(args, model, rows, name, step, device, precision):
     print(f"wrote {name}: rows {settings}; columns cfg_scale {scales}")
 
 
+def resume_command(exp_name):
+    """The command that resumes experiment exp_name, run from the current folder: `python
+    celebgen.py ...` beside this file, else with its path (absolute from outside its folder)."""
+    path = os.path.relpath(__file__)
+    return (f"python {os.path.abspath(__file__) if path.startswith('..') else path} train "
+            f"--exp_name {exp_name} --resume")
+
+
 def divergence(loss, grad_norm, step, args):
     """The error that ends a run whose loss or gradients stopped being finite at `step`; its fix
     goes on from the last checkpoint (saved before that step), if any, at half the --lr."""
     saved = resume_checkpoint(experiment_paths(args.exp_name)["checkpoints"]) is not None
-    again = (f"python celebgen.py train --exp_name {args.exp_name} --resume --lr {args.lr / 2:g}"
-             if saved else f"the same command with --lr {args.lr / 2:g}")
+    again = (f"{resume_command(args.exp_name)} --lr {args.lr / 2:g}" if saved else
+             f"the same command with --lr {args.lr / 2:g}")
     return UserError(f"loss {loss:g}, gradient norm {grad_norm:g} at step {step}: training "
                      f"diverged; lower the learning rate: {again}")
 
@@ -1602,7 +1617,7 @@ def stopped_by_ctrl_c(args, step, world_size):
         dist.barrier()
     last = experiment_paths(args.exp_name)["checkpoints"] / "last.pt"
     raise Interrupted(f"interrupted at step {step}; {last} holds step {step}; resume with: "
-                      f"python celebgen.py train --exp_name {args.exp_name} --resume")
+                      f"{resume_command(args.exp_name)}")
 
 
 def train_worker(rank, world_size, args, device_type):
@@ -1802,8 +1817,7 @@ def dead_worker(rank, signal_name, args):
         after = "no checkpoint was written yet: run the same command again"
     else:
         step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
-        after = (f"{path} (step {step}) is intact; resume with: python celebgen.py train "
-                 f"--exp_name {args.exp_name} --resume")
+        after = f"{path} (step {step}) is intact; resume with: {resume_command(args.exp_name)}"
     return (f"error: process {rank} of {args.nproc} was killed by {signal_name}{why}; the others "
             f"were stopped; {after}")
 
@@ -1869,9 +1883,9 @@ def image_grid(images, columns=None):
     return torchvision.utils.make_grid(to_unit(images), nrow=columns, padding=2, pad_value=1.0)
 
 
-def save_png(image, path):
+def save_png(image, path, then="run the command again"):
     """(C, H, W) in [0, 1] -> an 8-bit PNG (lossless, so FID reads exactly what was generated),
-    whole or absent after a full disk or Ctrl-C."""
+    whole or absent after a full disk or Ctrl-C; a failed write says how to go on: `then`."""
     array = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     try:
         with written_whole(path) as tmp:
@@ -1880,8 +1894,19 @@ def save_png(image, path):
         # a sample's .partial folder is deleted on failure: name the folder it was to replace into
         folder = path.parent.parent if path.parent.suffix == ".partial" else path.parent
         fix = "move that folder away" if path.is_dir() else write_fix(e, folder)
-        raise UserError(f"cannot write {path} ({e.strerror or e}); {fix}, then run the command "
-                        f"again (a training run: with --resume)") from None
+        raise UserError(f"cannot write {path} ({e.strerror or e}); {fix}, then {then}") from None
+
+
+def save_step_grid(grid, exp, step):
+    """A training run's grid of step `step` in its samples folder; a failed write names how the run
+    goes on (going_on)."""
+    save_png(grid, exp["samples"] / f"step_{step:07d}.png", going_on(exp["checkpoints"]))
+
+
+def going_on(checkpoints):
+    """How a run whose checkpoints are in that folder goes on after it stopped on an error."""
+    return ("run the same command again" if resume_checkpoint(checkpoints) is None else
+            "resume with --resume")
 
 
 def save_checkpoint(path, state):
@@ -1903,10 +1928,9 @@ def save_checkpoint(path, state):
             raise KeyboardInterrupt from None
         if not isinstance(e, OSError):  # torch.save raises a RuntimeError over a failed write
             raise
-        then = ("run the same command again" if resume_checkpoint(path.parent) is None else
-                "resume with --resume")
         raise UserError(f"cannot write {path} ({e.strerror or e}); the previous {path.name}, if "
-                        f"any, is intact; {write_fix(e, path.parent)}, then {then}") from None
+                        f"any, is intact; {write_fix(e, path.parent)}, then "
+                        f"{going_on(path.parent)}") from None
 
 
 def writable_folder(folder):
@@ -2293,6 +2317,11 @@ def read_split_file(path):
     return partition
 
 
+# PIL's errors for a truncated or corrupt file, and for one so large (more than twice
+# Image.MAX_IMAGE_PIXELS) that decoding it could exhaust memory
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def load_pixels(path, size):
     """An image file -> (3, size, size) uint8 tensor. CelebA's 178x218 images get the standard crop;
     other images a centred square crop."""
@@ -2337,7 +2366,7 @@ def read_or_skip(images, i):
             continue
         try:
             return read_pixels(images, j % len(images.files))  # E: from the cache or the file
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt files
+        except UNREADABLE as e:
             report_unreadable(images, path, e)
     raise UserError(f"none of the {len(images.files)} images under {images.files[0].parent} "
                     f"can be read")
@@ -2502,10 +2531,12 @@ def subset_command(args):
                         "; give each image once")
     split = read_split_file(split_file)
     missing = [n for n in names if n not in split or not (folder / n).is_file()]
-    if missing:
+    if missing:  # none found: the list's format may be the cause
+        form = (", and does each line start with a bare file name, like 000001.jpg" *
+                (len(missing) == len(names)))
         raise UserError(f"{len(missing)} of the {len(names)} images of {args.image_list} are not "
                         f"in {folder} with a row of {split_file.name} (e.g. {missing[:1]}); is "
-                        f"--data_root all of CelebA?")
+                        f"--data_root all of CelebA{form}?")
     attributes = [split_file.parent / a for a in ATTRIBUTE_FILES
                   if (split_file.parent / a).is_file()][:1]
     remove_leftovers(out)  # B: of a killed subset
@@ -2600,7 +2631,7 @@ def write_cache(images, path):
             for i, file in enumerate(files):
                 try:
                     pixels = load_pixels(file, size)
-                except (OSError, ValueError, SyntaxError) as e:
+                except UNREADABLE as e:
                     report_unreadable(images, file, e)
                     pixels = torch.zeros(3, size, size, dtype=torch.uint8)
                 out.write(pixels.numpy().tobytes())

@@ -370,7 +370,7 @@ def open_image(path, read):
     try:
         with Image.open(path) as img:
             return read(img)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated/corrupt files
+    except celebgen.UNREADABLE as e:  # PIL's errors for truncated, corrupt or huge files
         raise UserError(f"cannot read image {path} ({e}); remove or replace it") from None
 
 
@@ -413,7 +413,10 @@ def npz_statistics(path):
     if not Path(path).is_file():
         raise UserError(f"{path} does not exist; give two folders of images or two .npz files")
     try:
-        with np.load(path) as stats:
+        stats = np.load(path)
+        if not isinstance(stats, np.lib.npyio.NpzFile):  # an .npy: one array, none named mu
+            raise ValueError("one array")
+        with stats:
             mu, sigma = stats["mu"], stats["sigma"]
             features = stats["features"] if "features" in stats else None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # cut short, or not
@@ -477,7 +480,10 @@ def reference_statistics(train_args, model, args, device):
     sets = [celebgen.make_dataset(train_args, split, cache=False)
             for split in REF_SPLITS[args.ref_split]]
     count = min(args.ref_images, sum(len(s) for s in sets))  # check_references: at least 2
-    source = "toy" if train_args.dataset == "toy" else str(Path(train_args.data_root).resolve())
+    # CelebA's: the folder and each file's name, size and time (the image cache's key), so that
+    # images replaced in place are not scored against the old ones' statistics
+    source = "toy" if train_args.dataset == "toy" else " ".join(
+        celebgen.image_cache_path(s.files, s.size).name for s in sets)
     key = f"{source}|{args.ref_split}|{count}|{model.fingerprint}|kid"
     key = hashlib.sha1(key.encode()).hexdigest()[:10]
     path = Path("experiments") / "fid_refs" / (f"{train_args.dataset}_{args.ref_split}_celeba-crop_"
@@ -529,8 +535,12 @@ def check_references(train_args, args, result):
             raise UserError(f"{folder} has no split file, so its {args.ref_split} images are its "
                             f"training images; pass --ref_split train to compare with them "
                             f"anyway, or add list_eval_partition.txt")
-    there = sum(len(celebgen.make_dataset(train_args, split, cache=False))
-                for split in REF_SPLITS[args.ref_split])
+    try:
+        there = sum(len(celebgen.make_dataset(train_args, split, cache=False))
+                    for split in REF_SPLITS[args.ref_split])
+    except UserError as e:  # a split without images: data of some splits only
+        raise UserError(f"{e}, or use another --ref_split than {args.ref_split} "
+                        f"({' and '.join(REF_SPLITS[args.ref_split])})") from None
     if there < 2:
         raise UserError(f"--ref_split {args.ref_split} has {there} images, fewer than the 2 FID "
                         f"needs; use another --ref_split")

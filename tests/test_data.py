@@ -71,6 +71,17 @@ def test_corrupt_image_is_skipped_with_a_warning(tmp_path, capsys):
     assert err.count("skipping unreadable image") == 1 and "1.png" in err  # reported once
 
 
+def test_an_image_too_large_to_decode_safely_is_skipped_with_a_warning(tmp_path, capsys,
+                                                                        monkeypatch):
+    for i in range(3):
+        Image.new("RGB", (16 + 8 * (i == 1), 16), (i * 100, 0, 0)).save(tmp_path / f"{i}.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 160)  # 24x16 is over twice that, 16x16 not
+    data = cg.CelebA(tmp_path, "train", 16)
+    assert torch.equal(data[1], data[2])
+    err = capsys.readouterr().err
+    assert err.count("skipping unreadable image") == 1 and "1.png" in err
+
+
 def image_folder(folder, n, size=(20, 24)):
     folder.mkdir()
     rng = np.random.default_rng(0)

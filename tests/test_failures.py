@@ -128,7 +128,7 @@ def test_ctrl_c_saves_the_finished_step_and_resumes_exactly(workdir):
     last = err.strip().splitlines()[-1]
     step = checkpoint("cut")["step"]
     assert step >= 3 and last == (f"interrupted at step {step}; experiments/cut/checkpoints/last.pt holds step "
-                                  f"{step}; resume with: python celebgen.py train --exp_name cut --resume")
+                                  f"{step}; resume with: python {ROOT / 'celebgen.py'} train --exp_name cut --resume")
     resume = subprocess.run([sys.executable, str(ROOT / "celebgen.py"), "train", "--exp_name", "cut", "--resume",
                              "--max_steps", str(step + 2)], capture_output=True, text=True, timeout=300)
     assert resume.returncode == 0, resume.stderr
@@ -166,7 +166,7 @@ def test_ctrl_c_under_ddp_saves_and_says_so_once(workdir):
     assert proc.returncode == 130 and "Traceback" not in err and step >= 3, err
     assert err.count("Ctrl-C: stopping after this step") == 1 and err.count("interrupted at step") == 1
     assert err.strip().splitlines()[-1] == (f"interrupted at step {step}; experiments/ddp/checkpoints/last.pt holds "
-                                            f"step {step}; resume with: python celebgen.py train --exp_name ddp --resume")
+                                            f"step {step}; resume with: python {ROOT / 'celebgen.py'} train --exp_name ddp --resume")
 
 
 @pytest.mark.parametrize("flag,value", [("--batch_size", 8), ("--seed", 1), ("--val_size", 4), ("--t_mu", 0.0),
@@ -586,10 +586,17 @@ def test_a_full_disk_at_a_sample_grid_is_one_line_and_the_run_resumes(workdir, c
     monkeypatch.setattr(Image.Image, "save", full)
     code, _, err = cli(capsys, "train", "--exp_name", "grid", *SMALL_RUN, "--max_steps", 4, "--ckpt_every", 1,
                        "--sample_every", 2, "--eval_every", 100)
-    one_line_error(code, err, "step_0000002.png (No space left on device); free some space")
+    one_line_error(code, err, "step_0000002.png (No space left on device); free some space, then resume with "
+                   "--resume")
     # last.pt is saved before the grid: the step whose grid failed is not lost
     assert checkpoint("grid")["step"] == 2 and not list((workdir / "experiments/grid/samples").iterdir())
+    # before the first checkpoint, the fix is the same command
+    first = ["train", "--exp_name", "early", *SMALL_RUN, "--max_steps", 2, "--sample_every", 1, "--eval_every", 100]
+    code, _, err = cli(capsys, *first)
+    one_line_error(code, err, "step_0000001.png (No space left on device); free some space, then run the same "
+                   "command again")
     monkeypatch.setattr(Image.Image, "save", real_save)
+    assert cli(capsys, *first)[0] == 0 and checkpoint("early")["step"] == 2
     assert cli(capsys, "train", "--exp_name", "grid", "--resume")[0] == 0
     assert checkpoint("grid")["step"] == 4
 
@@ -740,6 +747,7 @@ def fid_error(capsys, *argv):
     ("missing.npz", "missing.npz does not exist; give two folders of images or two .npz files"),
     ("images.npz", "images.npz is a folder, and a name ending in .npz is read as statistics; rename"),
     ("no_mu.npz", "is not an .npz of FID statistics with arrays mu and sigma"),
+    ("one_array.npz", "is not an .npz of FID statistics with arrays mu and sigma"),
 ])
 def test_fid_refuses_bad_paths_before_loading_weights(workdir, capsys, no_weights, case, message):
     png_folder(workdir / "one_image", [16])
@@ -747,6 +755,8 @@ def test_fid_refuses_bad_paths_before_loading_weights(workdir, capsys, no_weight
     png_folder(workdir / "images.npz", [16, 16])
     (workdir / "a_file").write_text("x")
     np.savez(workdir / "no_mu.npz", mean=np.zeros(3))
+    with open(workdir / "one_array.npz", "wb") as f:  # np.save's .npy format, named .npz
+        np.save(f, np.zeros(3))
     one_line_error(*fid_error(capsys, "good", case), message)
 
 
@@ -771,6 +781,8 @@ def test_fid_folder_of_mixed_sizes_or_a_corrupt_image(workdir, capsys, monkeypat
     png_folder(workdir / "corrupt", [16, 16])
     (workdir / "corrupt" / "002.png").write_bytes(b"not a png")
     one_line_error(*fid_error(capsys, "good", "corrupt"), "cannot read image corrupt/002.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 16x16 images: over twice the limit
+    one_line_error(*fid_error(capsys, "good", "good"), "cannot read image good/000.png")
 
 
 def test_fid_reads_exactly_the_files_pytorch_fid_reads(workdir):

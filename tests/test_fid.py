@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,11 +180,20 @@ def test_held_out_references_are_val_then_test_never_train(workdir):
     expected = [cg.to_signed(cg.load_pixels(workdir / "celeba" / "img_align_celeba" / f"{i:03d}.png", 8))
                 for i in (1, 4, 2, 5)]  # val, val, test, test
     assert torch.equal(torch.cat(seen), fid.quantized(torch.stack(expected)))
+    # data without test images (a subset of train and val): the val images are the way out
+    (workdir / "celeba" / "list_eval_partition.txt").write_text(
+        "".join(f"{i:03d}.png {min(s, 1)}\n" for i, s in enumerate(split)))
+    args = argparse.Namespace(**vars(args), exp_name="x", protocol="custom", ref_images_given=False)
+    with pytest.raises(cg.UserError, match=r"no test images in .*; check that the split file belongs to these "
+                       r"images, or use another --ref_split than heldout \(val and test\)$"):
+        fid.check_references(train_args, args, Path("fid.json"))
+    args.ref_split = "val"
+    fid.check_references(train_args, args, Path("fid.json"))
 
 
 def test_each_data_folder_caches_its_own_references(workdir):
     """Two folders of as many images, other images: the second's references are its own, not the first's
-    from the cache (whose key names the folder)."""
+    from the cache (whose key names the folder); and images replaced in place get new references."""
     network = recording_network([])
     random_image_folder(workdir / "a", 4)
     random_image_folder(workdir / "b", 5)
@@ -194,6 +204,12 @@ def test_each_data_folder_caches_its_own_references(workdir):
                                      network, args, torch.device("cpu")) for folder in ("a", "b", "a")]
     assert refs[0]["path"] != refs[1]["path"] and not np.allclose(refs[0]["mu"], refs[1]["mu"])
     assert refs[2]["path"] == refs[0]["path"] and np.array_equal(refs[2]["mu"], refs[0]["mu"])  # cached
+    for f in sorted((workdir / "a").iterdir()):  # a's images replaced in place by others
+        Image.fromarray(255 - np.asarray(Image.open(f))).save(f)
+    again = fid.reference_statistics(argparse.Namespace(dataset="celeba", data_root="a", image_size=8,
+                                                        attributes=[], download=False),
+                                     network, args, torch.device("cpu"))
+    assert again["path"] != refs[0]["path"] and not np.allclose(again["mu"], refs[0]["mu"])
 
 
 def test_a_conditional_model_is_asked_only_for_labels_the_references_have(tmp_path):

@@ -260,7 +260,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(workdir, nproc):
     assert run.returncode == 130 and "Traceback" not in err and step >= 3, err
     assert err.strip().splitlines()[-1] == (
         f"interrupted at step {step}; experiments/term/checkpoints/last.pt holds step {step}; resume "
-        f"with: python celebgen.py train --exp_name term --resume"), err
+        f"with: python {ROOT / 'celebgen.py'} train --exp_name term --resume"), err
 
 
 # --- a DDP worker killed by the operating system ---------------------------------------------------
@@ -355,7 +355,7 @@ def test_a_killed_ddp_worker_is_one_line_and_the_run_resumes(workdir):
         f"error: process 1 of 2 was killed by SIGKILL (the kernel sends SIGKILL when memory runs "
         f"out: lower --batch_size or --nproc, or free memory); the others were stopped; "
         f"experiments/ddp/checkpoints/last.pt (step {step}) is intact; resume with: python "
-        f"celebgen.py train --exp_name ddp --resume")
+        f"{ROOT / 'celebgen.py'} train --exp_name ddp --resume")
     assert err.count("\n") == 1, err
     resume = subprocess.run([sys.executable, str(ROOT / "celebgen.py"), "train", "--exp_name",
                              "ddp", "--resume", "--max_steps", str(step + 2)],

@@ -52,6 +52,9 @@ def test_subset_holds_exactly_the_listed_images_with_their_split_and_labels(work
 @pytest.mark.parametrize("case,message", [
     ("exists", "sub exists; remove it, or choose another --out"),
     ("not_listed", "1 of the 2 images of list.txt are not in"),
+    ("csv", "3 of the 3 images of list.txt are not in celeba/img_align_celeba with a row of "
+            "list_eval_partition.txt (e.g. ['image_id,partition']); is --data_root all of CelebA, and "
+            "does each line start with a bare file name, like 000001.jpg?"),
     ("no_list", "cannot read --image_list missing.txt"),
     ("plain_folder", "has no split file: subset copies from CelebA itself, in one of these layouts: "
                      "ROOT/celeba/img_align_celeba"),
@@ -69,6 +72,7 @@ def test_a_subset_that_cannot_be_made_is_one_line_and_writes_nothing(workdir, ca
                                                                       case, message):
     labelled_celeba(workdir / "celeba")
     (workdir / "list.txt").write_text({"not_listed": "001.png\n999.png\n", "empty": "\n",
+                                       "csv": "image_id,partition\n001.png,0\n002.png,0\n",
                                        "twice": "001.png\n002.png\n001.png\n"}.get(case,
                                                                                 "001.png\n002.png\n"))
     root, image_list = "celeba", "missing.txt" if case == "no_list" else "list.txt"

@@ -209,6 +209,9 @@ def test_cli_trains_logs_and_samples(workdir):
     ([*TOY, "--batch_size", 8, "--data_root", "three", "--dataset", "celeba"], "only 3 training images"),
     ([*TOY, "--max_steps", 1, "--attributes", ""], "argument --attributes: '' names no attribute; give"),
     ([*TOY, "--max_steps", 1, "--attributes", " , "], "argument --attributes: ' , ' names no attribute"),
+    ([*TOY, "--max_steps", 1, "--data_root", "three"],
+     "toy faces are drawn, not read: drop --data_root three, or drop --dataset toy"),
+    ([*TOY, "--max_steps", 1, "--download"], "toy faces are drawn, not read: drop --download, or drop --dataset toy"),
 ])
 def test_bad_train_input_is_one_line_and_writes_nothing(workdir, capsys, argv, message):
     (workdir / "empty").mkdir()
@@ -216,6 +219,15 @@ def test_bad_train_input_is_one_line_and_writes_nothing(workdir, capsys, argv, m
     code, out, err = cli(capsys, "train", "--exp_name", "bad", *argv)
     assert code == 2 and err.count("\n") == 1 and message in err and err.startswith("error: "), err
     assert not (workdir / "experiments").exists()
+
+
+def test_the_resume_command_runs_from_the_current_folder(monkeypatch):
+    """The command a stopped run prints works where the user is: beside celebgen.py, below it, or
+    elsewhere (then with the absolute path)."""
+    for folder, script in [(ROOT, "celebgen.py"), (ROOT.parent, f"{ROOT.name}/celebgen.py"),
+                           (ROOT / "tests", str(ROOT / "celebgen.py"))]:
+        monkeypatch.chdir(folder)
+        assert cg.resume_command("x") == f"python {script} train --exp_name x --resume"
 
 
 @pytest.fixture
@@ -311,7 +323,7 @@ def test_divergence_stops_before_the_bad_step_is_taken_or_saved(workdir, capsys,
                        *saves, "--precision", precision, "--lr", 1e-3)
     lines = [line for line in err.splitlines() if not line.startswith("warning: ")]  # fp16 is slow here
     fix = ("the same command with --lr 0.0005" if poison == "loss_unsaved" else
-           "python celebgen.py train --exp_name boom --resume --lr 0.0005")
+           f"python {ROOT / 'celebgen.py'} train --exp_name boom --resume --lr 0.0005")
     assert code == 2 and len(lines) == 1 and lines[0].endswith(
         f"at step 3: training diverged; lower the learning rate: {fix}"), err
     if poison == "loss_unsaved":
