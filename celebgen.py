@@ -226,7 +226,7 @@ class Block(nn.Module):
 # network of width D can represent, while noise fills all p*p*3 dimensions of a patch (the argument
 # of JiT, "Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025). That argument is
 # strongest when a patch holds more numbers than a token's width; a 4x4 patch holds 48 against
-# D = 192 (tiny) or 384 (small), where it applies only weakly: kept anyway, one target at any size.
+# D = 192 (tiny) or 384 (small), where it applies only weakly: x-prediction is kept at any size.
 
 # named sizes: width, depth and heads (head width 64 throughout); parameters at 4x4 patches
 MODELS = {
@@ -375,9 +375,9 @@ def guided_prediction(model, x_t, t, attributes, cfg_scale):
 # Autoguidance (Karras et al., 2024) guides a model by a weaker copy of itself: the network at
 # GUIDE_AT of its training (guide.pt, section 11) errs where the model does, only more:
 #     x_pred = x_guide + w (x_model - x_guide);  w > 1 moves away from the guide's errors.
-# sample uses it by default (w = 1.5) for a model without attributes whose run saved guide.pt.
+# sample and fid.py use it (w = 1.5) for a model without attributes that has an earlier guide.pt.
 
-GUIDE_AT = 0.25  # of the ages tried, the best over 10- and 20-minute runs together (RESULTS.md)
+GUIDE_AT = 0.25  # 1/8 was better after 20 minutes, worse after 10; 1/16 worse (RESULTS.md)
 
 
 class Autoguided(nn.Module):
@@ -662,7 +662,7 @@ def update_ema(ema, model, step, decay):
     """ema <- d ema + (1 - d) model, with the warm-up d = min(decay, (1 + step) / (10 + step)).
     Behind a weight that grows by 1 per step the average lags (step + 1) / 10 steps in the warm-up
     (tested), so even short runs sample a useful EMA, then d / (1 - d): 199 at 0.995, 9,999 at
-    DiT's 0.9999. 0.995: of the windows tried, none sampled better (RESULTS.md)."""
+    DiT's 0.9999. 0.995: no window tried sampled better by more than runs differ (RESULTS.md)."""
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - d)
@@ -795,7 +795,7 @@ class Bookkeeping:
             self.save("best.pt", step)
 
     def sample_grid(self, step):
-        """16 EMA samples from fixed noise, asking for nothing: the same faces, getting better."""
+        """16 EMA samples from fixed noise, unconditional: the same faces, getting better."""
         with autocast(self.device, self.args.resolved_precision):
             images = sample(self.parts.ema, self.grid_noise.to(self.device),
                             time_grid(self.args.num_sampling_steps))
@@ -920,6 +920,7 @@ import logging
 import multiprocessing
 import multiprocessing.resource_tracker
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -1392,10 +1393,12 @@ def validate_train_args(args, device, torchrun):
         # (tests/benchmark_speed.py --trainer measures both; RESULTS.md)
         args.workers = 0 if device.type == "cpu" and args.dataset == "celeba" else 2
     check_processes(args, device, torchrun)
-    if args.dataset == "toy" and not args.resume and (args.download or args.data_root != DATA_ROOT):
-        flag = "--download" if args.download else f"--data_root {args.data_root}"
-        raise UserError(f"toy faces are drawn, not read: drop {flag}, or drop --dataset toy to "
-                        f"train on CelebA")
+    # (not on resume: a run of an older celebgen.py may have saved another --data_root)
+    not_read = [f"--data_root {args.data_root}"] * (Path(args.data_root) != Path(DATA_ROOT)) + \
+        ["--download"] * args.download
+    if args.dataset == "toy" and not args.resume and not_read:
+        raise UserError(f"toy faces are drawn, not read: drop {' and '.join(not_read)}, or drop "
+                        f"--dataset toy to train on CelebA")
     if args.dataset == "toy" and args.attributes:
         if args.attributes == ATTRIBUTE_NAMES:  # `all`
             args.attributes = list(TOY_ATTRIBUTES)
@@ -1487,11 +1490,15 @@ def grid_command(args, model, rows, name, step, device, precision):
 
 
 def resume_command(exp_name):
-    """The command that resumes experiment exp_name, run from the current folder: `python
-    celebgen.py ...` beside this file, else with its path (absolute from outside its folder)."""
-    path = os.path.relpath(__file__)
-    return (f"python {os.path.abspath(__file__) if path.startswith('..') else path} train "
-            f"--exp_name {exp_name} --resume")
+    """The command that resumes experiment exp_name, run from the current folder: this file's path
+    relative to it if the file is there or below, else absolute (quoted if it has spaces)."""
+    try:
+        path = os.path.relpath(__file__)
+    except ValueError:  # Windows: on another drive
+        path = ".."
+    if path.startswith(".."):
+        path = os.path.abspath(__file__)
+    return f"python {shlex.quote(path)} train --exp_name {exp_name} --resume"
 
 
 def divergence(loss, grad_norm, step, args):
@@ -1899,11 +1906,11 @@ def save_png(image, path, then="run the command again"):
 
 def save_step_grid(grid, exp, step):
     """A training run's grid of step `step` in its samples folder; a failed write names how the run
-    goes on (going_on)."""
-    save_png(grid, exp["samples"] / f"step_{step:07d}.png", going_on(exp["checkpoints"]))
+    goes on (how_to_continue)."""
+    save_png(grid, exp["samples"] / f"step_{step:07d}.png", how_to_continue(exp["checkpoints"]))
 
 
-def going_on(checkpoints):
+def how_to_continue(checkpoints):
     """How a run whose checkpoints are in that folder goes on after it stopped on an error."""
     return ("run the same command again" if resume_checkpoint(checkpoints) is None else
             "resume with --resume")
@@ -1930,7 +1937,7 @@ def save_checkpoint(path, state):
             raise
         raise UserError(f"cannot write {path} ({e.strerror or e}); the previous {path.name}, if "
                         f"any, is intact; {write_fix(e, path.parent)}, then "
-                        f"{going_on(path.parent)}") from None
+                        f"{how_to_continue(path.parent)}") from None
 
 
 def writable_folder(folder):
@@ -2342,6 +2349,11 @@ def image_tensor(img):
     return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
 
 
+class EmptySplit(UserError):
+    """No image of a split in the split file: data of some splits only, for which fid.py can
+    name another --ref_split."""
+
+
 def celeba_files(root, split):
     """Sorted image paths of one split; without a split file (a plain folder), all images."""
     folder, split_file = find_celeba(root)
@@ -2352,8 +2364,8 @@ def celeba_files(root, split):
         partition = read_split_file(split_file)
         names = [n for n in names if partition.get(n) == SPLITS[split]]
         if not names:
-            raise UserError(f"no {split} images in {folder} according to {split_file}; "
-                            f"check that the split file belongs to these images")
+            raise EmptySplit(f"no {split} images in {folder} according to {split_file}; "
+                             f"check that the split file belongs to these images")
     return [folder / n for n in names]
 
 
@@ -2531,9 +2543,9 @@ def subset_command(args):
                         "; give each image once")
     split = read_split_file(split_file)
     missing = [n for n in names if n not in split or not (folder / n).is_file()]
-    if missing:  # none found: the list's format may be the cause
-        form = (", and does each line start with a bare file name, like 000001.jpg" *
-                (len(missing) == len(names)))
+    if missing:
+        form = (", and does each line start with a bare file name, like 000001.jpg"
+                if len(missing) == len(names) else "")  # none found: the list's format, maybe
         raise UserError(f"{len(missing)} of the {len(names)} images of {args.image_list} are not "
                         f"in {folder} with a row of {split_file.name} (e.g. {missing[:1]}); is "
                         f"--data_root all of CelebA{form}?")

@@ -158,8 +158,11 @@ def load_weights(path=None):
     if given and not file.is_file():
         raise UserError(f"Inception weights {given} do not exist; download {WEIGHTS_URL} there")
     if not file.is_file():
+        try:
+            celebgen.writable_folder(file.parent)  # where the download goes
+        except UserError as e:
+            raise UserError(f"{e}; or pass --inception_weights PATH") from None
         try:  # to a temporary file, renamed when complete: a cut download leaves no file
-            file.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(WEIGHTS_URL, str(file), progress=True)
         except Exception as e:  # no network, a proxy, a full disk: named by its type
             raise UserError(f"cannot download the FID Inception weights ({type(e).__name__}); "
@@ -538,9 +541,9 @@ def check_references(train_args, args, result):
     try:
         there = sum(len(celebgen.make_dataset(train_args, split, cache=False))
                     for split in REF_SPLITS[args.ref_split])
-    except UserError as e:  # a split without images: data of some splits only
-        raise UserError(f"{e}, or use another --ref_split than {args.ref_split} "
-                        f"({' and '.join(REF_SPLITS[args.ref_split])})") from None
+    except celebgen.EmptySplit as e:
+        splits = f" ({' and '.join(REF_SPLITS[args.ref_split])})" * (args.ref_split == "heldout")
+        raise UserError(f"{e}, or use another --ref_split than {args.ref_split}{splits}") from None
     if there < 2:
         raise UserError(f"--ref_split {args.ref_split} has {there} images, fewer than the 2 FID "
                         f"needs; use another --ref_split")

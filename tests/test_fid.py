@@ -3,6 +3,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import types
 from pathlib import Path
 
@@ -189,6 +190,10 @@ def test_held_out_references_are_val_then_test_never_train(workdir):
         fid.check_references(train_args, args, Path("fid.json"))
     args.ref_split = "val"
     fid.check_references(train_args, args, Path("fid.json"))
+    train_args.attributes = ["Smiling"]  # no attribute file: another split is no fix
+    with pytest.raises(cg.UserError, match="list_attr_celeba") as e:
+        fid.check_references(train_args, args, Path("fid.json"))
+    assert "--ref_split" not in str(e.value)
 
 
 def test_each_data_folder_caches_its_own_references(workdir):
@@ -204,8 +209,11 @@ def test_each_data_folder_caches_its_own_references(workdir):
                                      network, args, torch.device("cpu")) for folder in ("a", "b", "a")]
     assert refs[0]["path"] != refs[1]["path"] and not np.allclose(refs[0]["mu"], refs[1]["mu"])
     assert refs[2]["path"] == refs[0]["path"] and np.array_equal(refs[2]["mu"], refs[0]["mu"])  # cached
-    for f in sorted((workdir / "a").iterdir()):  # a's images replaced in place by others
-        Image.fromarray(255 - np.asarray(Image.open(f))).save(f)
+    for f in sorted((workdir / "a").iterdir()):  # a's images replaced in place by others, as large
+        with Image.open(f) as image:
+            pixels = np.asarray(image)
+        Image.fromarray(255 - pixels).save(f)
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # later, on any disk
     again = fid.reference_statistics(argparse.Namespace(dataset="celeba", data_root="a", image_size=8,
                                                         attributes=[], download=False),
                                      network, args, torch.device("cpu"))
@@ -488,3 +496,5 @@ def test_missing_or_wrong_weights_fail_with_a_clear_message(tmp_path, monkeypatc
     assert cached.parent.is_dir() and not cached.exists()  # the failed download left no file
     cached.write_bytes(other.read_bytes()[:100])
     assert "is unreadable" in error() and "delete it, and the next run downloads it again" in error()
+    monkeypatch.setenv("TORCH_HOME", str(not_torch))  # a download cache that cannot be made
+    assert f"cannot write in {not_torch}/hub/checkpoints (Not a directory)" in error()

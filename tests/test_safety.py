@@ -266,9 +266,11 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(workdir, nproc):
 # --- a DDP worker killed by the operating system ---------------------------------------------------
 
 def test_spawning_again_passes_the_resource_trackers_warning_filter_once(monkeypatch):
-    """quiet_spawn silences the resource tracker's warning through sys.warnoptions, which every
-    process started later takes as -W options: a notebook that trains many times adds it once."""
+    """quiet_spawn silences the resource tracker's warning through sys.warnoptions, which the
+    processes multiprocessing starts later take as -W options: a notebook that trains many times
+    adds it once."""
     monkeypatch.setattr(sys, "warnoptions", [])
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29500")
     for _ in range(3):
         with cg.quiet_spawn(None):

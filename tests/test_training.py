@@ -221,13 +221,29 @@ def test_bad_train_input_is_one_line_and_writes_nothing(workdir, capsys, argv, m
     assert not (workdir / "experiments").exists()
 
 
-def test_the_resume_command_runs_from_the_current_folder(monkeypatch):
-    """The command a stopped run prints works where the user is: beside celebgen.py, below it, or
-    elsewhere (then with the absolute path)."""
-    for folder, script in [(ROOT, "celebgen.py"), (ROOT.parent, f"{ROOT.name}/celebgen.py"),
+def test_the_resume_command_runs_from_the_current_folder(monkeypatch, tmp_path):
+    """The command a stopped run prints works where the user is: in celebgen.py's folder, in a
+    folder above it, or elsewhere (then with the absolute path, quoted if it has a space)."""
+    for folder, script in [(ROOT, "celebgen.py"), (ROOT.parent, str(Path(ROOT.name, "celebgen.py"))),
                            (ROOT / "tests", str(ROOT / "celebgen.py"))]:
         monkeypatch.chdir(folder)
         assert cg.resume_command("x") == f"python {script} train --exp_name x --resume"
+    monkeypatch.setattr(cg, "__file__", str(tmp_path / "my code" / "celebgen.py"))
+    assert cg.resume_command("x") == f"python '{tmp_path}/my code/celebgen.py' train --exp_name x --resume"
+
+
+def test_a_toy_run_saved_with_another_data_root_still_resumes(workdir, capsys):
+    """Toy faces refuse --data_root, but not on resume: a run may have saved one (older versions
+    took it), and its resume must not fail on a flag nobody gave."""
+    assert cli(capsys, "train", "--exp_name", "old", *TOY, "--batch_size", 4, "--max_steps", 1)[0] == 0
+    last = workdir / "experiments/old/checkpoints/last.pt"
+    ckpt = torch.load(last, weights_only=False)
+    ckpt["args"]["data_root"] = "elsewhere"
+    torch.save(ckpt, last)
+    args_json = workdir / "experiments/old/args.json"
+    args_json.write_text(args_json.read_text().replace('"./data"', '"elsewhere"'))
+    code, _, err = cli(capsys, "train", "--exp_name", "old", "--resume", "--max_steps", 2)
+    assert code == 0 and torch.load(last, weights_only=False)["step"] == 2, err
 
 
 @pytest.fixture
