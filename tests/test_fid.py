@@ -298,6 +298,35 @@ def test_the_published_protocol_refuses_a_run_without_all_training_images(workdi
            "50000; drop --protocol" in err
 
 
+class Scorer(torch.nn.Module):
+    """Stands in for FIDFeatures: 8 features per image, and 4 logits from its classifier's weights."""
+
+    def __init__(self, classifier_weight):
+        super().__init__()
+        self.classifier = torch.nn.Linear(8, 4, bias=False).requires_grad_(False)
+        self.classifier.weight.data.copy_(classifier_weight)
+
+    def forward(self, images):
+        features = images.flatten(1)[:, :8]
+        return features.double(), features @ self.classifier.weight.T
+
+
+def test_weights_without_a_classifier_give_no_inception_score(capsys):
+    """Weights whose classifier is all zero (FID weights may come without one) give no IS, which would be
+    exactly 1 (a uniform p(y|x)), and a line says so; weights with a classifier give an IS above 1."""
+    generator = torch.Generator().manual_seed(0)
+    samples = [torch.rand(10, 3, 4, 4, generator=generator) * 2 - 1 for _ in range(4)]  # IS: 10 chunks of 4
+    reference = torch.rand(12, 8, generator=generator).double().numpy()
+    ref = {"mu": reference.mean(0), "sigma": np.cov(reference, rowvar=False), "features": reference,
+           "path": Path("ref.npz")}
+    scores, inception_score = fid.sample_scores(Scorer(torch.zeros(4, 8)), iter(samples), 40, ref, "cpu")
+    assert inception_score is None and scores["fid"] > 0
+    assert "Inception Score omitted: these Inception weights have no classifier" in capsys.readouterr().out
+    weight = 5 * torch.randn(4, 8, generator=generator)
+    scores, inception_score = fid.sample_scores(Scorer(weight), iter(samples), 40, ref, "cpu")
+    assert inception_score > 1 and "omitted" not in capsys.readouterr().out
+
+
 def test_the_inception_score_s_logits_leave_out_the_classifier_s_bias():
     """As the Inception Score's original code and torchmetrics' "logits_unbiased": features @ W^T."""
     state = fid.fid_inception().state_dict()
