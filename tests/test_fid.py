@@ -15,7 +15,7 @@ from PIL import Image
 
 import celebgen as cg
 import fid
-from test_training import TOY, cli, labelled_celeba, random_image_folder
+from test_training import TOY, cli, labelled_celeba, logged_scalars, random_image_folder
 
 
 def test_identical_statistics_have_zero_distance():
@@ -439,6 +439,16 @@ def test_cli_writes_fid_json_for_an_experiment(workdir, capsys, random_weights):
     assert len(cached) == 1
     fid.main(argv)  # the second run reads the cached reference statistics
     assert "reference statistics from" in capsys.readouterr().out
+    fid.main([*argv, "--time_power", "1"])
+    powered = json.loads((workdir / "experiments" / "tiny" / "fid.json").read_text())
+    assert powered["times"] == [0, 0.5, 1] != result["times"]  # uniform; by default 2 steps take p = 2
+    # TensorBoard: each setting's FID and KID under its own tags, at the checkpoint's step (autoguided by
+    # the run's guide.pt, as by default)
+    logs, guided = workdir / "experiments" / "tiny" / "logs", "_autoguidance1.5"
+    assert logged_scalars(logs, f"fid/6_samples_euler2{guided}")[-1].value == pytest.approx(result["fid"], rel=1e-6)
+    assert logged_scalars(logs, f"kid/6_samples_euler2{guided}")[-1].value == pytest.approx(result["kid"], rel=1e-6)
+    powered_fid = logged_scalars(logs, f"fid/6_samples_euler2_power1{guided}")[-1]
+    assert powered_fid.step == 2 and powered_fid.value == pytest.approx(powered["fid"], rel=1e-6)
 
 
 def test_an_experiments_fid_is_that_of_its_sample_pngs_against_the_reference_pngs(workdir, capsys,
