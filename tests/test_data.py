@@ -74,8 +74,8 @@ def test_corrupt_image_is_skipped_with_a_warning(tmp_path, capsys):
 def test_an_image_too_large_to_decode_safely_is_skipped_with_a_warning(tmp_path, capsys,
                                                                         monkeypatch):
     for i in range(3):
-        Image.new("RGB", (16 + 8 * (i == 1), 16), (i * 100, 0, 0)).save(tmp_path / f"{i}.png")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 160)  # 24x16 is over twice that, 16x16 not
+        Image.new("RGB", (16 + 32 * (i == 1), 16), (i * 100, 0, 0)).save(tmp_path / f"{i}.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 256)  # 48x16 is over twice that; 16x16 within it
     data = cg.CelebA(tmp_path, "train", 16)
     assert torch.equal(data[1], data[2])
     err = capsys.readouterr().err
