@@ -221,6 +221,12 @@ def test_bad_train_input_is_one_line_and_writes_nothing(workdir, capsys, argv, m
     assert not (workdir / "experiments").exists()
 
 
+def test_a_grid_is_as_square_as_its_count_allows():
+    """image_grid lays B images in ceil(sqrt(B)) columns with 2-pixel gaps: 16 in 4 x 4, 5 in 3 + 2."""
+    assert cg.image_grid(torch.zeros(16, 3, 4, 4)).shape == (3, 4 * 6 + 2, 4 * 6 + 2)
+    assert cg.image_grid(torch.zeros(5, 3, 4, 4)).shape == (3, 2 * 6 + 2, 3 * 6 + 2)
+
+
 def test_the_resume_command_runs_from_the_current_folder(monkeypatch, tmp_path):
     """The command a stopped run prints works where the user is: in celebgen.py's folder, in a
     folder above it, or elsewhere (then with the absolute path, quoted if it has a space)."""
