@@ -880,8 +880,8 @@ def sample_command(args):
     name = samples_name(path, args)                         # A: the checkpoint and the flags
     # each PNG is written into {name}.PID.partial/, which replaces {name}/ when complete, and
     # {name}.png, the grid of the first 64, follows (B)
-    count = write_samples_whole(batches, out / name, args.num_samples)
-    print(f"wrote {count} images to {out / name}/ and a grid of the first {min(count, 64)} to "
+    count, in_grid = write_samples_whole(batches, out / name, args.num_samples)
+    print(f"wrote {count} images to {out / name}/ and a grid of the first {in_grid} to "
           f"{out / name}.png")
 
 
@@ -1985,7 +1985,7 @@ def write_samples_whole(batches, out, total):
     cut-short set, nor mixes these images with those of an earlier run (another checkpoint behind
     last.pt, more samples), nor with those of a `sample` running beside this one. out.png, the grid
     of the images replaced, is deleted before the swap, and the grid of the first 64 new ones is
-    written after it. Returns the count."""
+    written after it. Returns the count, and how many the grid shows."""
     count, first = 0, []
     partial, old = (out.with_name(f"{out.name}.{os.getpid()}.{end}") for end in ("partial", "old"))
     if out.exists() and not out.is_dir():  # checked before the first image is sampled
@@ -2022,7 +2022,7 @@ def write_samples_whole(batches, out, total):
                           f"command again to write them") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return count
+    return count, len(first)
 
 
 # --------------------------------------------------------------------------------------------------
