@@ -275,10 +275,11 @@ def recorded_sampling(monkeypatch):
 
 def test_sample_and_its_grid_sample_as_their_flags_ask(conditional, capsys, monkeypatch):
     """`sample` and `sample --grid` hand the sampler the requests, weights, method and time grid their
-    flags ask for, and the model autoguided by its guide.pt at the --autoguidance asked for."""
+    flags ask for, the noise of --seed, and the model autoguided by its guide.pt at the --autoguidance
+    asked for."""
     calls = recorded_sampling(monkeypatch)
     flags = ["--exp_name", "cond", "--num_sampling_steps", 3, "--method", "heun", "--time_power", 1.5,
-             "--autoguidance", 1.5]
+             "--autoguidance", 1.5, "--seed", 3]
     code, _, err = cli(capsys, "sample", *flags, "--attributes", "Smiling=1", "--cfg_scale", 2.5,
                        "--num_samples", 2)
     assert code == 0, err
@@ -293,6 +294,8 @@ def test_sample_and_its_grid_sample_as_their_flags_ask(conditional, capsys, monk
     for call in calls:
         assert call["method"] == "heun" and call["times"] == cg.time_grid(3, 1.5)
         assert isinstance(call["model"], cg.Autoguided) and call["model"].weight == 1.5
+        seeded = torch.Generator().manual_seed(3)  # two images each: one batch, the seed's first noise
+        assert torch.equal(call["noise"], torch.randn(call["noise"].shape, generator=seeded))
 
 
 def test_a_grid_of_many_requests_is_named_by_their_digest(conditional, capsys):

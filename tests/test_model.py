@@ -277,6 +277,17 @@ def test_rope_slowest_frequency_turns_less_than_half_a_turn_across_each_grid():
         assert round((angles[:, 15].max() - angles[:, 15].min()).item(), 2) == span < math.pi
 
 
+def test_the_dits_rope_turns_the_first_half_of_pairs_with_the_patch_row():
+    """The DiT's angles are rope_angles of each token's (row, column) in patchify's row-major order:
+    one row down (token + grid) turns the first half of the pairs, one column right the second."""
+    model = cg.DiT(16, 4, dim=16, depth=1, heads=2)  # a 4x4 grid; head width 8: 4 pairs
+    n = torch.arange(16)
+    assert torch.equal(model.rope, cg.rope_angles(n // 4, n % 4, 8))                  # (16, 4)
+    down, right = model.rope[4] - model.rope[0], model.rope[1] - model.rope[0]
+    assert (down[:2] > 0).all() and (down[2:] == 0).all()
+    assert (right[:2] == 0).all() and (right[2:] > 0).all()
+
+
 def test_logit_normal_times():
     n = torch.randn(200_000, generator=torch.Generator().manual_seed(0))
     t = cg.logit_normal(n, -0.8, 0.8)

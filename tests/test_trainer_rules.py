@@ -442,3 +442,19 @@ def test_the_trainer_pairs_the_noise_by_default_and_a_resume_keeps_the_choice(wo
     torch.save(ckpt, last)
     code, out, err = cli(capsys, "train", "--exp_name", "plain", "--resume", "--max_steps", 3)
     assert code == 0 and "step 3/3" in out and paired == [4, 4], err
+
+
+def test_the_progress_line_counts_the_images_of_every_process(capsys):
+    """images/s = batch_size x world_size / seconds per step since the last line (every process
+    trains a full batch), FLOP/s = images/s x flops_per_image, and the ETA is the steps left at
+    that pace. Here 5 steps in 10 s of 2 processes with batches of 8."""
+    scalars = {}
+    writer = argparse.Namespace(add_scalar=lambda tag, value, step: scalars.update({tag: value}))
+    book = argparse.Namespace(args=argparse.Namespace(batch_size=8, world_size=2),
+                              clock=cg.time.monotonic() - 10, steps_since_log=5, total_steps=100,
+                              budget=float("inf"), elapsed=0.0, flops_per_image=0.5e12,
+                              writer=writer)
+    cg.log_progress(book, 50, 0.25, 1e-3, 0.5)
+    assert "| 8.0 img/s | 4.000 TFLOP/s | ETA 1.7 min" in capsys.readouterr().out
+    assert scalars["train/images_per_sec"] == pytest.approx(8, rel=1e-3)
+    assert book.steps_since_log == 0
