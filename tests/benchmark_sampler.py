@@ -6,14 +6,19 @@
 
 --guidance_interval FROM TO: autoguidance only at times t in [FROM, TO), the model alone elsewhere
 (the interval Kynkaanniemi et al. 2024 found best for classifier-free guidance).
---churn GAMMA: EDM's stochastic Euler (Karras et al. 2022). Before each step from t in
-[0.02, 0.95), fresh noise raises the noise level sigma = (1 - t) / t to sigma (1 + GAMMA): at
-t_hat = 1 / (1 + sigma (1 + GAMMA)) the path x = t x1 + (1 - t) x0 scaled by t_hat / t has noise
-(t_hat / t)(1 - t), and noise of the rest, sqrt((1 - t_hat)^2 - (t_hat (1 - t) / t)^2), is added;
-the Euler step then starts from t_hat.
+--churn GAMMA: EDM's stochastic sampler (Karras et al. 2022, Algorithm 2) with an Euler step in
+place of its Heun step; GAMMA is its per-step gamma (S_churn / steps there, here uncapped). Before
+each step from t in [0.02, 0.95), fresh noise raises the noise level sigma = (1 - t) / t to
+sigma (1 + GAMMA): at t_hat = 1 / (1 + sigma (1 + GAMMA)) the path x = t x1 + (1 - t) x0 scaled by
+t_hat / t has noise (t_hat / t)(1 - t), and noise of the rest, sqrt((1 - t_hat)^2 -
+(t_hat (1 - t) / t)^2), is added; the Euler step then starts from t_hat. The fresh noise comes
+from a generator of its own, seeded with --seed.
 --guide raw: autoguidance by guide.pt's raw weights instead of its EMA; --guide own_raw: by the
-sampled checkpoint's own raw weights (the EMA still sampled).
-Every other flag is fid.py's. The result is printed, never written (fid.json stays fid.py's own).
+sampled checkpoint's own raw weights (the EMA still sampled; guide.pt must exist all the same, as
+fid.py checks it).
+--guidance_interval and --guide need autoguidance (a model without --attributes, a guide.pt, and
+--autoguidance other than 1). Every other flag is fid.py's (python fid.py --help). The result is
+printed, never written (fid.json stays fid.py's own).
 """
 import argparse
 import math
@@ -55,6 +60,20 @@ def guided_by(which):
     celebgen.autoguided = autoguided
 
 
+def autoguidance_required():
+    """Make celebgen's autoguidance stop the run when it would sample without a guide."""
+    autoguided = celebgen.autoguided
+
+    def required(*args, **kwargs):
+        model = autoguided(*args, **kwargs)
+        if not isinstance(model, celebgen.Autoguided):
+            sys.exit("error: --guidance_interval and --guide change autoguidance, which this run "
+                     "does not use: drop them, or pass an --autoguidance other than 1")
+        return model
+
+    celebgen.autoguided = required
+
+
 def churned(gamma, generator):
     """celebgen.sample's Euler, each step from t in [CHURN_FROM, CHURN_TO) after fresh noise."""
     @torch.no_grad()
@@ -75,12 +94,13 @@ def churned(gamma, generator):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, add_help=False,
+    parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--guidance_interval", type=float, nargs=2, metavar=("FROM", "TO"),
                         help="autoguide only at times t in [FROM, TO)")
     parser.add_argument("--churn", type=celebgen.positive(float), metavar="GAMMA",
-                        help="EDM's churn: raise sigma = (1 - t) / t by 1 + GAMMA before a step")
+                        help="EDM's churn: raise sigma = (1 - t) / t by 1 + GAMMA before each "
+                             "step from t in [0.02, 0.95)")
     parser.add_argument("--guide", choices=["ema", "raw", "own_raw"], default="ema",
                         help="the guide: guide.pt's EMA (as celebgen), its raw weights, or the "
                              "sampled checkpoint's own raw weights")
@@ -88,14 +108,17 @@ def main():
     interval = args.guidance_interval
     if interval and not 0 <= interval[0] < interval[1] <= 1:
         parser.error("--guidance_interval FROM TO needs 0 <= FROM < TO <= 1")
-    if args.churn and "--method" in fid_argv:
+    fid_args = celebgen.exit_on_user_error(fid.make_parser().parse_args, fid_argv)  # fid.py's
+    if args.churn and fid_args.method != "euler":
         parser.error("--churn changes the Euler sampler: drop --method")
     if interval:
         guide_only_between(*interval)
     if args.guide != "ema":
         guided_by(args.guide)
+    if interval or args.guide != "ema":
+        autoguidance_required()
     if args.churn:
-        celebgen.sample = churned(args.churn, torch.Generator().manual_seed(0))
+        celebgen.sample = churned(args.churn, torch.Generator().manual_seed(fid_args.seed))
     fid.write_result = lambda *_: None  # printed by fid.py; its fid.json is not this sampler's
     fid.main(fid_argv)
     times = f"[{interval[0]:g}, {interval[1]:g})" if interval else "[0, 1)"

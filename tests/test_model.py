@@ -278,8 +278,9 @@ def test_rope_slowest_frequency_turns_less_than_half_a_turn_across_each_grid():
 
 
 def test_the_dits_rope_turns_the_first_half_of_pairs_with_the_patch_row():
-    """The DiT's angles are rope_angles of each token's (row, column) in patchify's row-major order:
-    one row down (token + grid) turns the first half of the pairs, one column right the second."""
+    """The DiT's angles are rope_angles of each token's (row, column), token n at (n // grid,
+    n % grid): one row down (token + grid) turns the first half of the pairs, one column right
+    (token + 1) the second."""
     model = cg.DiT(16, 4, dim=16, depth=1, heads=2)  # a 4x4 grid; head width 8: 4 pairs
     n = torch.arange(16)
     assert torch.equal(model.rope, cg.rope_angles(n // 4, n % 4, 8))                  # (16, 4)
