@@ -1394,8 +1394,8 @@ def validate_train_args(args, device, torchrun):
         args.workers = 0 if device.type == "cpu" and args.dataset == "celeba" else 2
     check_processes(args, device, torchrun)
     # (not on resume: a run of an older celebgen.py may have saved another --data_root)
-    not_read = [f"--data_root {args.data_root}"] * (Path(args.data_root) != Path(DATA_ROOT)) + \
-        ["--download"] * args.download
+    not_read = [f"--data_root {args.data_root}"] if Path(args.data_root) != Path(DATA_ROOT) else []
+    not_read += ["--download"] if args.download else []
     if args.dataset == "toy" and not args.resume and not_read:
         raise UserError(f"toy faces are drawn, not read: drop {' and '.join(not_read)}, or drop "
                         f"--dataset toy to train on CelebA")
@@ -1495,8 +1495,8 @@ def resume_command(exp_name):
     try:
         path = os.path.relpath(__file__)
     except ValueError:  # Windows: on another drive
-        path = ".."
-    if path.startswith(".."):
+        path = None
+    if path is None or path.startswith(".."):
         path = os.path.abspath(__file__)
     return f"python {shlex.quote(path)} train --exp_name {exp_name} --resume"
 

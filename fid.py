@@ -542,7 +542,8 @@ def check_references(train_args, args, result):
         there = sum(len(celebgen.make_dataset(train_args, split, cache=False))
                     for split in REF_SPLITS[args.ref_split])
     except celebgen.EmptySplit as e:
-        splits = f" ({' and '.join(REF_SPLITS[args.ref_split])})" * (args.ref_split == "heldout")
+        splits = (f" ({' and '.join(REF_SPLITS[args.ref_split])})" if args.ref_split == "heldout"
+                  else "")
         raise UserError(f"{e}, or use another --ref_split than {args.ref_split}{splits}") from None
     if there < 2:
         raise UserError(f"--ref_split {args.ref_split} has {there} images, fewer than the 2 FID "

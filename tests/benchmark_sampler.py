@@ -34,7 +34,7 @@ import fid  # noqa: E402
 CHURN_FROM, CHURN_TO = 0.02, 0.95  # EDM's S_tmin = 0.05 and S_tmax = 50, as sigma = (1 - t) / t
 
 
-def guide_only_between(t_from, t_to):
+def autoguide_only_between(t_from, t_to):
     """Make celebgen's autoguidance guide only at times t in [t_from, t_to)."""
     forward = celebgen.Autoguided.forward
 
@@ -112,7 +112,7 @@ def main():
     if args.churn and fid_args.method != "euler":
         parser.error("--churn changes the Euler sampler: drop --method")
     if interval:
-        guide_only_between(*interval)
+        autoguide_only_between(*interval)
     if args.guide != "ema":
         guided_by(args.guide)
     if interval or args.guide != "ema":
