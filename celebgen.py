@@ -708,8 +708,7 @@ def train_loop(rank, world_size, args, device, interrupt):
         for x1, x0, t, a in epoch_batches(examples, sampler, step, steps_per_epoch, args, device):
             # 3. the learning rate, from how far the run is
             lr = learning_rate(step, progress, args)
-            for group in parts.optimizer.param_groups:
-                group["lr"] = lr
+            parts.optimizer.param_groups[0]["lr"] = lr  # one group: every weight
             # 4. forward + loss, under autocast (with bf16 or fp16: the matmuls in 16 bits)
             if args.pair_noise:
                 x0 = pair_noise(x1, x0, rank, world_size)  # B: all processes' images, gathered
@@ -724,8 +723,7 @@ def train_loop(rank, world_size, args, device, interrupt):
             parts.scaler.update()
             update_ema(parts.ema, parts.model, step, args.ema_decay)
             step += 1
-            # 7. the mean loss over processes, whether any was asked to stop (Ctrl-C), and the
-            # run's time, averaged so that every process sets the same lr and stops together
+            # 7. loss, Ctrl-C and clock, averaged over processes: all set one lr, stop together
             stats = torch.tensor([loss.item(), interrupt.requested, time.monotonic() - clock],
                                  device=device)
             if world_size > 1:
@@ -2509,6 +2507,20 @@ def download_celeba(root):
                         f"again), or this is not the whole of CelebA (then drop --download)")
 
 
+def read_image_list(path):
+    """The file names that start the lines of --image_list PATH: some, each once."""
+    try:
+        names = [line.split()[0] for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --image_list {path} ({e})") from None
+    repeated = sorted(n for n, times in collections.Counter(names).items() if times > 1)
+    if not names or repeated:
+        raise UserError(f"--image_list {path} " + (f"names {repeated[0]} (and "
+                        f"{len(repeated) - 1} more) twice" if repeated else "names no image") +
+                        "; give each image once")
+    return names
+
+
 def subset_command(args):
     """`subset`: copy the images that --image_list names (a file name first on each line) out of
     the CelebA under --data_root into --out, in the official layout, with the split file and the
@@ -2531,16 +2543,7 @@ def subset_command(args):
     if out.exists():
         raise UserError(f"{out} exists; remove it, or choose another --out")
     check_folders(out.parent)  # B: no file where a folder above --out goes
-    try:
-        names = [line.split()[0] for line in Path(args.image_list).read_text().splitlines()
-                 if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read --image_list {args.image_list} ({e})") from None
-    repeated = sorted(n for n, times in collections.Counter(names).items() if times > 1)
-    if not names or repeated:
-        raise UserError(f"--image_list {args.image_list} " + (f"names {repeated[0]} (and "
-                        f"{len(repeated) - 1} more) twice" if repeated else "names no image") +
-                        "; give each image once")
+    names = read_image_list(args.image_list)
     split = read_split_file(split_file)
     missing = [n for n in names if n not in split or not (folder / n).is_file()]
     if missing:

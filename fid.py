@@ -150,7 +150,8 @@ def weights_file(path=None):
 
 def load_weights(path=None):
     """pytorch-fid's state dict from weights_file(path), downloaded there once if it is the cache's
-    (no fallback to other weights), checked to be the FID Inception's: every name and shape."""
+    (no fallback to other weights), checked to be the FID Inception's: every name and shape, and
+    every number finite."""
     given, file = path or os.environ.get(WEIGHTS_ENV), weights_file(path)
     if given and file.is_dir():
         raise UserError(f"Inception weights {given} is a folder; pass the weights file, "
@@ -175,12 +176,15 @@ def load_weights(path=None):
         state, error = None, f" ({type(e).__name__})"
     with torch.device("meta"):  # the names and shapes the network expects, without memory
         expected = {name: t.shape for name, t in fid_inception().state_dict().items()}
+    fix = (f"pass pytorch-fid's file ({WEIGHTS_URL}) instead" if given else
+           "delete it, and the next run downloads it again")
     if not (isinstance(state, dict) and expected == {name: getattr(t, "shape", None)
                                                      for name, t in state.items()}):
         what = f"is unreadable{error}" if error else "holds other weights"
-        fix = (f"pass pytorch-fid's file ({WEIGHTS_URL}) instead" if given else
-               "delete it, and the next run downloads it again")
         raise UserError(f"{file} {what}, not the FID Inception weights; {fix}")
+    if not all(t.isfinite().all() for t in state.values()):  # else features NaN or inf
+        raise UserError(f"{file} holds numbers that are not finite (NaN or inf): it is damaged; "
+                        f"{fix}")
     return state
 
 
@@ -240,6 +244,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     computes it. Sigma1 Sigma2 is not symmetric, so its root comes from scipy's general sqrtm; if
     that is not finite (singular covariances from few images), eps is added to both diagonals and
     it is taken again. Rounding leaves a tiny imaginary part, which must be negligible: dropped."""
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise ValueError("FID of statistics that are not finite")  # sqrtm may never return
     with warnings.catch_warnings():  # "singular matrix": small N has been warned about
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
         covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
@@ -378,9 +384,8 @@ def open_image(path, read):
 
 
 def folder_files(folder):
-    """The image files of a folder that pytorch-fid reads, their headers checked (fast) before any
-    work is done: each opens as an image, all of one size. A file cut short after its header is
-    found when decoded, and named then."""
+    """The image files of a folder that pytorch-fid reads, checked before any Inception work: each
+    decodes whole (a file cut short after its header included), all of one size."""
     folder = Path(folder)
     if not folder.exists():
         raise UserError(f"{folder} does not exist; give two folders of images or two .npz files")
@@ -395,12 +400,17 @@ def folder_files(folder):
                         f"({', '.join(celebgen.IMAGE_EXTENSIONS)}); FID needs at least 2")
     sizes = {}
     for f in files:
-        sizes.setdefault(open_image(f, lambda img: img.size), f)
+        sizes.setdefault(open_image(f, decoded_size), f)
         if len(sizes) > 1:
             (a, first), (b, other) = sizes.items()
             raise UserError(f"{other} is {b[0]}x{b[1]} but {first.name} is {a[0]}x{a[1]}; FID of "
                             f"a folder needs images of one size")
     return files
+
+
+def decoded_size(img):
+    img.load()  # every pixel: a header can be whole where the data is cut short
+    return img.size
 
 
 def folder_batches(files, batch_size):
@@ -744,8 +754,8 @@ def run(args):
 
 def paths_fid(args):
     """FID of two folders of images or .npz statistics, and KID when both sides have features.
-    Both paths are checked (a folder's images from their headers) before the Inception weights
-    load (slow), which only a folder needs."""
+    Both paths are checked (a folder's images decoded) before the Inception weights load (slow),
+    which only a folder needs."""
     device = celebgen.pick_device(args.device)
     sources = [npz_statistics(p) if p.endswith(".npz") else folder_files(p) for p in args.paths]
     if not all(isinstance(source, tuple) for source in sources):  # a folder: features to extract

@@ -785,6 +785,20 @@ def test_fid_folder_of_mixed_sizes_or_a_corrupt_image(workdir, capsys, monkeypat
     one_line_error(*fid_error(capsys, "good", "good"), "cannot read image good/000.png")
 
 
+def test_fid_names_an_image_cut_short_before_loading_inception(workdir, capsys, monkeypatch):
+    def no_inception(*args):
+        raise AssertionError("Inception loaded before every image was read")
+    monkeypatch.setattr(fid, "load_weights", no_inception)
+    png_folder(workdir / "good", [16, 16])
+    cut = png_folder(workdir / "cut", [16, 16, 16])
+    noise = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(cut / "001.png")
+    (cut / "001.png").write_bytes((cut / "001.png").read_bytes()[:300])  # of about 800
+    with Image.open(cut / "001.png") as img:
+        assert img.size == (16, 16)  # its header is whole: only decoding finds the cut
+    one_line_error(*fid_error(capsys, "good", "cut"), "cannot read image cut/001.png")
+
+
 def test_fid_reads_exactly_the_files_pytorch_fid_reads(workdir):
     fid_score = pytest.importorskip("pytorch_fid.fid_score")
     folder = png_folder(workdir / "f", [8, 8, 8])

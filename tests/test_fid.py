@@ -30,6 +30,14 @@ def test_unit_mean_shift_in_2048_dimensions_is_2048():
     assert fid.frechet_distance(np.zeros(2048), eye, np.ones(2048), eye) == pytest.approx(2048, abs=1e-9)
 
 
+def test_statistics_that_are_not_finite_are_refused_not_rooted():
+    """scipy's sqrtm of a NaN matrix of 2048 x 2048 may never return (and Ctrl-C cannot stop it)."""
+    mu, sigma, inf = np.zeros(4), np.eye(4), np.full((4, 4), np.inf)
+    for args in [(mu + np.nan, sigma, mu, sigma), (mu, sigma, mu, inf)]:
+        with pytest.raises(ValueError, match="not finite"):
+            fid.frechet_distance(*args)
+
+
 def test_diagonal_covariances_match_the_closed_form():
     """For diagonal covariances, Tr(S1 + S2 - 2 (S1 S2)^(1/2)) = sum (sqrt(a_i) - sqrt(b_i))^2."""
     rng = np.random.default_rng(1)
@@ -531,6 +539,11 @@ def test_missing_or_wrong_weights_fail_with_a_clear_message(tmp_path, monkeypatc
     assert "other.pth holds other weights" in error("--inception_weights", str(other))
     torch.save(None, other)  # a PyTorch file that holds nothing
     assert "other.pth holds other weights" in error("--inception_weights", str(other))
+    state = fid.fid_inception().state_dict()
+    next(iter(state.values())).view(-1)[5] = float("nan")  # right names and shapes; one number
+    torch.save(state, other)
+    assert "other.pth holds numbers that are not finite (NaN or inf): it is damaged; pass " \
+        "pytorch-fid's file" in error("--inception_weights", str(other))
     cached = fid.weights_file()  # a corrupt file where the download is kept
     assert cached.parent.is_dir() and not cached.exists()  # the failed download left no file
     cached.write_bytes(other.read_bytes()[:100])
