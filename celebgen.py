@@ -2074,7 +2074,29 @@ def saved_arguments(exp_name):
     if checkpoint is None:
         raise UserError(f"nothing to resume: {exp['checkpoints']} holds no last.pt or best.pt; "
                         f"drop --resume to start experiment {exp_name!r}")
-    return load_checkpoint(checkpoint)["args"]
+    saved = load_checkpoint(checkpoint)["args"]
+    check_own_run(exp, checkpoint, saved)
+    return saved
+
+
+def check_own_run(exp, checkpoint, saved):
+    """Refuse a checkpoint copied into the folder of another run: the folder's args.json (written
+    by each start of its run) names another experiment or other fixed arguments, and a resume
+    would overwrite that run's best.pt and mix the two runs' grids and logs. A checkpoint copied
+    into a folder without args.json, or a whole experiment copied or renamed, resumes."""
+    try:
+        own = json.loads((exp["root"] / "args.json").read_text())
+    except (OSError, ValueError):  # none, or unreadable: a record for the reader only
+        return
+    keys = [k for k in ("exp_name", *MODEL_ARGS, *RESUME_FIXED)
+            if isinstance(own, dict) and k in own and k in saved]
+    theirs = json.loads(json.dumps({k: saved[k] for k in keys}))  # tuples as lists, as own's
+    differ = [f"{k} {theirs[k]} vs {own[k]}" for k in keys if theirs[k] != own[k]]
+    if differ:
+        raise UserError(f"{checkpoint} is of another run than {exp['root'] / 'args.json'} "
+                        f"({', '.join(differ)}): a resume would overwrite that run's files; copy "
+                        f"the checkpoint into experiments/NEW/checkpoints/ and resume NEW, or "
+                        f"remove args.json if this folder is the checkpoint's own run")
 
 
 def load_checkpoint(path):

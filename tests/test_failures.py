@@ -627,6 +627,20 @@ def test_a_resume_rewrites_args_json_and_names_a_checkpoint_of_another_experimen
     assert code == 0 and "resuming copy from step 3 (last.pt, saved by experiment done)" in out
     code, out, _ = cli(capsys, "train", "--exp_name", "copy", "--resume", "--max_steps", 5)
     assert code == 0 and "resuming copy from step 4 (last.pt)\n" in out
+    shutil.copytree(exp.parent / "copy", exp.parent / "renamed")  # a whole experiment: resumes
+    code, out, _ = cli(capsys, "train", "--exp_name", "renamed", "--resume", "--max_steps", 6)
+    assert code == 0 and "resuming renamed from step 5 (last.pt, saved by experiment copy)" in out
+
+
+def test_a_checkpoint_copied_over_another_runs_files_is_refused(trained, capsys):
+    other = trained.parents[2] / "other"
+    assert cli(capsys, "train", "--exp_name", "other", *SMALL_RUN, "--max_steps", 1, "--seed", 3)[0] == 0
+    shutil.copy(trained, other / "checkpoints" / "last.pt")  # over the run of args.json
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    code, _, err = cli(capsys, "train", "--exp_name", "other", "--resume", "--max_steps", 4)
+    one_line_error(code, err, "checkpoints/last.pt is of another run than experiments/other/"
+                   "args.json (exp_name done vs other, seed 0 vs 3): a resume would overwrite")
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("grid", [[], ["--grid"]])
