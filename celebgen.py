@@ -344,7 +344,7 @@ def drop_attributes(attributes, p_each, p_all, rng):
 # step); multistep (below) reuses the previous step's prediction (second order, one call). On a
 # perfectly straight path (a model that always predicts the same image) the velocity is constant
 # and Euler is exact: the straighter the paths the model has learnt, the fewer steps it needs.
-# Every step starts at t < 1, so 1 - t > 0 and no clamp is needed (t_eps = 0), and Euler's last
+# Every step starts at t < 1 (time_grid sees to it), so no clamp is needed (t_eps = 0); Euler's last
 # step lands on the model's clean-image prediction. Heun's last step is Euler: v(x, 1) divides by 0.
 #
 # Classifier-free guidance (CFG) turns a request up. For attributes a the network gives a
@@ -408,7 +408,12 @@ def time_grid(num_steps, power=None):
     if power is None:
         power = min(2.0, math.log(1 / (1 - LAST_STEP_FROM)) / math.log(max(num_steps, 2)))
     u = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64)                   # (S + 1,)
-    return (1 - (1 - u) ** power).tolist()
+    times = (1 - (1 - u) ** power).tolist()
+    if num_steps > 1 and np.float32(times[-2]) == 1:  # the model's t is float32: 1 - t = 0
+        raise UserError(f"--time_power {power:g} at {num_steps} steps starts the last step at "
+                        f"t = 1 - {1 - times[-2]:.1e}, 1 in float32: lower --time_power or "
+                        f"--num_sampling_steps")
+    return times
 
 
 # Multistep (--method multistep): second order at one model call per step. Written with the

@@ -631,6 +631,7 @@ def experiment_fid(args):
     the experiment's fid.json (result_path). The flags and the checkpoint are checked before the
     Inception weights load (slow)."""
     choose_protocol(args)
+    times = celebgen.time_grid(args.num_sampling_steps, args.time_power)  # refused if unusable
     device, precision = celebgen.device_and_precision(args.device, args.precision)
     checkpoint = celebgen.checkpoint_path(args.exp_name, args.checkpoint)
     ckpt = celebgen.load_checkpoint(checkpoint)
@@ -655,8 +656,7 @@ def experiment_fid(args):
               "checkpoint": str(checkpoint), "num_sampling_steps": args.num_sampling_steps,
               "method": args.method, "time_power": args.time_power,
               "autoguidance": dit.weight if isinstance(dit, celebgen.Autoguided) else 1.0,
-              "times": [round(t, 6) for t in celebgen.time_grid(args.num_sampling_steps,
-                                                                args.time_power)],
+              "times": [round(t, 6) for t in times],
               "seed": args.seed,
               "device": device.type, "precision": precision, "reference": str(ref["path"]),
               "inception_weights": str(model.weights_file),

@@ -413,6 +413,17 @@ def test_a_time_power_that_would_put_every_step_at_t_0_is_refused(trained, capsy
         one_line_error(code, err, "argument --time_power: must be >= 0.1, got 1e-300")
 
 
+def test_a_time_power_that_would_start_a_step_at_t_1_in_float32_is_refused(trained, capsys, monkeypatch):
+    """At 40 steps and p = 4.9 the last step starts at t = 1 - 40^-4.9 = 1 - 1.4e-8, which is 1 in
+    the model's float32: the velocity (x_pred - x) / (1 - t) would divide by 0."""
+    assert cg.torch.tensor(cg.time_grid(40, 4.5)[-2]) < 1  # 1 - 6.3e-8: below 1 in float32 too
+    monkeypatch.setattr(fid, "inception", lambda *a: pytest.fail("fid.py began its slow work"))
+    flags = ["--exp_name", "done", "--num_samples", 2, "--num_sampling_steps", 40, "--time_power", 4.9]
+    for code, err in [cli(capsys, "sample", *flags)[::2], fid_error(capsys, *flags)]:
+        one_line_error(code, err, "--time_power 4.9 at 40 steps starts the last step at t = 1 - 1.4e-08, 1 in "
+                       "float32: lower --time_power or --num_sampling_steps")
+
+
 def test_grids_of_other_sizes_keep_their_own_files(trained, capsys):
     for cells in (4, 2, 4):  # 4: the default, named without its count; given again: the same file
         assert cli(capsys, "sample", "--exp_name", "done", "--grid", "--grid_samples", cells,
