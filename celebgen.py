@@ -64,9 +64,8 @@ class UserError(Exception):
 # sampling starts from noise and follows the predicted velocity to t = 1 (section 7). Images are
 # tensors (B, 3, H, W) in [-1, 1], of the same order as the noise, whose standard deviation is 1.
 # Times come from a logit-normal, t = sigmoid(mu + sigma * n) with n ~ N(0, 1): the defaults,
-# mu = -0.4 and sigma = 0.8 (JiT uses -0.8 and 0.8), put 69% of the times at t < 0.5, the noisy
-# end, where the coarse structure of a face is decided: of the settings tried for short CPU runs,
-# the one that mattered most (RESULTS.md).
+# mu = -0.4 and sigma = 0.8, put 69% of the times at t < 0.5, the noisy end, where the coarse
+# structure of a face is decided (chosen by FID, the usual score of generated images: RESULTS.md).
 
 def logit_normal(n, mu, sigma):
     """Map standard normal draws n to times t = sigmoid(mu + sigma * n) in (0, 1)."""
@@ -224,9 +223,8 @@ class Block(nn.Module):
 # to p*p*3 numbers per token -> patches reassembled. The network predicts the *clean image* x1 (not
 # the noise, not the velocity): a clean image lies on the low-dimensional manifold of faces, which a
 # network of width D can represent, while noise fills all p*p*3 dimensions of a patch (the argument
-# of JiT, "Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025). That argument is
-# strongest when a patch holds more numbers than a token's width; a 4x4 patch holds 48 against
-# D = 192 (tiny) or 384 (small), where it applies only weakly: x-prediction is kept at any size.
+# of JiT, "Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025). It is strongest
+# when a patch holds more numbers than a token's width: a 4x4 patch's 48 against D = 192 is not.
 
 # named sizes: width, depth and heads (head width 64 throughout); parameters at 4x4 patches
 MODELS = {
@@ -309,7 +307,8 @@ def flow_loss(model, x1, x0, t, t_eps, attributes=None):
 # to many images, and the model learns their blurred average. So each image takes the noise of the
 # assignment that minimises the batch's total squared distance (off: --no_pair_noise),
 #     min over permutations P of  sum_i || x1_i - x0_P(i) ||^2:
-# the sets of noise and images stay, only the pairs change; on for its lower FID (RESULTS.md).
+# only the pairs change, so each x0 is still N(0, I), as the noise sampling starts from. On for its
+# lower FID (RESULTS.md); validation and sampling draw plain noise.
 
 def pair_noise(x1, x0, rank, world_size):
     """x0 (B, C, H, W) reassigned to the images so that the sum of ||x1_i - x0_i||^2 over the
@@ -372,12 +371,12 @@ def guided_prediction(model, x_t, t, attributes, cfg_scale):
     return x_u + cfg_scale * (x_c - x_u)                                      # (B, C, H, W)
 
 
-# Autoguidance (Karras et al., 2024) guides a model by a weaker copy of itself: the network at
-# GUIDE_AT of its training (guide.pt, section 11) errs where the model does, only more:
-#     x_pred = x_guide + w (x_model - x_guide);  w > 1 moves away from the guide's errors.
+# Autoguidance (Karras et al., 2024) guides a model by a weaker copy of itself: its EMA weights at
+# GUIDE_AT of the training (guide.pt, section 11) err where the model does, only more, so
+#     x_pred = x_guide + w (x_model - x_guide)  with w > 1 steps further from those errors.
 # sample and fid.py use it (w = 1.5) for a model without attributes that has an earlier guide.pt.
 
-GUIDE_AT = 0.25  # 1/8 was better after 20 minutes, worse after 10; 1/16 worse (RESULTS.md)
+GUIDE_AT = 0.25  # of the fractions tried, the one good after both 10 and 20 minutes (RESULTS.md)
 
 
 class Autoguided(nn.Module):
@@ -753,12 +752,11 @@ class Bookkeeping:
     best.pt (the lowest validation loss so far: best_val), sample grids, and last.pt."""
 
     def __init__(self, args, device, parts, total_steps, budget, best_val):
-        from torch.utils.tensorboard import SummaryWriter  # imported here: only rank 0 pays for it
         self.args, self.device, self.parts = args, device, parts
         self.total_steps, self.budget, self.best_val = total_steps, budget, best_val
         self.exp = experiment_paths(args.exp_name)
         self.flops_per_image = flops_per_image(parts.model)                    # Part three, F
-        self.writer = SummaryWriter(self.exp["logs"])
+        self.writer = TensorBoardLogs(self.exp["logs"])  # B: a failed write stops logs, not the run
         write_arguments(args, self.exp)                      # B: args.json, the flags of this run
         self.val = validation_set(make_dataset(args, "val"), args.val_size, args.seed, args.t_mu,
                                   args.t_sigma)
@@ -813,9 +811,9 @@ class Bookkeeping:
             self.saved_step = step
 
     def close(self, step, stopped):  # after Ctrl-C, last.pt is saved for the step just finished
-        self.writer.close()
         if stopped and self.saved_step < step:
             self.save("last.pt", step)
+        self.writer.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1866,6 +1864,50 @@ def write_arguments(args, exp):
     except OSError as e:
         print(f"cannot write {exp['root'] / 'args.json'} ({e.strerror or e}); training goes on "
               f"(each checkpoint holds the arguments)", file=sys.stderr, flush=True)
+
+
+class TensorBoardLogs:
+    """Rank 0's TensorBoard writer. The logs are a record for the reader, as args.json is: a write
+    that fails (a full disk) is said in one line and ends the logging, not the run, which stops in
+    one line only if a checkpoint cannot be written."""
+
+    def __init__(self, folder):
+        from torch.utils.tensorboard import SummaryWriter  # imported here: only rank 0 pays for it
+        self.folder, self.writer = folder, None
+        threading.excepthook = quiet_log_thread  # its writer thread's error: said once, below
+        try:
+            self.writer = SummaryWriter(folder)
+        except OSError as e:
+            self.stop(e)
+
+    def add_scalar(self, tag, value, step):
+        self.write("add_scalar", tag, value, step)
+
+    def add_image(self, tag, image, step):
+        self.write("add_image", tag, image, step)
+
+    def close(self):
+        self.write("close")
+
+    def write(self, method, *args):
+        if self.writer is not None:
+            try:
+                getattr(self.writer, method)(*args)
+            except OSError as e:  # its writer thread ends at its first error: so do the logs
+                self.stop(e)
+
+    def stop(self, e):
+        print(f"cannot write the TensorBoard logs in {self.folder} ({e.strerror or e}); training "
+              f"goes on without them", file=sys.stderr, flush=True)
+        self.writer = None
+
+
+def quiet_log_thread(hook):
+    """threading.excepthook: TensorBoard's writer thread's OSError without its traceback, as the
+    next write raises it again, for TensorBoardLogs to say in one line; any other as usual."""
+    if not (isinstance(hook.exc_value, OSError) and
+            type(hook.thread).__module__.startswith("tensorboard.")):
+        threading.__excepthook__(hook)
 
 
 @contextmanager

@@ -643,6 +643,24 @@ def test_a_resume_rewrites_args_json_and_names_a_checkpoint_of_another_experimen
     assert code == 0 and "resuming renamed from step 5 (last.pt, saved by experiment copy)" in out
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # its traceback
+@pytest.mark.parametrize("records", [0, 2])  # the disk is full from the first record, or the third
+def test_a_disk_that_refuses_the_tensorboard_logs_stops_them_not_the_run(workdir, capsys, monkeypatch,
+                                                                        records):
+    from tensorboard.summary.writer import record_writer
+    write, written = record_writer.RecordWriter.write, []
+
+    def full(self, data):  # in TensorBoard's writer thread; the next write in the run raises it again
+        if len(written) == records:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(write(self, data))
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+    code, _, err = cli(capsys, "train", "--exp_name", "logs", *SMALL_RUN, "--max_steps", 3, "--log_every", 1)
+    assert code == 0 and err == ("cannot write the TensorBoard logs in experiments/logs/logs (No space left "
+                                 "on device); training goes on without them\n")
+    assert cg.load_checkpoint(workdir / "experiments/logs/checkpoints/last.pt")["step"] == 3
+
+
 def test_a_checkpoint_copied_over_another_runs_files_is_refused(trained, capsys):
     other = trained.parents[2] / "other"
     assert cli(capsys, "train", "--exp_name", "other", *SMALL_RUN, "--max_steps", 1, "--seed", 3)[0] == 0
