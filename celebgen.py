@@ -307,8 +307,7 @@ def flow_loss(model, x1, x0, t, t_eps, attributes=None):
 # to many images, and the model learns their blurred average. So each image takes the noise of the
 # assignment that minimises the batch's total squared distance (off: --no_pair_noise),
 #     min over permutations P of  sum_i || x1_i - x0_P(i) ||^2:
-# only the pairs change, so each x0 is still N(0, I), as the noise sampling starts from. On for its
-# lower FID (RESULTS.md); validation and sampling draw plain noise.
+# only the pairs change: each x0 is still N(0, I), as sampling's. On for its lower FID (RESULTS.md).
 
 def pair_noise(x1, x0, rank, world_size):
     """x0 (B, C, H, W) reassigned to the images so that the sum of ||x1_i - x0_i||^2 over the
@@ -371,9 +370,9 @@ def guided_prediction(model, x_t, t, attributes, cfg_scale):
     return x_u + cfg_scale * (x_c - x_u)                                      # (B, C, H, W)
 
 
-# Autoguidance (Karras et al., 2024) guides a model by a weaker copy of itself: its EMA weights at
-# GUIDE_AT of the training (guide.pt, section 11) err where the model does, only more, so
-#     x_pred = x_guide + w (x_model - x_guide)  with w > 1 steps further from those errors.
+# Autoguidance (Karras et al., 2024) guides a model by a weaker copy of itself: its weights (EMA
+# or raw, as the model's) at GUIDE_AT of the training (guide.pt, section 11) err where it does, only
+# more, so   x_pred = x_guide + w (x_model - x_guide)   with w > 1 steps away from those errors.
 # sample and fid.py use it (w = 1.5) for a model without attributes that has an earlier guide.pt.
 
 GUIDE_AT = 0.25  # of the fractions tried, the one good after both 10 and 20 minutes (RESULTS.md)
