@@ -1413,10 +1413,14 @@ def validate_train_args(args, device, torchrun):
             raise
         raise UserError(f"{str(e).split('; ')[0]}; a resumed run trains on its own images: point "
                         f"--data_root at where they are now") from None
-    if args.attributes and train_images.unlabelled and int(os.environ.get("RANK", 0)) == 0:
+    first = int(os.environ.get("RANK", 0)) == 0  # the process that speaks for the run
+    if args.attributes and train_images.unlabelled and first:
         print(f"note: {train_images.unlabelled} of {len(train_images)} training images have no "
               f"row in the attribute file: their attributes are unspecified (0), so they train the "
               f"unconditional model only", flush=True)
+    if args.dataset == "celeba" and find_celeba(args.data_root)[1] is None and first:
+        print(f"note: no split file: training and validation both use all {len(train_images)} "
+              f"images (for CelebA's split, {LAYOUTS_HELP})", flush=True)
     val_images = make_dataset(args, "val")  # fails now, not after training, if it is missing
     args.train_images, args.val_images = len(train_images), len(val_images)  # a resume keeps them
     if len(train_images) < args.batch_size * args.world_size:
@@ -2374,8 +2378,10 @@ def find_celeba(root):
         (root / "img_align_celeba" / "img_align_celeba", root / "list_eval_partition.csv"),
         (root / "img_align_celeba", root / "list_eval_partition.txt"),
     ]:
-        if folder.is_dir():
-            return folder, (split_file if split_file.is_file() else None)
+        if folder.is_dir():  # its split file, or one in the other format (.txt, .csv) beside it
+            split_files = [f for f in (split_file, split_file.with_suffix(".txt"),
+                                       split_file.with_suffix(".csv")) if f.is_file()]
+            return folder, (split_files[0] if split_files else None)
     return root, None  # a plain folder
 
 

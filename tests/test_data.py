@@ -19,6 +19,7 @@ LAYOUTS = {  # layout: (image folder, split file)
     "torchvision": ("celeba/img_align_celeba", "celeba/list_eval_partition.txt"),
     "official": ("img_align_celeba", "list_eval_partition.txt"),
     "kaggle": ("img_align_celeba/img_align_celeba", "list_eval_partition.csv"),
+    "official, Kaggle's split file": ("img_align_celeba", "list_eval_partition.csv"),
 }
 
 
@@ -47,6 +48,20 @@ def test_celeba_layouts_splits_and_crop(tmp_path, layout):
     assert image.shape == (3, 16, 16) and image.min() >= -1 and image.max() <= 1
     red = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1)
     assert (image - red).abs().max() < 0.25  # the crop kept just the box: a blue pixel would be off by 2
+
+
+@pytest.mark.parametrize("split_file", [None, "list_eval_partition.txt"])
+def test_training_on_a_folder_without_a_split_file_says_so(workdir, capsys, split_file):
+    from test_training import cli
+    (workdir / "data" / "img_align_celeba").mkdir(parents=True)
+    for name in SPLITS:
+        Image.new("RGB", (20, 20), (200, 100, 0)).save(workdir / "data" / "img_align_celeba" / name)
+    if split_file:
+        (workdir / "data" / split_file).write_text("".join(f"{n} {s}\n" for n, s in SPLITS.items()))
+    code, out, _ = cli(capsys, "train", "--exp_name", "plain", "--data_root", "data", "--image_size", 16,
+                       "--batch_size", 2, "--max_steps", 1, "--workers", 0, "--val_size", 2)
+    note = "note: no split file: training and validation both use all 6 images (for CelebA's split, put"
+    assert code == 0 and (note in out) == (split_file is None)
 
 
 def test_plain_folder_uses_every_image_with_a_centre_crop(tmp_path):
