@@ -2385,11 +2385,22 @@ def find_celeba(root):
     return root, None  # a plain folder
 
 
+def text_lines(path, what):
+    """The lines of a text file (UTF-8, a BOM skipped), or one line naming what is wrong with it."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not text ({e.reason} at byte {e.start}); is it CelebA's {what}? "
+                        f"Fetch it again") from None
+    except OSError as e:  # no permission, a failing disk
+        raise UserError(f"cannot read {path} ({e.strerror or e})") from None
+
+
 def read_split_file(path):
     """{file name: 0|1|2} from 'name split' lines (official .txt) or 'image_id,partition' rows
     (Kaggle .csv)."""
     partition = {}
-    for line in Path(path).read_text().splitlines():
+    for line in text_lines(path, "split file"):
         fields = line.replace(",", " ").split()
         if len(fields) == 2 and fields[1].isdigit():  # skips the csv header and blank lines
             partition[fields[0]] = int(fields[1])
@@ -2504,7 +2515,7 @@ def read_attribute_file(path):
     harm. Every row is checked here; only the rows of images in use are turned into numbers
     (attribute_labels)."""
     names, rows = None, {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for number, line in enumerate(text_lines(path, "attribute file"), 1):
         fields = line.replace(",", " ").split()
         if names is None:
             fields = fields[1:] if fields[:1] == ["image_id"] else fields  # Kaggle's header

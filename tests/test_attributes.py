@@ -87,7 +87,10 @@ def test_bad_attribute_files_are_one_clear_error(tmp_path):
     path.write_text("just some text\n")
     with pytest.raises(cg.UserError, match="has no line of attribute names"):
         cg.CelebA(tmp_path, "train", 8, attributes=["Smiling"])
-    path.write_text("1\nSmiling Young\n000001.jpg 1 0\n")  # only some columns, 0/1 for -1/1
+    path.write_bytes(b"\xff\xfe binary, not text\n")
+    with pytest.raises(cg.UserError, match="list_attr_celeba.txt is not text .*; is it CelebA's attribute file"):
+        cg.CelebA(tmp_path, "train", 8, attributes=["Smiling"])
+    path.write_text("\ufeff1\nSmiling Young\n000001.jpg 1 0\n")  # a BOM, some columns, 0/1 for -1/1
     assert cg.CelebA(tmp_path, "train", 8, attributes=["Young"]).label(0).tolist() == [-1.0]
     with pytest.raises(cg.UserError, match="has no column Male; it has Smiling, Young"):
         cg.CelebA(tmp_path, "train", 8, attributes=["Male", "Young"])

@@ -48,6 +48,11 @@ def test_celeba_layouts_splits_and_crop(tmp_path, layout):
     assert image.shape == (3, 16, 16) and image.min() >= -1 and image.max() <= 1
     red = torch.tensor([1.0, -1.0, -1.0]).view(3, 1, 1)
     assert (image - red).abs().max() < 0.25  # the crop kept just the box: a blue pixel would be off by 2
+    split_file.write_bytes(b"\xef\xbb\xbf" + split_file.read_bytes())  # a BOM before 000001.jpg
+    assert len(cg.CelebA(tmp_path, "train", 16)) == 3
+    split_file.write_bytes(split_file.read_bytes() + b"\xff")
+    with pytest.raises(cg.UserError, match=f"{split_file.name} is not text .*; is it CelebA's split file"):
+        cg.CelebA(tmp_path, "train", 16)
 
 
 @pytest.mark.parametrize("split_file", [None, "list_eval_partition.txt"])
