@@ -1028,10 +1028,10 @@ def positive(kind):
 
 def experiment_name(text):
     """--exp_name is a folder under experiments/: a plain name, never a path."""
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", text) or text in (".", ".."):
+    if not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.-]{0,99}", text) or text in (".", ".."):
         raise argparse.ArgumentTypeError(f"{text!r} is not a plain name: use up to 100 letters, "
-                                         f"digits and - _ . (no slashes, not . or ..); it "
-                                         f"becomes experiments/NAME")
+                                         f"digits and - _ . (no slashes, not . or .., not - "
+                                         f"first: a flag); it becomes experiments/NAME")
     if text in ("fid_refs", IMAGE_CACHE.name):  # the caches' folders
         raise argparse.ArgumentTypeError(f"experiments/{text} holds a cache; choose another name")
     return text

@@ -34,11 +34,12 @@ def files_under(folder):
 
 # --- arguments ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["../escaped", "/abs/x", "", ".", "..", "a/b", "a b", "x" * 101, "fid_refs"])
+@pytest.mark.parametrize("name", ["../escaped", "/abs/x", "", ".", "..", "a/b", "a b", "x" * 101, "fid_refs",
+                                  "-x"])  # -x: its resume command would read it as a flag
 @pytest.mark.parametrize("command", ["train", "sample", "fid"])
 def test_exp_name_is_a_plain_name(workdir, capsys, command, name):
     name = name.replace("/abs", str(workdir / "abs"))
-    argv = ["--exp_name", name]
+    argv = [f"--exp_name={name}"]
     if command == "fid":
         with pytest.raises(SystemExit) as e:
             fid.main(argv)
