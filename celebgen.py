@@ -990,6 +990,21 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
 
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, but a flag it does not know is named against the flags: the subcommand that
+        has it, or the subcommand's nearest by spelling."""
+        known, unknown = self.parse_known_args(args, namespace)
+        if not unknown:
+            return known
+        commands = self.commands if hasattr(self, "commands") else {}
+        parser = commands.get(getattr(known, "command", None), self)
+        flag = next((u.split("=")[0] for u in unknown if u.startswith("-")), "")
+        close = difflib.get_close_matches(flag, parser._option_string_actions, n=1)
+        owners = [name for name, other in commands.items() if flag in other._option_string_actions]
+        hint = (f"; it is a flag of {' and '.join(owners)}" if owners and flag else
+                f"; did you mean {close[0]}?" if close else "")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+
     def add_argument(self, *names, **kwargs):  # a number's help ends with its range, as parsed
         if hasattr(kwargs.get("type"), "valid"):
             kwargs["help"] = f"{kwargs['help']} ({kwargs['type'].valid})"
@@ -1210,6 +1225,7 @@ def make_parser():
     subparser (whose defaults --resume replaces with the saved arguments)."""
     parser = Parser(prog="celebgen.py", description="Rectified-flow DiT for CelebA faces.")
     commands = parser.add_subparsers(dest="command", required=True)
+    parser.commands = commands.choices  # {name: its Parser}, for the errors of parse_args
     train = commands.add_parser("train", help="train a model (resumable)")
     add_train_flags(train.add_argument)
     add_recipe_flags(train.add_argument)

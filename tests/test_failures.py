@@ -34,6 +34,17 @@ def files_under(folder):
 
 # --- arguments ----------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--exp_name", "a", "--max_step", 5], "--max_step 5; did you mean --max_steps? (see celebgen.py train"),
+    (["train", "--exp_name", "a", "--num_samples=5"], "--num_samples=5; it is a flag of sample (see celebgen.py "
+                                                      "train --help)"),
+    (["sample", "--exp_name", "a", "extra"], "unrecognized arguments: extra (see celebgen.py sample --help)"),
+])
+def test_an_unknown_flag_is_named_with_the_one_meant(workdir, capsys, argv, message):
+    one_line_error(*cli(capsys, *argv)[::2], message)
+    assert files_under(workdir) == []
+
+
 @pytest.mark.parametrize("name", ["../escaped", "/abs/x", "", ".", "..", "a/b", "a b", "x" * 101, "fid_refs",
                                   "-x"])  # -x: its resume command would read it as a flag
 @pytest.mark.parametrize("command", ["train", "sample", "fid"])
