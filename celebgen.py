@@ -1359,10 +1359,15 @@ def add_sample_flags(arg):
 def check_train_command(args, saved, torchrun, first):
     """Everything `train` can refuse, before any process starts or any file is written (the
     experiment's folder: experiment_lock); the device. first: this process announces it."""
-    device, args.resolved_precision = device_and_precision(args.device, args.precision,
-                                                           announce=first)
     fixed = MODEL_ARGS + RESUME_FIXED if args.resume else ()
     refuse_resume_changes(args, saved, [k for k in fixed if k not in SET_FROM_THE_DATA])
+    if args.resume and first:  # the flags given now that differ from the run's: said, not silent
+        changed = [f"--{k} {flag_value(v)} -> {flag_value(getattr(args, k))}"
+                   for k, v in saved.items() if k != "resume" and getattr(args, k, v) != v]
+        if changed:
+            print(f"resuming with changed flags: {', '.join(changed)}", flush=True)
+    device, args.resolved_precision = device_and_precision(args.device, args.precision,
+                                                           announce=first)
     train_images = validate_train_args(args, device, torchrun)
     refuse_resume_changes(args, saved, [k for k in fixed if k in SET_FROM_THE_DATA])
     # all is well: build the image cache now, before any process starts (under torchrun by the

@@ -636,7 +636,8 @@ def test_a_full_disk_at_a_sample_grid_is_one_line_and_the_run_resumes(workdir, c
 def test_a_resume_rewrites_args_json_and_names_a_checkpoint_of_another_experiment(trained, capsys):
     exp = trained.parents[1]
     assert json.loads((exp / "args.json").read_text())["max_steps"] == 2
-    assert cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 3)[0] == 0
+    code, out, _ = cli(capsys, "train", "--exp_name", "done", "--resume", "--max_steps", 3, "--lr", 1e-3)
+    assert code == 0 and "resuming with changed flags: --max_steps 2 -> 3\n" in out  # --lr 1e-3: the run's
     assert json.loads((exp / "args.json").read_text())["max_steps"] == 3
     assert not list(exp.glob("*.tmp"))
     before = (exp / "args.json").read_text()
@@ -648,8 +649,11 @@ def test_a_resume_rewrites_args_json_and_names_a_checkpoint_of_another_experimen
     shutil.copy(trained, copied / "last.pt")
     code, out, _ = cli(capsys, "train", "--exp_name", "copy", "--resume", "--max_steps", 4)
     assert code == 0 and "resuming copy from step 3 (last.pt, saved by experiment done)" in out
-    code, out, _ = cli(capsys, "train", "--exp_name", "copy", "--resume", "--max_steps", 5)
+    code, out, _ = cli(capsys, "train", "--exp_name", "copy", "--resume", "--max_steps", 5, "--ema_decay", 0.99)
     assert code == 0 and "resuming copy from step 4 (last.pt)\n" in out
+    assert "resuming with changed flags: --max_steps 4 -> 5, --ema_decay 0.995 -> 0.99\n" in out
+    code, out, _ = cli(capsys, "train", "--exp_name", "copy", "--resume", "--max_steps", 5)
+    assert code == 0 and "already at step 5 of 5" in out and "changed flags" not in out
     shutil.copytree(exp.parent / "copy", exp.parent / "renamed")  # a whole experiment: resumes
     code, out, _ = cli(capsys, "train", "--exp_name", "renamed", "--resume", "--max_steps", 6)
     assert code == 0 and "resuming renamed from step 5 (last.pt, saved by experiment copy)" in out
