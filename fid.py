@@ -437,7 +437,8 @@ def npz_statistics(path):
                         f"({type(e).__name__}); compute it again (a cached reference: delete it, "
                         f"and fid.py remakes it)") from None
     arrays = [mu, sigma] + ([] if features is None else [features])
-    if (mu.ndim != 1 or sigma.shape != (len(mu), len(mu)) or (np.diagonal(sigma) < 0).any()
+    if (mu.ndim != 1 or len(mu) == 0 or sigma.shape != (len(mu), len(mu))
+            or (np.diagonal(sigma) < 0).any()
             or (features is not None and (features.ndim != 2 or features.shape[1] != len(mu)))
             or not all(np.issubdtype(a.dtype, np.floating) for a in arrays)):
         raise UserError(f"{path}: mu {mu.shape} {mu.dtype}, sigma {sigma.shape} {sigma.dtype} and "
@@ -450,6 +451,11 @@ def npz_statistics(path):
     if np.abs(sigma - sigma.T).max(initial=0) > 1e-6 * np.abs(sigma).max(initial=0):
         raise UserError(f"{path}: sigma is not symmetric, so not a covariance: it is damaged; "
                         f"compute it again (a cached reference: delete it, and fid.py remakes it)")
+    eigenvalues = np.linalg.eigvalsh(sigma)  # a covariance's are >= 0, but for rounding
+    if eigenvalues[0] < -1e-6 * max(eigenvalues[-1], 0):
+        raise UserError(f"{path}: sigma has an eigenvalue {eigenvalues[0]:.3g} < 0, so is not a "
+                        f"covariance: it is damaged; compute it again (a cached reference: delete "
+                        f"it, and fid.py remakes it)")
     return mu, sigma, features
 
 

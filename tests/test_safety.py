@@ -158,6 +158,19 @@ def test_fid_refuses_a_covariance_that_is_not_symmetric(workdir, capsys, no_weig
     one_line_error(code, err, f"{workdir / 'bad.npz'}: sigma is not symmetric, so not a covariance")
 
 
+def test_fid_refuses_a_covariance_with_a_negative_eigenvalue_and_statistics_of_nothing(workdir, capsys,
+                                                                                       no_weights):
+    np.savez(workdir / "good.npz", mu=np.zeros(4), sigma=np.eye(4))
+    sigma = np.eye(4)
+    sigma[0, 1] = sigma[1, 0] = 2  # symmetric, variances >= 0, eigenvalues 3, 1, 1 and -1
+    np.savez(workdir / "bad.npz", mu=np.zeros(4), sigma=sigma)
+    code, err = fid_error(capsys, workdir / "good.npz", workdir / "bad.npz")
+    one_line_error(code, err, f"{workdir / 'bad.npz'}: sigma has an eigenvalue -1 < 0, so is not a covariance")
+    np.savez(workdir / "empty.npz", mu=np.zeros(0), sigma=np.zeros((0, 0)))
+    code, err = fid_error(capsys, workdir / "empty.npz", workdir / "empty.npz")
+    one_line_error(code, err, f"{workdir / 'empty.npz'}: mu (0,) float64, sigma (0, 0) float64")
+
+
 def test_fid_refuses_statistics_that_are_not_finite(workdir, capsys, no_weights):
     good = {"mu": np.zeros(4), "sigma": np.eye(4)}
     np.savez(workdir / "good.npz", **good)
