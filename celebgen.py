@@ -938,11 +938,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # --------------------------------------------------------------------------------------------------
 
 def exit_on_user_error(command, *args, quiet=False):
-    """Run a command. Bad input (UserError), an op without an MPS kernel and a --compile that finds
-    no working compiler end as one line `error: ...` and exit status 2; Ctrl-C (or SIGTERM) as one
-    line and status 130 (the shell's code for SIGINT). No traceback. quiet: a DDP rank other than
-    0, which says nothing and leaves with status 0, because spawn stops every process as soon as
-    one fails: rank 0 must be the one whose status and message the user gets."""
+    """Run a command. Bad input (UserError), memory running out, an op without an MPS kernel and a
+    --compile that finds no working compiler end as one line `error: ...` and exit status 2;
+    Ctrl-C (or SIGTERM) as one line and status 130 (the shell's code for SIGINT). No traceback.
+    quiet: a DDP rank other than 0, which says nothing and leaves with status 0, because spawn
+    stops every process as soon as one fails: rank 0 must be the one whose status and message the
+    user gets."""
     code = 2
     try:
         with sigterm_as_ctrl_c():
@@ -952,7 +953,7 @@ def exit_on_user_error(command, *args, quiet=False):
         message = "error: " + re.sub(r"^[\w.]*UserError: ", "", str(e).strip().splitlines()[-1])
     except Interrupted as e:
         code, message = 130, str(e)
-    except KeyboardInterrupt:  # before the clause below, whose lookup may import torch._dynamo
+    except KeyboardInterrupt:
         code, message = 130, ("interrupted (checkpoints, images and FID statistics are only ever "
                               "written whole: those written before are intact)")
     except NotImplementedError as e:
@@ -960,11 +961,20 @@ def exit_on_user_error(command, *args, quiet=False):
             raise
         message = (f"error: {str(e).splitlines()[0]} Set PYTORCH_ENABLE_MPS_FALLBACK=1 to run such "
                    f"ops on the CPU, or use --device cpu")
-    except torch._dynamo.exc.BackendCompilerFailed as e:  # --compile without a working compiler
-        reason = e.inner_exception
-        message = (f"error: --compile failed ({type(reason).__name__}: "
-                   f"{str(reason).splitlines()[0]}); train without --compile, which runs the same "
-                   f"model")
+    except (MemoryError, RuntimeError) as e:  # (NotImplementedError, a RuntimeError: above)
+        compiled = "torch._dynamo" in sys.modules  # what --compile's errors come from, if imported
+        out_of_memory = (MemoryError, torch.OutOfMemoryError)  # Python's, and CUDA's
+        if isinstance(e, out_of_memory) or "can't allocate memory" in str(e):  # or the CPU's
+            message = (f"error: out of memory ({(str(e).splitlines() or [''])[0][:160]}); lower "
+                       f"--batch_size, then run the command again (train: with --resume if it "
+                       f"saved a checkpoint)")
+        elif compiled and isinstance(e, torch._dynamo.exc.BackendCompilerFailed):  # no compiler
+            reason = e.inner_exception
+            message = (f"error: --compile failed ({type(reason).__name__}: "
+                       f"{str(reason).splitlines()[0]}); train without --compile, which runs the "
+                       f"same model")
+        else:
+            raise
     if not quiet:
         print(message, file=sys.stderr, flush=True)
     sys.exit(0 if quiet else code)
@@ -1361,13 +1371,14 @@ def check_train_command(args, saved, torchrun, first):
     experiment's folder: experiment_lock); the device. first: this process announces it."""
     fixed = MODEL_ARGS + RESUME_FIXED if args.resume else ()
     refuse_resume_changes(args, saved, [k for k in fixed if k not in SET_FROM_THE_DATA])
-    if args.resume and first:  # the flags given now that differ from the run's: said, not silent
-        changed = [f"--{k} {flag_value(v)} -> {flag_value(getattr(args, k))}"
-                   for k, v in saved.items() if k != "resume" and getattr(args, k, v) != v]
-        if changed:
-            print(f"resuming with changed flags: {', '.join(changed)}", flush=True)
     device, args.resolved_precision = device_and_precision(args.device, args.precision,
                                                            announce=first)
+    if args.resume and first:  # the flags given now that differ from the run's: said, not silent
+        changed = [f"--{k} {flag_value(v)} -> {flag_value(getattr(args, k))}"
+                   for k, v in saved.items() if k not in ("resume", "resolved_precision")
+                   and getattr(args, k, v) != v]
+        if changed:
+            print(f"resuming with changed flags: {', '.join(changed)}", flush=True)
     train_images = validate_train_args(args, device, torchrun)
     refuse_resume_changes(args, saved, [k for k in fixed if k in SET_FROM_THE_DATA])
     # all is well: build the image cache now, before any process starts (under torchrun by the
@@ -2411,8 +2422,8 @@ def text_lines(path, what):
     try:
         return Path(path).read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not text ({e.reason} at byte {e.start}); is it CelebA's {what}? "
-                        f"Fetch it again") from None
+        raise UserError(f"{path} is not text ({e.reason} at byte {e.start}); is it CelebA's "
+                        f"{what}? Fetch it again") from None
     except OSError as e:  # no permission, a failing disk
         raise UserError(f"cannot read {path} ({e.strerror or e})") from None
 

@@ -174,6 +174,23 @@ def test_what_mps_cannot_do_is_one_line(workdir, capsys, monkeypatch):
     assert code == 2 and err.count("\n") == 1 and "PYTORCH_ENABLE_MPS_FALLBACK=1" in err, err
 
 
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                 "tried to allocate 6553600000 bytes. Error code 12 (Cannot allocate memory)"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), MemoryError()])
+def test_memory_running_out_is_one_line_and_other_runtime_errors_are_not_hidden(workdir, capsys, monkeypatch,
+                                                                               error):
+    def out_of_memory(*args):
+        raise error
+    monkeypatch.setattr(cg, "flow_loss", out_of_memory)
+    code, _, err = cli(capsys, "train", "--exp_name", "oom", *TOY, "--batch_size", 4, "--max_steps", 1)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: out of memory (") and \
+        "); lower --batch_size, then run the command again" in err, err
+    monkeypatch.setattr(cg, "flow_loss", lambda *a: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli(capsys, "train", "--exp_name", "bug", *TOY, "--batch_size", 4, "--max_steps", 1)
+
+
 def test_a_device_that_is_not_here_is_one_line_in_the_shell(workdir):
     for argv in (["sample", "--exp_name", "x", "--device", "cuda"],
                  ["train", "--exp_name", "x", "--dataset", "toy", "--device", "mps"]):
