@@ -281,8 +281,8 @@ def build_model(args):
 # velocity is v = (x1 - x_t) / (1 - t) without x0; with the prediction in place of x1,
 #     v_pred = (x_pred - x_t) / max(1 - t, t_eps),     v_target = (x1 - x_t) / max(1 - t, t_eps),
 #     loss = || v_pred - v_target ||^2 = || x_pred - x1 ||^2 / max(1 - t, t_eps)^2:
-# an x-loss weighted by 1 / (1 - t)^2, capped at 1 / t_eps^2 near the image end: 25 with the default
-# t_eps = 0.2, which sampled no worse by FID at 32x32 than JiT's 0.05 (400; RESULTS.md). For
+# an x-loss weighted by 1 / (1 - t)^2, unbounded as t -> 1, so capped at 1 / t_eps^2: 25 with the
+# default t_eps = 0.2, which sampled no worse by FID at 32x32 than JiT's 0.05 (400; RESULTS.md). For
 # 1 - t >= t_eps the target is exactly x1 - x0; beyond (t > 0.8: 1.28% of the training times) it
 # is clamped like the prediction, as in JiT, so the loss is still smallest at x_pred = x1 -- which
 # the sampler assumes when, at its last steps, it turns x_pred into a velocity without the clamp.
@@ -408,9 +408,8 @@ def time_grid(num_steps, power=None):
     u = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64)                   # (S + 1,)
     times = (1 - (1 - u) ** power).tolist()
     if num_steps > 1 and np.float32(times[-2]) == 1:  # the model's t is float32: 1 - t = 0
-        raise UserError(f"--time_power {power:g} at {num_steps} steps starts the last step at "
-                        f"t = 1 - {1 - times[-2]:.1e}, 1 in float32: lower --time_power or "
-                        f"--num_sampling_steps")
+        raise UserError(f"--time_power {power:g} at {num_steps} steps starts a step at t = 1 in "
+                        f"float32: lower --time_power or --num_sampling_steps")
     return times
 
 
@@ -419,9 +418,10 @@ def time_grid(num_steps, power=None):
 # x_pred / (1 - t)^2 and, with r = (1 - t_{i+1}) / (1 - t_i),
 #     x_{i+1} = r x_i + (1 - t_{i+1}) * integral over [t_i, t_{i+1}] of x_pred(s) / (1 - s)^2 ds.
 # x_pred held at x_pred(t_i) gives r x_i + (1 - r) x_pred(t_i): Euler's step, exactly. x_pred on the
-# line through the last two predictions, of slope g, adds (1 - t_i) (1 - r + r ln r) g (r ln r = 0
-# at r = 0: the last step lands on the line at t = 1); the first step is Euler's. DPM-Solver++(2M)
-# (Lu et al. 2022) draws the line in lambda = ln(t / (1 - t)), half the log-SNR, instead of in t.
+# line in t through the last two predictions, of slope g = (x_pred(t_i) - x_pred(t_{i-1})) /
+# (t_i - t_{i-1}), adds (1 - t_i) (1 - r + r ln r) g (r ln r = 0 at r = 0: the last step lands on
+# the line at t = 1); the first step is Euler's. DPM-Solver++(2M) (Lu et al. 2022) draws the line
+# in lambda = ln(t / (1 - t)) instead: half the log of the signal-to-noise ratio t^2 / (1 - t)^2.
 
 @torch.no_grad()
 def sample(model, noise, times, method="euler", attributes=None, cfg_scale=1.0):
@@ -543,10 +543,10 @@ def autocast(device, precision):
 #                       /checkpoints/guide.pt     at GUIDE_AT of the run: autoguidance's guide
 #                       /logs/                    TensorBoard: tensorboard --logdir experiments
 #                       /samples/                 grids during training; `sample` writes here too
-# A checkpoint holds the weights, their EMA, the optimizer's moments, the fp16 loss scale, the step,
-# the run's arguments and its clock: all a run needs to continue, as every random draw of training
-# follows from the seed and the step (section 11). Plain values and tensors only: it loads with
-# torch.load(weights_only=True), which runs no code from a file. Written whole (B), checked (C).
+# A checkpoint holds the weights, their EMA, AdamW's moments, the fp16 loss scale, the step, the
+# best validation loss, the arguments, the clock and the network's version: all a run needs to go
+# on, as every random draw of training follows from the seed and the step (section 11). Plain
+# values and tensors: torch.load(weights_only=True) runs no code. Written whole (B), checked (C).
 
 TrainingParts = namedtuple("TrainingParts", "model ema optimizer scaler")  # what is trained
 
@@ -576,7 +576,7 @@ def checkpoint_state(parts, step, best_val, elapsed, args):
 # and the pairing of section 6 a function of the global batch. So 2 processes x batch B see exactly
 # the examples 1 process x batch 2B sees, and a run resumed at step k sees what the uninterrupted
 # run saw: each epoch's order is fixed by seed + epoch, and the resume skips its done batches.
-# (Under --max_minutes the learning rate follows the clock, so it repeats as the speed does.)
+# (Under --max_minutes the learning rate follows the clock: exact only if each step takes as long.)
 
 class FlowExamples(Dataset):
     """Training examples (x1, x0, t, a): an image (randomly flipped), its noise, its time, its
@@ -640,9 +640,9 @@ def learning_rate(step, progress, args):
     """The learning rate of optimizer step `step` (0-based) taken at `progress` p in [0, 1) of the
     run (of its steps or its --max_minutes, whichever is further): warm-up, constant, cooldown,
         lr(step, p) = lr * min(1, (step + 1) / warmup_steps) * min(1, (1 - p) / cooldown)
-    (no cooldown factor with --cooldown 0). Warm-up lets AdamW's moment estimates settle before
-    the steps get large. The cooldown makes this the "warmup-stable-decay" (WSD) schedule: a run
-    of any length, or stopped by a clock, still ends with small steps, settled, not mid-noise."""
+    (warmup_steps counts steps, cooldown is the last share of p; 0: none). Warm-up lets AdamW's
+    moments settle before the steps get large. The cooldown makes this the "warmup-stable-decay"
+    (WSD) schedule: a run of any length, or stopped by a clock, ends with small steps, settled."""
     cooldown = min(1.0, (1 - progress) / args.cooldown) if args.cooldown else 1.0
     return args.lr * min(1.0, (step + 1) / args.warmup_steps) * cooldown
 
@@ -662,10 +662,10 @@ def clip_gradients(parts, loss, step, args):
 
 @torch.no_grad()
 def update_ema(ema, model, step, decay):
-    """ema <- d ema + (1 - d) model, with the warm-up d = min(decay, (1 + step) / (10 + step)).
-    Behind a weight that grows by 1 per step the average lags (step + 1) / 10 steps in the warm-up
-    (tested), so even short runs sample a useful EMA, then d / (1 - d): 199 at 0.995, 9,999 at
-    DiT's 0.9999. 0.995: no window tried sampled better by more than runs differ (RESULTS.md)."""
+    """ema <- d ema + (1 - d) model, d = min(decay, (1 + step) / (10 + step)): an average of recent
+    weights, steadier than the last, which validation and sampling use. Behind a weight growing by
+    1 per step it lags (step + 1) / 10 steps in the warm-up (tested), then d / (1 - d): 199 at
+    0.995, 9,999 at DiT's 0.9999. 0.995: no window tried sampled better beyond noise (RESULTS.md)"""
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1 - d)
