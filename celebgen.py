@@ -1008,7 +1008,8 @@ class Parser(argparse.ArgumentParser):
             return known
         commands = self.commands if hasattr(self, "commands") else {}
         parser = commands.get(getattr(known, "command", None), self)
-        flag = next((u.split("=")[0] for u in unknown if u.startswith("-")), "")
+        before_dashes = unknown[:unknown.index("--")] if "--" in unknown else unknown
+        flag = next((u.split("=")[0] for u in before_dashes if u.startswith("-")), "")
         close = difflib.get_close_matches(flag, parser._option_string_actions, n=1)
         owners = [name for name, other in commands.items() if flag in other._option_string_actions]
         hint = (f"; it is a flag of {' and '.join(owners)}" if owners and flag else
@@ -1373,14 +1374,13 @@ def check_train_command(args, saved, torchrun, first):
     refuse_resume_changes(args, saved, [k for k in fixed if k not in SET_FROM_THE_DATA])
     device, args.resolved_precision = device_and_precision(args.device, args.precision,
                                                            announce=first)
-    if args.resume and first:  # the flags given now that differ from the run's: said, not silent
-        changed = [f"--{k} {flag_value(v)} -> {flag_value(getattr(args, k))}"
-                   for k, v in saved.items() if k not in ("resume", "resolved_precision")
-                   and getattr(args, k, v) != v]
-        if changed:
-            print(f"resuming with changed flags: {', '.join(changed)}", flush=True)
     train_images = validate_train_args(args, device, torchrun)
     refuse_resume_changes(args, saved, [k for k in fixed if k in SET_FROM_THE_DATA])
+    if args.resume and first:  # the flags given now that differ from the run's: said, not silent
+        changed = [f"--{k} {flag_value(v)} -> {flag_value(getattr(args, k))}"
+                   for k, v in saved.items() if k not in NOT_FLAGS and getattr(args, k, v) != v]
+        if changed:
+            print(f"resuming with changed flags: {', '.join(changed)}", flush=True)
     # all is well: build the image cache now, before any process starts (under torchrun by the
     # first process of each machine only; the others wait for it in train_loop)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and isinstance(train_images, CelebA):
@@ -1388,6 +1388,8 @@ def check_train_command(args, saved, torchrun, first):
     return device
 
 
+# saved arguments that no flag sets on a resume (its name: "saved by experiment" says it)
+NOT_FLAGS = ("resume", "exp_name", "resolved_precision", "run_id")
 # what validate_train_args sets from the images and the machine: compared once it has run; the
 # other fixed flags are compared before any image is read
 SET_FROM_THE_DATA = ("attributes", "train_images", "val_images", "world_size")
@@ -1881,7 +1883,9 @@ def free_port():
 
 
 def create_experiment(args):
-    """experiments/{exp_name}/ and its folders."""
+    """experiments/{exp_name}/ and its folders; args.run_id, which names the run for good (a resume
+    keeps it) in its checkpoints and args.json, for check_own_run."""
+    args.run_id = getattr(args, "run_id", None) or os.urandom(8).hex()
     exp = experiment_paths(args.exp_name)
     for folder in ("checkpoints", "logs", "samples"):
         exp[folder].mkdir(parents=True, exist_ok=True)
@@ -2163,14 +2167,14 @@ def saved_arguments(exp_name):
 
 def check_own_run(exp, checkpoint, saved):
     """Refuse a checkpoint copied into the folder of another run: the folder's args.json (written
-    by each start of its run) names another experiment or other fixed arguments, and a resume
-    would overwrite that run's best.pt and mix the two runs' grids and logs. A checkpoint copied
-    into a folder without args.json, or a whole experiment copied or renamed, resumes."""
+    by each start of its run) names another run (run_id; older runs: other fixed arguments), and a
+    resume would overwrite that run's best.pt and mix the two runs' grids and logs. A checkpoint
+    copied into a folder without args.json, or a whole experiment copied or renamed, resumes."""
     try:
         own = json.loads((exp["root"] / "args.json").read_text())
     except (OSError, ValueError):  # none, or unreadable: a record for the reader only
         return
-    keys = [k for k in ("exp_name", *MODEL_ARGS, *RESUME_FIXED)
+    keys = [k for k in ("run_id", *MODEL_ARGS, *RESUME_FIXED)
             if isinstance(own, dict) and k in own and k in saved]
     theirs = json.loads(json.dumps({k: saved[k] for k in keys}))  # tuples as lists, as own's
     differ = [f"{k} {theirs[k]} vs {own[k]}" for k in keys if theirs[k] != own[k]]
@@ -2337,8 +2341,12 @@ def load_weights(model, state, ckpt_args):
 
 
 def flag_value(value):
-    """A saved argument as the command line writes it: a list comma-separated, an empty one
-    (none)."""
+    """A saved argument as the command line writes it: a list comma-separated, an empty one or
+    None (none), a switch on or off."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "(none)"
     return (",".join(value) or "(none)") if isinstance(value, list) else value
 
 

@@ -354,6 +354,10 @@ def feature_statistics(model, batches, total, device, score=None):
     reported = start
     for batch in batches:
         features, logits = model(batch.to(device))
+        if not features.isfinite().all():  # finite images in, so the weights are damaged
+            raise UserError(f"the Inception network gave features that are not finite (NaN or "
+                            f"inf): its weights {getattr(model, 'weights_file', '')} are damaged; "
+                            f"fetch them again ({WEIGHTS_URL})")
         stats.add(features.cpu().numpy())
         sample.add(features.cpu().numpy())
         if score is not None:

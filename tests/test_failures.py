@@ -39,6 +39,7 @@ def files_under(folder):
     (["train", "--exp_name", "a", "--num_samples=5"], "--num_samples=5; it is a flag of sample (see celebgen.py "
                                                       "train --help)"),
     (["sample", "--exp_name", "a", "extra"], "unrecognized arguments: extra (see celebgen.py sample --help)"),
+    (["train", "--exp_name", "a", "--", "--lr", 1], "arguments: -- --lr 1 (see celebgen.py train --help)"),
 ])
 def test_an_unknown_flag_is_named_with_the_one_meant(workdir, capsys, argv, message):
     one_line_error(*cli(capsys, *argv)[::2], message)
@@ -657,6 +658,10 @@ def test_a_resume_rewrites_args_json_and_names_a_checkpoint_of_another_experimen
     code, out, _ = cli(capsys, "train", "--exp_name", "copy", "--resume", "--max_steps", 5)
     assert code == 0 and "already at step 5 of 5" in out and "changed flags" not in out
     shutil.copytree(exp.parent / "copy", exp.parent / "renamed")  # a whole experiment: resumes
+    with pytest.MonkeyPatch.context() as patch:  # even after a resume that failed before saving
+        patch.setattr(cg, "flow_loss", lambda *a: (_ for _ in ()).throw(cg.UserError("failed")))
+        assert cli(capsys, "train", "--exp_name", "renamed", "--resume", "--max_steps", 6)[0] == 2
+    assert json.loads((exp.parent / "renamed" / "args.json").read_text())["exp_name"] == "renamed"
     code, out, _ = cli(capsys, "train", "--exp_name", "renamed", "--resume", "--max_steps", 6)
     assert code == 0 and "resuming renamed from step 5 (last.pt, saved by experiment copy)" in out
 
@@ -685,8 +690,8 @@ def test_a_checkpoint_copied_over_another_runs_files_is_refused(trained, capsys)
     shutil.copy(trained, other / "checkpoints" / "last.pt")  # over the run of args.json
     before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
     code, _, err = cli(capsys, "train", "--exp_name", "other", "--resume", "--max_steps", 4)
-    one_line_error(code, err, "checkpoints/last.pt is of another run than experiments/other/"
-                   "args.json (exp_name done vs other, seed 0 vs 3): a resume would overwrite")
+    one_line_error(code, err, "checkpoints/last.pt is of another run than experiments/other/args.json (run_id ")
+    assert ", seed 0 vs 3): a resume would overwrite that run's files" in err
     assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
 
 

@@ -544,6 +544,11 @@ def test_missing_or_wrong_weights_fail_with_a_clear_message(tmp_path, monkeypatc
     torch.save(state, other)
     assert "other.pth holds numbers that are not finite (NaN or inf): it is damaged; pass " \
         "pytorch-fid's file" in error("--inception_weights", str(other))
+    next(iter(state.values())).view(-1)[5] = 0.0
+    state["Conv2d_1a_3x3.bn.running_var"][0] = -1.0  # finite, but sqrt(-1 + eps) is NaN
+    torch.save(state, other)
+    assert f"Inception network gave features that are not finite (NaN or inf): its weights {other} are " \
+        "damaged" in error("--inception_weights", str(other))
     cached = fid.weights_file()  # a corrupt file where the download is kept
     assert cached.parent.is_dir() and not cached.exists()  # the failed download left no file
     cached.write_bytes(other.read_bytes()[:100])

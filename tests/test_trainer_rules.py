@@ -433,7 +433,7 @@ def test_the_trainer_pairs_the_noise_by_default_and_a_resume_keeps_the_choice(wo
                "--no_pair_noise")[0] == 0
     assert paired == [4, 4]
     code, _, err = cli(capsys, "train", "--exp_name", "paired", "--resume", "--max_steps", 3, "--no_pair_noise")
-    assert code == 2 and "--resume cannot change --no_pair_noise (pairing) True -> False" in err, err
+    assert code == 2 and "--resume cannot change --no_pair_noise (pairing) on -> off" in err, err
     code, _, err = cli(capsys, "train", "--exp_name", "paired", "--resume", "--max_steps", 3, "--nproc", 2)
     assert code == 2 and "--resume cannot change --nproc (processes) 1 -> 2" in err, err  # the flags' names
     last = workdir / "experiments" / "plain" / "checkpoints" / "last.pt"
