@@ -291,6 +291,15 @@ def test_spawning_again_passes_the_resource_trackers_warning_filter_once(monkeyp
     assert sys.warnoptions == ["ignore:resource_tracker:UserWarning"]
 
 
+def running(pid):
+    """Whether process `pid` still runs: not a zombie, which has exited and waits only to be reaped
+    (one whose parent died first is reaped by PID 1, at its own pace)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # reaped
+        return False
+
+
 def spawned_workers(parent):
     """PIDs of the processes mp.spawn started under `parent`, in the order of their ranks."""
     found = []
@@ -364,7 +373,7 @@ def test_a_killed_ddp_worker_is_one_line_and_the_run_resumes(workdir):
     gone = time.monotonic() - killed
     time.sleep(1.0)
     assert run.returncode == 1 and "Traceback" not in err, err
-    assert not any(Path(f"/proc/{pid}").exists() for pid in workers + loaders) and gone < 60
+    assert not any(running(pid) for pid in workers + loaders) and gone < 60
     step = checkpoint("ddp")["step"]
     assert err.strip().splitlines()[-1] == (
         f"error: process 1 of 2 was killed by SIGKILL (the kernel sends SIGKILL when memory runs "
