@@ -1377,8 +1377,7 @@ def check_train_command(args, saved, torchrun, first):
     train_images = validate_train_args(args, device, torchrun)
     refuse_resume_changes(args, saved, [k for k in fixed if k in SET_FROM_THE_DATA])
     if args.resume and first:  # the flags given now that differ from the run's: said, not silent
-        changed = [f"--{k} {flag_value(v)} -> {flag_value(getattr(args, k))}"
-                   for k, v in saved.items() if k not in NOT_FLAGS and getattr(args, k, v) != v]
+        changed = changed_flags(args, saved, [k for k in saved if k not in NOT_FLAGS])
         if changed:
             print(f"resuming with changed flags: {', '.join(changed)}", flush=True)
     # all is well: build the image cache now, before any process starts (under torchrun by the
@@ -1395,13 +1394,18 @@ NOT_FLAGS = ("resume", "exp_name", "resolved_precision", "run_id")
 SET_FROM_THE_DATA = ("attributes", "train_images", "val_images", "world_size")
 
 
-def refuse_resume_changes(args, saved, keys):
-    """Refuse a --resume whose arguments differ from the saved run's in any of `keys`."""
+def changed_flags(args, saved, keys):
+    """'--flag saved -> now' for each of `keys` whose value now differs from the saved run's."""
     flag = {"pair_noise": "no_pair_noise (pairing)", "world_size": "nproc (processes)",
             "train_images": "data_root (training images)",
             "val_images": "data_root (validation images)"}
-    changed = [f"--{flag.get(k, k)} {flag_value(saved.get(k))} -> {flag_value(getattr(args, k))}"
-               for k in keys if saved.get(k, getattr(args, k)) != getattr(args, k)]
+    return [f"--{flag.get(k, k)} {flag_value(saved[k])} -> {flag_value(getattr(args, k))}"
+            for k in keys if k in saved and hasattr(args, k) and saved[k] != getattr(args, k)]
+
+
+def refuse_resume_changes(args, saved, keys):
+    """Refuse a --resume whose arguments differ from the saved run's in any of `keys`."""
+    changed = changed_flags(args, saved, keys)
     if changed:  # other images may come from the saved --data_root: no flag to drop then
         images = " (--data_root: point it at the run's own images)" * any(
             c.startswith("--data_root") for c in changed)
