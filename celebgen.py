@@ -880,8 +880,8 @@ def sample_command(args):
     name = samples_name(path, args)                         # A: the checkpoint and the flags
     # each PNG is written into {name}.PID.partial/, which replaces {name}/ when complete, and
     # {name}.png, the grid of the first 64, follows (B)
-    count, in_grid = write_samples_whole(batches, out / name, args.num_samples)
-    print(f"wrote {count} images to {out / name}/ and a grid of the first {in_grid} to "
+    count, in_grid, before = write_samples_whole(batches, out / name, args.num_samples)
+    print(f"wrote {count} images to {out / name}/{before} and a grid of the first {in_grid} to "
           f"{out / name}.png")
 
 
@@ -1002,11 +1002,19 @@ class Parser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         """argparse's, but a flag it does not know is named against the flags: the subcommand that
-        has it, or the subcommand's nearest by spelling."""
-        known, unknown = self.parse_known_args(args, namespace)
+        has it, or the subcommand's nearest by spelling; a flag typed with one dash, by its name."""
+        args = sys.argv[1:] if args is None else [str(a) for a in args]
+        commands = self.commands if hasattr(self, "commands") else {}
+        try:
+            known, unknown = self.parse_known_args(args, namespace)
+        except UserError as e:  # `-exp_name x` is no --exp_name: "required: --exp_name"
+            flags = {f for p in (self, *commands.values()) for f in p._option_string_actions}
+            one_dash = [a for a in args if a[:1] == "-" and "-" + a.split("=")[0] in flags]
+            if not one_dash:
+                raise
+            raise UserError(f"{e}; {one_dash[0]} has one dash: use -{one_dash[0]}") from None
         if not unknown:
             return known
-        commands = self.commands if hasattr(self, "commands") else {}
         parser = commands.get(getattr(known, "command", None), self)
         before_dashes = unknown[:unknown.index("--")] if "--" in unknown else unknown
         flag = next((u.split("=")[0] for u in before_dashes if u.startswith("-")), "")
@@ -1681,9 +1689,9 @@ def train_worker(rank, world_size, args, device_type):
         with attention_kernels(device, tokens), \
                 InterruptRequest(rank == 0, sigterm=not spawned_worker()) as interrupt:  # F, B
             if world_size == 1:
-                train_loop(rank, world_size, args, device, interrupt)
+                train_until_stopped(rank, world_size, args, device, interrupt)
             else:  # rank 0 says why; spawn sees the exit status, and the parent exits with it
-                exit_on_user_error(train_loop, rank, world_size, args, device, interrupt,
+                exit_on_user_error(train_until_stopped, rank, world_size, args, device, interrupt,
                                    quiet=rank > 0)
     finally:
         if dist.is_initialized():
@@ -1693,6 +1701,14 @@ def train_worker(rank, world_size, args, device_type):
             # and the process aborts (SIGABRT). Sleeping releases the GIL so that they finish first
             # (0.1 s: a wide margin over their microseconds, not a guarantee).
             time.sleep(0.1)
+
+
+def train_until_stopped(rank, world_size, args, device, interrupt):
+    """train_loop; a second Ctrl-C stops it mid-step, and its line says what to resume."""
+    try:
+        train_loop(rank, world_size, args, device, interrupt)
+    except KeyboardInterrupt:
+        raise Interrupted(f"stopped at once; {where_to_resume(args)}") from None
 
 
 def check_folders(*folders):
@@ -1861,14 +1877,17 @@ def dead_worker(rank, signal_name, args):
     checkpoint to resume from."""
     why = (" (the kernel sends SIGKILL when memory runs out: lower --batch_size or --nproc, or "
            "free memory)" if signal_name == "SIGKILL" else "")
+    return (f"error: process {rank} of {args.nproc} was killed by {signal_name}{why}; the others "
+            f"were stopped; {where_to_resume(args)}")
+
+
+def where_to_resume(args):
+    """After a run stopped without saving its step: the checkpoint to resume from, and how."""
     path = resume_checkpoint(experiment_paths(args.exp_name)["checkpoints"])
     if path is None:
-        after = "no checkpoint was written yet: run the same command again"
-    else:
-        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
-        after = f"{path} (step {step}) is intact; resume with: {resume_command(args.exp_name)}"
-    return (f"error: process {rank} of {args.nproc} was killed by {signal_name}{why}; the others "
-            f"were stopped; {after}")
+        return "no checkpoint was written yet: run the same command again"
+    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    return f"{path} (step {step}) is intact; resume with: {resume_command(args.exp_name)}"
 
 
 def gathered(x, world_size):
@@ -2073,8 +2092,9 @@ def write_samples_whole(batches, out, total):
     cut-short set, nor mixes these images with those of an earlier run (another checkpoint behind
     last.pt, more samples), nor with those of a `sample` running beside this one. out.png, the grid
     of the images replaced, is deleted before the swap, and the grid of the first 64 new ones is
-    written after it. Returns the count, and how many the grid shows."""
-    count, first = 0, []
+    written after it. Returns the count, how many the grid shows, and, if it replaced a folder,
+    ' (in place of the N images there before)'."""
+    count, first, before = 0, [], ""
     partial, old = (out.with_name(f"{out.name}.{os.getpid()}.{end}") for end in ("partial", "old"))
     if out.exists() and not out.is_dir():  # checked before the first image is sampled
         raise UserError(f"{out} is a file, where the samples go; move it away")
@@ -2094,6 +2114,7 @@ def write_samples_whole(batches, out, total):
             first += list(images[:64 - len(first)])
         grid.unlink(missing_ok=True)  # the grid of the images replaced
         if out.is_dir():
+            before = f" (in place of the {len(list(out.glob('*.png')))} images there before)"
             out.rename(old)
         partial.rename(out)  # between these two renames, and only there, there is no out/
         shutil.rmtree(old, ignore_errors=True)
@@ -2110,7 +2131,7 @@ def write_samples_whole(batches, out, total):
                           f"command again to write them") from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return count, len(first)
+    return count, len(first), before
 
 
 # --------------------------------------------------------------------------------------------------
@@ -2539,14 +2560,16 @@ ATTRIBUTE_VALUES = {"1", "-1", "0", "-0"}  # 1 present; -1 absent (0 in copies w
 
 def celeba_labels(root, files, attributes):
     """((len(files), K) labels of `attributes`, how many images have none) from the attribute file
-    next to the split file; K = 0 and nothing read when no attributes are asked for."""
+    next to the split file (without one: in the image folder or --data_root); K = 0 and nothing
+    read when no attributes are asked for."""
     if not attributes:
         return torch.zeros(len(files), 0), 0
     folder, split_file = find_celeba(root)
-    found = [split_file.parent / name for name in ATTRIBUTE_FILES
-             if split_file is not None and (split_file.parent / name).is_file()]
+    places = [split_file.parent] if split_file else list(dict.fromkeys([folder, Path(root)]))
+    found = [place / name for place in places for name in ATTRIBUTE_FILES
+             if (place / name).is_file()]
     if not found:
-        where = f"next to {split_file}" if split_file else f"for the plain folder {folder}"
+        where = f"next to {split_file}" if split_file else f"in {' or '.join(map(str, places))}"
         raise UserError(f"--attributes needs CelebA's labels, {' or '.join(ATTRIBUTE_FILES)}, "
                         f"{where}; there is none: add it, or train without --attributes")
     return attribute_labels(files, attributes, found[0])

@@ -449,6 +449,10 @@ def npz_statistics(path):
                         f"features {None if features is None else features.shape} are not a mean, "
                         f"its covariance and the features; compute it again (a cached reference: "
                         f"delete it, and fid.py remakes it)")
+    if features is not None and len(features) < 2:  # fid.py saves those of 2 images or more
+        raise UserError(f"{path} holds features of {len(features)} image(s), and KID needs 2 or "
+                        f"more: it is damaged; compute it again (a cached reference: delete it, "
+                        f"and fid.py remakes it)")
     if not all(np.isfinite(a).all() for a in arrays):
         raise UserError(f"{path} holds numbers that are not finite (NaN or inf): it is damaged; "
                         f"compute it again (a cached reference: delete it, and fid.py remakes it)")
@@ -514,10 +518,13 @@ def reference_statistics(train_args, model, args, device):
     if path.is_file():
         print(f"reference statistics from {path}")
         mu, sigma, features = npz_statistics(path)
-        if features is None or len(features) < 2:  # fid.py's own caches hold them, for KID
-            raise UserError(f"{path} holds no features, which KID needs, of 2 or more images: "
-                            f"delete it, and fid.py remakes it")
-    else:  # decodes only the `count` images used, a batch at a time
+        if features is None:  # fid.py's own caches hold them, for KID
+            raise UserError(f"{path} holds no features, which KID needs: delete it, and fid.py "
+                            f"remakes it")
+    else:  # decodes only the `count` images used, a batch at a time, once each decodes whole
+        # (the dataset would put the next image in place of an unreadable one, counting it twice)
+        for f in [f for s in sets for f in getattr(s, "files", [])][:count]:  # toy faces: none
+            open_image(f, decoded_size)
         images = itertools.islice((s[i] for s in sets for i in range(len(s))), count)
         batches = (quantized(batch) for batch in batched(images, args.batch_size))
         mu, sigma, features = feature_statistics(model, batches, count, device)

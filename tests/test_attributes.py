@@ -64,6 +64,19 @@ def test_attribute_files_in_every_layout(tmp_path, layout, header_quirk):
     assert cg.CelebA(tmp_path, "train", 8).label(0).shape == (0,)  # no --attributes: nothing is read
 
 
+def test_without_a_split_file_the_attribute_file_is_read_in_the_image_folder_or_the_root(tmp_path):
+    """No split file: the official layout's attribute file (beside the image folder, in --data_root)
+    and a plain folder's (among its images) are read; every image is in every split."""
+    expected = celeba_layout(tmp_path / "official", "official")
+    (tmp_path / "official" / "list_eval_partition.txt").unlink()
+    plain = tmp_path / "official" / "img_align_celeba"
+    columns = [cg.ATTRIBUTE_NAMES.index("Smiling"), cg.ATTRIBUTE_NAMES.index("Young")]
+    labels = lambda data: torch.stack([data.label(i) for i in range(len(data))])
+    assert torch.equal(labels(cg.CelebA(tmp_path / "official", "val", 8, ["Smiling", "Young"])),
+                       expected[:, columns])
+    (tmp_path / "official" / "list_attr_celeba.txt").replace(plain / "list_attr_celeba.txt")
+    assert torch.equal(labels(cg.CelebA(plain, "val", 8, ["Smiling", "Young"])), expected[:, columns])
+
 def test_an_unreadable_image_is_replaced_with_its_label(tmp_path, capsys):
     expected = celeba_layout(tmp_path, "official")
     (tmp_path / "img_align_celeba" / "000001.jpg").write_bytes(b"not a jpeg")
@@ -195,7 +208,7 @@ def test_cfg_scale_1_is_conditional_and_0_unconditional_exactly():
     (["--attr_dropout", "1"], "argument --attr_dropout: must be < 1, got 1"),
     (["--attr_dropout_all", "nan"], "argument --attr_dropout_all: must be a finite number"),
     (["--attributes", "Smiling", "--dataset", "celeba", "--data_root", "plain"],
-     "--attributes needs CelebA's labels, list_attr_celeba.txt or list_attr_celeba.csv, for the plain folder"),
+     "--attributes needs CelebA's labels, list_attr_celeba.txt or list_attr_celeba.csv, in plain; there is none"),
 ])
 def test_bad_train_attributes_are_one_line_and_write_nothing(workdir, capsys, argv, message):
     (workdir / "plain").mkdir()

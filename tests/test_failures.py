@@ -40,6 +40,10 @@ def files_under(folder):
                                                       "train --help)"),
     (["sample", "--exp_name", "a", "extra"], "unrecognized arguments: extra (see celebgen.py sample --help)"),
     (["train", "--exp_name", "a", "--", "--lr", 1], "arguments: -- --lr 1 (see celebgen.py train --help)"),
+    (["train", "-exp_name", "a"], "required: --exp_name (see celebgen.py train --help); -exp_name has one dash: "
+                                  "use --exp_name"),
+    (["sample", "-exp_name=a", "-seed", 1], "-exp_name=a has one dash: use --exp_name=a"),
+    (["train", "--t_mu", "-0.4"], "required: --exp_name (see celebgen.py train --help)\n"),  # a number
 ])
 def test_an_unknown_flag_is_named_with_the_one_meant(workdir, capsys, argv, message):
     one_line_error(*cli(capsys, *argv)[::2], message)
@@ -152,6 +156,33 @@ def test_ctrl_c_saves_the_finished_step_and_resumes_exactly(workdir):
     assert a["step"] == b["step"] == step + 2
     assert all(torch.equal(a[part][k], b[part][k]) for part in ("model", "ema") for k in a[part])
 
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_a_second_ctrl_c_stops_mid_step_and_says_what_to_resume(workdir, capsys, monkeypatch, saved):
+    """Two Ctrl-Cs within step 4: the run stops at once, mid-step, in one line (after the first's)
+    naming the last checkpoint written and the command that resumes it, or, with none written yet,
+    the same command again; the checkpoint is the one of step 3, intact, and it resumes."""
+    real_clip = cg.clip_gradients
+    def ctrl_c_twice(parts, loss, step, args):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_clip(parts, loss, step, args)
+    monkeypatch.setattr(cg, "clip_gradients", ctrl_c_twice)
+    every = 1 if saved else 1000
+    code, _, err = cli(capsys, "train", "--exp_name", "twice", *SMALL_RUN, "--max_steps", 10,
+                       "--ckpt_every", every, "--eval_every", every)
+    first, last = err.strip().splitlines()
+    assert code == 130 and first == "Ctrl-C: stopping after this step (Ctrl-C again to stop at once)"
+    if not saved:
+        assert last == "stopped at once; no checkpoint was written yet: run the same command again"
+        assert not (workdir / "experiments/twice/checkpoints/last.pt").exists()
+        return
+    assert last == (f"stopped at once; experiments/twice/checkpoints/last.pt (step 3) is intact; "
+                    f"resume with: python {ROOT / 'celebgen.py'} train --exp_name twice --resume")
+    assert checkpoint("twice")["step"] == 3
+    monkeypatch.setattr(cg, "clip_gradients", real_clip)
+    assert cli(capsys, "train", "--exp_name", "twice", "--resume", "--max_steps", 5)[0] == 0
 
 @pytest.mark.parametrize("program", ["celebgen.py", "fid.py"])
 def test_ctrl_c_while_torch_loads_ends_quietly(workdir, program):
@@ -344,16 +375,19 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(workdir, caps
 
 
 def test_sample_replaces_its_folder_whole(trained, capsys, monkeypatch):
-    """`sample` writes into a .partial folder that replaces the old one when complete: fewer samples
+    """`sample` writes into a .partial folder that replaces the old one when complete (its line says so): fewer samples
     than an earlier run leave no stale images, and Ctrl-C or a full disk midway leaves the old folder as
     it was, no .partial folder and no half-written PNG. Ctrl-C while the grid is written leaves no grid, rather
     than the old samples' grid beside the new samples."""
     samples = trained.parents[1] / "samples"
     folder = samples / "last_euler2_seed0"
     command = ["sample", "--exp_name", "done", "--num_sampling_steps", 2, "--batch_size", 3, "--precision", "fp32"]
-    assert cli(capsys, *command, "--num_samples", 6)[0] == 0
+    code, out, _ = cli(capsys, *command, "--num_samples", 6)
+    assert code == 0 and "wrote 6 images to experiments/done/samples/last_euler2_seed0/ and a grid" in out
     six = {p.name: p.read_bytes() for p in folder.iterdir()}
-    assert cli(capsys, *command, "--num_samples", 3)[0] == 0
+    code, out, _ = cli(capsys, *command, "--num_samples", 3)
+    assert code == 0 and ("wrote 3 images to experiments/done/samples/last_euler2_seed0/ (in place of the 6 "
+                          "images there before) and a grid") in out  # said, not silent
     three = {p.name: p.read_bytes() for p in folder.iterdir()}
     assert sorted(three) == ["000000.png", "000001.png", "000002.png"]
     euler2 = lambda: sorted(p.name for p in samples.iterdir() if "euler2" in p.name)
@@ -929,10 +963,11 @@ def test_a_cached_reference_without_features_is_refused_in_one_line(workdir):
     (cache,) = (workdir / "experiments/fid_refs").iterdir()
     with np.load(cache) as stats:
         saved = dict(stats)
-    for features in (None, saved["features"][:1]):  # pytorch-fid's keys only; one image's
+    for features, message in ((None, "holds no features, which KID needs: delete"),  # pytorch-fid's keys only
+                              (saved["features"][:1], r"holds features of 1 image\(s\), and KID needs 2 or more")):
         np.savez(cache, **{**saved, "features": features} if features is not None else
                  {k: saved[k] for k in ("mu", "sigma")})
-        with pytest.raises(cg.UserError, match="holds no features, which KID needs, of 2 or more images: delete"):
+        with pytest.raises(cg.UserError, match=message):
             fid.reference_statistics(TOY_ARGS, FakeFeatures("weights-a"), args, "cpu")
 
 

@@ -228,6 +228,26 @@ def test_each_data_folder_caches_its_own_references(workdir):
     assert again["path"] != refs[0]["path"] and not np.allclose(again["mu"], refs[0]["mu"])
 
 
+def test_an_unreadable_reference_image_is_refused_before_inception(workdir):
+    """A reference image cut short after its header would be replaced by the next image, which the
+    statistics would then count twice: refused in one line, before any image reaches Inception and
+    before anything is cached; an unreadable image past --ref_images is not read."""
+    seen = []
+    network = recording_network(seen)
+    random_image_folder(workdir / "a", 5)
+    noise = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(workdir / "a" / "001.png")
+    cut = (workdir / "a" / "001.png").read_bytes()
+    (workdir / "a" / "001.png").write_bytes(cut[:len(cut) // 2])
+    train_args = argparse.Namespace(dataset="celeba", data_root="a", image_size=8, attributes=[],
+                                    download=False)
+    args = argparse.Namespace(ref_split="heldout", ref_images=4, batch_size=4)
+    with pytest.raises(cg.UserError, match=r"^cannot read image a/001.png \(.*\); remove or replace it$"):
+        fid.reference_statistics(train_args, network, args, torch.device("cpu"))
+    assert not seen and not (workdir / "experiments" / "fid_refs").exists()
+    (workdir / "a" / "001.png").rename(workdir / "a" / "009.png")  # now the fifth: not a reference
+    assert fid.reference_statistics(train_args, network, args, torch.device("cpu"))["count"] == 4
+
 def test_a_conditional_model_is_asked_only_for_labels_the_references_have(tmp_path):
     """Images without a row in the attribute file (all attributes 0) are not requests: of the 20
     training images of labelled_celeba (its 4 val images have none), the 15 with rows are cycled."""

@@ -171,6 +171,16 @@ def test_fid_refuses_a_covariance_with_a_negative_eigenvalue_and_statistics_of_n
     one_line_error(code, err, f"{workdir / 'empty.npz'}: mu (0,) float64, sigma (0, 0) float64")
 
 
+@pytest.mark.parametrize("rows", [0, 1])
+def test_fid_refuses_features_too_few_for_kid_before_printing_the_fid(workdir, capsys, no_weights, rows):
+    np.savez(workdir / "good.npz", mu=np.zeros(4), sigma=np.eye(4), features=np.ones((5, 4)))
+    np.savez(workdir / "few.npz", mu=np.zeros(4), sigma=np.eye(4), features=np.ones((rows, 4)))
+    with pytest.raises(SystemExit) as e:
+        fid.main([str(workdir / "good.npz"), str(workdir / "few.npz")])
+    out, err = capsys.readouterr()
+    assert out == "" and "FID" not in err  # refused before the first figure
+    one_line_error(e.value.code, err, f"few.npz holds features of {rows} image(s), and KID needs 2 or more")
+
 def test_fid_refuses_statistics_that_are_not_finite(workdir, capsys, no_weights):
     good = {"mu": np.zeros(4), "sigma": np.eye(4)}
     np.savez(workdir / "good.npz", **good)
