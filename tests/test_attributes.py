@@ -77,6 +77,7 @@ def test_without_a_split_file_the_attribute_file_is_read_in_the_image_folder_or_
     (tmp_path / "official" / "list_attr_celeba.txt").replace(plain / "list_attr_celeba.txt")
     assert torch.equal(labels(cg.CelebA(plain, "val", 8, ["Smiling", "Young"])), expected[:, columns])
 
+
 def test_an_unreadable_image_is_replaced_with_its_label(tmp_path, capsys):
     expected = celeba_layout(tmp_path, "official")
     (tmp_path / "img_align_celeba" / "000001.jpg").write_bytes(b"not a jpeg")

@@ -184,6 +184,7 @@ def test_a_second_ctrl_c_stops_mid_step_and_says_what_to_resume(workdir, capsys,
     monkeypatch.setattr(cg, "clip_gradients", real_clip)
     assert cli(capsys, "train", "--exp_name", "twice", "--resume", "--max_steps", 5)[0] == 0
 
+
 @pytest.mark.parametrize("program", ["celebgen.py", "fid.py"])
 def test_ctrl_c_while_torch_loads_ends_quietly(workdir, program):
     """Ctrl-C in the first second, while the imports load (a few seconds): the process ends at once, as

@@ -248,6 +248,7 @@ def test_an_unreadable_reference_image_is_refused_before_inception(workdir):
     (workdir / "a" / "001.png").rename(workdir / "a" / "009.png")  # now the fifth: not a reference
     assert fid.reference_statistics(train_args, network, args, torch.device("cpu"))["count"] == 4
 
+
 def test_a_conditional_model_is_asked_only_for_labels_the_references_have(tmp_path):
     """Images without a row in the attribute file (all attributes 0) are not requests: of the 20
     training images of labelled_celeba (its 4 val images have none), the 15 with rows are cycled."""

@@ -181,6 +181,7 @@ def test_fid_refuses_features_too_few_for_kid_before_printing_the_fid(workdir, c
     assert out == "" and "FID" not in err  # refused before the first figure
     one_line_error(e.value.code, err, f"few.npz holds features of {rows} image(s), and KID needs 2 or more")
 
+
 def test_fid_refuses_statistics_that_are_not_finite(workdir, capsys, no_weights):
     good = {"mu": np.zeros(4), "sigma": np.eye(4)}
     np.savez(workdir / "good.npz", **good)
