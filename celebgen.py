@@ -1,8 +1,9 @@
 """
 CelebGen: a rectified-flow diffusion transformer (DiT) that learns to draw CelebA faces, in a file.
 
-Part one is the algorithm, in the order the data flows; part two trains and samples it; part
-three keeps runs safe (checks, Ctrl-C, atomic writes, CelebA's layouts, caches): skip it.
+Part one is the algorithm, in the order the data flows; part two trains and samples it; part three
+keeps runs safe (checks, Ctrl-C, atomic writes, CelebA's layouts, caches): skip it. A tag such as
+`# C` beside a call names the section of part three (A to G) that holds the function called.
 
     # CPU quickstart: toy faces drawn on the fly, no download; 4 minutes, with attributes
     python celebgen.py train --exp_name quickstart --dataset toy --max_minutes 4 --attributes all
@@ -133,13 +134,13 @@ def rope_angles(rows, cols, head_dim, base=100.0):
 
 
 def apply_rope(x, angles):
-    """Rotate the channel pairs (x_2k, x_2k+1) of x (B, H, N, d) by angles a_k (N, d/2). Read as a
-    complex number z_k = x_2k + i x_2k+1, a rotation by a is a product with e^(ia), as LLaMA does:
+    """Rotate the channel pairs (x_2k, x_2k+1) of x (B, h, N, d), h heads, by angles a_k (N, d/2).
+    As complex numbers z_k = x_2k + i x_2k+1 (as LLaMA), a rotation by a is a product with e^(ia):
         z_k e^(ia) = (x_2k cos a - x_2k+1 sin a) + i (x_2k sin a + x_2k+1 cos a),
     one complex product per pair, in fp32 (PyTorch has no bf16 complex type; the caller casts)."""
-    z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))        # (B, H, N, d/2) complex
+    z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))        # (B, h, N, d/2) complex
     rotation = torch.view_as_complex(torch.stack([angles.cos(), angles.sin()], -1))  # (N, d/2)
-    return torch.view_as_real(z * rotation).flatten(-2)                # (B, H, N, d) fp32
+    return torch.view_as_real(z * rotation).flatten(-2)                # (B, h, N, d) fp32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,11 +189,11 @@ class Attention(nn.Module):
 
     def forward(self, x, rope):
         B, N, D = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)           # (B, N, 3, H, D/H)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                  # (B, H, N, D/H) each
-        q = apply_rope(self.q_norm(q), rope).to(v.dtype)                      # (B, H, N, D/H)
-        k = apply_rope(self.k_norm(k), rope).to(v.dtype)                      # (B, H, N, D/H)
-        x = F.scaled_dot_product_attention(q, k, v)                           # (B, H, N, D/H)
+        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)           # (B, N, 3, h, D/h)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                        # (B, h, N, D/h) each, h heads
+        q = apply_rope(self.q_norm(q), rope).to(v.dtype)                      # (B, h, N, D/h)
+        k = apply_rope(self.k_norm(k), rope).to(v.dtype)                      # (B, h, N, D/h)
+        x = F.scaled_dot_product_attention(q, k, v)                           # (B, h, N, D/h)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))                  # (B, N, D)
 
 
@@ -219,12 +220,12 @@ class Block(nn.Module):
 # --------------------------------------------------------------------------------------------------
 #                                   5. DiT: a transformer on patches that predicts the clean image
 # --------------------------------------------------------------------------------------------------
-# Patch tokens -> linear embedding to width D -> blocks -> a final AdaIN-Zero layer -> linear back
-# to p*p*3 numbers per token -> patches reassembled. The network predicts the *clean image* x1 (not
-# the noise, not the velocity): a clean image lies on the low-dimensional manifold of faces, which a
-# network of width D can represent, while noise fills all p*p*3 dimensions of a patch (the argument
-# of JiT, "Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025). It is strongest
-# when a patch holds more numbers than a token's width: a 4x4 patch's 48 against D = 192 is not.
+# Patch tokens -> linear embedding to width D -> blocks -> a modulated LayerNorm (no gate) -> linear
+# to p*p*3 numbers per token -> patches. The network predicts the *clean image* x1 (not the noise,
+# not the velocity): a clean image lies on the low-dimensional manifold of faces, which a network of
+# width D can represent, while noise fills all p*p*3 dimensions of a patch (the argument of JiT,
+# "Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025). It is strongest when a
+# patch holds more numbers than a token's width: a 4x4 patch's 48 against D = 192 is not.
 
 # named sizes: width, depth and heads (head width 64 throughout); parameters at 4x4 patches
 MODELS = {
@@ -307,7 +308,7 @@ def flow_loss(model, x1, x0, t, t_eps, attributes=None):
 # to many images, and the model learns their blurred average. So each image takes the noise of the
 # assignment that minimises the batch's total squared distance (off: --no_pair_noise),
 #     min over permutations P of  sum_i || x1_i - x0_P(i) ||^2:
-# only the pairs change: each x0 is still N(0, I), as sampling's. On for its lower FID (RESULTS.md).
+# only the pairs change (the noises are draws of N(0, I), as sampling's); lower FID: RESULTS.md.
 
 def pair_noise(x1, x0, rank, world_size):
     """x0 (B, C, H, W) reassigned to the images so that the sum of ||x1_i - x0_i||^2 over the
@@ -838,7 +839,7 @@ def generate(model, args, device, precision, attributes=None, cfg_scale=1.0):
 
 
 # --------------------------------------------------------------------------------------------------
-#                                   13. CLI: train and sample
+#                                   13. CLI: train and sample (and subset, in D)
 # --------------------------------------------------------------------------------------------------
 
 def train_command(args, saved):
@@ -868,9 +869,9 @@ def sample_command(args):
     ckpt = load_checkpoint(path)                                               # C: checked
     rows = sample_requests(args, ckpt["args"]["attributes"])         # A: (R, K), or None, checked
     out = experiment_paths(args.exp_name)["samples"]
-    check_folders(out, experiment_paths(args.exp_name)["logs"])  # B: no file there (grid: logs)
+    check_folders(out, experiment_paths(args.exp_name)["logs"])  # B: refused if a file stands there
     model = load_model(ckpt, device, use_ema=not args.no_ema)                 # C: built, loaded
-    model = autoguided(model, ckpt, path, args.autoguidance, device, not args.no_ema)  # C
+    model = with_guide(model, ckpt, path, args.autoguidance, device, not args.no_ema)  # C
     writable_folder(out)  # B: a read-only disk fails now, not after the sampling
     if args.grid:  # A: one picture, a row per --attributes setting, a column per --cfg_scale
         name = out / f"{samples_name(path, args)}.png"                         # A: its name
@@ -878,8 +879,7 @@ def sample_command(args):
     asked = rows[0].expand(args.num_samples, -1) if rows is not None else None  # (num_samples, K)
     batches = generate(model, args, device, precision, asked, args.cfg_scale[0])
     name = samples_name(path, args)                         # A: the checkpoint and the flags
-    # each PNG is written into {name}.PID.partial/, which replaces {name}/ when complete, and
-    # {name}.png, the grid of the first 64, follows (B)
+    # PNGs go to {name}.PID.partial/, renamed {name}/ when complete; then the grid {name}.png (B)
     count, in_grid, before = write_samples_whole(batches, out / name, args.num_samples)
     print(f"wrote {count} images to {out / name}/{before} and a grid of the first {in_grid} to "
           f"{out / name}.png")
@@ -965,9 +965,12 @@ def exit_on_user_error(command, *args, quiet=False):
         compiled = "torch._dynamo" in sys.modules  # what --compile's errors come from, if imported
         out_of_memory = (MemoryError, torch.OutOfMemoryError)  # Python's, and CUDA's
         if isinstance(e, out_of_memory) or "can't allocate memory" in str(e):  # or the CPU's
-            message = (f"error: out of memory ({(str(e).splitlines() or [''])[0][:160]}); lower "
-                       f"--batch_size, then run the command again (train: with --resume if it "
-                       f"saved a checkpoint)")
+            first = (str(e).splitlines() or [""])[0]
+            asked = re.search(r"tried to allocate (\d+) bytes", first)  # the CPU's allocator
+            why = f"{int(asked[1]) / 2**30:.1f} GiB asked for at once" if asked else first[:160]
+            message = (f"error: out of memory ({why}); lower --batch_size (memory grows with it, "
+                       f"the image size and the model), then run the command again (train: with "
+                       f"--resume if it saved a checkpoint)")
         elif compiled and isinstance(e, torch._dynamo.exc.BackendCompilerFailed):  # no compiler
             reason = e.inner_exception
             message = (f"error: --compile failed ({type(reason).__name__}: "
@@ -1217,9 +1220,10 @@ GUIDANCE_HELP = (f"classifier-free guidance weight: 0 unconditional, 1 condition
 # measured on CelebA, unconditional (RESULTS.md). (argparse formats help texts: %% prints %.)
 AUTOGUIDANCE = 1.5
 AUTOGUIDANCE_HELP = (f"autoguidance weight w: x_guide + w (x_model - x_guide), where the guide is "
-                     f"the run's EMA at {GUIDE_AT:.0%}% of its length, the guide.pt beside the "
-                     f"checkpoint; 1: off (default: {AUTOGUIDANCE:g} for a model trained without "
-                     f"--attributes that has a guide.pt, else 1)")
+                     f"the run's weights (EMA, or raw as the model's) at {GUIDE_AT:.0%}% of its "
+                     f"length, the guide.pt beside the checkpoint; 1: off (default: "
+                     f"{AUTOGUIDANCE:g} for a model trained without --attributes that has a "
+                     f"guide.pt, else 1)")
 SAMPLING_STEPS = 40  # the default of sample and fid.py
 SAMPLING_STEPS_HELP = ("steps from noise to image (by FID, autoguided 40 scored 1.2-1.5 below 20 "
                        "at twice the time; unguided, 20 scored as 50: RESULTS.md)")
@@ -1704,11 +1708,16 @@ def train_worker(rank, world_size, args, device_type):
 
 
 def train_until_stopped(rank, world_size, args, device, interrupt):
-    """train_loop; a second Ctrl-C stops it mid-step, and its line says what to resume."""
+    """train_loop; a second Ctrl-C stops it mid-step, and its line says what to resume; a Ctrl-C
+    or SIGTERM after the last step (while it was validated or saved) hears that the run is done."""
     try:
         train_loop(rank, world_size, args, device, interrupt)
     except KeyboardInterrupt:
         raise Interrupted(f"stopped at once; {where_to_resume(args)}") from None
+    if interrupt.requested and rank == 0:
+        path = resume_checkpoint(experiment_paths(args.exp_name)["checkpoints"])
+        print(f"the stop came after the last step: the run is complete; {path} holds step "
+              f"{saved_step(path)}", file=sys.stderr, flush=True)
 
 
 def check_folders(*folders):
@@ -1886,8 +1895,8 @@ def where_to_resume(args):
     path = resume_checkpoint(experiment_paths(args.exp_name)["checkpoints"])
     if path is None:
         return "no checkpoint was written yet: run the same command again"
-    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
-    return f"{path} (step {step}) is intact; resume with: {resume_command(args.exp_name)}"
+    return (f"{path} (step {saved_step(path)}) is intact; resume with: "
+            f"{resume_command(args.exp_name)}")
 
 
 def gathered(x, world_size):
@@ -2164,18 +2173,35 @@ def checkpoint_path(exp_name, checkpoint):
         return Path(checkpoint)
     if not exp["root"].is_dir():  # a mistyped --exp_name never falls back to a file here
         state = "is a file" if exp["root"].exists() else "does not exist"
-        raise UserError(f"there is no experiment {exp_name} ({exp['root']} {state}); pass as "
-                        f"--exp_name one of the folders in experiments/")
+        raise UserError(f"there is no experiment {exp_name} ({exp['root']} {state}); "
+                        f"{experiments_here() or 'pass as --exp_name a folder of experiments/'}")
     return Path(checkpoint) if Path(checkpoint).exists() else exp["checkpoints"] / checkpoint
 
 
 def resume_checkpoint(checkpoints):
-    """In the folder `checkpoints`: last.pt, or best.pt for a run killed after its first validation
-    but before its first last.pt was written; None for an experiment without a checkpoint."""
-    for name in ("last.pt", "best.pt"):
-        if (checkpoints / name).is_file():
-            return checkpoints / name
-    return None
+    """In the folder `checkpoints`: last.pt, or for a run killed before its first last.pt was
+    written the later of best.pt and guide.pt (each a whole checkpoint); None without any."""
+    if (checkpoints / "last.pt").is_file():
+        return checkpoints / "last.pt"
+    found = [checkpoints / n for n in ("best.pt", "guide.pt") if (checkpoints / n).is_file()]
+    return max(found, key=saved_step, default=None)
+
+
+def saved_step(path):
+    """The step of checkpoint `path`, read without loading its tensors; -1 if it is unreadable
+    (load_checkpoint then says why)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception:
+        return -1
+
+
+def experiments_here():
+    """The fix for a command run in a folder without experiments/ (train makes it where it runs),
+    else ''."""
+    if Path("experiments").is_dir():
+        return ""
+    return f"there is no experiments/ in {Path.cwd()}: run the command where train ran"
 
 
 def saved_arguments(exp_name):
@@ -2183,8 +2209,9 @@ def saved_arguments(exp_name):
     exp = experiment_paths(exp_name)
     checkpoint = resume_checkpoint(exp["checkpoints"])
     if checkpoint is None:
-        raise UserError(f"nothing to resume: {exp['checkpoints']} holds no last.pt or best.pt; "
-                        f"drop --resume to start experiment {exp_name!r}")
+        fix = experiments_here() or f"drop --resume to start experiment {exp_name!r}"
+        raise UserError(f"nothing to resume: {exp['checkpoints']} holds no last.pt, best.pt or "
+                        f"guide.pt; {fix}")
     saved = load_checkpoint(checkpoint)["args"]
     check_own_run(exp, checkpoint, saved)
     return saved
@@ -2305,7 +2332,7 @@ def load_model(ckpt, device, use_ema=True):
     return model.to(device).eval()
 
 
-def autoguided(model, ckpt, path, weight, device, use_ema=True):
+def with_guide(model, ckpt, path, weight, device, use_ema=True):
     """The model of checkpoint `path` (loaded: ckpt) autoguided with `weight` (section 7) by the
     guide.pt beside it, whose EMA (or raw weights: use_ema=False) guides; the model alone for
     weight 1, and when find_guide finds no guide to use."""
@@ -2337,8 +2364,9 @@ def find_guide(path, ckpt, weight):
         raise UserError(f"{str(e).split(';')[0]}; it guides sampling: pass --autoguidance 1 to "
                         f"sample without it, or delete it") from None
     if any(guide_ckpt["args"][k] != ckpt["args"][k] for k in MODEL_ARGS):
-        raise UserError(f"{guide} is not of the model of {path} (other {', '.join(MODEL_ARGS)}); "
-                        f"it belongs to another experiment: remove it, or pass --autoguidance 1")
+        raise UserError(f"{guide} is not of the model of {path} (other {', '.join(MODEL_ARGS)}): "
+                        f"one of them is another run's; pass --autoguidance 1 to sample "
+                        f"{Path(path).name} without a guide")
     if guide_ckpt["step"] >= ckpt["step"]:
         why = ("is the checkpoint being sampled (a model cannot guide itself)"
                if guide.resolve() == Path(path).resolve() else
@@ -2738,8 +2766,8 @@ def subset_command(args):
 # size, size) in experiments/image_cache/ (12,288 bytes per image at 64x64: 2.0 GB for CelebA's
 # 162,770 training images), and memory-mapped: the operating system keeps it in RAM when it fits
 # and reads it from disk when it does not. Its name holds a hash of the crop, the size and the file
-# list (names, byte sizes, modification times), so changing any of them builds a new cache. The
-# cache holds each image as read; flips and noise are drawn per example (FlowExamples).
+# list (names, byte sizes, modification times, readability), so changing any of them builds a new
+# cache. The cache holds each image as read; flips and noise are drawn per example (FlowExamples).
 IMAGE_CACHE = Path("experiments") / "image_cache"
 
 
@@ -2762,10 +2790,15 @@ def build_cache(images):
 
 
 def image_cache_path(files, size):
+    """The cache's name; a file made readable (chmod) or a broken link mended makes a new one."""
     digest = hashlib.sha1(repr((CELEBA_CROP, size, str(files[0].parent.resolve()))).encode())
     for path in files:
-        stat = path.stat()
-        digest.update(f"{path.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+        try:
+            stat = path.stat()
+            key = f"{stat.st_size} {stat.st_mtime_ns} {os.access(path, os.R_OK)}"
+        except OSError:  # a broken link: decoded as unreadable, so skipped
+            key = "missing"
+        digest.update(f"{path.name} {key}\n".encode())
     return IMAGE_CACHE / f"{len(files)}x{size}px-{digest.hexdigest()[:16]}.u8"
 
 

@@ -657,7 +657,7 @@ def experiment_fid(args):
     # a --cfg_scale needs a model trained with --attributes: refused now, before any work
     celebgen.attribute_rows([{}], [args.cfg_scale], ckpt["args"]["attributes"])
     dit = celebgen.load_model(ckpt, device)  # weights that do not fit fail here
-    dit = celebgen.autoguided(dit, ckpt, checkpoint, args.autoguidance, device)  # and a guide's
+    dit = celebgen.with_guide(dit, ckpt, checkpoint, args.autoguidance, device)  # and a guide's
     train_args = argparse.Namespace(**{**ckpt["args"], "download": False})  # reads, never fetches
     result_file = result_path(checkpoint, args.exp_name)
     check_references(train_args, args, result_file)

@@ -116,7 +116,7 @@ def main():
     train_args = argparse.Namespace(**ckpt["args"])
     if train_args.dataset != "celeba" or not train_args.attributes:
         sys.exit("error: --exp_name must be a CelebA model trained with --attributes")
-    model = celebgen.exit_on_user_error(celebgen.autoguided, celebgen.load_model(ckpt, device),
+    model = celebgen.exit_on_user_error(celebgen.with_guide, celebgen.load_model(ckpt, device),
                                         ckpt, path, args.autoguidance, device)
     names = train_args.attributes
     asked, source = celebgen.exit_on_user_error(fid.sample_attributes, train_args, fid_args)

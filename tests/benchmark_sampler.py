@@ -49,7 +49,7 @@ def autoguide_only_between(t_from, t_to):
 def guided_by(which):
     """Make celebgen's autoguidance guide by guide.pt's raw weights ("raw") or by the sampled
     checkpoint's own raw weights ("own_raw")."""
-    def autoguided(model, ckpt, path, weight, device, use_ema=True):
+    def with_guide(model, ckpt, path, weight, device, use_ema=True):
         guide, weight = celebgen.find_guide(path, ckpt, weight)
         if guide is None:
             return model
@@ -57,21 +57,21 @@ def guided_by(which):
         print(f"the guide: the raw weights of {'guide.pt' if which == 'raw' else path}")
         return celebgen.Autoguided(model, raw, weight)
 
-    celebgen.autoguided = autoguided
+    celebgen.with_guide = with_guide
 
 
 def autoguidance_required():
     """Make celebgen's autoguidance stop the run when it would sample without a guide."""
-    autoguided = celebgen.autoguided
+    with_guide = celebgen.with_guide
 
     def required(*args, **kwargs):
-        model = autoguided(*args, **kwargs)
+        model = with_guide(*args, **kwargs)
         if not isinstance(model, celebgen.Autoguided):
             sys.exit("error: --guidance_interval and --guide change autoguidance, which this run "
                      "does not use: drop them, or pass an --autoguidance other than 1")
         return model
 
-    celebgen.autoguided = required
+    celebgen.with_guide = required
 
 
 def churned(gamma, generator):

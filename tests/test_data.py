@@ -1,6 +1,7 @@
 """The CelebA loader in every supported layout, its image cache, the toy faces, and the per-example
 randomness."""
 import importlib.util
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -157,6 +158,25 @@ def test_image_cache_holds_the_decoded_images_and_follows_changes(tmp_path, monk
     cached(tmp_path / "data", 8)
     assert "also holds 4 other caches (0.00 GB) of other image sizes or files, and 1 unfinished (.partial)" in \
         capsys.readouterr()[0]
+
+
+def test_a_broken_link_is_skipped_and_a_file_made_readable_builds_a_new_cache(tmp_path, monkeypatch, capsys):
+    """A link to no file among the images is skipped as unreadable, the cache built; once the link is
+    mended, or an unreadable file made readable (chmod: size and time unchanged), a new cache is built
+    that holds the image."""
+    monkeypatch.setattr(cg, "IMAGE_CACHE", tmp_path / "cache")
+    image_folder(tmp_path / "data", 3)
+    (tmp_path / "data" / "3.png").symlink_to(tmp_path / "elsewhere.png")
+    broken = cached(tmp_path / "data", 8)
+    err = capsys.readouterr().err
+    assert err.count("skipping unreadable image") == 1 and "3.png" in err and torch.equal(broken[3], broken[0])
+    Image.new("RGB", (20, 24), (0, 255, 0)).save(tmp_path / "elsewhere.png")
+    mended = cached(tmp_path / "data", 8)
+    green = torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, 8, 8)
+    assert mended.cache != broken.cache and torch.equal(mended[3], green)
+    access = os.access
+    monkeypatch.setattr(cg.os, "access", lambda path, mode: access(path, mode) and Path(path).name != "1.png")
+    assert cg.image_cache_path(mended.files, 8) != mended.cache
 
 
 def test_an_interrupted_or_failed_cache_leaves_nothing_half_written(tmp_path, monkeypatch, capsys):

@@ -170,8 +170,8 @@ def test_a_second_ctrl_c_stops_mid_step_and_says_what_to_resume(workdir, capsys,
         return real_clip(parts, loss, step, args)
     monkeypatch.setattr(cg, "clip_gradients", ctrl_c_twice)
     every = 1 if saved else 1000
-    code, _, err = cli(capsys, "train", "--exp_name", "twice", *SMALL_RUN, "--max_steps", 10,
-                       "--ckpt_every", every, "--eval_every", every)
+    code, _, err = cli(capsys, "train", "--exp_name", "twice", *SMALL_RUN, "--max_steps", 20,
+                       "--ckpt_every", every, "--eval_every", every)  # guide.pt: at step 5
     first, last = err.strip().splitlines()
     assert code == 130 and first == "Ctrl-C: stopping after this step (Ctrl-C again to stop at once)"
     if not saved:
@@ -183,6 +183,22 @@ def test_a_second_ctrl_c_stops_mid_step_and_says_what_to_resume(workdir, capsys,
     assert checkpoint("twice")["step"] == 3
     monkeypatch.setattr(cg, "clip_gradients", real_clip)
     assert cli(capsys, "train", "--exp_name", "twice", "--resume", "--max_steps", 5)[0] == 0
+
+
+def test_ctrl_c_after_the_last_step_says_the_run_is_complete(workdir, capsys, monkeypatch):
+    """Ctrl-C while the last step is validated: nothing is left to stop; the run saves as planned,
+    exits 0, and its last line says so, after the first Ctrl-C's."""
+    real_validation_loss = cg.validation_loss
+
+    def ctrl_c_at_the_end(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_validation_loss(*args)
+    monkeypatch.setattr(cg, "validation_loss", ctrl_c_at_the_end)
+    code, _, err = cli(capsys, "train", "--exp_name", "end", *SMALL_RUN, "--max_steps", 3, "--eval_every", 100)
+    assert code == 0 and err.strip().splitlines() == [
+        "Ctrl-C: stopping after this step (Ctrl-C again to stop at once)",
+        "the stop came after the last step: the run is complete; experiments/end/checkpoints/last.pt holds step 3"]
+    assert checkpoint("end")["step"] == 3
 
 
 @pytest.mark.parametrize("program", ["celebgen.py", "fid.py"])
@@ -537,7 +553,9 @@ def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, c
     one_line_error(stop.value.code, capsys.readouterr().err, f"--autoguidance 2 needs {shown}/guide.pt,")
     foreign["args"]["image_size"] = 8
     torch.save(foreign, guide)
-    one_line_error(*sample()[::2], f"{shown}/guide.pt is not of the model of {shown}/last.pt")
+    one_line_error(*sample()[::2], f"{shown}/guide.pt is not of the model of {shown}/last.pt (other model, "
+                   "image_size, patch_size, attributes): one of them is another run's; pass --autoguidance 1 to "
+                   "sample last.pt without a guide")
     guide.write_bytes(b"not a checkpoint")
     one_line_error(*sample()[::2], "it guides sampling: pass --autoguidance 1 to sample without it")
     (trained.parent / "kept.pt").rename(guide)  # the run's own guide, sampled: it is not earlier
@@ -553,10 +571,10 @@ def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, c
 
 
 def test_the_checkpoint_is_the_model_and_guide_pt_its_guide(trained):
-    """autoguided: x_guide + w (x_model - x_guide) with the sampled checkpoint's EMA as the model
+    """with_guide: x_guide + w (x_model - x_guide) with the sampled checkpoint's EMA as the model
     and guide.pt's (an earlier, different EMA) as the guide, not the other way round."""
     ckpt, guide = cg.load_checkpoint(trained), torch.load(trained.parent / "guide.pt", weights_only=True)
-    guided = cg.autoguided(cg.load_model(ckpt, "cpu"), ckpt, trained, 2.0, "cpu")
+    guided = cg.with_guide(cg.load_model(ckpt, "cpu"), ckpt, trained, 2.0, "cpu")
     same = lambda net, state: all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
     assert same(guided.model, ckpt["ema"]) and same(guided.guide, guide["ema"])
     assert not same(guided.model, guide["ema"])
@@ -651,13 +669,13 @@ def test_a_full_disk_at_a_sample_grid_is_one_line_and_the_run_resumes(workdir, c
                    "--resume")
     # last.pt is saved before the grid: the step whose grid failed is not lost
     assert checkpoint("grid")["step"] == 2 and not list((workdir / "experiments/grid/samples").iterdir())
-    # before the first checkpoint, the fix is the same command
-    first = ["train", "--exp_name", "early", *SMALL_RUN, "--max_steps", 2, "--sample_every", 1, "--eval_every", 100]
+    # before the first checkpoint (guide.pt: at step 2 of 8), the fix is the same command
+    first = ["train", "--exp_name", "early", *SMALL_RUN, "--max_steps", 8, "--sample_every", 1, "--eval_every", 100]
     code, _, err = cli(capsys, *first)
     one_line_error(code, err, "step_0000001.png (No space left on device); free some space, then run the same "
                    "command again")
     monkeypatch.setattr(Image.Image, "save", real_save)
-    assert cli(capsys, *first)[0] == 0 and checkpoint("early")["step"] == 2
+    assert cli(capsys, *first)[0] == 0 and checkpoint("early")["step"] == 8
     assert cli(capsys, "train", "--exp_name", "grid", "--resume")[0] == 0
     assert checkpoint("grid")["step"] == 4
 

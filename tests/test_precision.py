@@ -185,7 +185,9 @@ def test_memory_running_out_is_one_line_and_other_runtime_errors_are_not_hidden(
     monkeypatch.setattr(cg, "flow_loss", out_of_memory)
     code, _, err = cli(capsys, "train", "--exp_name", "oom", *TOY, "--batch_size", 4, "--max_steps", 1)
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: out of memory (") and \
-        "); lower --batch_size, then run the command again" in err, err
+        "); lower --batch_size (memory grows with it, the image size and the model), then run" in err, err
+    cpu = "DefaultCPUAllocator" in str(error)  # its size in bytes, said in GiB
+    assert "(6.1 GiB asked for at once)" in err if cpu else "GiB asked" not in err
     monkeypatch.setattr(cg, "flow_loss", lambda *a: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         cli(capsys, "train", "--exp_name", "bug", *TOY, "--batch_size", 4, "--max_steps", 1)

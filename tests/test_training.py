@@ -149,6 +149,36 @@ def test_resume_continues_exactly(workdir, capsys, monkeypatch):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_a_run_killed_before_its_first_last_pt_resumes_from_its_latest_checkpoint(workdir, capsys, monkeypatch):
+    """Killed in step 5 of 8 (an error: no last.pt), after guide.pt (step 2) and best.pt (step 4):
+    the fresh command refuses to overwrite them, and --resume continues from the later, best.pt, to
+    the weights of an uninterrupted run; with guide.pt alone, from guide.pt, to the same weights."""
+    args = [*TOY, "--max_steps", 8, "--eval_every", 4, "--ckpt_every", 100]
+    assert cli(capsys, "train", "--exp_name", "whole", *args)[0] == 0
+    update_ema = cg.update_ema
+
+    def killed_in_step_5(ema, model, step, decay):
+        if step == 4:
+            raise RuntimeError("killed")
+        update_ema(ema, model, step, decay)
+    with monkeypatch.context() as patch:
+        patch.setattr(cg, "update_ema", killed_in_step_5)
+        with pytest.raises(RuntimeError, match="killed"):
+            cli(capsys, "train", "--exp_name", "run", *args)
+    folder = workdir / "experiments/run/checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "guide.pt"]
+    code, _, err = cli(capsys, "train", "--exp_name", "run", *args)
+    assert code == 2 and "already exists; add --resume" in err, err
+    for step, name in ((4, "best.pt"), (2, "guide.pt")):
+        code, out, err = cli(capsys, "train", "--exp_name", "run", "--resume")
+        assert code == 0 and f"from step {step} ({name})" in out, (out, err)
+        a, b = checkpoint("whole"), checkpoint("run")
+        assert a["step"] == b["step"] == 8
+        assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+        for cut in ("last.pt", "best.pt"):  # as if killed before both were written
+            (folder / cut).unlink()
+
+
 def test_ctrl_c_while_the_image_cache_is_built_stops_at_once(workdir, capsys, monkeypatch):
     """Before the first step there is no step to finish: Ctrl-C stops at once (exit 130), leaving no
     checkpoint and no cache file, and the same command then runs."""
@@ -274,9 +304,16 @@ def test_resume_with_another_model_config_is_refused(trained, capsys, flags, cha
     assert code == 2 and f"--resume cannot change {change}" in err, err
 
 
-def test_resume_of_nothing_is_refused(workdir, capsys):
+def test_resume_of_nothing_is_refused_and_a_folder_without_experiments_is_named(workdir, capsys):
+    """Run where no experiments/ is (not where train ran), --resume and sample name the folder."""
+    here = f"there is no experiments/ in {workdir}: run the command where train ran\n"
     code, _, err = cli(capsys, "train", "--exp_name", "never", "--resume", *TOY)
-    assert code == 2 and "nothing to resume" in err
+    assert code == 2 and err.startswith("error: nothing to resume") and err.endswith(here), err
+    code, _, err = cli(capsys, "sample", "--exp_name", "never")
+    assert code == 2 and err.startswith("error: there is no experiment never") and err.endswith(here), err
+    (workdir / "experiments").mkdir()
+    code, _, err = cli(capsys, "train", "--exp_name", "never", "--resume", *TOY)
+    assert code == 2 and err.endswith("; drop --resume to start experiment 'never'\n"), err
 
 
 def test_truncated_checkpoint_is_reported_not_loaded(trained, capsys):
