@@ -1477,6 +1477,11 @@ def validate_train_args(args, device, torchrun):
         raise UserError(f"only {len(train_images)} training images for a global batch of "
                         f"{args.batch_size} x {args.world_size} processes; lower --batch_size or "
                         f"--nproc")
+    steps = min(args.epochs * (len(train_images) // (args.batch_size * args.world_size)),
+                args.max_steps or math.inf)
+    if args.warmup_steps > steps and first:  # a short trial run with the default warm-up
+        print(f"note: the run's {steps} steps end within --warmup_steps {args.warmup_steps}: the "
+              f"learning rate never reaches --lr {args.lr:g}", flush=True)
     return train_images
 
 
@@ -2068,6 +2073,13 @@ def writable_folder(folder):
                         ) from None
 
 
+def not_found(path):
+    """'does not exist', with the likely cause for a path that starts with ~ (quoted, a shell
+    leaves it as it is)."""
+    tilde = " (a ~ in quotes is not your home: leave it unquoted, or write the full path)"
+    return "does not exist" + (tilde if str(path).startswith("~") else "")
+
+
 def existing_folder(path):
     """path, or the nearest folder above it that exists: where a write's fix applies."""
     return next(p for p in (path, *path.parents) if p.exists())
@@ -2240,7 +2252,7 @@ def check_own_run(exp, checkpoint, saved):
 def load_checkpoint(path):
     path = Path(path)
     if not path.is_file():
-        what = "is a folder" if path.is_dir() else "does not exist"
+        what = "is a folder" if path.is_dir() else not_found(path)
         raise UserError(f"checkpoint {path} {what}; list the experiment's checkpoints/ folder or "
                         f"pass --checkpoint with a path to a file")
     try:
@@ -2463,7 +2475,7 @@ def find_celeba(root):
     """Return (image folder, split file or None) for the layouts people actually have."""
     root = Path(root)
     if not root.is_dir():
-        what = "is a file, not a folder" if root.exists() else "does not exist"
+        what = "is a file, not a folder" if root.exists() else not_found(root)
         raise UserError(f"--data_root {root} {what}; {LAYOUTS_HELP}")
     for folder, split_file in [
         # torchvision, Kaggle's zip, official

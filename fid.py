@@ -392,7 +392,8 @@ def folder_files(folder):
     decodes whole (a file cut short after its header included), all of one size."""
     folder = Path(folder)
     if not folder.exists():
-        raise UserError(f"{folder} does not exist; give two folders of images or two .npz files")
+        raise UserError(f"{folder} {celebgen.not_found(folder)}; give two folders of images or two "
+                        f".npz files")
     if not folder.is_dir():
         raise UserError(f"{folder} is a file, not a folder of images or an .npz of statistics")
     # pytorch-fid's rule, which FID of a folder must follow to give the same number: its extensions
@@ -428,7 +429,8 @@ def npz_statistics(path):
         raise UserError(f"{path} is a folder, and a name ending in .npz is read as statistics; "
                         f"rename a folder of images")
     if not Path(path).is_file():
-        raise UserError(f"{path} does not exist; give two folders of images or two .npz files")
+        raise UserError(f"{path} {celebgen.not_found(path)}; give two folders of images or two "
+                        f".npz files")
     try:
         stats = np.load(path)
         if not isinstance(stats, np.lib.npyio.NpzFile):  # an .npy: one array, none named mu

@@ -853,6 +853,18 @@ def png_folder(folder, sizes):
     return folder
 
 
+def test_a_quoted_tilde_is_named_as_the_likely_cause_of_a_missing_path(workdir, capsys):
+    """"~/x" in quotes reaches the program unexpanded: each missing-path line says so."""
+    tilde = "does not exist (a ~ in quotes is not your home: leave it unquoted, or write the full path)"
+    one_line_error(*cli(capsys, "train", "--exp_name", "x", *TOY, "--dataset", "celeba", "--data_root",
+                        "~/data")[::2], f"--data_root ~/data {tilde}")
+    one_line_error(*cli(capsys, "sample", "--exp_name", "x", "--checkpoint", "~/last.pt")[::2],
+                   f"checkpoint ~/last.pt {tilde}")
+    one_line_error(*fid_error(capsys, "~/samples", "~/stats.npz"), f"~/samples {tilde}")
+    one_line_error(*cli(capsys, "train", "--exp_name", "x", *TOY, "--dataset", "celeba", "--data_root",
+                        "nowhere")[::2], "--data_root nowhere does not exist; ")
+
+
 def fid_error(capsys, *argv):
     with pytest.raises(SystemExit) as e:
         fid.main([str(a) for a in argv])

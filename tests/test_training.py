@@ -304,6 +304,16 @@ def test_resume_with_another_model_config_is_refused(trained, capsys, flags, cha
     assert code == 2 and f"--resume cannot change {change}" in err, err
 
 
+def test_a_run_shorter_than_its_warm_up_says_so(workdir, capsys):
+    """3 steps within a warm-up of 5: the learning rate never reaches --lr, and a note says so; with a
+    warm-up of 3 the last step is taken at --lr: no note."""
+    code, out, err = cli(capsys, "train", "--exp_name", "short", *TOY, "--max_steps", 3, "--warmup_steps", 5)
+    note = "note: the run's 3 steps end within --warmup_steps 5: the learning rate never reaches --lr 0.001"
+    assert code == 0 and note in out, err
+    code, out, err = cli(capsys, "train", "--exp_name", "long", *TOY, "--max_steps", 3, "--warmup_steps", 3)
+    assert code == 0 and "never reaches" not in out, err
+
+
 def test_resume_of_nothing_is_refused_and_a_folder_without_experiments_is_named(workdir, capsys):
     """Run where no experiments/ is (not where train ran), --resume and sample name the folder."""
     here = f"there is no experiments/ in {workdir}: run the command where train ran\n"
