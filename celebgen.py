@@ -1184,8 +1184,12 @@ def sample_requests(args, trained):
         args.cfg_scale = [GUIDANCE if trained and any(args.attributes) else 1.0]
     rows = attribute_rows(args.attributes, args.cfg_scale, trained)
     if not args.grid and (len(args.attributes) > 1 or len(args.cfg_scale) > 1):
-        raise UserError("several --attributes settings or --cfg_scale values make a grid: add "
-                        "--grid")
+        names = [name for setting in args.attributes for name in setting]  # a setting: a dict
+        one = ",".join(setting_text(setting) for setting in args.attributes)
+        joined = (f", or join them with commas for one request: {one}" if len(args.attributes) > 1
+                  and all(args.attributes) and len(set(names)) == len(names) else "")
+        raise UserError(f"several --attributes settings or --cfg_scale values make a grid: add "
+                        f"--grid{joined}")
     if not args.grid and rows is not None and args.cfg_scale[0] not in (0, 1) and \
             not args.attributes[0]:  # nothing asked: every weight draws unconditional samples
         raise UserError(f"--cfg_scale {args.cfg_scale[0]:g} turns up a request, and none was made: "
@@ -1477,11 +1481,6 @@ def validate_train_args(args, device, torchrun):
         raise UserError(f"only {len(train_images)} training images for a global batch of "
                         f"{args.batch_size} x {args.world_size} processes; lower --batch_size or "
                         f"--nproc")
-    steps = min(args.epochs * (len(train_images) // (args.batch_size * args.world_size)),
-                args.max_steps or math.inf)
-    if args.warmup_steps > steps and first:  # a short trial run with the default warm-up
-        print(f"note: the run's {steps} steps end within --warmup_steps {args.warmup_steps}: the "
-              f"learning rate never reaches --lr {args.lr:g}", flush=True)
     return train_images
 
 
@@ -1540,9 +1539,9 @@ def grid_command(args, model, rows, name, step, device, precision):
         grid = guidance_grid(model, rows, args.cfg_scale, noise.to(device),
                              time_grid(args.num_sampling_steps, args.time_power), args.method)
     save_png(grid, name)                                                      # written whole: B
-    from torch.utils.tensorboard import SummaryWriter
-    with SummaryWriter(experiment_paths(args.exp_name)["logs"]) as writer:
-        writer.add_image("attribute_grid", grid, step)
+    logs = TensorBoardLogs(experiment_paths(args.exp_name)["logs"], f"{name} is written")
+    logs.add_image("attribute_grid", grid, step)
+    logs.close()
     settings = " | ".join(setting_text(setting) for setting in args.attributes)
     scales = ", ".join(f"{w:g}" for w in args.cfg_scale)
     print(f"wrote {name}: rows {settings}; columns cfg_scale {scales}")
@@ -1943,13 +1942,14 @@ def write_arguments(args, exp):
 
 
 class TensorBoardLogs:
-    """Rank 0's TensorBoard writer. The logs are a record for the reader, as args.json is: a write
-    that fails (a full disk) is said in one line and ends the logging, not the run, which stops in
-    one line only if a checkpoint cannot be written."""
+    """A TensorBoard writer (in training, rank 0's). The logs are a record for the reader, as
+    args.json is: a write that fails (a full disk) is said in one line and ends the logging, not
+    the command (`goes_on` says what does), which stops in one line only if its own output (a
+    checkpoint, a PNG, fid.py's result) cannot be written."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, goes_on="training goes on without them"):
         from torch.utils.tensorboard import SummaryWriter  # imported here: only rank 0 pays for it
-        self.folder, self.writer = folder, None
+        self.folder, self.goes_on, self.writer = folder, goes_on, None
         threading.excepthook = quiet_log_thread  # its writer thread's error: said once, below
         try:
             self.writer = SummaryWriter(folder)
@@ -1973,8 +1973,8 @@ class TensorBoardLogs:
                 self.stop(e)
 
     def stop(self, e):
-        print(f"cannot write the TensorBoard logs in {self.folder} ({e.strerror or e}); training "
-              f"goes on without them", file=sys.stderr, flush=True)
+        print(f"cannot write the TensorBoard logs in {self.folder} ({e.strerror or e}); "
+              f"{self.goes_on}", file=sys.stderr, flush=True)
         self.writer = None
 
 
@@ -2702,14 +2702,17 @@ def download_celeba(root):
 def read_image_list(path):
     """The file names that start the lines of --image_list PATH: some, each once."""
     try:
-        names = [line.split()[0] for line in Path(path).read_text().splitlines() if line.strip()]
+        text = Path(path).read_text(encoding="utf-8-sig")  # -sig: without a byte-order mark
+        names = [line.split()[0] for line in text.splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read --image_list {path} ({e})") from None
     repeated = sorted(n for n, times in collections.Counter(names).items() if times > 1)
-    if not names or repeated:
-        raise UserError(f"--image_list {path} " + (f"names {repeated[0]} (and "
-                        f"{len(repeated) - 1} more) twice" if repeated else "names no image") +
-                        "; give each image once")
+    if not names:
+        raise UserError(f"--image_list {path} names no image; give a file name, such as "
+                        f"000001.jpg, at each line's start")
+    if repeated:
+        raise UserError(f"--image_list {path} names {repeated[0]} (and {len(repeated) - 1} more) "
+                        f"twice; give each image once")
     return names
 
 
@@ -2990,13 +2993,17 @@ def compiled(model):
 
 
 def announce_run(book):
-    """Bookkeeping's first line: the model, the data, how long, the device, the precision."""
+    """Bookkeeping's first line: the model, the data, how long, the device, the precision; and a
+    note for a run too short to finish its warm-up."""
     args = book.args
     params = sum(p.numel() for p in book.parts.model.parameters()) / 1e6
     until = f" or {args.max_minutes:g} minutes, whichever ends first" if args.max_minutes else ""
     print(f"training {args.model} ({params:.2f}M params) on {args.dataset} {args.image_size}x"
           f"{args.image_size}, {book.total_steps} steps{until}, device {book.device}, "
           f"{args.resolved_precision}, experiment {book.exp['root']}", flush=True)
+    if args.warmup_steps > book.total_steps:  # a short trial run with the default warm-up
+        print(f"note: the run's {book.total_steps} steps end within --warmup_steps "
+              f"{args.warmup_steps}: the learning rate never reaches --lr {args.lr:g}", flush=True)
 
 
 def log_progress(book, step, loss, lr, grad_norm):

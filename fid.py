@@ -243,7 +243,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + Tr(Sigma1) + Tr(Sigma2) - 2 Tr((Sigma1 Sigma2)^(1/2)), as pytorch-fid
     computes it. Sigma1 Sigma2 is not symmetric, so its root comes from scipy's general sqrtm; if
     that is not finite (singular covariances from few images), eps is added to both diagonals and
-    it is taken again. Rounding leaves a tiny imaginary part, which must be negligible: dropped."""
+    it is taken again. Rounding leaves a tiny imaginary part, which must be negligible: dropped,
+    and can take the distance of equal statistics a hair below 0, which a distance is not: 0."""
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
         raise ValueError("FID of statistics that are not finite")  # sqrtm may never return
     with warnings.catch_warnings():  # "singular matrix": small N has been warned about
@@ -259,7 +260,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
             raise ValueError(f"sqrtm has an imaginary component {np.abs(covmean.imag).max():g}")
         covmean = covmean.real
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    distance = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+    return max(0.0, float(distance))
 
 # KID, the kernel inception distance (Binkowski et al., "Demystifying MMD GANs"), is the squared
 # maximum mean discrepancy between two sets of D-d features under the cubic kernel
@@ -541,11 +543,11 @@ def reference_statistics(train_args, model, args, device):
 
 
 def result_path(checkpoint, exp_name):
-    """Where the result goes: the experiment's fid.json for a checkpoint of its own, and e.g.
-    fid_other_last.json for other/checkpoints/last.pt, so that another run's score neither passes
-    for this experiment's nor replaces it."""
+    """Where the result goes: the experiment's fid.json for its own last.pt, fid_best.json for its
+    best.pt (and so on), and e.g. fid_other_last.json for other/checkpoints/last.pt, so that no
+    checkpoint's score replaces another's, nor passes for this experiment's."""
     stem = celebgen.checkpoint_stem(checkpoint, exp_name)  # prefixed unless the checkpoint is own
-    name = "fid.json" if stem == checkpoint.stem else f"fid_{stem}.json"
+    name = "fid.json" if stem == "last" else f"fid_{stem}.json"
     return celebgen.experiment_paths(exp_name)["root"] / name
 
 
@@ -621,8 +623,8 @@ def sample_scores(model, samples, num_samples, ref, device):
 
 
 def write_result(result, path, exp_name):
-    """The result at path (complete, or the previous one), and for the experiment's own checkpoint
-    (fid.json) FID and KID in its TensorBoard logs at the checkpoint's step."""
+    """The result at path (complete, or the previous one), and for a checkpoint of the experiment's
+    own FID and KID in its TensorBoard logs at the checkpoint's step."""
     exp = celebgen.experiment_paths(exp_name)
     try:
         exp["root"].mkdir(parents=True, exist_ok=True)  # --checkpoint PATH: maybe a new experiment
@@ -631,18 +633,18 @@ def write_result(result, path, exp_name):
     except OSError as e:  # a read-only or full disk: the result is printed above
         raise UserError(f"cannot write {path} ({e.strerror or e}); the result is printed above; "
                         f"{celebgen.write_fix(e, exp['root'])} to keep it there") from None
-    if path.name != "fid.json":  # another run's step is not on this run's axis
-        return
-    from torch.utils.tensorboard import SummaryWriter
-    with SummaryWriter(exp["logs"]) as writer:
-        tag = (f"fid/{result['num_samples']}_samples_{result['method']}"
-               f"{result['num_sampling_steps']}")
-        number, power, guide = celebgen.name_number, result["time_power"], result["autoguidance"]
-        tag += f"_power{number(power)}" if power is not None else ""
-        tag += f"_cfg{number(result['cfg_scale'])}" if "attributes" in result else ""
-        tag += f"_autoguidance{number(guide)}" if guide != 1 else ""
-        writer.add_scalar(tag, result["fid"], result["step"])
-        writer.add_scalar(tag.replace("fid/", "kid/"), result["kid"], result["step"])
+    checkpoint = Path(result["checkpoint"])
+    if celebgen.checkpoint_stem(checkpoint, exp_name) != checkpoint.stem:
+        return  # another run's checkpoint: its step is not on this run's axis
+    tag = f"fid/{result['num_samples']}_samples_{result['method']}{result['num_sampling_steps']}"
+    number, power, guide = celebgen.name_number, result["time_power"], result["autoguidance"]
+    tag += f"_power{number(power)}" if power is not None else ""
+    tag += f"_cfg{number(result['cfg_scale'])}" if "attributes" in result else ""
+    tag += f"_autoguidance{number(guide)}" if guide != 1 else ""
+    logs = celebgen.TensorBoardLogs(exp["logs"], f"{path} is written")
+    logs.add_scalar(tag, result["fid"], result["step"])
+    logs.add_scalar(tag.replace("fid/", "kid/"), result["kid"], result["step"])
+    logs.close()
 
 
 def experiment_fid(args):

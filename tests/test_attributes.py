@@ -233,8 +233,13 @@ def conditional(workdir, capsys):
     (["--attributes", "Smiling=2"], "'Smiling=2': write NAME=1 (present) or NAME=0 (absent)"),
     (["--attributes", "Smiling"], "'Smiling': write NAME=1"),
     (["--attributes", "Smiling=1,Smiling=0"], "'Smiling=1,Smiling=0' names Smiling twice"),
+    (["--attributes", "Smiling=1", "Blond_Hair=0"], "several --attributes settings or --cfg_scale values make "
+                                                    "a grid: add --grid, or join them with commas for one "
+                                                    "request: Smiling=1,Blond_Hair=0"),
     (["--attributes", "Smiling=1", "Smiling=0"], "several --attributes settings or --cfg_scale values make a "
-                                                 "grid: add --grid"),
+                                                 "grid: add --grid\n"),
+    (["--attributes", "Smiling=1", "none"], "make a grid: add --grid\n"),
+    (["--attributes", "Smiling=1", "--cfg_scale", "1", "2"], "values make a grid: add --grid\n"),
     (["--cfg_scale", "-1"], "argument --cfg_scale: must be >= 0, got -1"),
     (["--grid", "--attributes", "Smiling=1"], "--grid draws --grid_samples samples per cell, not --num_samples; "
                                               "drop --num_samples"),

@@ -19,10 +19,15 @@ from test_training import TOY, cli, labelled_celeba, logged_scalars, random_imag
 
 
 def test_identical_statistics_have_zero_distance():
+    """Also from singular covariances (40 images of 64 features), whose rounding alone would put the
+    distance a hair below 0: never negative."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((500, 64))
     mu, sigma = a.mean(0), np.cov(a, rowvar=False)
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+    few = a[:40]
+    mu, sigma = few.mean(0), np.cov(few, rowvar=False)
+    assert fid.frechet_distance(mu, sigma, mu, sigma) == 0.0
 
 
 def test_unit_mean_shift_in_2048_dimensions_is_2048():
@@ -478,6 +483,33 @@ def test_cli_writes_fid_json_for_an_experiment(workdir, capsys, random_weights):
     assert logged_scalars(logs, f"kid/6_samples_euler2{guided}")[-1].value == pytest.approx(result["kid"], rel=1e-6)
     powered_fid = logged_scalars(logs, f"fid/6_samples_euler2_power1{guided}")[-1]
     assert powered_fid.step == 2 and powered_fid.value == pytest.approx(powered["fid"], rel=1e-6)
+    # best.pt's score beside last.pt's, not over it
+    fid.main([*argv, "--checkpoint", "best.pt", "--autoguidance", "1"])
+    best = json.loads((workdir / "experiments" / "tiny" / "fid_best.json").read_text())
+    assert best["checkpoint"].endswith("best.pt") and best["autoguidance"] == 1
+    assert json.loads((workdir / "experiments" / "tiny" / "fid.json").read_text()) == powered
+    assert logged_scalars(logs, "fid/6_samples_euler2")[-1].value == pytest.approx(best["fid"], rel=1e-6)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # its traceback
+def test_a_disk_that_refuses_the_logs_leaves_the_grid_and_fid_json_written(workdir, capsys, monkeypatch,
+                                                                          random_weights):
+    """sample --grid and fid.py log to TensorBoard after writing their result: logs that cannot be
+    written are said in one line, the result is kept, the exit status is 0."""
+    assert cli(capsys, "train", "--exp_name", "tiny", *TOY, "--batch_size", 4, "--max_steps", 2)[0] == 0
+    from tensorboard.summary.writer import record_writer
+
+    def full(self, data):  # in TensorBoard's writer thread; the next write raises it again
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full)
+    logs = "cannot write the TensorBoard logs in experiments/tiny/logs (No space left on device); "
+    code, _, err = cli(capsys, "sample", "--exp_name", "tiny", "--grid", "--num_sampling_steps", 1)
+    grid = workdir / "experiments/tiny/samples/last_grid_euler1_seed0.png"
+    assert code == 0 and err == f"{logs}{grid.relative_to(workdir)} is written\n" and grid.is_file(), err
+    fid.main(["--exp_name", "tiny", "--num_samples", "6", "--num_sampling_steps", "1", "--ref_images", "6",
+              "--inception_weights", str(random_weights)])
+    assert f"{logs}experiments/tiny/fid.json is written\n" in capsys.readouterr().err
+    assert json.loads((workdir / "experiments/tiny/fid.json").read_text())["num_sampling_steps"] == 1
 
 
 def test_an_experiments_fid_is_that_of_its_sample_pngs_against_the_reference_pngs(workdir, capsys,

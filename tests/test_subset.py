@@ -27,7 +27,8 @@ def test_subset_holds_exactly_the_listed_images_with_their_split_and_labels(work
     and labels are CelebA's for them, so a dataset read from it equals CelebA's images and labels."""
     labelled_celeba(workdir / "celeba")
     listed = ["001.png", "004.png", "013.png", "016.png", "019.png", "021.png", "023.png"]
-    (workdir / "list.txt").write_text("".join(f"{n} 9\n" for n in listed) + "\n")  # split ignored
+    (workdir / "list.txt").write_text("\ufeff" + "".join(f"{n} 9\n" for n in listed) + "\n",  # split ignored
+                                      encoding="utf-8")  # as some editors save: a byte-order mark first
     code, out, err = cli(capsys, "subset", "--data_root", "celeba", "--image_list", "list.txt",
                          "--out", "sub")
     assert code == 0 and "7 images (train 5, val 2, test 0) and their attributes" in out, err
@@ -63,7 +64,7 @@ def test_subset_holds_exactly_the_listed_images_with_their_split_and_labels(work
     ("nothing", "--out '' names no new folder; give one to create"),
     ("inside_the_data", "is inside --data_root celeba, where it would stand for CelebA itself"),
     ("twice", "names 001.png (and 0 more) twice; give each image once"),
-    ("empty", "names no image"),
+    ("empty", "names no image; give a file name, such as 000001.jpg, at each line's start"),
     ("under_a_file", "list.txt is a file, where celebgen keeps a folder; move it away"),
     ("full_disk", "cannot write sub (No space left on device); free some space, then run the same "
                   "command again"),
