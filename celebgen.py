@@ -1422,7 +1422,13 @@ def changed_flags(args, saved, keys):
 def refuse_resume_changes(args, saved, keys):
     """Refuse a --resume whose arguments differ from the saved run's in any of `keys`."""
     changed = changed_flags(args, saved, keys)
-    if changed:  # other images may come from the saved --data_root: no flag to drop then
+    if changed and all(c.startswith("--data_root") for c in changed) and \
+            Path(args.data_root) == Path(saved.get("data_root", args.data_root)):  # no flag to drop
+        counts = ", ".join(c[c.index("(") + 1:].replace(")", "") for c in changed)  # images a -> b
+        raise UserError(f"--data_root {args.data_root} now holds other images than the run trained "
+                        f"on ({counts}); put back the images moved or removed since, or start a "
+                        f"new --exp_name")
+    if changed:
         images = " (--data_root: point it at the run's own images)" * any(
             c.startswith("--data_root") for c in changed)
         raise UserError(f"--resume cannot change {', '.join(changed)}: they fix the model, the "
@@ -2940,7 +2946,8 @@ def resolve_precision(requested, device):
         return choose_precision(device.type, capability, speedup)
     if requested in AUTOCAST_DTYPES and device.type == "cpu" and cpu_matmul_speedup(requested) < 1:
         print(f"warning: {requested} matmuls run at {cpu_matmul_speedup(requested):.2f}x fp32 on "
-              f"this CPU (emulated): expect a slow run; --precision auto picks the fast choice",
+              f"this CPU: expect a slower run than in fp32; --precision auto picks the fast "
+              f"choice",
               file=sys.stderr)
     return requested, "as asked"
 

@@ -252,6 +252,11 @@ def test_resume_refuses_other_images_and_takes_the_same_images_elsewhere(workdir
     one_line_error(code, err, "--resume cannot change --data_root (training images) 20 -> 19, --data_root "
                               "(validation images) 4 -> 5: they fix")
     assert "drop those flags (--data_root: point it at the run's own images)" in err
+    (workdir / "images/img_align_celeba/003.png").rename(workdir / "003.png")  # an image taken away
+    code, _, err = cli(capsys, "train", "--exp_name", "run", "--resume", "--max_steps", 3)
+    one_line_error(code, err, "--data_root images now holds other images than the run trained on (training "
+                              "images 20 -> 19); put back the images moved or removed since")
+    (workdir / "003.png").rename(workdir / "images/img_align_celeba/003.png")
     shutil.move(workdir / "images", workdir / "moved")
     code, _, err = cli(capsys, "train", "--exp_name", "run", "--resume", "--max_steps", 3)  # the saved root
     one_line_error(code, err, "--data_root images does not exist; a resumed run trains on its own images: point "
