@@ -1422,12 +1422,14 @@ def changed_flags(args, saved, keys):
 def refuse_resume_changes(args, saved, keys):
     """Refuse a --resume whose arguments differ from the saved run's in any of `keys`."""
     changed = changed_flags(args, saved, keys)
-    if changed and all(c.startswith("--data_root") for c in changed) and \
+    images = {"train_images": "training images", "val_images": "validation images"}
+    counts = [f"{what} {saved[k]} -> {getattr(args, k)}" for k, what in images.items()
+              if k in keys and k in saved and saved[k] != getattr(args, k)]
+    if changed and len(counts) == len(changed) and \
             Path(args.data_root) == Path(saved.get("data_root", args.data_root)):  # no flag to drop
-        counts = ", ".join(c[c.index("(") + 1:].replace(")", "") for c in changed)  # images a -> b
         raise UserError(f"--data_root {args.data_root} now holds other images than the run trained "
-                        f"on ({counts}); put back the images moved or removed since, or start a "
-                        f"new --exp_name")
+                        f"on ({', '.join(counts)}); put back the images moved or removed since, or "
+                        f"start a new --exp_name")
     if changed:
         images = " (--data_root: point it at the run's own images)" * any(
             c.startswith("--data_root") for c in changed)
@@ -2947,8 +2949,7 @@ def resolve_precision(requested, device):
     if requested in AUTOCAST_DTYPES and device.type == "cpu" and cpu_matmul_speedup(requested) < 1:
         print(f"warning: {requested} matmuls run at {cpu_matmul_speedup(requested):.2f}x fp32 on "
               f"this CPU: expect a slower run than in fp32; --precision auto picks the fast "
-              f"choice",
-              file=sys.stderr)
+              f"choice", file=sys.stderr)
     return requested, "as asked"
 
 

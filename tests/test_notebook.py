@@ -8,6 +8,9 @@ from nbclient.exceptions import CellExecutionError
 
 from conftest import ROOT
 
+# the flags by which the notebook's training cell knows its own earlier run in experiments/notebook
+NOTEBOOK_RUN = {"dataset": "toy", "patch_size": 8, "eval_every": 100}
+
 
 def test_notebook_executes(tmp_path, monkeypatch):
     notebook = nbformat.read(ROOT / "demo.ipynb", as_version=4)
@@ -19,7 +22,7 @@ def test_notebook_executes(tmp_path, monkeypatch):
             cell.outputs = []
     earlier = tmp_path / "experiments" / "notebook"  # the notebook's own earlier run: trained afresh
     earlier.mkdir(parents=True)
-    (earlier / "args.json").write_text(json.dumps({"dataset": "toy", "patch_size": 8, "eval_every": 100}))
+    (earlier / "args.json").write_text(json.dumps(NOTEBOOK_RUN))
     (earlier / "old.txt").write_text("")
     execute(notebook, tmp_path, monkeypatch)  # raises on any failing cell
     assert not (earlier / "old.txt").exists()
@@ -30,6 +33,8 @@ def test_notebook_executes(tmp_path, monkeypatch):
     assert "block(x) == x at initialisation: True" in text
     assert sum("image/png" in out.get("data", {}) for out in outputs) >= 15
     assert (tmp_path / "experiments" / "notebook" / "checkpoints" / "last.pt").is_file()
+    saved = json.loads((earlier / "args.json").read_text())  # this run, too, is the next one's to delete
+    assert {flag: saved[flag] for flag in NOTEBOOK_RUN} == NOTEBOOK_RUN
 
 
 def test_the_notebook_keeps_a_run_of_yours_named_notebook(tmp_path, monkeypatch):
@@ -41,7 +46,7 @@ def test_the_notebook_keeps_a_run_of_yours_named_notebook(tmp_path, monkeypatch)
     notebook.cells = [code[0], train]
     yours = tmp_path / "experiments" / "notebook"
     yours.mkdir(parents=True)
-    (yours / "args.json").write_text(json.dumps({"dataset": "toy", "patch_size": 4, "eval_every": 100}))
+    (yours / "args.json").write_text(json.dumps({**NOTEBOOK_RUN, "patch_size": 4}))
     with pytest.raises(CellExecutionError, match="holds a run this notebook did not make: rename it"):
         execute(notebook, tmp_path, monkeypatch)
     assert sorted(p.name for p in yours.iterdir()) == ["args.json"]
