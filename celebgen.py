@@ -158,7 +158,7 @@ def apply_rope(x, angles):
 # [cos(1000 t w_k), sin(1000 t w_k)], w_k a frequency bank like RoPE's with base 10,000.
 # Faces on request ride the same path: a vector a of CelebA attributes (Smiling, Eyeglasses, ...),
 # each -1 (absent), +1 (present) or 0 (unspecified), is embedded linearly and added to c,
-#     c = time_mlp(features(t)) + W a,            a (B, K), W (D, K), c (B, D),
+#     c = time_mlp(time_features(t)) + W a,       a (K,), W (D, K), c (D,) per sample,
 # as DiT adds its class embedding. W has no bias, so a = 0 -- nothing asked -- adds nothing: the
 # same network is the unconditional model.
 
@@ -224,8 +224,8 @@ class Block(nn.Module):
 # to p*p*3 numbers per token -> patches. The network predicts the *clean image* x1 (not the noise,
 # not the velocity): a clean image lies on the low-dimensional manifold of faces, which a network of
 # width D can represent, while noise fills all p*p*3 dimensions of a patch (the argument of JiT,
-# "Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025). It is strongest when a
-# patch holds more numbers than a token's width: a 4x4 patch's 48 against D = 192 is not.
+# "Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025), strongest when a patch
+# holds more numbers than a token's width (a 4x4 patch's 48 < D = 192); also see sections 6 and 7.
 
 # named sizes: width, depth and heads (head width 64 throughout); parameters at 4x4 patches
 MODELS = {
@@ -403,7 +403,7 @@ LAST_STEP_FROM = 0.98  # within 1 FID of the best grid tried at 10, 20 and 50 st
 
 def time_grid(num_steps, power=None):
     """The S + 1 = num_steps + 1 times t_i = 1 - (1 - i/S)^power, from 0 to 1 (floats); power None:
-    the one whose last step starts at LAST_STEP_FROM, at most 2 (uniform for S = 1)."""
+    the one whose last step starts at LAST_STEP_FROM, at most 2 (S = 1: [0, 1] at any power)."""
     if power is None:
         power = min(2.0, math.log(1 / (1 - LAST_STEP_FROM)) / math.log(max(num_steps, 2)))
     u = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64)                   # (S + 1,)
@@ -481,7 +481,7 @@ class CelebA(Dataset):
             download_celeba(root)                                  # Part three, D
         self.files, self.size, self.reported = celeba_files(root, split), size, set()  # D
         self.labels, self.unlabelled = celeba_labels(root, self.files, attributes)    # D: (N, K)
-        self.cache, self.pixels = find_cache(self) if cache else None, None          # E
+        self.cache, self.pixels = (find_cache(self) if cache else None), None  # E: memmap, later
 
     def __len__(self):
         return len(self.files)
@@ -641,7 +641,7 @@ def learning_rate(step, progress, args):
     """The learning rate of optimizer step `step` (0-based) taken at `progress` p in [0, 1) of the
     run (of its steps or its --max_minutes, whichever is further): warm-up, constant, cooldown,
         lr(step, p) = lr * min(1, (step + 1) / warmup_steps) * min(1, (1 - p) / cooldown)
-    (warmup_steps counts steps, cooldown is the last share of p; 0: none). Warm-up lets AdamW's
+    (warmup_steps counts steps; cooldown is the last share of p, 0: none). Warm-up lets AdamW's
     moments settle before the steps get large. The cooldown makes this the "warmup-stable-decay"
     (WSD) schedule: a run of any length, or stopped by a clock, ends with small steps, settled."""
     cooldown = min(1.0, (1 - progress) / args.cooldown) if args.cooldown else 1.0
@@ -696,7 +696,7 @@ def train_loop(rank, world_size, args, device, interrupt):
     if args.compile:  # fused kernels for the elementwise ops between the matmuls, made at step 1
         model = compiled(model)                                               # Part three, F
     # 2. the data, and how long the run is: --epochs, --max_steps or --max_minutes
-    if world_size > 1:  # wait for the image cache, built by one process per machine (E)
+    if world_size > 1:  # wait for the image cache, which check_train_command builds (A, E)
         dist.barrier()
     examples = FlowExamples(make_dataset(args, "train"), args)
     sampler = DistributedSampler(examples, world_size, rank, seed=args.seed, drop_last=True)
@@ -863,13 +863,13 @@ def train_command(args, saved):
 
 def sample_command(args):
     """`sample`: --num_samples PNGs of a checkpoint into a folder of experiments/{exp_name}/samples/
-    (and a grid of the first 64 beside it), or with --grid one picture of requests x weights."""
+    and a grid of the first 64 beside it; with --grid, a picture of requests x weights (+ logs)."""
     device, precision = device_and_precision(args.device, args.precision)     # F
     path = checkpoint_path(args.exp_name, args.checkpoint)                     # C
     ckpt = load_checkpoint(path)                                               # C: checked
-    rows = sample_requests(args, ckpt["args"]["attributes"])         # A: (R, K), or None, checked
+    rows = sample_requests(args, ckpt["args"]["attributes"])  # A: (R, K) or None; R > 1: --grid
     out = experiment_paths(args.exp_name)["samples"]
-    check_folders(out, experiment_paths(args.exp_name)["logs"])  # B: refused if a file stands there
+    check_folders(out, experiment_paths(args.exp_name)["logs"])  # B: no file in the way
     model = load_model(ckpt, device, use_ema=not args.no_ema)                 # C: built, loaded
     model = with_guide(model, ckpt, path, args.autoguidance, device, not args.no_ema)  # C
     writable_folder(out)  # B: a read-only disk fails now, not after the sampling
@@ -881,8 +881,8 @@ def sample_command(args):
     name = samples_name(path, args)                         # A: the checkpoint and the flags
     # PNGs go to {name}.PID.partial/, renamed {name}/ when complete; then the grid {name}.png (B)
     count, in_grid, before = write_samples_whole(batches, out / name, args.num_samples)
-    print(f"wrote {count} images to {out / name}/{before} and a grid of the first {in_grid} to "
-          f"{out / name}.png")
+    print(f"wrote {count} image{'s' * (count != 1)} to {out / name}/{before} and a grid of the "
+          f"first {in_grid} to {out / name}.png")
 
 
 def main(argv=None):
@@ -923,6 +923,7 @@ import re
 import shlex
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -1608,6 +1609,28 @@ def spawned_worker():
     return multiprocessing.parent_process() is not None
 
 
+HANG_UP = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()  # Windows has none
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, *HANG_UP)
+
+
+def hang_up_as_ctrl_c():
+    """A closed terminal (SIGHUP, which reaches every process of the command, as a Ctrl-C's
+    SIGINT does) counts as a Ctrl-C from here on: what this process would print to that terminal,
+    where writing now fails, is dropped, and SIGINT is raised, so that its Ctrl-C handler acts
+    (training saves its step)."""
+    for s in HANG_UP:
+        signal.signal(s, hung_up)
+    unblock(HANG_UP)  # one held back while this process started (quiet_spawn) arrives now
+
+
+def hung_up(signum, frame):
+    with open(os.devnull, "wb") as nowhere:
+        for fd in (1, 2):  # a terminal is a character device (isatty fails once it is gone)
+            if stat.S_ISCHR(os.fstat(fd).st_mode):
+                os.dup2(nowhere.fileno(), fd)
+    signal.raise_signal(signal.SIGINT)
+
+
 class InterruptRequest:
     """The first Ctrl-C (SIGINT) or SIGTERM (kill, timeout, a cluster's scheduler) asks the training
     loop to stop after the step in flight, so the checkpoint it saves is a consistent one; a second
@@ -1639,13 +1662,13 @@ class InterruptRequest:
 
 
 def ignore_interrupts(worker_id):
-    """DataLoader workers leave Ctrl-C and SIGTERM to the training process, which stops them when
-    it is done (they start with both held back: interrupts_held). On Linux they also die with it
-    when it is killed (kill -9, out of memory), which torch only notices within 5 s, or never if
-    it died while they started."""
-    for s in (signal.SIGINT, signal.SIGTERM):
+    """DataLoader workers leave Ctrl-C, SIGTERM and a closed terminal's SIGHUP to the training
+    process, which stops them when it is done (they start with these held back: interrupts_held).
+    On Linux they also die with it when it is killed (kill -9, out of memory), which torch only
+    notices within 5 s, or never if it died while they started."""
+    for s in INTERRUPTS:
         signal.signal(s, signal.SIG_IGN)
-    unblock((signal.SIGINT, signal.SIGTERM))  # ignored now: one held back is dropped
+    unblock(INTERRUPTS)  # ignored now: one held back is dropped
     if sys.platform == "linux":
         ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
         if os.getppid() != multiprocessing.parent_process().pid:  # it died before the prctl
@@ -1653,13 +1676,13 @@ def ignore_interrupts(worker_id):
 
 
 def started(loader):
-    """iter(loader), whose worker processes start with Ctrl-C and SIGTERM held back
+    """iter(loader), whose worker processes start with Ctrl-C, SIGTERM and SIGHUP held back
     (interrupts_held): one that comes while they start (spawned: seconds of importing torch) waits
     until ignore_interrupts has them ignore it, and stops the training process alone, after its
     step."""
     if loader.num_workers == 0:  # no process to start
         return iter(loader)
-    with interrupts_held(signal.SIGINT, signal.SIGTERM):
+    with interrupts_held(*INTERRUPTS):
         return iter(loader)
 
 
@@ -1671,12 +1694,24 @@ def interrupts_held(*signals):
     them once its handlers are set, as multiprocessing's resource tracker does. No-op where
     there are no signal masks (Windows)."""
     if hasattr(signal, "pthread_sigmask"):
-        multiprocessing.resource_tracker.ensure_running()  # its start would unblock them
+        start_resource_tracker()  # its start would unblock them
         signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         yield
     finally:
         unblock(signals)
+
+
+def start_resource_tracker():
+    """multiprocessing's resource tracker (which removes what killed processes leave behind)
+    ignores Ctrl-C and SIGTERM; started with SIGHUP ignored, which a program keeps, it ignores a
+    closed terminal too, instead of dying and being restarted by the next process to need it."""
+    previous = [signal.signal(s, signal.SIG_IGN) for s in HANG_UP]
+    try:
+        multiprocessing.resource_tracker.ensure_running()
+    finally:
+        for s, handler in zip(HANG_UP, previous):
+            signal.signal(s, handler)
 
 
 def unblock(signals):
@@ -1696,6 +1731,8 @@ def stopped_by_ctrl_c(args, step, world_size):
 def train_worker(rank, world_size, args, device_type):
     """The training loop of one process. Rank 0 alone writes logs, samples and checkpoints."""
     device = distributed_setup(rank, world_size, device_type)  # F: the process group, the device
+    if spawned_worker():  # the command's own process has it from main (B)
+        hang_up_as_ctrl_c()
     try:
         if world_size > 1:  # under torchrun each process resolved --precision: follow rank 0's
             choice = [args.resolved_precision]
@@ -1862,7 +1899,7 @@ def quiet_spawn(args):
     status. A worker that said why (a UserError) has printed its line; one killed by a signal could
     not, so its death is told here in one line. Either way spawn stops the other workers (by
     SIGTERM), and logs that it does: expected, not news, so that log is silenced. The workers start
-    with Ctrl-C held back (interrupts_held) until their handler (InterruptRequest) is set."""
+    with Ctrl-C and SIGHUP held back (interrupts_held) until their handlers are set."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     # the resource tracker started for spawn takes this process's -W options: its warning, after
@@ -1881,7 +1918,7 @@ def quiet_spawn(args):
     level = spawn_log.level
     spawn_log.setLevel(logging.ERROR)
     try:
-        with interrupts_held(signal.SIGINT):  # ignored here; the workers get it at InterruptRequest
+        with interrupts_held(signal.SIGINT, *HANG_UP):  # ignored here; the workers get them
             yield
     except mp.ProcessExitedException as e:
         if e.exit_code is not None and e.exit_code < 0:
@@ -3128,4 +3165,5 @@ class ToyFaces(Dataset):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, handled
+    hang_up_as_ctrl_c()  # B: a closed terminal, too
     main()

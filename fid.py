@@ -517,7 +517,8 @@ def reference_statistics(train_args, model, args, device):
         celebgen.image_cache_path(s.files, s.size).name for s in sets)
     key = f"{source}|{args.ref_split}|{count}|{model.fingerprint}|kid"
     key = hashlib.sha1(key.encode()).hexdigest()[:10]
-    path = Path("experiments") / "fid_refs" / (f"{train_args.dataset}_{args.ref_split}_celeba-crop_"
+    crop = "" if train_args.dataset == "toy" else "_celeba-crop"  # toy faces are drawn whole
+    path = Path("experiments") / "fid_refs" / (f"{train_args.dataset}_{args.ref_split}{crop}_"
                                                f"{train_args.image_size}px_n{count}_{key}.npz")
     if path.is_file():
         print(f"reference statistics from {path}")
@@ -803,4 +804,5 @@ def paths_fid(args):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, handled
+    celebgen.hang_up_as_ctrl_c()  # a closed terminal, too
     main()

@@ -97,3 +97,8 @@ def test_the_sampling_defaults_readme_names_are_the_codes():
     assert weight == cg.AUTOGUIDANCE
     age = re.search(r"`guide.pt` \(the EMA at (\d+)% of the run", text).group(1)
     assert int(age) / 100 == cg.GUIDE_AT
+
+
+def test_the_readme_stays_short():
+    """README is read by a newcomer in minutes: at most 250 lines; the figures live in RESULTS.md."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250

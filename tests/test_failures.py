@@ -763,15 +763,17 @@ def test_sample_on_a_read_only_disk_fails_before_it_samples(trained, capsys, mon
                    "experiments/done/samples writable, then run the command again")
 
 
-def test_sigterm_while_sampling_ends_as_ctrl_c_does(trained):
-    """SIGTERM (kill, timeout) to `sample`: one line, status 130, and no half-written folder."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_sigterm_while_sampling_ends_as_ctrl_c_does(trained, stop):
+    """SIGTERM (kill, timeout) or SIGHUP (the terminal closed) to `sample`: one line, status 130,
+    and no half-written folder."""
     run = subprocess.Popen([sys.executable, str(ROOT / "celebgen.py"), "sample", "--exp_name", "done",
                             "--num_samples", "2000", "--batch_size", "1", "--num_sampling_steps", "2"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in run.stdout:
         if line.startswith("sampled 2/"):
             break
-    run.send_signal(signal.SIGTERM)
+    run.send_signal(getattr(signal, stop))
     out, err = run.communicate(timeout=120)
     assert run.returncode == 130 and err.count("\n") == 1 and err.startswith("interrupted after "), err
     assert "of 2000 images; experiments/done/samples/last_euler2_seed0/ was not made" in err

@@ -140,7 +140,7 @@ def test_a_checkpoint_resumes_and_samples_under_another_precision(workdir, capsy
     for precision in ("bf16", "fp16", "fp32"):
         code, out, err = cli(capsys, "sample", "--exp_name", "mixed", "--num_samples", 1,
                              "--num_sampling_steps", 2, "--precision", precision)
-        assert code == 0 and "wrote 1 images" in out, err
+        assert code == 0 and "wrote 1 image to" in out, err
 
 
 def test_auto_is_resolved_again_on_resume(workdir, capsys, monkeypatch):

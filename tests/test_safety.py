@@ -1,7 +1,9 @@
 """Checks before work, one writer per experiment, and a dead DDP worker explained: what a run does
 when its input makes no sense, when the file system is not what it expects, when a second `train`
 starts on the same experiment, and when the operating system kills one of its processes."""
+import multiprocessing
 import os
+import pty
 import re
 import shutil
 import signal
@@ -285,6 +287,53 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(workdir, nproc):
     assert err.strip().splitlines()[-1] == (
         f"interrupted at step {step}; experiments/term/checkpoints/last.pt holds step {step}; resume "
         f"with: python {ROOT / 'celebgen.py'} train --exp_name term --resume"), err
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_closed_terminal_stops_a_run_as_ctrl_c_does(workdir, nproc):
+    """Closing the terminal sends SIGHUP to every process of the command (here: the trainer and its
+    DataLoader workers, and the processes of --nproc 2), and writing to that terminal fails from
+    then on: the step in flight finishes and is saved, as after Ctrl-C, with no traceback (stderr
+    is a pipe here, to be read), and the run ends with 130."""
+    terminal, tty = pty.openpty()
+    run = subprocess.Popen([sys.executable, str(ROOT / "celebgen.py"), "train", "--exp_name", "hup",
+                            *map(str, SMALL_RUN), "--workers", "1", "--nproc", str(nproc),
+                            "--max_steps", "100000", "--ckpt_every", "1000", "--eval_every", "1000"],
+                           stdout=tty, stderr=subprocess.PIPE, text=True, preexec_fn=os.setpgrp)
+    os.close(tty)
+    shown = b""
+    while b"step 3/" not in shown:
+        try:
+            shown += os.read(terminal, 4096)
+        except OSError:  # the trainer ended, and the terminal with it
+            pytest.fail(f"the trainer ended before step 3: {run.communicate()[1]}")
+    os.killpg(run.pid, signal.SIGHUP)
+    os.close(terminal)  # the terminal is gone: writing to it fails
+    _, err = run.communicate(timeout=120)
+    step = checkpoint("hup")["step"]
+    assert run.returncode == 130 and "Traceback" not in err and step >= 3, err
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted at step {step}; experiments/hup/checkpoints/last.pt holds step {step}; resume "
+        f"with: python {ROOT / 'celebgen.py'} train --exp_name hup --resume"), err
+
+
+def report_dispositions(queue):
+    cg.ignore_interrupts(0)
+    queue.put([int(signal.getsignal(s)) for s in cg.INTERRUPTS])
+
+
+def test_spawned_loader_workers_ignore_every_interrupt():
+    """DataLoader workers that are spawned (macOS, Windows), not forked, inherit no handler from the
+    trainer: ignore_interrupts has them ignore Ctrl-C, SIGTERM and a closed terminal's SIGHUP, which
+    stop the trainer alone (after its step), and it then stops them."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    worker = context.Process(target=report_dispositions, args=(queue,))
+    worker.start()
+    try:
+        assert queue.get(timeout=120) == [int(signal.SIG_IGN)] * (2 + hasattr(signal, "SIGHUP"))
+    finally:
+        worker.join(60)
 
 
 # --- a DDP worker killed by the operating system ---------------------------------------------------

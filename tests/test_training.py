@@ -355,7 +355,7 @@ def test_missing_checkpoint_name(trained, capsys):
 def test_a_checkpoint_name_means_the_experiment_s_before_a_file_here(trained, capsys):
     Path("last.pt").write_text("another file of that name, in the working folder")
     code, out, err = cli(capsys, "sample", "--exp_name", "done", "--num_samples", 1, "--num_sampling_steps", 1)
-    assert code == 0 and "experiments/done/samples/last_euler1_seed0/" in out, err
+    assert code == 0 and "wrote 1 image to experiments/done/samples/last_euler1_seed0/" in out, err
     code, out, err = cli(capsys, "sample", "--exp_name", "done", "--checkpoint", "./last.pt")
     assert code == 2 and "last.pt" in err and "Traceback" not in err  # a path is the file given
     Path("downloads").mkdir()
