@@ -1615,15 +1615,17 @@ INTERRUPTS = (signal.SIGINT, signal.SIGTERM, *HANG_UP)
 
 def hang_up_as_ctrl_c():
     """A closed terminal (SIGHUP, which reaches every process of the command, as a Ctrl-C's
-    SIGINT does) counts as a Ctrl-C from here on: what this process would print to that terminal,
-    where writing now fails, is dropped, and SIGINT is raised, so that its Ctrl-C handler acts
-    (training saves its step)."""
+    SIGINT does) counts as one Ctrl-C from here on: what this process would print to that
+    terminal, where writing now fails, is dropped, and SIGINT is raised, so that its Ctrl-C handler
+    acts (training saves its step). Left ignored where it is (nohup): the run goes on."""
     for s in HANG_UP:
-        signal.signal(s, hung_up)
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            signal.signal(s, hung_up)
     unblock(HANG_UP)  # one held back while this process started (quiet_spawn) arrives now
 
 
 def hung_up(signum, frame):
+    signal.signal(signum, signal.SIG_IGN)  # the shell passes it on, the kernel sends it too: once
     with open(os.devnull, "wb") as nowhere:
         for fd in (1, 2):  # a terminal is a character device (isatty fails once it is gone)
             if stat.S_ISCHR(os.fstat(fd).st_mode):

@@ -1,6 +1,7 @@
 """Checks before work, one writer per experiment, and a dead DDP worker explained: what a run does
 when its input makes no sense, when the file system is not what it expects, when a second `train`
 starts on the same experiment, and when the operating system kills one of its processes."""
+import contextlib
 import multiprocessing
 import os
 import pty
@@ -292,9 +293,10 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(workdir, nproc):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_a_closed_terminal_stops_a_run_as_ctrl_c_does(workdir, nproc):
     """Closing the terminal sends SIGHUP to every process of the command (here: the trainer and its
-    DataLoader workers, and the processes of --nproc 2), and writing to that terminal fails from
-    then on: the step in flight finishes and is saved, as after Ctrl-C, with no traceback (stderr
-    is a pipe here, to be read), and the run ends with 130."""
+    DataLoader workers, and the processes of --nproc 2), twice (the shell passes it on, and the
+    kernel sends it), and writing to that terminal fails from then on: the step in flight finishes
+    and is saved, as after one Ctrl-C, with no traceback (stderr is a pipe here, to be read), and
+    the run ends with 130."""
     terminal, tty = pty.openpty()
     run = subprocess.Popen([sys.executable, str(ROOT / "celebgen.py"), "train", "--exp_name", "hup",
                             *map(str, SMALL_RUN), "--workers", "1", "--nproc", str(nproc),
@@ -309,12 +311,46 @@ def test_a_closed_terminal_stops_a_run_as_ctrl_c_does(workdir, nproc):
             pytest.fail(f"the trainer ended before step 3: {run.communicate()[1]}")
     os.killpg(run.pid, signal.SIGHUP)
     os.close(terminal)  # the terminal is gone: writing to it fails
-    _, err = run.communicate(timeout=120)
+    heard = run.stderr.readline() + run.stderr.readline()  # a blank line, then what was heard
+    assert heard == "\nCtrl-C: stopping after this step (Ctrl-C again to stop at once)\n", heard
+    with contextlib.suppress(ProcessLookupError):  # the second (as a shell's), when the first is
+        os.killpg(run.pid, signal.SIGHUP)  # handled (at once, they would arrive as one)
+    err = heard + run.communicate(timeout=120)[1]
     step = checkpoint("hup")["step"]
     assert run.returncode == 130 and "Traceback" not in err and step >= 3, err
     assert err.strip().splitlines()[-1] == (
         f"interrupted at step {step}; experiments/hup/checkpoints/last.pt holds step {step}; resume "
         f"with: python {ROOT / 'celebgen.py'} train --exp_name hup --resume"), err
+
+
+def test_a_second_hang_up_is_not_a_second_ctrl_c():
+    """The shell passes a closed terminal's SIGHUP on and the kernel sends one too: they count as
+    one Ctrl-C, which stops training after its step, not two, which stop it at once."""
+    heard, previous = [], [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGHUP)]
+    signal.signal(signal.SIGINT, lambda *_: heard.append("Ctrl-C"))
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as a command starts without nohup
+    try:
+        cg.hang_up_as_ctrl_c()
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.1)  # each handled before the next is sent
+    finally:
+        for s, handler in zip((signal.SIGINT, signal.SIGHUP), previous):
+            signal.signal(s, handler)
+    assert heard == ["Ctrl-C"]
+
+
+def test_a_run_under_nohup_outlives_its_terminal(workdir):
+    """nohup starts a command with SIGHUP ignored: the run goes on when its terminal closes."""
+    ignore_hang_up = lambda: (os.setpgrp(), signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    run = subprocess.Popen([sys.executable, str(ROOT / "celebgen.py"), "train", "--exp_name", "nohup",
+                            *map(str, SMALL_RUN), "--workers", "1", "--max_steps", "8", "--eval_every",
+                            "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=ignore_hang_up)
+    wait_for_step(run, 3)
+    os.killpg(run.pid, signal.SIGHUP)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0 and "step 8/8" in out and checkpoint("nohup")["step"] == 8, err
 
 
 def report_dispositions(queue):
