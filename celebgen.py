@@ -1423,8 +1423,8 @@ def changed_flags(args, saved, keys):
 def refuse_resume_changes(args, saved, keys):
     """Refuse a --resume whose arguments differ from the saved run's in any of `keys`."""
     changed = changed_flags(args, saved, keys)
-    images = {"train_images": "training images", "val_images": "validation images"}
-    counts = [f"{what} {saved[k]} -> {getattr(args, k)}" for k, what in images.items()
+    image_counts = {"train_images": "training images", "val_images": "validation images"}
+    counts = [f"{what} {saved[k]} -> {getattr(args, k)}" for k, what in image_counts.items()
               if k in keys and k in saved and saved[k] != getattr(args, k)]
     if changed and len(counts) == len(changed) and \
             Path(args.data_root) == Path(saved.get("data_root", args.data_root)):  # no flag to drop
