@@ -3,7 +3,7 @@ CelebGen: a rectified-flow diffusion transformer (DiT) that learns to draw Celeb
 
 Part one is the algorithm, in the order the data flows; part two trains and samples it; part three
 keeps runs safe (checks, Ctrl-C, atomic writes, CelebA's layouts, caches): skip it. A tag such as
-`# C` beside a call names the section of part three (A to G) that holds the function called.
+`# C` beside a call names the section of part three (A to H) that holds the function called.
 
     # CPU quickstart: toy faces drawn on the fly, no download; 4 minutes, with attributes
     python celebgen.py train --exp_name quickstart --dataset toy --max_minutes 4 --attributes all
@@ -371,12 +371,20 @@ def guided_prediction(model, x_t, t, attributes, cfg_scale):
     return x_u + cfg_scale * (x_c - x_u)                                      # (B, C, H, W)
 
 
-# Autoguidance (Karras et al., 2024) guides a model by a weaker copy of itself: its weights (EMA
-# or raw, as the model's) at GUIDE_AT of the training (guide.pt, section 11) err where it does, only
-# more, so   x_pred = x_guide + w (x_model - x_guide)   with w > 1 steps away from those errors.
-# sample and fid.py use it (w = 1.5) for a model without attributes that has an earlier guide.pt.
+# Autoguidance (Karras et al., 2024) guides a model by a weaker version of itself, smaller and
+# trained for less: the guide, of shape GUIDES, trained beside the model on the same batches for
+# the first GUIDE_AT of the run (guide.pt: section 10). It errs where the model does, only more, so
+#     x_pred = x_guide + w (x_model - x_guide)    with w > 1 steps away from those errors.
+# sample and fid.py use it (w = 1.5) for a model without attributes.
 
-GUIDE_AT = 0.25  # of the fractions tried, the one good after both 10 and 20 minutes (RESULTS.md)
+GUIDES = {"tiny": dict(dim=128, depth=3, heads=2),  # 1.0M: guided better than tiny (RESULTS.md)
+          "small": MODELS["tiny"], "base": MODELS["small"]}  # the next size down
+GUIDE_AT = 0.25  # its share of the run: a quarter guided better than less or more (RESULTS.md)
+
+
+def build_guide(args):
+    return DiT(args.image_size, args.patch_size, **GUIDES[args.model],
+               num_attributes=len(args.attributes))
 
 
 class Autoguided(nn.Module):
@@ -541,13 +549,14 @@ def autocast(device, precision):
 # experiments/{exp_name}/args.json               the arguments of the run
 #                       /checkpoints/last.pt      written every --ckpt_every steps and at the end
 #                       /checkpoints/best.pt      the lowest validation loss so far
-#                       /checkpoints/guide.pt     at GUIDE_AT of the run: autoguidance's guide
+#                       /checkpoints/guide.pt     at GUIDE_AT of the run: with the guide (section 7)
 #                       /logs/                    TensorBoard: tensorboard --logdir experiments
 #                       /samples/                 grids during training; `sample` writes here too
-# A checkpoint holds the weights, their EMA, AdamW's moments, the fp16 loss scale, the step, the
-# best validation loss, the arguments, the clock and the network's version: all a run needs to go
-# on, as every random draw of training follows from the seed and the step (section 11). Plain
-# values and tensors: torch.load(weights_only=True) runs no code. Written whole (B), checked (C).
+# A checkpoint holds the weights, their EMA, AdamW's moments, the fp16 loss scale (the guide's four
+# too while it trains, and in guide.pt), the step, the best validation loss, the arguments, the
+# clock and the network's version: all a run needs to go on, as every random draw of training
+# follows from the seed and the step (section 11). Plain values and tensors:
+# torch.load(weights_only=True) runs no code. Written whole (B), checked (C).
 
 TrainingParts = namedtuple("TrainingParts", "model ema optimizer scaler")  # what is trained
 
@@ -557,9 +566,12 @@ def experiment_paths(exp_name):
     return {"root": root, **{name: root / name for name in ("checkpoints", "logs", "samples")}}
 
 
-def checkpoint_state(parts, step, best_val, elapsed, args):
-    """Everything a run needs to continue exactly, as a dict of tensors and plain values."""
+def checkpoint_state(parts, guide, step, best_val, elapsed, args):
+    """Everything a run needs to continue exactly, as a dict of tensors and plain values; guide:
+    the guide's parts while it trains (section 7), else None."""
     state = {name: part.state_dict() for name, part in parts._asdict().items()}
+    if guide is not None:
+        state["guide"] = {name: part.state_dict() for name, part in guide._asdict().items()}
     return {**state, "step": step, "best_val": best_val, "elapsed": elapsed, "args": vars(args),
             "architecture": ARCHITECTURE}  # the network's version (Part three, C)
 
@@ -672,10 +684,8 @@ def update_ema(ema, model, step, decay):
         e.lerp_(p, 1 - d)
 
 
-def training_parts(args, device):
-    """The model, its EMA copy, AdamW and the fp16 loss scaler; seeded: equal in every process."""
-    torch.manual_seed(args.seed)
-    model = build_model(args).to(device)
+def training_parts(model, device, args):
+    """The model (on `device`), its EMA copy, AdamW and the fp16 loss scaler."""
     ema = copy.deepcopy(model).requires_grad_(False)
     # no weight decay, as DiT (so AdamW is Adam); beta2 0.95, not DiT's 0.999: ~20 steps' memory
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
@@ -685,16 +695,46 @@ def training_parts(args, device):
     return TrainingParts(model, ema, optimizer, scaler)
 
 
+def for_training(model, world_size, args):
+    """`model` as the training step calls it: in DistributedDataParallel across processes, which
+    averages the gradients in backward(); with --compile, compiled (Part three, F)."""
+    device = next(model.parameters()).device
+    if world_size > 1:
+        model = DistributedDataParallel(model,
+                                        device_ids=[device] if device.type == "cuda" else None)
+    return compiled(model) if args.compile else model
+
+
+def train_step(parts, model, batch, lr, step, args):
+    """Optimizer step `step` (0-based) of parts.model, called as `model` (for_training's: in DDP,
+    compiled), on batch (x1, x0, t, a) at learning rate lr. Returns (loss, gradient norm)."""
+    x1, x0, t, a = batch
+    parts.optimizer.param_groups[0]["lr"] = lr  # one group: every weight
+    # 4. forward + loss, under autocast (with bf16 or fp16: the matmuls in 16 bits)
+    with autocast(x1.device, args.resolved_precision):
+        loss = flow_loss(model, x1, x0, t, args.t_eps, a)
+    # 5. backward: DDP averages the gradients over processes here (fp16: the scaled loss)
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss).backward()
+    grad_norm = clip_gradients(parts, loss, step, args)
+    # 6. the optimizer step (in fp16 skipped if a gradient overflowed), then the EMA
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    update_ema(parts.ema, parts.model, step, args.ema_decay)
+    return loss, grad_norm
+
+
 def train_loop(rank, world_size, args, device, interrupt):
     """Process `rank`'s training, started by train_worker (B); interrupt.requested turns True at
     Ctrl-C, and args.resolved_precision is --precision resolved for this machine (F)."""
-    # 1. the model, its EMA, AdamW and the loss scaler: new, or as the checkpoint left them
-    parts = training_parts(args, device)
-    step, best_val, elapsed = start_or_resume(args, parts, announce=rank == 0)  # C
-    model = parts.model if world_size == 1 else DistributedDataParallel(
-        parts.model, device_ids=[device] if device.type == "cuda" else None)
-    if args.compile:  # fused kernels for the elementwise ops between the matmuls, made at step 1
-        model = compiled(model)                                               # Part three, F
+    # 1. the model and autoguidance's guide (section 7), each with its EMA, AdamW and loss scaler,
+    # new (seeded: equal in every process) or as the checkpoint left them
+    torch.manual_seed(args.seed)
+    parts = training_parts(build_model(args).to(device), device, args)
+    guide = training_parts(build_guide(args).to(device), device, args)
+    step, best_val, elapsed, guide = start_or_resume(args, parts, guide, rank == 0)  # C: or None
+    model = for_training(parts.model, world_size, args)
+    guide_model = None if guide is None else for_training(guide.model, world_size, args)
     # 2. the data, and how long the run is: --epochs, --max_steps or --max_minutes
     if world_size > 1:  # wait for the image cache, which check_train_command builds (A, E)
         dist.barrier()
@@ -704,28 +744,24 @@ def train_loop(rank, world_size, args, device, interrupt):
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     budget = 60 * args.max_minutes if args.max_minutes else math.inf  # seconds of training
     progress = max(step / total_steps, elapsed / budget)  # through its steps or its time
-    if progress >= 1:  # a resume with nothing left to do: rank 0 says why (C); nothing is written
+    if progress >= 1:  # a resume with nothing left to do: rank 0 says why (C), and writes only
+        if rank == 0 and guide is not None:  # the guide.pt a shorter run now owes
+            save_checkpoint(experiment_paths(args.exp_name)["checkpoints"] / "guide.pt",
+                            checkpoint_state(parts, guide, step, best_val, elapsed, args))  # B
         return say_if_finished(args, step, elapsed, total_steps, budget, announce=rank == 0)
-    book = Bookkeeping(args, device, parts, total_steps, budget, best_val) if rank == 0 else None
+    book = Bookkeeping(args, device, parts, guide, total_steps, budget, best_val) \
+        if rank == 0 else None                                                # Part three, H
     stop, clock = False, time.monotonic() - elapsed  # the run's clock, continued across resumes
     while progress < 1 and not stop:
         for x1, x0, t, a in epoch_batches(examples, sampler, step, steps_per_epoch, args, device):
-            # 3. the learning rate, from how far the run is
+            # 3. the learning rate, from how far the run is; the batch's noise paired (section 6)
             lr = learning_rate(step, progress, args)
-            parts.optimizer.param_groups[0]["lr"] = lr  # one group: every weight
-            # 4. forward + loss, under autocast (with bf16 or fp16: the matmuls in 16 bits)
             if args.pair_noise:
                 x0 = pair_noise(x1, x0, rank, world_size)  # B: all processes' images, gathered
-            with autocast(device, args.resolved_precision):
-                loss = flow_loss(model, x1, x0, t, args.t_eps, a)
-            # 5. backward: DDP averages the gradients over processes here (fp16: the scaled loss)
-            parts.optimizer.zero_grad(set_to_none=True)
-            parts.scaler.scale(loss).backward()
-            grad_norm = clip_gradients(parts, loss, step, args)
-            # 6. the optimizer step (in fp16 skipped if a gradient overflowed), then the EMA
-            parts.scaler.step(parts.optimizer)
-            parts.scaler.update()
-            update_ema(parts.ema, parts.model, step, args.ema_decay)
+            # 4.-6. forward, backward, AdamW's step and the EMA: the model, then the guide
+            loss, grad_norm = train_step(parts, model, (x1, x0, t, a), lr, step, args)
+            if guide is not None:  # on the same batch, until GUIDE_AT
+                train_step(guide, guide_model, (x1, x0, t, a), lr, step, args)
             step += 1
             # 7. loss, Ctrl-C and clock, averaged over processes: all set one lr, stop together
             stats = torch.tensor([loss.item(), interrupt.requested, time.monotonic() - clock],
@@ -735,85 +771,19 @@ def train_loop(rank, world_size, args, device, interrupt):
             loss, stop, elapsed = stats[0].item(), stats[1].item() > 0, stats[2].item()
             if not math.isfinite(loss):  # fp16, where a non-finite step was skipped, not taken
                 raise divergence(loss, grad_norm, step, args)
-            # 8. rank 0: log, validate, sample a grid, save, each at its interval and at the end
-            progress, before = max(step / total_steps, elapsed / budget), progress
+            # 8. rank 0 (H): log, validate, sample a grid, save, each at its interval and at the
+            # end, and guide.pt once the guide's share is done
+            progress = max(step / total_steps, elapsed / budget)
             if rank == 0:
-                book.after_step(step, (loss, lr, grad_norm), elapsed, (before, progress))
+                book.after_step(step, (loss, lr, grad_norm), elapsed, progress)
+            if progress >= GUIDE_AT:  # the guide's share is done: rank 0 saved it in guide.pt
+                guide = guide_model = None
             if progress >= 1 or stop:
                 break
     if rank == 0:
         book.close(step, stop)
     if stop:  # Ctrl-C: the step in flight has finished and is saved; every rank leaves together
         stopped_by_ctrl_c(args, step, world_size)                             # Part three, B
-
-
-class Bookkeeping:
-    """Rank 0's record of the run: progress lines and TensorBoard scalars, the validation loss and
-    best.pt (the lowest validation loss so far: best_val), sample grids, and last.pt."""
-
-    def __init__(self, args, device, parts, total_steps, budget, best_val):
-        self.args, self.device, self.parts = args, device, parts
-        self.total_steps, self.budget, self.best_val = total_steps, budget, best_val
-        self.exp = experiment_paths(args.exp_name)
-        self.flops_per_image = flops_per_image(parts.model)                    # Part three, F
-        self.writer = TensorBoardLogs(self.exp["logs"])  # B: a failed write stops logs, not the run
-        write_arguments(args, self.exp)                      # B: args.json, the flags of this run
-        self.val = validation_set(make_dataset(args, "val"), args.val_size, args.seed, args.t_mu,
-                                  args.t_sigma)
-        self.grid_noise = torch.randn(16, 3, args.image_size, args.image_size,
-                                      generator=torch.Generator().manual_seed(args.seed + 1))
-        self.clock, self.steps_since_log = time.monotonic(), 0
-        self.elapsed, self.saved_step = 0.0, -1
-        announce_run(self)                                                    # F: what runs
-
-    def after_step(self, step, numbers, elapsed, progress):
-        """After step `step` (numbers: loss, lr, gradient norm; `elapsed` s in; progress: the run's
-        share done before and after it): guide.pt at GUIDE_AT, the rest at intervals and the end."""
-        self.elapsed = elapsed
-        self.steps_since_log += 1
-        if progress[0] < GUIDE_AT <= progress[1]:  # the weaker model of autoguidance (section 7)
-            self.save("guide.pt", step)
-        due = lambda every: step % every == 0 or progress[1] >= 1
-        if due(self.args.log_every):
-            log_progress(self, step, *numbers)                               # F: the speed
-        if due(self.args.eval_every):
-            self.validate(step)
-        if due(self.args.ckpt_every):  # before the grid, so a grid that fails loses no step
-            self.save("last.pt", step)
-        if due(self.args.sample_every):
-            self.sample_grid(step)
-
-    def validate(self, step):
-        """The EMA's loss on the fixed validation set; a new lowest value is saved as best.pt."""
-        val = validation_loss(self.parts.ema, self.val, self.args.t_eps, 4 * self.args.batch_size,
-                              self.device, self.args.resolved_precision)
-        self.writer.add_scalar("val/loss", val, step)
-        new_best = val < self.best_val
-        print(f"step {step} | val loss (EMA) {val:.4f}" + (" | new best" if new_best else ""),
-              flush=True)
-        if new_best:
-            self.best_val = val
-            self.save("best.pt", step)
-
-    def sample_grid(self, step):
-        """16 EMA samples from fixed noise, unconditional: the same faces, getting better."""
-        with autocast(self.device, self.args.resolved_precision):
-            images = sample(self.parts.ema, self.grid_noise.to(self.device),
-                            time_grid(self.args.num_sampling_steps))
-        grid = image_grid(images)                                             # B
-        self.writer.add_image("samples", grid, step)
-        save_step_grid(grid, self.exp, step)  # B: samples/step_0000100.png, written whole
-
-    def save(self, name, step):
-        state = checkpoint_state(self.parts, step, self.best_val, self.elapsed, self.args)
-        save_checkpoint(self.exp["checkpoints"] / name, state)  # B: whole, or the old one intact
-        if name == "last.pt":
-            self.saved_step = step
-
-    def close(self, step, stopped):  # after Ctrl-C, last.pt is saved for the step just finished
-        if stopped and self.saved_step < step:
-            self.save("last.pt", step)
-        self.writer.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -906,7 +876,8 @@ def main(argv=None):
 # Everything below makes the program trustworthy rather than explaining the method: bad input ends
 # in one line naming the problem and the fix; Ctrl-C, a kill or a full disk never leave a half
 # file or lose a run; a resume continues exactly or refuses; CelebA is found however it was
-# unpacked; and the device, precision and attention kernel are chosen for the machine.
+# unpacked; the device, precision and attention kernel are chosen for the machine; and rank 0
+# keeps the run's record (H).
 
 # the imports that only Part three needs stand here, out of the learner's way
 import collections
@@ -1225,10 +1196,10 @@ GUIDANCE_HELP = (f"classifier-free guidance weight: 0 unconditional, 1 condition
 # measured on CelebA, unconditional (RESULTS.md). (argparse formats help texts: %% prints %.)
 AUTOGUIDANCE = 1.5
 AUTOGUIDANCE_HELP = (f"autoguidance weight w: x_guide + w (x_model - x_guide), where the guide is "
-                     f"the run's weights (EMA, or raw as the model's) at {GUIDE_AT:.0%}% of its "
-                     f"length, the guide.pt beside the checkpoint; 1: off (default: "
-                     f"{AUTOGUIDANCE:g} for a model trained without --attributes that has a "
-                     f"guide.pt, else 1)")
+                     f"the smaller model trained for the first {GUIDE_AT:.0%}% of the run, in the "
+                     f"guide.pt beside the checkpoint (its EMA, or raw weights as the model's); 1: "
+                     f"off (default: {AUTOGUIDANCE:g} for a model trained without --attributes "
+                     f"that has a guide.pt, else 1)")
 SAMPLING_STEPS = 40  # the default of sample and fid.py
 SAMPLING_STEPS_HELP = ("steps from noise to image (by FID, autoguided 40 scored 1.2-1.5 below 20 "
                        "at twice the time; unguided, 20 scored as 50: RESULTS.md)")
@@ -2321,6 +2292,7 @@ def load_checkpoint(path):
         saved.setdefault("attributes", [])  # written before conditioning existed: unconditional
         saved.setdefault("pair_noise", False)  # written before pairing existed: unpaired
         missing = [f"args.{k}" for k in MODEL_ARGS if k not in saved]
+        missing += ["guide weights"] * (not isinstance(ckpt.get("guide", {}), dict))
     what = (f"no {', '.join(missing)}" if missing else
             saved_args_problem(ckpt["args"]) or model_args_problem(ckpt["args"]))
     if what:
@@ -2384,30 +2356,36 @@ def model_args_problem(saved):
     return ""
 
 
-def load_model(ckpt, device, use_ema=True):
-    """A loaded checkpoint's network (its EMA by default), to sample; unfit weights fail here."""
-    model = build_model(argparse.Namespace(**ckpt["args"]))
+def load_model(ckpt, device, use_ema=True, build=build_model):
+    """A loaded checkpoint's network (its EMA by default), to sample; unfit weights fail here.
+    build: build_guide for the guide, from the checkpoint's "guide" weights put in their place."""
+    model = build(argparse.Namespace(**ckpt["args"]))
     load_weights(model, ckpt["ema" if use_ema else "model"], ckpt["args"])
     return model.to(device).eval()
 
 
 def with_guide(model, ckpt, path, weight, device, use_ema=True):
     """The model of checkpoint `path` (loaded: ckpt) autoguided with `weight` (section 7) by the
-    guide.pt beside it, whose EMA (or raw weights: use_ema=False) guides; the model alone for
+    guide in the guide.pt beside it, its EMA (or raw weights: use_ema=False); the model alone for
     weight 1, and when find_guide finds no guide to use."""
     guide, weight = find_guide(path, ckpt, weight)
     if guide is None:
         return model
-    return Autoguided(model, load_model(guide, device, use_ema), weight)
+    try:
+        guide = load_model({"args": guide["args"], **guide["guide"]}, device, use_ema, build_guide)
+    except (KeyError, UserError):  # weights missing, or of another shape than GUIDES gives
+        raise UserError(f"the guide in {Path(path).parent / 'guide.pt'} does not fit the guide of "
+                        f"this model (GUIDES); pass --autoguidance 1 to sample without it, or "
+                        f"delete it") from None
+    return Autoguided(model, guide, weight)
 
 
 def find_guide(path, ckpt, weight):
     """(guide.pt beside checkpoint `path` (loaded: ckpt), loaded; the weight), or (None, 1.0) for
-    weight 1, and for none asked (None) for a model trained with --attributes (there it cost
-    agreement with the request: RESULTS.md), when there is no guide.pt (a run stopped before
-    GUIDE_AT of its length, or older than autoguidance) or when it is not earlier than the
-    checkpoint (guide.pt itself; a run of one step). A weight asked for needs a guide earlier than
-    the checkpoint; a guide must be readable and of the checkpoint's model."""
+    weight 1, for none asked (None) for a model trained with --attributes (there it cost
+    agreement with the request: RESULTS.md), and when there is no guide.pt (a run stopped before
+    GUIDE_AT of its length) or it holds no guide (an older celebgen.py's). A weight asked for needs
+    a guide; a guide.pt must be readable and of the checkpoint's model."""
     guide = Path(path).parent / "guide.pt"
     if weight == 1 or weight is None and ckpt["args"]["attributes"]:
         return None, 1.0
@@ -2422,19 +2400,16 @@ def find_guide(path, ckpt, weight):
     except UserError as e:  # its advice would be another --checkpoint: not what helps here
         raise UserError(f"{str(e).split(';')[0]}; it guides sampling: pass --autoguidance 1 to "
                         f"sample without it, or delete it") from None
+    if "guide" not in guide_ckpt:  # written by an older celebgen.py, or a copy of another file
+        if weight is not None:
+            raise UserError(f"{guide} holds no guide model, so --autoguidance {weight:g} has no "
+                            f"guide; drop --autoguidance, or train the run again")
+        print(f"{guide} holds no guide model: sampling without autoguidance", flush=True)
+        return None, 1.0
     if any(guide_ckpt["args"][k] != ckpt["args"][k] for k in MODEL_ARGS):
         raise UserError(f"{guide} is not of the model of {path} (other {', '.join(MODEL_ARGS)}): "
                         f"one of them is another run's; pass --autoguidance 1 to sample "
                         f"{Path(path).name} without a guide")
-    if guide_ckpt["step"] >= ckpt["step"]:
-        why = ("is the checkpoint being sampled (a model cannot guide itself)"
-               if guide.resolve() == Path(path).resolve() else
-               f"(step {guide_ckpt['step']}) is not earlier than {path} (step {ckpt['step']})")
-        if weight is not None:
-            raise UserError(f"{guide} {why}, so --autoguidance {weight:g} has no guide; drop "
-                            f"--autoguidance")
-        print(f"{guide} {why}: sampling without autoguidance", flush=True)
-        return None, 1.0
     weight = AUTOGUIDANCE if weight is None else weight
     run = guide_ckpt["args"].get("exp_name")  # a guide copied from another run is named
     other = f" of experiment {run}" if run != ckpt["args"].get("exp_name") else ""
@@ -2476,20 +2451,24 @@ def restore(ckpt, model, ema, optimizer, scaler):
     return ckpt["step"], ckpt["best_val"]
 
 
-def start_or_resume(args, parts, announce):
-    """(step, best_val, seconds of training) of the run: (0, inf, 0) for a new run; for --resume,
-    those of the checkpoint, whose weights, EMA, optimizer moments and loss scale are put back into
-    place."""
+def start_or_resume(args, parts, guide, announce):
+    """(step, best_val, seconds of training, guide) of the run: (0, inf, 0, guide) for a new run;
+    for --resume, those of the checkpoint, whose weights, EMA, optimizer moments and loss scale are
+    put back into place, the guide's too if it was still training, else guide None."""
     if not args.resume:
-        return 0, math.inf, 0.0
+        return 0, math.inf, 0.0, guide
     path = resume_checkpoint(experiment_paths(args.exp_name)["checkpoints"])
     ckpt = load_checkpoint(path)
     step, best_val = restore(ckpt, *parts)
+    if "guide" in ckpt and path.name != "guide.pt":  # saved before the guide's share was done
+        restore({**ckpt, **ckpt["guide"]}, *guide)
+    else:
+        guide = None
     if announce:  # a last.pt copied in from another experiment continues as this one: said so
         run = ckpt["args"].get("exp_name", args.exp_name)
         origin = f", saved by experiment {run}" if run != args.exp_name else ""
         print(f"resuming {args.exp_name} from step {step} ({path.name}{origin})", flush=True)
-    return step, best_val, ckpt.get("elapsed", 0.0)  # no "elapsed": written before time budgets
+    return step, best_val, ckpt.get("elapsed", 0.0), guide  # no "elapsed": before time budgets
 
 
 def say_if_finished(args, step, elapsed, total_steps, budget, announce):
@@ -3039,35 +3018,6 @@ def compiled(model):
     return torch.compile(model)
 
 
-def announce_run(book):
-    """Bookkeeping's first line: the model, the data, how long, the device, the precision; and a
-    note for a run too short to finish its warm-up."""
-    args = book.args
-    params = sum(p.numel() for p in book.parts.model.parameters()) / 1e6
-    until = f" or {args.max_minutes:g} minutes, whichever ends first" if args.max_minutes else ""
-    print(f"training {args.model} ({params:.2f}M params) on {args.dataset} {args.image_size}x"
-          f"{args.image_size}, {book.total_steps} steps{until}, device {book.device}, "
-          f"{args.resolved_precision}, experiment {book.exp['root']}", flush=True)
-    if args.warmup_steps > book.total_steps:  # a short trial run with the default warm-up
-        print(f"note: the run's {book.total_steps} steps end within --warmup_steps "
-              f"{args.warmup_steps}: the learning rate never reaches --lr {args.lr:g}", flush=True)
-
-
-def log_progress(book, step, loss, lr, grad_norm):
-    """Bookkeeping's progress line and TensorBoard scalars: speed in images/s and in model FLOP/s
-    (flops_per_image) since the last line, and the time left by steps or by --max_minutes."""
-    seconds_per_step = (time.monotonic() - book.clock) / book.steps_since_log
-    speed = book.args.batch_size * book.args.world_size / seconds_per_step  # every batch is full
-    eta = max(0.0, min((book.total_steps - step) * seconds_per_step, book.budget - book.elapsed))
-    print(f"step {step}/{book.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad "
-          f"{grad_norm:.3f} | {speed:.1f} img/s | {speed * book.flops_per_image / 1e12:.3f} "
-          f"TFLOP/s | ETA {eta / 60:.1f} min", flush=True)
-    for name, value in [("loss", loss), ("lr", lr), ("grad_norm", grad_norm),
-                        ("images_per_sec", speed)]:
-        book.writer.add_scalar(f"train/{name}", value, step)
-    book.clock, book.steps_since_log = time.monotonic(), 0
-
-
 def flops_per_image(model):
     """Training FLOPs per image, the accounting of PaLM and nanoGPT: a multiply-add is 2 FLOPs and
     backward costs twice forward, so 6 x (multiply-adds of one forward). Per-token layers run on N
@@ -3163,6 +3113,115 @@ class ToyFaces(Dataset):
                            f["hat"])
         img = img.resize((self.size, self.size), Image.LANCZOS)
         return to_signed(image_tensor(img))
+
+
+# --------------------------------------------------------------------------------------------------
+#                                   H. The run's record: progress, validation, grids, checkpoints
+# --------------------------------------------------------------------------------------------------
+
+class Bookkeeping:
+    """Rank 0's record of the run: progress lines and TensorBoard scalars, the validation loss and
+    best.pt (the lowest validation loss so far: best_val), sample grids, last.pt and guide.pt."""
+
+    def __init__(self, args, device, parts, guide, total_steps, budget, best_val):
+        self.args, self.device, self.parts, self.guide = args, device, parts, guide
+        self.total_steps, self.budget, self.best_val = total_steps, budget, best_val
+        self.exp = experiment_paths(args.exp_name)
+        self.flops_per_image = flops_per_image(parts.model)                    # F
+        self.writer = TensorBoardLogs(self.exp["logs"])  # B: a failed write stops logs, not the run
+        write_arguments(args, self.exp)                      # B: args.json, the flags of this run
+        self.val = validation_set(make_dataset(args, "val"), args.val_size, args.seed, args.t_mu,
+                                  args.t_sigma)
+        self.grid_noise = torch.randn(16, 3, args.image_size, args.image_size,
+                                      generator=torch.Generator().manual_seed(args.seed + 1))
+        self.clock, self.steps_since_log = time.monotonic(), 0
+        self.elapsed, self.saved_step = 0.0, -1
+        announce_run(self)                                                    # below: what runs
+
+    def after_step(self, step, numbers, elapsed, progress):
+        """After step `step` (numbers: loss, lr, gradient norm; `elapsed` s in; progress: the run's
+        share done): guide.pt once the guide's share is done, the rest at intervals and the end."""
+        self.elapsed = elapsed
+        self.steps_since_log += 1
+        due = lambda every: step % every == 0 or progress >= 1
+        if due(self.args.log_every):
+            log_progress(self, step, *numbers)                               # below: the speed
+        if self.guide is not None and progress >= GUIDE_AT:  # the guide's share is done
+            self.save("guide.pt", step)
+            self.guide = None  # later checkpoints leave it out, as train_loop does
+        if due(self.args.eval_every):
+            self.validate(step)
+        if due(self.args.ckpt_every):  # before the grid, so a grid that fails loses no step
+            self.save("last.pt", step)
+        if due(self.args.sample_every):
+            self.sample_grid(step)
+
+    def validate(self, step):
+        """The EMA's loss on the fixed validation set; a new lowest value is saved as best.pt."""
+        val = validation_loss(self.parts.ema, self.val, self.args.t_eps, 4 * self.args.batch_size,
+                              self.device, self.args.resolved_precision)
+        self.writer.add_scalar("val/loss", val, step)
+        new_best = val < self.best_val
+        print(f"step {step} | val loss (EMA) {val:.4f}" + (" | new best" if new_best else ""),
+              flush=True)
+        if new_best:
+            self.best_val = val
+            self.save("best.pt", step)
+
+    def sample_grid(self, step):
+        """16 EMA samples from fixed noise, unconditional: the same faces, getting better."""
+        with autocast(self.device, self.args.resolved_precision):
+            images = sample(self.parts.ema, self.grid_noise.to(self.device),
+                            time_grid(self.args.num_sampling_steps))
+        grid = image_grid(images)                                             # B
+        self.writer.add_image("samples", grid, step)
+        save_step_grid(grid, self.exp, step)  # B: samples/step_0000100.png, written whole
+
+    def save(self, name, step):
+        state = checkpoint_state(self.parts, self.guide, step, self.best_val, self.elapsed,
+                                 self.args)
+        save_checkpoint(self.exp["checkpoints"] / name, state)  # B: whole, or the old one intact
+        if name == "last.pt":
+            self.saved_step = step
+
+    def close(self, step, stopped):  # after Ctrl-C, last.pt is saved for the step just finished
+        if stopped and self.saved_step < step:
+            self.save("last.pt", step)
+        self.writer.close()
+
+
+def announce_run(book):
+    """Bookkeeping's first line: the model (and the guide, if it trains), the data, how long, the
+    device, the precision; and a note for a run too short to finish its warm-up."""
+    args, millions = book.args, lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+    guide = "" if book.guide is None else \
+        f"; its guide {millions(book.guide.model):.2f}M until {GUIDE_AT:.0%} of the run"
+    until = f" or {args.max_minutes:g} minutes, whichever ends first" if args.max_minutes else ""
+    print(f"training {args.model} ({millions(book.parts.model):.2f}M params{guide}) on "
+          f"{args.dataset} {args.image_size}x{args.image_size}, {book.total_steps} steps{until}, "
+          f"device {book.device}, {args.resolved_precision}, experiment {book.exp['root']}",
+          flush=True)
+    if args.warmup_steps > book.total_steps:  # a short trial run with the default warm-up
+        print(f"note: the run's {book.total_steps} steps end within --warmup_steps "
+              f"{args.warmup_steps}: the learning rate never reaches --lr {args.lr:g}", flush=True)
+
+
+def log_progress(book, step, loss, lr, grad_norm):
+    """Bookkeeping's progress line and TensorBoard scalars: speed in images/s and in model FLOP/s
+    (flops_per_image, the guide's added while it trains) since the last line, and the time left
+    by steps or by --max_minutes (at the speed since the last line)."""
+    guide = 0 if book.guide is None else flops_per_image(book.guide.model)
+    flops = book.flops_per_image + guide
+    seconds_per_step = (time.monotonic() - book.clock) / book.steps_since_log
+    speed = book.args.batch_size * book.args.world_size / seconds_per_step  # every batch is full
+    eta = max(0.0, min((book.total_steps - step) * seconds_per_step, book.budget - book.elapsed))
+    print(f"step {step}/{book.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad "
+          f"{grad_norm:.3f} | {speed:.1f} img/s | {speed * flops / 1e12:.3f} "
+          f"TFLOP/s | ETA {eta / 60:.1f} min", flush=True)
+    for name, value in [("loss", loss), ("lr", lr), ("grad_norm", grad_norm),
+                        ("images_per_sec", speed)]:
+        book.writer.add_scalar(f"train/{name}", value, step)
+    book.clock, book.steps_since_log = time.monotonic(), 0
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ def test_adams_second_moments_forget_old_gradients_within_tens_of_steps():
     0.96 * 100 / sqrt(0.79 * 10^4)); DiT's 0.999 still remembers the small gradients: 1.94 lr."""
     args = argparse.Namespace(seed=0, model="tiny", image_size=8, patch_size=4, attributes=[], lr=1e-3,
                               resolved_precision="fp32")
-    parts = cg.training_parts(args, torch.device("cpu"))
+    parts = cg.training_parts(cg.build_model(args), torch.device("cpu"), args)
     weight = parts.model.out.bias
     for step in range(130):
         for p in parts.model.parameters():

@@ -82,6 +82,9 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(workdir, capsy
     for part in ("model", "ema"):  # ...and both runs changed them the same way
         diff = max((one[part][k] - two[part][k]).abs().max().item() for k in one[part])
         assert diff < 1e-5, (part, diff)
+    guides = [checkpoint(run, "guide.pt")["guide"] for run in ("one", "two")]  # the guide too, trained:
+    assert max((guides[0]["model"][k] - guides[1]["model"][k]).abs().max().item() for k in guides[0]["model"]) < 1e-5
+    assert max((guides[0]["model"][k] - guides[0]["ema"][k]).abs().max().item() for k in guides[0]["model"]) > 1e-4
     # the logged loss of 2 processes is their mean, the loss of the global batch of 8
     losses = [[e.value for e in logged_scalars(workdir / f"experiments/{run}/logs", "train/loss")]
               for run in ("one", "two")]
@@ -108,19 +111,23 @@ def test_compile_takes_the_same_steps_as_eager(workdir, capsys, monkeypatch, rec
     monkeypatch.setattr(cg.torch, "compile", lambda model: calls.append(model) or compile(model))
     monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)  # compile anew: warnings too
     code, out, err = cli(capsys, "train", "--exp_name", "compiled", *args, "--compile")
-    assert code == 0 and "step 3/3" in out and len(calls) == 1, err
+    assert code == 0 and "step 3/3" in out and len(calls) == 2, err  # the model and its guide
     assert not [w for w in recwarn if "complex operators" in str(w.message)]
     eager, compiled = checkpoint("eager"), checkpoint("compiled")
     init = toy_initial_weights()
     assert max((eager["model"][k] - init[k]).abs().max().item() for k in init) > 1e-3
     for part in ("model", "ema"):
         assert max((eager[part][k] - compiled[part][k]).abs().max().item() for k in init) < 1e-5, part
+    eager, compiled = checkpoint("eager", "guide.pt")["guide"], checkpoint("compiled", "guide.pt")["guide"]
+    assert max((eager["model"][k] - compiled["model"][k]).abs().max().item() for k in eager["model"]) < 1e-5
 
 
-def test_resume_continues_exactly(workdir, capsys, monkeypatch):
-    """Interrupted (Ctrl-C) after step 7, in the second epoch of 5 steps, and resumed to 12 == 12 steps in
-    one go: the same weights, EMA, moments and learning rates (the cooldown of the last 20% included),
-    with attribute conditioning on (labelled_celeba)."""
+@pytest.mark.parametrize("stop_after", [7, 2])
+def test_resume_continues_exactly(workdir, capsys, monkeypatch, stop_after):
+    """Interrupted (Ctrl-C) after step 7, in the second epoch of 5 steps, or after step 2, while the
+    guide still trains (until 25% of 12: step 3), and resumed to 12 == 12 steps in one go: the same
+    weights, EMA, moments and learning rates (the cooldown of the last 20% included), and the same
+    guide, with attribute conditioning on (labelled_celeba)."""
     labelled_celeba(workdir / "images")
     args = [*TOY, "--dataset", "celeba", "--data_root", "images", "--batch_size", 4, "--eval_every", 3,
             "--attributes", "Smiling,Male"]
@@ -128,43 +135,52 @@ def test_resume_continues_exactly(workdir, capsys, monkeypatch):
     assert code == 0 and "note: 5 of 20 training images have no row in the attribute file" in out
     update_ema = cg.update_ema
 
-    def ctrl_c_in_step_7(ema, model, step, decay):
+    def ctrl_c_in_step(ema, model, step, decay):
         update_ema(ema, model, step, decay)
-        if step == 6:
+        if step == stop_after - 1:
             os.kill(os.getpid(), signal.SIGINT)
     with monkeypatch.context() as patch:
-        patch.setattr(cg, "update_ema", ctrl_c_in_step_7)
+        patch.setattr(cg, "update_ema", ctrl_c_in_step)
         code, out, err = cli(capsys, "train", "--exp_name", "resumed", *args, "--max_steps", 12)
-    assert code == 130 and "interrupted at step 7" in err, err
+    assert code == 130 and f"interrupted at step {stop_after}" in err, err
+    assert ("guide" in checkpoint("resumed")) == (stop_after < 3)  # saved with the guide while it trains
     code, out, err = cli(capsys, "train", "--exp_name", "resumed", "--resume")
-    assert code == 0 and "step 8/12" in out, err
+    assert code == 0 and f"step {stop_after + 1}/12" in out, err
     a, b = checkpoint("straight"), checkpoint("resumed")
-    assert a["step"] == b["step"] == 12 and a["best_val"] == b["best_val"]
+    assert a["step"] == b["step"] == 12 and a["best_val"] == b["best_val"] and "guide" not in a
     for part in ("model", "ema"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     guides = checkpoint("straight", "guide.pt"), checkpoint("resumed", "guide.pt")
-    assert guides[0]["step"] == guides[1]["step"] == 3  # 25% of 12, saved once, before the stop
-    assert all(torch.equal(guides[0]["ema"][k], guides[1]["ema"][k]) for k in guides[0]["ema"])
+    assert guides[0]["step"] == guides[1]["step"] == 3  # 25% of 12, saved once
+    for part in ("model", "ema"):
+        assert all(torch.equal(guides[0]["guide"][part][k], guides[1]["guide"][part][k])
+                   for k in guides[0]["guide"][part]), part
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def killed_in_step(n, capsys, monkeypatch, exp_name, *flags):
+    """Train exp_name with flags, killed by an error in step n (1-based), before its EMA update."""
+    update_ema = cg.update_ema
+
+    def killed(ema, model, step, decay):
+        if step == n - 1:
+            raise RuntimeError("killed")
+        update_ema(ema, model, step, decay)
+    with monkeypatch.context() as patch:
+        patch.setattr(cg, "update_ema", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            cli(capsys, "train", "--exp_name", exp_name, *flags)
 
 
 def test_a_run_killed_before_its_first_last_pt_resumes_from_its_latest_checkpoint(workdir, capsys, monkeypatch):
     """Killed in step 5 of 8 (an error: no last.pt), after guide.pt (step 2) and best.pt (step 4):
     the fresh command refuses to overwrite them, and --resume continues from the later, best.pt, to
-    the weights of an uninterrupted run; with guide.pt alone, from guide.pt, to the same weights."""
+    the weights of an uninterrupted run; with guide.pt alone, from guide.pt, to the same weights,
+    leaving guide.pt's guide as it was: its share was done."""
     args = [*TOY, "--max_steps", 8, "--eval_every", 4, "--ckpt_every", 100]
     assert cli(capsys, "train", "--exp_name", "whole", *args)[0] == 0
-    update_ema = cg.update_ema
-
-    def killed_in_step_5(ema, model, step, decay):
-        if step == 4:
-            raise RuntimeError("killed")
-        update_ema(ema, model, step, decay)
-    with monkeypatch.context() as patch:
-        patch.setattr(cg, "update_ema", killed_in_step_5)
-        with pytest.raises(RuntimeError, match="killed"):
-            cli(capsys, "train", "--exp_name", "run", *args)
+    killed_in_step(5, capsys, monkeypatch, "run", *args)
     folder = workdir / "experiments/run/checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "guide.pt"]
     code, _, err = cli(capsys, "train", "--exp_name", "run", *args)
@@ -175,8 +191,22 @@ def test_a_run_killed_before_its_first_last_pt_resumes_from_its_latest_checkpoin
         a, b = checkpoint("whole"), checkpoint("run")
         assert a["step"] == b["step"] == 8
         assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+        a, b = checkpoint("whole", "guide.pt")["guide"]["ema"], checkpoint("run", "guide.pt")["guide"]["ema"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
         for cut in ("last.pt", "best.pt"):  # as if killed before both were written
             (folder / cut).unlink()
+
+
+def test_a_resume_with_nothing_left_to_do_still_writes_the_guide_it_owes(workdir, capsys, monkeypatch):
+    """Killed in step 2 of 8 (last.pt of step 1 holds the guide, which trains until step 2), then resumed
+    with --max_steps 1: nothing is trained, and guide.pt is written from the guide last.pt holds."""
+    killed_in_step(2, capsys, monkeypatch, "short", *TOY, "--max_steps", 8, "--ckpt_every", 1, "--eval_every", 100)
+    assert "guide" in checkpoint("short") and not (workdir / "experiments/short/checkpoints/guide.pt").exists()
+    code, out, err = cli(capsys, "train", "--exp_name", "short", "--resume", "--max_steps", 1)
+    assert code == 0 and "already at step 1 of 1" in out, err
+    guide = checkpoint("short", "guide.pt")
+    assert guide["step"] == 1 and all(torch.equal(guide["guide"]["ema"][k], checkpoint("short")["guide"]["ema"][k])
+                                      for k in guide["guide"]["ema"])
 
 
 def test_ctrl_c_while_the_image_cache_is_built_stops_at_once(workdir, capsys, monkeypatch):
