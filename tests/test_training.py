@@ -84,7 +84,7 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(workdir, capsy
         assert diff < 1e-5, (part, diff)
     guides = [checkpoint(run, "guide.pt")["guide"] for run in ("one", "two")]  # the guide too, trained:
     assert max((guides[0]["model"][k] - guides[1]["model"][k]).abs().max().item() for k in guides[0]["model"]) < 1e-5
-    assert max((guides[0]["model"][k] - guides[0]["ema"][k]).abs().max().item() for k in guides[0]["model"]) > 1e-4
+    assert max((guides[0]["model"][k] - guides[0]["ema"][k]).abs().max().item() for k in guides[0]["model"]) > 0
     # the logged loss of 2 processes is their mean, the loss of the global batch of 8
     losses = [[e.value for e in logged_scalars(workdir / f"experiments/{run}/logs", "train/loss")]
               for run in ("one", "two")]
