@@ -3127,7 +3127,8 @@ class Bookkeeping:
         self.args, self.device, self.parts, self.guide = args, device, parts, guide
         self.total_steps, self.budget, self.best_val = total_steps, budget, best_val
         self.exp = experiment_paths(args.exp_name)
-        self.flops_per_image = flops_per_image(parts.model)                    # F
+        self.flops_per_image = sum(flops_per_image(p.model)                    # F
+                                   for p in (parts, guide) if p is not None)
         self.writer = TensorBoardLogs(self.exp["logs"])  # B: a failed write stops logs, not the run
         write_arguments(args, self.exp)                      # B: args.json, the flags of this run
         self.val = validation_set(make_dataset(args, "val"), args.val_size, args.seed, args.t_mu,
@@ -3149,6 +3150,7 @@ class Bookkeeping:
         if self.guide is not None and progress >= GUIDE_AT:  # the guide's share is done
             self.save("guide.pt", step)
             self.guide = None  # later checkpoints leave it out, as train_loop does
+            self.flops_per_image = flops_per_image(self.parts.model)
         if due(self.args.eval_every):
             self.validate(step)
         if due(self.args.ckpt_every):  # before the grid, so a grid that fails loses no step
@@ -3208,15 +3210,13 @@ def announce_run(book):
 
 def log_progress(book, step, loss, lr, grad_norm):
     """Bookkeeping's progress line and TensorBoard scalars: speed in images/s and in model FLOP/s
-    (flops_per_image, the guide's added while it trains) since the last line, and the time left
-    by steps or by --max_minutes (at the speed since the last line)."""
-    guide = 0 if book.guide is None else flops_per_image(book.guide.model)
-    flops = book.flops_per_image + guide
+    (book.flops_per_image: the model's, and the guide's while it trains) since the last line, and
+    the time left by steps or by --max_minutes (at the speed since the last line)."""
     seconds_per_step = (time.monotonic() - book.clock) / book.steps_since_log
     speed = book.args.batch_size * book.args.world_size / seconds_per_step  # every batch is full
     eta = max(0.0, min((book.total_steps - step) * seconds_per_step, book.budget - book.elapsed))
     print(f"step {step}/{book.total_steps} | loss {loss:.4f} | lr {lr:.2e} | grad "
-          f"{grad_norm:.3f} | {speed:.1f} img/s | {speed * flops / 1e12:.3f} "
+          f"{grad_norm:.3f} | {speed:.1f} img/s | {speed * book.flops_per_image / 1e12:.3f} "
           f"TFLOP/s | ETA {eta / 60:.1f} min", flush=True)
     for name, value in [("loss", loss), ("lr", lr), ("grad_norm", grad_norm),
                         ("images_per_sec", speed)]:
