@@ -598,9 +598,9 @@ def test_sample_draws_on_the_time_grid_asked_for_and_names_it(workdir, capsys):
         code, _, err = cli(capsys, "sample", "--exp_name", "e", "--time_power", power)
         one_line_error(code, err, "argument --time_power: ")
     assert cli(capsys, "sample", "--exp_name", "e", "--num_samples", 2, "--num_sampling_steps", 3,
-               "--time_power", 2, "--precision", "fp32")[0] == 0
+               "--time_power", 2, "--precision", "fp32", "--autoguidance", 1)[0] == 0  # the model alone
     written = cg.to_signed(cg.image_tensor(cg.Image.open(
-        workdir / "experiments/e/samples/last_euler3_power2_seed0/000000.png")))
+        workdir / "experiments/e/samples/last_euler3_power2_autoguidance1_seed0/000000.png")))
     ckpt = cg.load_checkpoint(workdir / "experiments/e/checkpoints/last.pt")
     noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     model = cg.load_model(ckpt, torch.device("cpu"))
