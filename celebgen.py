@@ -224,8 +224,9 @@ class Block(nn.Module):
 # to p*p*3 numbers per token -> patches. The network predicts the *clean image* x1 (not the noise,
 # not the velocity): a clean image lies on the low-dimensional manifold of faces, which a network of
 # width D can represent, while noise fills all p*p*3 dimensions of a patch (the argument of JiT,
-# "Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025), strongest when a patch
-# holds more numbers than a token's width (a 4x4 patch's 48 < D = 192); also see sections 6 and 7.
+# "Back to Basics: Let Denoising Generative Models Denoise", Li & He 2025), which matters most when
+# a patch holds more numbers than a token's width (JiT's 32x32 patches at 512x512: 3,072 for a
+# width of 768); here a 4x4 patch's 48 fit in D = 192, and sections 6 and 7 build on x all the same.
 
 # named sizes: width, depth and heads (head width 64 throughout); parameters at 4x4 patches
 MODELS = {
@@ -375,11 +376,11 @@ def guided_prediction(model, x_t, t, attributes, cfg_scale):
 # trained for less: the guide, of shape GUIDES, trained beside the model on the same batches for
 # the first GUIDE_AT of the run (guide.pt: section 10). It errs where the model does, only more, so
 #     x_pred = x_guide + w (x_model - x_guide)    with w > 1 steps away from those errors.
-# sample and fid.py use it (w = 1.5) for a model without attributes.
+# Every run trains one; sampling uses it (w = 1.5) by default for a model without attributes.
 
 GUIDES = {"tiny": dict(dim=128, depth=3, heads=2),  # 1.0M: guided better than tiny (RESULTS.md)
           "small": MODELS["tiny"], "base": MODELS["small"]}  # the next size down
-GUIDE_AT = 0.25  # its share of the run: a quarter guided better than less or more (RESULTS.md)
+GUIDE_AT = 0.25  # its share: a quarter guided best when the guide was the model itself (RESULTS.md)
 
 
 def build_guide(args):
@@ -685,7 +686,7 @@ def update_ema(ema, model, step, decay):
 
 
 def training_parts(model, device, args):
-    """The model (on `device`), its EMA copy, AdamW and the fp16 loss scaler."""
+    """The model, its EMA copy, AdamW and the fp16 loss scaler (its device's: `device`)."""
     ema = copy.deepcopy(model).requires_grad_(False)
     # no weight decay, as DiT (so AdamW is Adam); beta2 0.95, not DiT's 0.999: ~20 steps' memory
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
@@ -707,7 +708,8 @@ def for_training(model, world_size, args):
 
 def train_step(parts, model, batch, lr, step, args):
     """Optimizer step `step` (0-based) of parts.model, called as `model` (for_training's: in DDP,
-    compiled), on batch (x1, x0, t, a) at learning rate lr. Returns (loss, gradient norm)."""
+    compiled), on batch (x1, x0, t, a) at learning rate lr: train_loop's steps 4-6, below.
+    Returns (loss, gradient norm)."""
     x1, x0, t, a = batch
     parts.optimizer.param_groups[0]["lr"] = lr  # one group: every weight
     # 4. forward + loss, under autocast (with bf16 or fp16: the matmuls in 16 bits)
@@ -744,10 +746,10 @@ def train_loop(rank, world_size, args, device, interrupt):
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     budget = 60 * args.max_minutes if args.max_minutes else math.inf  # seconds of training
     progress = max(step / total_steps, elapsed / budget)  # through its steps or its time
-    if progress >= 1:  # a resume with nothing left to do: rank 0 says why (C), and writes only
-        if rank == 0 and guide is not None:  # the guide.pt a shorter run now owes
-            save_checkpoint(experiment_paths(args.exp_name)["checkpoints"] / "guide.pt",
-                            checkpoint_state(parts, guide, step, best_val, elapsed, args))  # B
+    if guide is not None and progress >= GUIDE_AT:  # resumed as a shorter run, past the guide's
+        save_owed_guide(args, parts, guide, (step, best_val, elapsed), rank)  # share (C)
+        guide = guide_model = None
+    if progress >= 1:  # a resume with nothing left to do: rank 0 says why (C)
         return say_if_finished(args, step, elapsed, total_steps, budget, announce=rank == 0)
     book = Bookkeeping(args, device, parts, guide, total_steps, budget, best_val) \
         if rank == 0 else None                                                # Part three, H
@@ -1244,7 +1246,8 @@ def add_train_flags(arg):
     arg("--exp_name", required=True, type=experiment_name,
         help="experiments/{exp_name} holds everything of the run")
     arg("--resume", action="store_true",
-        help="continue experiments/{exp_name} exactly from last.pt (or best.pt); the saved flags "
+        help="continue experiments/{exp_name} exactly from its latest checkpoint (last.pt, "
+             "best.pt or guide.pt); the saved flags "
              "are the defaults, and the model, --dataset, --batch_size, --nproc, --seed, --t_mu, "
              "--t_sigma, --t_eps, --no_pair_noise and --val_size cannot change")
     arg("--dataset", choices=["celeba", "toy"], default="celeba",
@@ -2368,16 +2371,19 @@ def with_guide(model, ckpt, path, weight, device, use_ema=True):
     """The model of checkpoint `path` (loaded: ckpt) autoguided with `weight` (section 7) by the
     guide in the guide.pt beside it, its EMA (or raw weights: use_ema=False); the model alone for
     weight 1, and when find_guide finds no guide to use."""
-    guide, weight = find_guide(path, ckpt, weight)
-    if guide is None:
+    guide_ckpt, weight = find_guide(path, ckpt, weight)
+    if guide_ckpt is None:
         return model
     try:
-        guide = load_model({"args": guide["args"], **guide["guide"]}, device, use_ema, build_guide)
+        guide = load_model({"args": guide_ckpt["args"], **guide_ckpt["guide"]}, device, use_ema,
+                           build_guide)
     except (KeyError, UserError):  # weights missing, or of another shape than GUIDES gives
         raise UserError(f"the guide in {Path(path).parent / 'guide.pt'} does not fit the guide of "
                         f"this model (GUIDES); pass --autoguidance 1 to sample without it, or "
                         f"delete it") from None
-    return Autoguided(model, guide, weight)
+    guided = Autoguided(model, guide, weight)
+    guided.guide_step = guide_ckpt["step"]  # the run's step when the guide stopped: in fid.json
+    return guided
 
 
 def find_guide(path, ckpt, weight):
@@ -2482,6 +2488,17 @@ def say_if_finished(args, step, elapsed, total_steps, budget, announce):
     if elapsed >= budget:
         print(f"{args.exp_name} has trained {elapsed / 60:.2f} of its {args.max_minutes:g} "
               f"minutes; raise --max_minutes to train further", flush=True)
+
+
+def save_owed_guide(args, parts, guide, where, rank):
+    """guide.pt, written by rank 0, for a guide resumed past its share (GUIDE_AT) of a run that a
+    resume made shorter (--max_steps, --max_minutes or --epochs); where: (step, best_val,
+    elapsed)."""
+    if rank == 0:
+        print(f"the shorter run is past its {GUIDE_AT:.0%}: the guide stops at step {where[0]}, "
+              f"saved in guide.pt", flush=True)
+        save_checkpoint(experiment_paths(args.exp_name)["checkpoints"] / "guide.pt",
+                        checkpoint_state(parts, guide, *where, args))                  # B
 
 
 # --------------------------------------------------------------------------------------------------

@@ -678,6 +678,7 @@ def experiment_fid(args):
               "checkpoint": str(checkpoint), "num_sampling_steps": args.num_sampling_steps,
               "method": args.method, "time_power": args.time_power,
               "autoguidance": dit.weight if isinstance(dit, celebgen.Autoguided) else 1.0,
+              "guide_step": getattr(dit, "guide_step", None),  # guide.pt's step, if guided
               "times": [round(t, 6) for t in times],
               "seed": args.seed,
               "device": device.type, "precision": precision, "reference": str(ref["path"]),

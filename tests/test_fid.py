@@ -490,6 +490,8 @@ def test_cli_writes_fid_json_for_an_experiment(workdir, capsys, random_weights):
     assert result["inception_sha256"] == hashlib.sha256(random_weights.read_bytes()).hexdigest()
     assert result["device"] == "cpu" and result["precision"] in ("fp32", "bf16") and result["kid_subset_size"] == 6
     assert result["kid"] > 0 and result["kid_std"] >= 0, result  # 2-step samples are far from the faces
+    guide = torch.load(workdir / "experiments/tiny/checkpoints/guide.pt", weights_only=True)
+    assert result["autoguidance"] == 1.5 and result["guide_step"] == guide["step"] == 1  # 25% of 2 steps
     cached = list((workdir / "experiments" / "fid_refs").glob("toy_heldout_16px_n6_*.npz"))  # toy faces: no crop in the name
     assert len(cached) == 1
     fid.main(argv)  # the second run reads the cached reference statistics
@@ -507,7 +509,7 @@ def test_cli_writes_fid_json_for_an_experiment(workdir, capsys, random_weights):
     # best.pt's score beside last.pt's, not over it
     fid.main([*argv, "--checkpoint", "best.pt", "--autoguidance", "1"])
     best = json.loads((workdir / "experiments" / "tiny" / "fid_best.json").read_text())
-    assert best["checkpoint"].endswith("best.pt") and best["autoguidance"] == 1
+    assert best["checkpoint"].endswith("best.pt") and best["autoguidance"] == 1 and best["guide_step"] is None
     assert json.loads((workdir / "experiments" / "tiny" / "fid.json").read_text()) == powered
     assert logged_scalars(logs, "fid/6_samples_euler2")[-1].value == pytest.approx(best["fid"], rel=1e-6)
 

@@ -1,4 +1,6 @@
 """The trainer and the CLI: DDP equivalence, exact resume, files and logs, and every bad input."""
+import argparse
+import math
 import os
 import shutil
 import signal
@@ -203,16 +205,42 @@ def test_a_run_killed_before_its_first_last_pt_resumes_from_its_latest_checkpoin
             (folder / cut).unlink()
 
 
-def test_a_resume_with_nothing_left_to_do_still_writes_the_guide_it_owes(workdir, capsys, monkeypatch):
+@pytest.mark.parametrize("max_steps", [1, 3])
+def test_a_resume_past_the_guides_share_writes_the_guide_it_owes_at_once(workdir, capsys, monkeypatch, max_steps):
     """Killed in step 2 of 8 (last.pt of step 1 holds the guide, which trains until step 2), then resumed
-    with --max_steps 1: nothing is trained, and guide.pt is written from the guide last.pt holds."""
+    with --max_steps 1 (nothing left to do) or 3 (1 is past its 25%): guide.pt is written from the guide
+    last.pt holds, at step 1, before any step trains it further."""
     killed_in_step(2, capsys, monkeypatch, "short", *TOY, "--max_steps", 8, "--ckpt_every", 1, "--eval_every", 100)
-    assert "guide" in checkpoint("short") and not (workdir / "experiments/short/checkpoints/guide.pt").exists()
-    code, out, err = cli(capsys, "train", "--exp_name", "short", "--resume", "--max_steps", 1)
-    assert code == 0 and "already at step 1 of 1" in out, err
+    held = checkpoint("short")["guide"]
+    assert not (workdir / "experiments/short/checkpoints/guide.pt").exists()
+    code, out, err = cli(capsys, "train", "--exp_name", "short", "--resume", "--max_steps", max_steps)
+    assert code == 0 and "the guide stops at step 1, saved in guide.pt" in out, err
+    assert ("already at step 1 of 1" in out) == (max_steps == 1) and checkpoint("short")["step"] == max_steps
     guide = checkpoint("short", "guide.pt")
-    assert guide["step"] == 1 and all(torch.equal(guide["guide"]["ema"][k], checkpoint("short")["guide"]["ema"][k])
-                                      for k in guide["guide"]["ema"])
+    assert guide["step"] == 1 and all(torch.equal(guide["guide"][part][k], held[part][k])
+                                      for part in ("model", "ema") for k in held[part])
+
+
+def test_the_progress_line_counts_the_guides_flops_while_it_trains(workdir, capsys, monkeypatch):
+    """The TFLOP/s of the progress line is images/s x the FLOPs per image of what trains: the model and
+    its guide until the step that reaches GUIDE_AT (2 of 8), the model alone after it."""
+    model, guide = cg.DiT(16, 4, **cg.MODELS["tiny"]), cg.DiT(16, 4, **cg.GUIDES["tiny"])
+    counted, log_progress = {}, cg.log_progress
+
+    def record(book, step, *numbers):
+        counted[step] = book.flops_per_image
+        log_progress(book, step, *numbers)
+    with monkeypatch.context() as patch:
+        patch.setattr(cg, "log_progress", record)
+        assert cli(capsys, "train", "--exp_name", "flops", *TOY, "--max_steps", 8)[0] == 0
+    both, alone = cg.flops_per_image(model) + cg.flops_per_image(guide), cg.flops_per_image(model)
+    assert counted == {step: both if step <= 2 else alone for step in range(1, 9)} and both > alone
+    # the line itself: 32 images a step, 1 s a step, at 1e11 FLOPs each, are 3.2 TFLOP/s
+    book = argparse.Namespace(args=argparse.Namespace(batch_size=32, world_size=1), steps_since_log=1000,
+                              clock=cg.time.monotonic() - 1000.0, total_steps=2000, budget=math.inf, elapsed=0.0,
+                              flops_per_image=1e11, writer=argparse.Namespace(add_scalar=lambda *a: None))
+    log_progress(book, 1, 0.5, 1e-3, 0.1)
+    assert "| 3.200 TFLOP/s |" in capsys.readouterr().out
 
 
 def test_ctrl_c_while_the_image_cache_is_built_stops_at_once(workdir, capsys, monkeypatch):
