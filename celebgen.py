@@ -686,7 +686,7 @@ def update_ema(ema, model, step, decay):
 
 
 def training_parts(model, device, args):
-    """The model, its EMA copy, AdamW and the fp16 loss scaler (its device's: `device`)."""
+    """The model, its EMA copy, AdamW and the fp16 loss scaler (for device.type)."""
     ema = copy.deepcopy(model).requires_grad_(False)
     # no weight decay, as DiT (so AdamW is Adam); beta2 0.95, not DiT's 0.999: ~20 steps' memory
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
@@ -746,8 +746,8 @@ def train_loop(rank, world_size, args, device, interrupt):
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     budget = 60 * args.max_minutes if args.max_minutes else math.inf  # seconds of training
     progress = max(step / total_steps, elapsed / budget)  # through its steps or its time
-    if guide is not None and progress >= GUIDE_AT:  # resumed as a shorter run, past the guide's
-        save_owed_guide(args, parts, guide, (step, best_val, elapsed), rank)  # share (C)
+    if guide is not None and progress >= GUIDE_AT:  # resumed, a shorter run, past its share: C
+        save_owed_guide(args, parts, guide, (step, best_val, elapsed), rank)
         guide = guide_model = None
     if progress >= 1:  # a resume with nothing left to do: rank 0 says why (C)
         return say_if_finished(args, step, elapsed, total_steps, budget, announce=rank == 0)
