@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +14,10 @@ CELEBA_ENV = "CELEBGEN_CELEBA"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer cases, left out of the default run (pytest -m slow)")
+    # The tests of a closed terminal send SIGHUP to the commands they start, which inherit what this
+    # process does with it: under nohup (ignored) those would keep running, as nohup means them to.
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @pytest.fixture
