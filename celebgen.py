@@ -372,20 +372,13 @@ def guided_prediction(model, x_t, t, attributes, cfg_scale):
     return x_u + cfg_scale * (x_c - x_u)                                      # (B, C, H, W)
 
 
-# Autoguidance (Karras et al., 2024) guides a model by a weaker version of itself, smaller and
-# trained for less: the guide, of shape GUIDES, trained beside the model on the same batches for
-# the first GUIDE_AT of the run (guide.pt: section 10). It errs where the model does, only more, so
-#     x_pred = x_guide + w (x_model - x_guide)    with w > 1 steps away from those errors.
-# Every run trains one; sampling uses it (w = 1.5) by default for a model without attributes.
+# Autoguidance (Karras et al., 2024) guides a model by a weaker version of itself: the same run
+# at GUIDE_AT of its steps or minutes, saved then as guide.pt (section 10), its EMA guiding the
+# EMA. It errs where the model does, only more, so   x_pred = x_guide + w (x_model - x_guide)
+# with w > 1 steps away from those errors. Sampling uses it (w = 1.5) by default for a model
+# without attributes.
 
-GUIDES = {"tiny": dict(dim=128, depth=3, heads=2),  # 1.0M: guided better than tiny (RESULTS.md)
-          "small": MODELS["tiny"], "base": MODELS["small"]}  # the next size down
-GUIDE_AT = 0.25  # its share: a quarter guided best when the guide was the model itself (RESULTS.md)
-
-
-def build_guide(args):
-    return DiT(args.image_size, args.patch_size, **GUIDES[args.model],
-               num_attributes=len(args.attributes))
+GUIDE_AT = 0.25  # of the fractions tried, the one good after both 10 and 20 minutes (RESULTS.md)
 
 
 class Autoguided(nn.Module):
@@ -550,14 +543,13 @@ def autocast(device, precision):
 # experiments/{exp_name}/args.json               the arguments of the run
 #                       /checkpoints/last.pt      written every --ckpt_every steps and at the end
 #                       /checkpoints/best.pt      the lowest validation loss so far
-#                       /checkpoints/guide.pt     at GUIDE_AT of the run: with the guide (section 7)
+#                       /checkpoints/guide.pt     at GUIDE_AT of the run: the guide (section 7)
 #                       /logs/                    TensorBoard: tensorboard --logdir experiments
 #                       /samples/                 grids during training; `sample` writes here too
-# A checkpoint holds the weights, their EMA, AdamW's moments, the fp16 loss scale (the guide's four
-# too while it trains, and in guide.pt), the step, the best validation loss, the arguments, the
-# clock and the network's version: all a run needs to go on, as every random draw of training
-# follows from the seed and the step (section 11). Plain values and tensors:
-# torch.load(weights_only=True) runs no code. Written whole (B), checked (C).
+# A checkpoint holds the weights, their EMA, AdamW's moments, the fp16 loss scale, the step, the
+# best validation loss, the arguments, the clock and the network's version: all a run needs to go
+# on, as every random draw of training follows from the seed and the step (section 11). Plain
+# values and tensors: torch.load(weights_only=True) runs no code. Written whole (B), checked (C).
 
 TrainingParts = namedtuple("TrainingParts", "model ema optimizer scaler")  # what is trained
 
@@ -567,12 +559,9 @@ def experiment_paths(exp_name):
     return {"root": root, **{name: root / name for name in ("checkpoints", "logs", "samples")}}
 
 
-def checkpoint_state(parts, guide, step, best_val, elapsed, args):
-    """Everything a run needs to continue exactly, as a dict of tensors and plain values; guide:
-    the guide's parts while it trains (section 7), else None."""
+def checkpoint_state(parts, step, best_val, elapsed, args):
+    """Everything a run needs to continue exactly, as a dict of tensors and plain values."""
     state = {name: part.state_dict() for name, part in parts._asdict().items()}
-    if guide is not None:
-        state["guide"] = {name: part.state_dict() for name, part in guide._asdict().items()}
     return {**state, "step": step, "best_val": best_val, "elapsed": elapsed, "args": vars(args),
             "architecture": ARCHITECTURE}  # the network's version (Part three, C)
 
@@ -729,14 +718,12 @@ def train_step(parts, model, batch, lr, step, args):
 def train_loop(rank, world_size, args, device, interrupt):
     """Process `rank`'s training, started by train_worker (B); interrupt.requested turns True at
     Ctrl-C, and args.resolved_precision is --precision resolved for this machine (F)."""
-    # 1. the model and autoguidance's guide (section 7), each with its EMA, AdamW and loss scaler,
-    # new (seeded: equal in every process) or as the checkpoint left them
+    # 1. the model, its EMA, AdamW and the loss scaler: new (seeded: equal in every process), or
+    # as the checkpoint left them
     torch.manual_seed(args.seed)
     parts = training_parts(build_model(args).to(device), device, args)
-    guide = training_parts(build_guide(args).to(device), device, args)
-    step, best_val, elapsed, guide = start_or_resume(args, parts, guide, rank == 0)  # C: or None
+    step, best_val, elapsed = start_or_resume(args, parts, announce=rank == 0)  # C
     model = for_training(parts.model, world_size, args)
-    guide_model = None if guide is None else for_training(guide.model, world_size, args)
     # 2. the data, and how long the run is: --epochs, --max_steps or --max_minutes
     if world_size > 1:  # wait for the image cache, which check_train_command builds (A, E)
         dist.barrier()
@@ -746,12 +733,9 @@ def train_loop(rank, world_size, args, device, interrupt):
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or math.inf)
     budget = 60 * args.max_minutes if args.max_minutes else math.inf  # seconds of training
     progress = max(step / total_steps, elapsed / budget)  # through its steps or its time
-    if guide is not None and progress >= GUIDE_AT:  # resumed, a shorter run, past its share: C
-        save_owed_guide(args, parts, guide, (step, best_val, elapsed), rank)
-        guide = guide_model = None
-    if progress >= 1:  # a resume with nothing left to do: rank 0 says why (C)
+    if progress >= 1:  # a resume with nothing left to do: rank 0 says why (C); nothing is written
         return say_if_finished(args, step, elapsed, total_steps, budget, announce=rank == 0)
-    book = Bookkeeping(args, device, parts, guide, total_steps, budget, best_val) \
+    book = Bookkeeping(args, device, parts, step, total_steps, budget, best_val) \
         if rank == 0 else None                                                # Part three, H
     stop, clock = False, time.monotonic() - elapsed  # the run's clock, continued across resumes
     while progress < 1 and not stop:
@@ -760,10 +744,8 @@ def train_loop(rank, world_size, args, device, interrupt):
             lr = learning_rate(step, progress, args)
             if args.pair_noise:
                 x0 = pair_noise(x1, x0, rank, world_size)  # B: all processes' images, gathered
-            # 4.-6. forward, backward, AdamW's step and the EMA: the model, then the guide
+            # 4.-6. forward, backward, AdamW's step and the EMA
             loss, grad_norm = train_step(parts, model, (x1, x0, t, a), lr, step, args)
-            if guide is not None:  # on the same batch, until GUIDE_AT
-                train_step(guide, guide_model, (x1, x0, t, a), lr, step, args)
             step += 1
             # 7. loss, Ctrl-C and clock, averaged over processes: all set one lr, stop together
             stats = torch.tensor([loss.item(), interrupt.requested, time.monotonic() - clock],
@@ -773,13 +755,11 @@ def train_loop(rank, world_size, args, device, interrupt):
             loss, stop, elapsed = stats[0].item(), stats[1].item() > 0, stats[2].item()
             if not math.isfinite(loss):  # fp16, where a non-finite step was skipped, not taken
                 raise divergence(loss, grad_norm, step, args)
-            # 8. rank 0 (H): log, validate, sample a grid, save, each at its interval and at the
-            # end, and guide.pt once the guide's share is done
+            # 8. rank 0 (Part three, H): log, validate, sample a grid, save, each at its interval
+            # and at the end; guide.pt (section 7) once GUIDE_AT of the run is done
             progress = max(step / total_steps, elapsed / budget)
             if rank == 0:
                 book.after_step(step, (loss, lr, grad_norm), elapsed, progress)
-            if progress >= GUIDE_AT:  # the guide's share is done: rank 0 saved it in guide.pt
-                guide = guide_model = None
             if progress >= 1 or stop:
                 break
     if rank == 0:
@@ -1198,8 +1178,8 @@ GUIDANCE_HELP = (f"classifier-free guidance weight: 0 unconditional, 1 condition
 # measured on CelebA, unconditional (RESULTS.md). (argparse formats help texts: %% prints %.)
 AUTOGUIDANCE = 1.5
 AUTOGUIDANCE_HELP = (f"autoguidance weight w: x_guide + w (x_model - x_guide), where the guide is "
-                     f"the smaller model trained for the first {GUIDE_AT:.0%}% of the run, in the "
-                     f"guide.pt beside the checkpoint (its EMA, or raw weights as the model's); 1: "
+                     f"the run at {GUIDE_AT:.0%}% of its steps or minutes, the guide.pt beside "
+                     f"the checkpoint (its EMA, or raw weights as the model's); 1: "
                      f"off (default: {AUTOGUIDANCE:g} for a model trained without --attributes "
                      f"that has a guide.pt, else 1)")
 SAMPLING_STEPS = 40  # the default of sample and fid.py
@@ -2295,7 +2275,6 @@ def load_checkpoint(path):
         saved.setdefault("attributes", [])  # written before conditioning existed: unconditional
         saved.setdefault("pair_noise", False)  # written before pairing existed: unpaired
         missing = [f"args.{k}" for k in MODEL_ARGS if k not in saved]
-        missing += ["guide weights"] * (not isinstance(ckpt.get("guide", {}), dict))
     what = (f"no {', '.join(missing)}" if missing else
             saved_args_problem(ckpt["args"]) or model_args_problem(ckpt["args"]))
     if what:
@@ -2359,39 +2338,32 @@ def model_args_problem(saved):
     return ""
 
 
-def load_model(ckpt, device, use_ema=True, build=build_model):
-    """A loaded checkpoint's network (its EMA by default), to sample; unfit weights fail here.
-    build: build_guide for the guide, from the checkpoint's "guide" weights put in their place."""
-    model = build(argparse.Namespace(**ckpt["args"]))
+def load_model(ckpt, device, use_ema=True):
+    """A loaded checkpoint's network (its EMA by default), to sample; unfit weights fail here."""
+    model = build_model(argparse.Namespace(**ckpt["args"]))
     load_weights(model, ckpt["ema" if use_ema else "model"], ckpt["args"])
     return model.to(device).eval()
 
 
 def with_guide(model, ckpt, path, weight, device, use_ema=True):
     """The model of checkpoint `path` (loaded: ckpt) autoguided with `weight` (section 7) by the
-    guide in the guide.pt beside it, its EMA (or raw weights: use_ema=False); the model alone for
+    guide.pt beside it, whose EMA (or raw weights: use_ema=False) guides; the model alone for
     weight 1, and when find_guide finds no guide to use."""
     guide_ckpt, weight = find_guide(path, ckpt, weight)
     if guide_ckpt is None:
         return model
-    try:
-        guide = load_model({"args": guide_ckpt["args"], **guide_ckpt["guide"]}, device, use_ema,
-                           build_guide)
-    except (KeyError, UserError):  # weights missing, or of another shape than GUIDES gives
-        raise UserError(f"the guide in {Path(path).parent / 'guide.pt'} does not fit the guide of "
-                        f"this model (GUIDES); pass --autoguidance 1 to sample without it, or "
-                        f"delete it") from None
-    guided = Autoguided(model, guide, weight)
-    guided.guide_step = guide_ckpt["step"]  # the run's step when the guide stopped: in fid.json
+    guided = Autoguided(model, load_model(guide_ckpt, device, use_ema), weight)
+    guided.guide_step = guide_ckpt["step"]  # the run's step in guide.pt: fid.json records it
     return guided
 
 
 def find_guide(path, ckpt, weight):
     """(guide.pt beside checkpoint `path` (loaded: ckpt), loaded; the weight), or (None, 1.0) for
     weight 1, for none asked (None) for a model trained with --attributes (there it cost
-    agreement with the request: RESULTS.md), and when there is no guide.pt (a run stopped before
-    GUIDE_AT of its length) or it holds no guide (an older celebgen.py's). A weight asked for needs
-    a guide; a guide.pt must be readable and of the checkpoint's model."""
+    agreement with the request: RESULTS.md), when there is no guide.pt (a run stopped before
+    GUIDE_AT of its length) and when it is not earlier than the checkpoint (guide.pt itself; a run
+    of one step). A weight asked for needs a guide earlier than the checkpoint; a guide.pt must be
+    readable and of the checkpoint's model."""
     guide = Path(path).parent / "guide.pt"
     if weight == 1 or weight is None and ckpt["args"]["attributes"]:
         return None, 1.0
@@ -2406,16 +2378,19 @@ def find_guide(path, ckpt, weight):
     except UserError as e:  # its advice would be another --checkpoint: not what helps here
         raise UserError(f"{str(e).split(';')[0]}; it guides sampling: pass --autoguidance 1 to "
                         f"sample without it, or delete it") from None
-    if "guide" not in guide_ckpt:  # written by an older celebgen.py, or a copy of another file
-        if weight is not None:
-            raise UserError(f"{guide} holds no guide model, so --autoguidance {weight:g} has no "
-                            f"guide; drop --autoguidance, or train the run again")
-        print(f"{guide} holds no guide model: sampling without autoguidance", flush=True)
-        return None, 1.0
     if any(guide_ckpt["args"][k] != ckpt["args"][k] for k in MODEL_ARGS):
         raise UserError(f"{guide} is not of the model of {path} (other {', '.join(MODEL_ARGS)}): "
                         f"one of them is another run's; pass --autoguidance 1 to sample "
                         f"{Path(path).name} without a guide")
+    if guide_ckpt["step"] >= ckpt["step"]:
+        why = ("is the checkpoint being sampled (a model cannot guide itself)"
+               if guide.resolve() == Path(path).resolve() else
+               f"(step {guide_ckpt['step']}) is not earlier than {path} (step {ckpt['step']})")
+        if weight is not None:
+            raise UserError(f"{guide} {why}, so --autoguidance {weight:g} has no guide; drop "
+                            f"--autoguidance")
+        print(f"{guide} {why}: sampling without autoguidance", flush=True)
+        return None, 1.0
     weight = AUTOGUIDANCE if weight is None else weight
     run = guide_ckpt["args"].get("exp_name")  # a guide copied from another run is named
     other = f" of experiment {run}" if run != ckpt["args"].get("exp_name") else ""
@@ -2457,24 +2432,20 @@ def restore(ckpt, model, ema, optimizer, scaler):
     return ckpt["step"], ckpt["best_val"]
 
 
-def start_or_resume(args, parts, guide, announce):
-    """(step, best_val, seconds of training, guide) of the run: (0, inf, 0, guide) for a new run;
-    for --resume, those of the checkpoint, whose weights, EMA, optimizer moments and loss scale are
-    put back into place, the guide's too if it was still training, else guide None."""
+def start_or_resume(args, parts, announce):
+    """(step, best_val, seconds of training) of the run: (0, inf, 0) for a new run; for --resume,
+    those of the checkpoint, whose weights, EMA, optimizer moments and loss scale are put back into
+    place."""
     if not args.resume:
-        return 0, math.inf, 0.0, guide
+        return 0, math.inf, 0.0
     path = resume_checkpoint(experiment_paths(args.exp_name)["checkpoints"])
     ckpt = load_checkpoint(path)
     step, best_val = restore(ckpt, *parts)
-    if "guide" in ckpt and path.name != "guide.pt":  # saved before the guide's share was done
-        restore({**ckpt, **ckpt["guide"]}, *guide)
-    else:
-        guide = None
     if announce:  # a last.pt copied in from another experiment continues as this one: said so
         run = ckpt["args"].get("exp_name", args.exp_name)
         origin = f", saved by experiment {run}" if run != args.exp_name else ""
         print(f"resuming {args.exp_name} from step {step} ({path.name}{origin})", flush=True)
-    return step, best_val, ckpt.get("elapsed", 0.0), guide  # no "elapsed": before time budgets
+    return step, best_val, ckpt.get("elapsed", 0.0)  # no "elapsed": written before time budgets
 
 
 def say_if_finished(args, step, elapsed, total_steps, budget, announce):
@@ -2488,17 +2459,6 @@ def say_if_finished(args, step, elapsed, total_steps, budget, announce):
     if elapsed >= budget:
         print(f"{args.exp_name} has trained {elapsed / 60:.2f} of its {args.max_minutes:g} "
               f"minutes; raise --max_minutes to train further", flush=True)
-
-
-def save_owed_guide(args, parts, guide, where, rank):
-    """guide.pt, written by rank 0, for a guide resumed past its share (GUIDE_AT) of a run that a
-    resume made shorter (--max_steps, --max_minutes or --epochs); where: (step, best_val,
-    elapsed)."""
-    if rank == 0:
-        print(f"the shorter run is past its {GUIDE_AT:.0%}: the guide stops at step {where[0]}, "
-              f"saved in guide.pt", flush=True)
-        save_checkpoint(experiment_paths(args.exp_name)["checkpoints"] / "guide.pt",
-                        checkpoint_state(parts, guide, *where, args))                  # B
 
 
 # --------------------------------------------------------------------------------------------------
@@ -3140,12 +3100,14 @@ class Bookkeeping:
     """Rank 0's record of the run: progress lines and TensorBoard scalars, the validation loss and
     best.pt (the lowest validation loss so far: best_val), sample grids, last.pt and guide.pt."""
 
-    def __init__(self, args, device, parts, guide, total_steps, budget, best_val):
-        self.args, self.device, self.parts, self.guide = args, device, parts, guide
+    def __init__(self, args, device, parts, step, total_steps, budget, best_val):
+        self.args, self.device, self.parts = args, device, parts
         self.total_steps, self.budget, self.best_val = total_steps, budget, best_val
         self.exp = experiment_paths(args.exp_name)
-        self.flops_per_image = sum(flops_per_image(p.model)                    # F
-                                   for p in (parts, guide) if p is not None)
+        # guide.pt is due unless the run saved it by `step` (one saved later, by a run killed
+        # before its next last.pt, is replaced, as are unreadable ones: saved_step -1)
+        self.guide_due = not 0 <= saved_step(self.exp["checkpoints"] / "guide.pt") <= step
+        self.flops_per_image = flops_per_image(parts.model)                    # F
         self.writer = TensorBoardLogs(self.exp["logs"])  # B: a failed write stops logs, not the run
         write_arguments(args, self.exp)                      # B: args.json, the flags of this run
         self.val = validation_set(make_dataset(args, "val"), args.val_size, args.seed, args.t_mu,
@@ -3158,16 +3120,16 @@ class Bookkeeping:
 
     def after_step(self, step, numbers, elapsed, progress):
         """After step `step` (numbers: loss, lr, gradient norm; `elapsed` s in; progress: the run's
-        share done): guide.pt once the guide's share is done, the rest at intervals and the end."""
+        share done): guide.pt at the first step at or past GUIDE_AT of the run if due, the rest at
+        intervals and the end."""
         self.elapsed = elapsed
         self.steps_since_log += 1
         due = lambda every: step % every == 0 or progress >= 1
         if due(self.args.log_every):
             log_progress(self, step, *numbers)                               # below: the speed
-        if self.guide is not None and progress >= GUIDE_AT:  # the guide's share is done
+        if self.guide_due and progress >= GUIDE_AT:  # the weaker model of autoguidance (section 7)
             self.save("guide.pt", step)
-            self.guide = None  # later checkpoints leave it out, as train_loop does
-            self.flops_per_image = flops_per_image(self.parts.model)
+            self.guide_due = False
         if due(self.args.eval_every):
             self.validate(step)
         if due(self.args.ckpt_every):  # before the grid, so a grid that fails loses no step
@@ -3197,8 +3159,7 @@ class Bookkeeping:
         save_step_grid(grid, self.exp, step)  # B: samples/step_0000100.png, written whole
 
     def save(self, name, step):
-        state = checkpoint_state(self.parts, self.guide, step, self.best_val, self.elapsed,
-                                 self.args)
+        state = checkpoint_state(self.parts, step, self.best_val, self.elapsed, self.args)
         save_checkpoint(self.exp["checkpoints"] / name, state)  # B: whole, or the old one intact
         if name == "last.pt":
             self.saved_step = step
@@ -3210,16 +3171,14 @@ class Bookkeeping:
 
 
 def announce_run(book):
-    """Bookkeeping's first line: the model (and the guide, if it trains), the data, how long, the
-    device, the precision; and a note for a run too short to finish its warm-up."""
-    args, millions = book.args, lambda m: sum(p.numel() for p in m.parameters()) / 1e6
-    guide = "" if book.guide is None else \
-        f"; its guide {millions(book.guide.model):.2f}M until {GUIDE_AT:.0%} of the run"
+    """Bookkeeping's first line: the model, the data, how long, the device, the precision; and a
+    note for a run too short to finish its warm-up."""
+    args = book.args
+    params = sum(p.numel() for p in book.parts.model.parameters()) / 1e6
     until = f" or {args.max_minutes:g} minutes, whichever ends first" if args.max_minutes else ""
-    print(f"training {args.model} ({millions(book.parts.model):.2f}M params{guide}) on "
-          f"{args.dataset} {args.image_size}x{args.image_size}, {book.total_steps} steps{until}, "
-          f"device {book.device}, {args.resolved_precision}, experiment {book.exp['root']}",
-          flush=True)
+    print(f"training {args.model} ({params:.2f}M params) on {args.dataset} {args.image_size}x"
+          f"{args.image_size}, {book.total_steps} steps{until}, device {book.device}, "
+          f"{args.resolved_precision}, experiment {book.exp['root']}", flush=True)
     if args.warmup_steps > book.total_steps:  # a short trial run with the default warm-up
         print(f"note: the run's {book.total_steps} steps end within --warmup_steps "
               f"{args.warmup_steps}: the learning rate never reaches --lr {args.lr:g}", flush=True)
@@ -3227,8 +3186,8 @@ def announce_run(book):
 
 def log_progress(book, step, loss, lr, grad_norm):
     """Bookkeeping's progress line and TensorBoard scalars: speed in images/s and in model FLOP/s
-    (book.flops_per_image: the model's, and the guide's while it trains) since the last line, and
-    the time left by steps or by --max_minutes (at the speed since the last line)."""
+    (flops_per_image) since the last line, and the time left by steps or by --max_minutes (at the
+    speed since the last line)."""
     seconds_per_step = (time.monotonic() - book.clock) / book.steps_since_log
     speed = book.args.batch_size * book.args.world_size / seconds_per_step  # every batch is full
     eta = max(0.0, min((book.total_steps - step) * seconds_per_step, book.budget - book.elapsed))

@@ -13,10 +13,9 @@ sigma (1 + GAMMA): at t_hat = 1 / (1 + sigma (1 + GAMMA)) the path x = t x1 + (1
 t_hat / t has noise (t_hat / t)(1 - t), and noise of the rest, sqrt((1 - t_hat)^2 -
 (t_hat (1 - t) / t)^2), is added; the Euler step then starts from t_hat. The fresh noise comes
 from a generator of its own, seeded with --seed.
---guide raw: autoguidance by the raw weights of guide.pt's guide instead of its EMA; --guide
-own_raw: by the sampled checkpoint's own raw weights (the EMA still sampled; guide.pt must exist
-all the same, as fid.py checks it); --guide earlier_self: by the EMA of the model itself saved in
-guide.pt (the model at GUIDE_AT of its run, in place of the smaller guide trained beside it).
+--guide raw: autoguidance by guide.pt's raw weights instead of its EMA; --guide own_raw: by the
+sampled checkpoint's own raw weights (the EMA still sampled; guide.pt must exist all the same, as
+fid.py checks it).
 --guidance_interval and --guide need autoguidance (a model without --attributes, a guide.pt, and
 --autoguidance other than 1). Every other flag is fid.py's (python fid.py --help). The result is
 printed, never written (fid.json stays fid.py's own).
@@ -48,21 +47,15 @@ def autoguide_only_between(t_from, t_to):
 
 
 def guided_by(which):
-    """Make celebgen's autoguidance guide by the raw weights of guide.pt's guide ("raw"), by the
-    sampled checkpoint's own raw weights ("own_raw"), or by the EMA of the model itself in guide.pt
-    ("earlier_self": the model at GUIDE_AT of its run, not the smaller guide trained beside it)."""
+    """Make celebgen's autoguidance guide by guide.pt's raw weights ("raw") or by the sampled
+    checkpoint's own raw weights ("own_raw")."""
     def with_guide(model, ckpt, path, weight, device, use_ema=True):
         guide, weight = celebgen.find_guide(path, ckpt, weight)
         if guide is None:
             return model
-        if which == "raw":
-            chosen = celebgen.load_model({**guide, **guide["guide"]}, device, False,
-                                         celebgen.build_guide)
-        else:
-            chosen = celebgen.load_model(ckpt if which == "own_raw" else guide, device,
-                                         use_ema=which == "earlier_self")
-        print(f"the guide: {which} ({'the checkpoint' if which == 'own_raw' else 'guide.pt'})")
-        return celebgen.Autoguided(model, chosen, weight)
+        raw = celebgen.load_model(guide if which == "raw" else ckpt, device, use_ema=False)
+        print(f"the guide: the raw weights of {'guide.pt' if which == 'raw' else path}")
+        return celebgen.Autoguided(model, raw, weight)
 
     celebgen.with_guide = with_guide
 
@@ -108,11 +101,9 @@ def main():
     parser.add_argument("--churn", type=celebgen.positive(float), metavar="GAMMA",
                         help="EDM's churn: raise sigma = (1 - t) / t by 1 + GAMMA before each "
                              "step from t in [0.02, 0.95)")
-    parser.add_argument("--guide", choices=["ema", "raw", "own_raw", "earlier_self"],
-                        default="ema",
-                        help="the guide: the EMA of guide.pt's guide (as celebgen), its raw "
-                             "weights, the sampled checkpoint's own raw weights, or the EMA of "
-                             "the model itself in guide.pt")
+    parser.add_argument("--guide", choices=["ema", "raw", "own_raw"], default="ema",
+                        help="the guide: guide.pt's EMA (as celebgen), its raw weights, or the "
+                             "sampled checkpoint's own raw weights")
     args, fid_argv = parser.parse_known_args()
     interval = args.guidance_interval
     if interval and not 0 <= interval[0] < interval[1] <= 1:

@@ -356,7 +356,6 @@ def test_a_conditional_model_learns_what_it_is_asked_for(workdir, capsys, monkey
     unspecified) from the same noise, its samples' hair band differs in yellowness, and at guidance
     weight 3 more than twice as much as at 1."""
     monkeypatch.setitem(cg.MODELS, "micro", dict(dim=96, depth=4, heads=3))
-    monkeypatch.setitem(cg.GUIDES, "micro", dict(dim=64, depth=2, heads=1))  # and its guide, smaller
     code, out, err = cli(capsys, "train", "--exp_name", "learn", "--dataset", "toy", "--model", "micro",
                          "--image_size", 16, "--workers", 0, "--precision", "fp32", "--attributes", "all",
                          "--lr", "2e-3", "--warmup_steps", 50, "--max_steps", 600, "--batch_size", 32,

@@ -84,7 +84,7 @@ def test_the_defaults_readme_names_are_the_parsers():
 
 def test_the_sampling_defaults_readme_names_are_the_codes():
     """README's "Sampling and FID" states sample's and fid.py's defaults: steps, sampler, where the
-    last step starts, the autoguidance weight and how long the guide trains. Each is what the code uses."""
+    last step starts, the autoguidance weight and the guide's age. Each is what the code uses."""
     text = (ROOT / "README.md").read_text().replace("\n", " ")
     steps, method, last = re.search(r"its EMA and (\d+) (\w+) steps whose last starts at t = ([\d.]+)",
                                     text).groups()
@@ -95,7 +95,7 @@ def test_the_sampling_defaults_readme_names_are_the_codes():
     assert cg.time_grid(sample.num_sampling_steps)[-2] == pytest.approx(cg.LAST_STEP_FROM)
     weight = float(re.search(r"x_guide \+ w \(x_model − x_guide\) with w = ([\d.]+)", text).group(1))
     assert weight == cg.AUTOGUIDANCE
-    age = re.search(r"`guide.pt` \(the run at (\d+)%, with the guide: a smaller model trained until then", text).group(1)
+    age = re.search(r"`guide.pt` \(the EMA at (\d+)% of the run", text).group(1)
     assert int(age) / 100 == cg.GUIDE_AT
 
 

@@ -299,7 +299,7 @@ EDITED_ARGS = {"unknown_model": {"model": "huge"}, "patch_0": {"patch_size": 0},
                "dataset_unknown": {"dataset": "imagenet"}, "data_root_number": {"data_root": 5}}
 
 
-@pytest.mark.parametrize("foreign", ["state_dict", "tensor", "no_args_model", "args_list", "guide_text", *EDITED_ARGS])
+@pytest.mark.parametrize("foreign", ["state_dict", "tensor", "no_args_model", "args_list", *EDITED_ARGS])
 def test_a_foreign_torch_file_is_not_a_checkpoint(trained, capsys, foreign):
     """Another program's file, or a checkpoint whose model arguments were edited into what no run
     writes: one line for `sample` and for `train --resume`, before any network is built."""
@@ -308,8 +308,6 @@ def test_a_foreign_torch_file_is_not_a_checkpoint(trained, capsys, foreign):
         del ckpt["args"]["model"]
     elif foreign == "args_list":
         ckpt["args"] = ["tiny", 16, 4]
-    elif foreign == "guide_text":  # the guide's state, in a checkpoint saved while it trains, is a dict
-        ckpt["guide"] = "weights"
     elif foreign in EDITED_ARGS:
         ckpt["args"].update(EDITED_ARGS[foreign])
     content = {"state_dict": {"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)},
@@ -527,12 +525,11 @@ def sample_pngs(folder):
 
 
 def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, capsys, no_weights):
-    """By default sample guides by the guide in the run's guide.pt with weight AUTOGUIDANCE;
-    --autoguidance 1 samples the model alone, as does a run without a guide.pt, which says so; the
-    guide used is named, with its experiment when it was copied from another. A weight asked of a run
-    without a guide (in sample and fid.py, or of a guide.pt without one: an older celebgen.py's), a
-    guide.pt of another model, guide weights that do not fit, or an unreadable guide.pt, is one
-    line. guide.pt, itself a checkpoint, samples autoguided by its guide."""
+    """By default sample guides by the run's guide.pt (its step-1 EMA) with weight AUTOGUIDANCE;
+    --autoguidance 1 samples the model alone, as does a run without a guide.pt or the guide itself,
+    which say so; the guide used is named, with its experiment when it was copied from another. A
+    weight asked of a run without a guide (in sample and fid.py) or of a guide not earlier than the
+    checkpoint, a guide of another model, or an unreadable one, is one line."""
     samples, guide = trained.parents[1] / "samples", trained.parent / "guide.pt"
     sample = lambda *flags: cli(capsys, "sample", "--exp_name", "done", "--num_samples", 3,
                                 "--num_sampling_steps", 3, *flags)
@@ -546,8 +543,6 @@ def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, c
     code, out, err = sample("--autoguidance", 2)  # a weight asked for is the one used
     assert code == 0 and f"autoguidance 2 by {shown}/guide.pt (step 1)\n" in out, err
     assert not np.array_equal(default, sample_pngs(samples / "last_euler3_autoguidance2_seed0"))
-    code, out, err = sample("--checkpoint", "guide.pt")
-    assert code == 0 and f"autoguidance {cg.AUTOGUIDANCE:g} by {shown}/guide.pt (step 1)\n" in out, err
     foreign = torch.load(guide, weights_only=True)
     torch.save({**foreign, "args": {**foreign["args"], "exp_name": "other"}}, guide)  # copied in
     code, out, err = sample()
@@ -561,14 +556,6 @@ def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, c
     with pytest.raises(SystemExit) as stop:  # fid.py too, before its weights load (no_weights)
         fid.main(["--exp_name", "done", "--autoguidance", "2", "--num_samples", "3", "--ref_images", "3"])
     one_line_error(stop.value.code, capsys.readouterr().err, f"--autoguidance 2 needs {shown}/guide.pt,")
-    torch.save({k: v for k, v in foreign.items() if k != "guide"}, guide)  # an older celebgen.py's guide.pt
-    code, out, err = sample()
-    assert code == 0 and f"{shown}/guide.pt holds no guide model: sampling without autoguidance" in out, err
-    one_line_error(*sample("--autoguidance", 2)[::2], f"{shown}/guide.pt holds no guide model, so --autoguidance 2 "
-                   "has no guide; drop --autoguidance, or train the run again")
-    torch.save({**foreign, "guide": {k: v for k, v in foreign["guide"].items() if k != "ema"}}, guide)
-    one_line_error(*sample()[::2], f"the guide in {shown}/guide.pt does not fit the guide of this model (GUIDES); "
-                   "pass --autoguidance 1 to sample without it, or delete it")
     foreign["args"]["image_size"] = 8
     torch.save(foreign, guide)
     one_line_error(*sample()[::2], f"{shown}/guide.pt is not of the model of {shown}/last.pt (other model, "
@@ -576,27 +563,35 @@ def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, c
                    "sample last.pt without a guide")
     guide.write_bytes(b"not a checkpoint")
     one_line_error(*sample()[::2], "it guides sampling: pass --autoguidance 1 to sample without it")
+    (trained.parent / "kept.pt").rename(guide)  # the run's own guide, sampled: it is not earlier
+    code, out, err = sample("--checkpoint", "guide.pt")
+    assert code == 0 and f"{shown}/guide.pt is the checkpoint being sampled (a model cannot" in out, err
+    one_line_error(*sample("--checkpoint", "guide.pt", "--autoguidance", 2)[::2],
+                   "guide.pt is the checkpoint being sampled (a model cannot guide itself), so "
+                   "--autoguidance 2 has no guide; drop --autoguidance")
+    torch.save({**torch.load(trained, weights_only=True), "step": 1}, trained)  # a run of one step
+    code, out, err = sample()
+    assert code == 0 and f"{shown}/guide.pt (step 1) is not earlier than {shown}/last.pt (step 1)" in out, err
+    one_line_error(*sample("--autoguidance", 2)[::2], "(step 1) is not earlier than")
 
 
 def test_the_checkpoint_is_the_model_and_guide_pt_its_guide(trained):
-    """with_guide: x_guide + w (x_model - x_guide) with the sampled checkpoint's EMA as the model and
-    the EMA of guide.pt's guide (smaller: GUIDES) as the guide, not the other way round."""
+    """with_guide: x_guide + w (x_model - x_guide) with the sampled checkpoint's EMA as the model
+    and guide.pt's (an earlier, different EMA) as the guide, not the other way round."""
     ckpt, guide = cg.load_checkpoint(trained), torch.load(trained.parent / "guide.pt", weights_only=True)
     guided = cg.with_guide(cg.load_model(ckpt, "cpu"), ckpt, trained, 2.0, "cpu")
-    same = lambda net, state: net.state_dict().keys() == state.keys() and all(
-        torch.equal(v, state[k]) for k, v in net.state_dict().items())
-    assert same(guided.model, ckpt["ema"]) and same(guided.guide, guide["guide"]["ema"])
-    assert len(guided.guide.blocks) == cg.GUIDES["tiny"]["depth"] < len(guided.model.blocks)
+    same = lambda net, state: all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    assert same(guided.model, ckpt["ema"]) and same(guided.guide, guide["ema"])
+    assert not same(guided.model, guide["ema"])
 
 
-def test_no_ema_samples_by_the_raw_weights_of_the_model_and_of_its_guide(trained, capsys, monkeypatch):
-    """A guide equal to the model changes nothing: x_g + w (x - x_g) = x. With a guide of the model's
-    shape holding this checkpoint's EMA and raw weights, the default (EMA) samples and the --no_ema
-    (raw) ones equal their unguided twins pixel for pixel, which a guide of the other kind would
-    break. The raw weights' samples are named apart from the EMA's, and differ from them."""
-    monkeypatch.setitem(cg.GUIDES, "tiny", cg.MODELS["tiny"])
+def test_no_ema_samples_by_the_raw_weights_of_the_model_and_of_its_guide(trained, capsys):
+    """A guide equal to the model changes nothing: x_g + w (x - x_g) = x. With guide.pt holding
+    this checkpoint's EMA and raw weights, the default (EMA) samples and the --no_ema (raw) ones
+    equal their unguided twins pixel for pixel, which a guide of the other kind would break. The
+    raw weights' samples are named apart from the EMA's, and differ from them."""
     ckpt, guide = torch.load(trained, weights_only=True), trained.parent / "guide.pt"
-    torch.save({**torch.load(guide, weights_only=True), "guide": {"ema": ckpt["ema"], "model": ckpt["model"]}},
+    torch.save({**torch.load(guide, weights_only=True), "ema": ckpt["ema"], "model": ckpt["model"]},
                guide)
     samples = trained.parents[1] / "samples"
     for flags, suffix in [((), ""), (("--no_ema",), "_no_ema")]:

@@ -107,8 +107,8 @@ def test_a_time_budget_ends_on_time_cooled_down_and_resumes_on_the_same_clock(wo
 
 from test_data import LAYOUTS  # noqa: E402
 from test_model import randomized  # noqa: E402
-from test_training import (TOY, checkpoint, cli, labelled_celeba, logged_scalars, of_the_guide,  # noqa: E402
-                           random_image_folder, toy_initial_weights)
+from test_training import (TOY, checkpoint, cli, labelled_celeba, logged_scalars, random_image_folder,  # noqa: E402
+                           toy_initial_weights)
 
 
 def test_the_optimizer_gets_the_warm_up_learning_rate_also_after_a_resume(workdir, capsys):
@@ -131,10 +131,9 @@ def test_gradients_are_clipped_at_the_flag_and_the_log_shows_the_norm_before_cli
     unless the clipped gradient falls far below Adam's eps (1e-8): a clip of 1e-12 all but stops training."""
     stepped, adamw_step = [], torch.optim.AdamW.step
 
-    def record_norm_then_step(self, *args, **kwargs):  # the model's steps, not its guide's
-        if not of_the_guide(self.param_groups[0]["params"]):
-            stepped.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]
-                                      if p.grad is not None]).norm().item())
+    def record_norm_then_step(self, *args, **kwargs):
+        stepped.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]
+                                  if p.grad is not None]).norm().item())
         return adamw_step(self, *args, **kwargs)
     monkeypatch.setattr(torch.optim.AdamW, "step", record_norm_then_step)
     moved, init = {}, toy_initial_weights()

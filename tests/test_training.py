@@ -35,12 +35,6 @@ def checkpoint(exp_name, name="last.pt"):
     return torch.load(f"experiments/{exp_name}/checkpoints/{name}", weights_only=True)
 
 
-def of_the_guide(parameters):
-    """Whether parameters, in a DiT's order, are a tiny run's guide's rather than its model's: the first,
-    the patch embedding's weight, is as wide as the network (GUIDES' 128, against MODELS' 192)."""
-    return next(iter(parameters)).shape[0] == cg.GUIDES["tiny"]["dim"] != cg.MODELS["tiny"]["dim"]
-
-
 def random_image_folder(folder, n, size=16):
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -90,9 +84,6 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(workdir, capsy
     for part in ("model", "ema"):  # ...and both runs changed them the same way
         diff = max((one[part][k] - two[part][k]).abs().max().item() for k in one[part])
         assert diff < 1e-5, (part, diff)
-    guides = [checkpoint(run, "guide.pt")["guide"] for run in ("one", "two")]  # the guide too, trained:
-    assert max((guides[0]["model"][k] - guides[1]["model"][k]).abs().max().item() for k in guides[0]["model"]) < 1e-5
-    assert max((guides[0]["model"][k] - guides[0]["ema"][k]).abs().max().item() for k in guides[0]["model"]) > 0
     # the logged loss of 2 processes is their mean, the loss of the global batch of 8
     losses = [[e.value for e in logged_scalars(workdir / f"experiments/{run}/logs", "train/loss")]
               for run in ("one", "two")]
@@ -119,23 +110,21 @@ def test_compile_takes_the_same_steps_as_eager(workdir, capsys, monkeypatch, rec
     monkeypatch.setattr(cg.torch, "compile", lambda model: calls.append(model) or compile(model))
     monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)  # compile anew: warnings too
     code, out, err = cli(capsys, "train", "--exp_name", "compiled", *args, "--compile")
-    assert code == 0 and "step 3/3" in out and len(calls) == 2, err  # the model and its guide
+    assert code == 0 and "step 3/3" in out and len(calls) == 1, err
     assert not [w for w in recwarn if "complex operators" in str(w.message)]
     eager, compiled = checkpoint("eager"), checkpoint("compiled")
     init = toy_initial_weights()
     assert max((eager["model"][k] - init[k]).abs().max().item() for k in init) > 1e-3
     for part in ("model", "ema"):
         assert max((eager[part][k] - compiled[part][k]).abs().max().item() for k in init) < 1e-5, part
-    eager, compiled = checkpoint("eager", "guide.pt")["guide"], checkpoint("compiled", "guide.pt")["guide"]
-    assert max((eager["model"][k] - compiled["model"][k]).abs().max().item() for k in eager["model"]) < 1e-5
 
 
 @pytest.mark.parametrize("stop_after", [7, 2])
 def test_resume_continues_exactly(workdir, capsys, monkeypatch, stop_after):
-    """Interrupted (Ctrl-C) after step 7, in the second epoch of 5 steps, or after step 2, while the
-    guide still trains (until 25% of 12: step 3), and resumed to 12 == 12 steps in one go: the same
-    weights, EMA, moments and learning rates (the cooldown of the last 20% included), and the same
-    guide, with attribute conditioning on (labelled_celeba)."""
+    """Interrupted (Ctrl-C) after step 7, in the second epoch of 5 steps, or after step 2, before
+    guide.pt (at 25% of 12: step 3), and resumed to 12 == 12 steps in one go: the same weights, EMA,
+    moments and learning rates (the cooldown of the last 20% included), and the same guide.pt, with
+    attribute conditioning on (labelled_celeba)."""
     labelled_celeba(workdir / "images")
     args = [*TOY, "--dataset", "celeba", "--data_root", "images", "--batch_size", 4, "--eval_every", 3,
             "--attributes", "Smiling,Male"]
@@ -143,26 +132,25 @@ def test_resume_continues_exactly(workdir, capsys, monkeypatch, stop_after):
     assert code == 0 and "note: 5 of 20 training images have no row in the attribute file" in out
     update_ema = cg.update_ema
 
-    def ctrl_c_in_step(ema, model, step, decay):  # the model's update, not the guide's: one Ctrl-C
+    def ctrl_c_in_step(ema, model, step, decay):
         update_ema(ema, model, step, decay)
-        if step == stop_after - 1 and not of_the_guide(model.parameters()):
+        if step == stop_after - 1:
             os.kill(os.getpid(), signal.SIGINT)
     with monkeypatch.context() as patch:
         patch.setattr(cg, "update_ema", ctrl_c_in_step)
         code, out, err = cli(capsys, "train", "--exp_name", "resumed", *args, "--max_steps", 12)
     assert code == 130 and f"interrupted at step {stop_after}" in err, err
-    assert ("guide" in checkpoint("resumed")) == (stop_after < 3)  # saved with the guide while it trains
+    assert (workdir / "experiments/resumed/checkpoints/guide.pt").exists() == (stop_after >= 3)
     code, out, err = cli(capsys, "train", "--exp_name", "resumed", "--resume")
     assert code == 0 and f"step {stop_after + 1}/12" in out, err
     a, b = checkpoint("straight"), checkpoint("resumed")
-    assert a["step"] == b["step"] == 12 and a["best_val"] == b["best_val"] and "guide" not in a
+    assert a["step"] == b["step"] == 12 and a["best_val"] == b["best_val"]
     for part in ("model", "ema"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     guides = checkpoint("straight", "guide.pt"), checkpoint("resumed", "guide.pt")
     assert guides[0]["step"] == guides[1]["step"] == 3  # 25% of 12, saved once
     for part in ("model", "ema"):
-        assert all(torch.equal(guides[0]["guide"][part][k], guides[1]["guide"][part][k])
-                   for k in guides[0]["guide"][part]), part
+        assert all(torch.equal(guides[0][part][k], guides[1][part][k]) for k in guides[0][part]), part
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -185,7 +173,7 @@ def test_a_run_killed_before_its_first_last_pt_resumes_from_its_latest_checkpoin
     """Killed in step 5 of 8 (an error: no last.pt), after guide.pt (step 2) and best.pt (step 4):
     the fresh command refuses to overwrite them, and --resume continues from the later, best.pt, to
     the weights of an uninterrupted run; with guide.pt alone, from guide.pt, to the same weights,
-    leaving guide.pt's guide as it was: its share was done."""
+    leaving guide.pt as it was."""
     args = [*TOY, "--max_steps", 8, "--eval_every", 4, "--ckpt_every", 100]
     assert cli(capsys, "train", "--exp_name", "whole", *args)[0] == 0
     killed_in_step(5, capsys, monkeypatch, "run", *args)
@@ -199,42 +187,55 @@ def test_a_run_killed_before_its_first_last_pt_resumes_from_its_latest_checkpoin
         a, b = checkpoint("whole"), checkpoint("run")
         assert a["step"] == b["step"] == 8
         assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
-        a, b = checkpoint("whole", "guide.pt")["guide"]["ema"], checkpoint("run", "guide.pt")["guide"]["ema"]
-        assert all(torch.equal(a[k], b[k]) for k in a)
+        a, b = checkpoint("whole", "guide.pt"), checkpoint("run", "guide.pt")
+        assert a["step"] == b["step"] == 2 and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
         for cut in ("last.pt", "best.pt"):  # as if killed before both were written
             (folder / cut).unlink()
 
 
 @pytest.mark.parametrize("max_steps", [1, 3])
-def test_a_resume_past_the_guides_share_writes_the_guide_it_owes_at_once(workdir, capsys, monkeypatch, max_steps):
-    """Killed in step 2 of 8 (last.pt of step 1 holds the guide, which trains until step 2), then resumed
-    with --max_steps 1 (nothing left to do) or 3 (1 is past its 25%): guide.pt is written from the guide
-    last.pt holds, at step 1, before any step trains it further."""
+def test_a_resume_made_shorter_past_guide_at_saves_guide_pt_at_its_first_step(workdir, capsys, monkeypatch,
+                                                                              max_steps):
+    """Killed in step 2 of 8 (last.pt of step 1; guide.pt was due at step 2), then resumed with --max_steps
+    1 (nothing left to do: nothing is written) or 3 (step 1 is past its 25%): guide.pt is saved at the first
+    step the resumed run takes, an EMA earlier than the run's last, which it then guides."""
     killed_in_step(2, capsys, monkeypatch, "short", *TOY, "--max_steps", 8, "--ckpt_every", 1, "--eval_every", 100)
-    held = checkpoint("short")["guide"]
-    assert not (workdir / "experiments/short/checkpoints/guide.pt").exists()
+    guide = workdir / "experiments/short/checkpoints/guide.pt"
+    assert not guide.exists()
     code, out, err = cli(capsys, "train", "--exp_name", "short", "--resume", "--max_steps", max_steps)
-    assert code == 0 and "the guide stops at step 1, saved in guide.pt" in out, err
-    assert ("already at step 1 of 1" in out) == (max_steps == 1) and checkpoint("short")["step"] == max_steps
-    guide = checkpoint("short", "guide.pt")
-    assert guide["step"] == 1 and all(torch.equal(guide["guide"][part][k], held[part][k])
-                                      for part in ("model", "ema") for k in held[part])
+    assert code == 0 and ("already at step 1 of 1" in out) == (max_steps == 1), err
+    assert checkpoint("short")["step"] == max_steps and guide.exists() == (max_steps == 3)
+    if max_steps == 3:
+        assert checkpoint("short", "guide.pt")["step"] == 2
+        code, out, err = cli(capsys, "sample", "--exp_name", "short", "--num_samples", 1, "--num_sampling_steps", 2)
+        assert code == 0 and f"by {Path('experiments/short/checkpoints/guide.pt')} (step 2)" in out, err
 
 
-def test_the_progress_line_counts_the_guides_flops_while_it_trains(workdir, capsys, monkeypatch):
-    """The TFLOP/s of the progress line is images/s x the FLOPs per image of what trains: the model and
-    its guide until the step that reaches GUIDE_AT (2 of 8), the model alone after it."""
-    model, guide = cg.DiT(16, 4, **cg.MODELS["tiny"]), cg.DiT(16, 4, **cg.GUIDES["tiny"])
-    counted, log_progress = {}, cg.log_progress
+def test_a_guide_pt_later_than_the_resumed_checkpoint_is_saved_again(workdir, capsys, monkeypatch):
+    """A run killed after guide.pt but before the last.pt that would follow it resumes from an earlier
+    step, so the guide.pt left behind is from a future it will retrace: the resumed run saves guide.pt
+    anew at 25% (step 2 of 8), equal to an uninterrupted run's."""
+    args = [*TOY, "--max_steps", 8, "--ckpt_every", 1, "--eval_every", 100]
+    assert cli(capsys, "train", "--exp_name", "whole", *args)[0] == 0
+    killed_in_step(2, capsys, monkeypatch, "run", *args)  # last.pt of step 1, no guide.pt yet
+    folder = workdir / "experiments/run/checkpoints"
+    shutil.copy(workdir / "experiments/whole/checkpoints/last.pt", folder / "guide.pt")  # as of step 8
+    assert cli(capsys, "train", "--exp_name", "run", "--resume")[0] == 0
+    a, b = checkpoint("whole", "guide.pt"), checkpoint("run", "guide.pt")
+    assert a["step"] == b["step"] == 2 and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def test_the_progress_line_counts_the_models_flops(workdir, capsys, monkeypatch):
+    """The TFLOP/s of the progress line is images/s x the model's training FLOPs per image."""
+    counted, log_progress = [], cg.log_progress
 
     def record(book, step, *numbers):
-        counted[step] = book.flops_per_image
+        counted.append(book.flops_per_image)
         log_progress(book, step, *numbers)
     with monkeypatch.context() as patch:
         patch.setattr(cg, "log_progress", record)
-        assert cli(capsys, "train", "--exp_name", "flops", *TOY, "--max_steps", 8)[0] == 0
-    both, alone = cg.flops_per_image(model) + cg.flops_per_image(guide), cg.flops_per_image(model)
-    assert counted == {step: both if step <= 2 else alone for step in range(1, 9)} and both > alone
+        assert cli(capsys, "train", "--exp_name", "flops", *TOY, "--max_steps", 3)[0] == 0
+    assert counted == [cg.flops_per_image(cg.DiT(16, 4, **cg.MODELS["tiny"]))] * 3
     # the line itself: 32 images a step, 1 s a step, at 1e11 FLOPs each, are 3.2 TFLOP/s
     book = argparse.Namespace(args=argparse.Namespace(batch_size=32, world_size=1), steps_since_log=1000,
                               clock=cg.time.monotonic() - 1000.0, total_steps=2000, budget=math.inf, elapsed=0.0,
@@ -442,9 +443,9 @@ def test_divergence_stops_before_the_bad_step_is_taken_or_saved(workdir, capsys,
     real_loss, calls = cg.flow_loss, []
 
     def diverging_loss(model, *args):
-        calls.append(not of_the_guide(model.parameters()))  # the model's losses, one per step
+        calls.append(1)
         loss = real_loss(model, *args)
-        if sum(calls) != 3 or not calls[-1]:
+        if len(calls) != 3:
             return loss
         if poison.startswith("loss"):
             return loss * float("nan")
