@@ -735,7 +735,7 @@ def train_loop(rank, world_size, args, device, interrupt):
     progress = max(step / total_steps, elapsed / budget)  # through its steps or its time
     if progress >= 1:  # a resume with nothing left to do: rank 0 says why (C); nothing is written
         return say_if_finished(args, step, elapsed, total_steps, budget, announce=rank == 0)
-    book = Bookkeeping(args, device, parts, step, total_steps, budget, best_val) \
+    book = Bookkeeping(args, device, parts, progress, total_steps, budget, best_val) \
         if rank == 0 else None                                                # Part three, H
     stop, clock = False, time.monotonic() - elapsed  # the run's clock, continued across resumes
     while progress < 1 and not stop:
@@ -1183,13 +1183,13 @@ AUTOGUIDANCE_HELP = (f"autoguidance weight w: x_guide + w (x_model - x_guide), w
                      f"off (default: {AUTOGUIDANCE:g} for a model trained without --attributes "
                      f"that has a guide.pt, else 1)")
 SAMPLING_STEPS = 40  # the default of sample and fid.py
-SAMPLING_STEPS_HELP = ("steps from noise to image (by FID, autoguided 40 scored 0.5 below 20 at "
-                       "twice the time and 4.5 below 10; unguided, 20 scored as 50: RESULTS.md)")
+SAMPLING_STEPS_HELP = ("steps from noise to image (by FID, autoguided 40 scored 2.0 below 20 at "
+                       "twice the time and 6.7 below 10; unguided, 20 scored as 50: RESULTS.md)")
 METHODS = ["euler", "heun", "multistep"]
 METHOD_HELP = ("the sampler (section 7): euler, one model call per step, first order; heun, two "
                "calls (the last step one), second order; multistep, one call, second order from "
-               "the last two predictions (unguided, its 10 steps within 0.5 FID of euler's 20: "
-               "RESULTS.md)")
+               "the last two predictions (unguided, its 10 steps scored 3.9 FID below euler's "
+               "10: RESULTS.md)")
 PRECISIONS = ["auto", "bf16", "fp16", "fp32"]
 PRECISION_HELP = ("autocast dtype; auto: bf16 where it is native (CUDA >= 8.0, a CPU whose bf16 "
                   "matmul is measured faster), fp16 on older GPUs, else fp32")
@@ -2352,7 +2352,12 @@ def with_guide(model, ckpt, path, weight, device, use_ema=True):
     guide_ckpt, weight = find_guide(path, ckpt, weight)
     if guide_ckpt is None:
         return model
-    guided = Autoguided(model, load_model(guide_ckpt, device, use_ema), weight)
+    try:
+        guide = load_model(guide_ckpt, device, use_ema)
+    except UserError as e:  # say which file: the command named another checkpoint
+        raise UserError(f"{Path(path).parent / 'guide.pt'}: {e} Or pass --autoguidance 1 to "
+                        f"sample without it") from None
+    guided = Autoguided(model, guide, weight)
     guided.guide_step = guide_ckpt["step"]  # the run's step in guide.pt: fid.json records it
     return guided
 
@@ -3100,13 +3105,13 @@ class Bookkeeping:
     """Rank 0's record of the run: progress lines and TensorBoard scalars, the validation loss and
     best.pt (the lowest validation loss so far: best_val), sample grids, last.pt and guide.pt."""
 
-    def __init__(self, args, device, parts, step, total_steps, budget, best_val):
+    def __init__(self, args, device, parts, progress, total_steps, budget, best_val):
         self.args, self.device, self.parts = args, device, parts
         self.total_steps, self.budget, self.best_val = total_steps, budget, best_val
         self.exp = experiment_paths(args.exp_name)
-        # guide.pt is due unless the run saved it by `step` (one saved later, by a run killed
-        # before its next last.pt, is replaced, as are unreadable ones: saved_step -1)
-        self.guide_due = not 0 <= saved_step(self.exp["checkpoints"] / "guide.pt") <= step
+        # `progress`: the share of the run done when it (re)starts
+        self.guide_due = guide_due(self.exp["checkpoints"] / "guide.pt", progress, total_steps,
+                                   budget)
         self.flops_per_image = flops_per_image(parts.model)                    # F
         self.writer = TensorBoardLogs(self.exp["logs"])  # B: a failed write stops logs, not the run
         write_arguments(args, self.exp)                      # B: args.json, the flags of this run
@@ -3168,6 +3173,27 @@ class Bookkeeping:
         if stopped and self.saved_step < step:
             self.save("last.pt", step)
         self.writer.close()
+
+
+def guide_due(path, progress, total_steps, budget):
+    """Whether guide.pt (`path`) is to be saved at GUIDE_AT of a run (re)started at `progress` of
+    total_steps steps or budget seconds: unless the run saved it by then, at GUIDE_AT or later.
+    One missing, unreadable or saved later (by a run killed before its next last.pt) is saved
+    anew; one saved before GUIDE_AT of this run, by a shorter run that --resume extends, is
+    replaced if GUIDE_AT is still ahead, else kept, as no EMA of that moment is left to save."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        share = max(saved["step"] / total_steps, saved["elapsed"] / budget)  # as progress is
+    except Exception:
+        return True
+    if share > progress:
+        return True
+    if share >= GUIDE_AT:
+        return False
+    print(f"{path} was saved at {share:.0%} of this run, by a shorter one: "
+          + (f"it is saved again at {GUIDE_AT:.0%}" if progress < GUIDE_AT else
+             f"{GUIDE_AT:.0%} is past, so it stays the guide"), flush=True)
+    return progress < GUIDE_AT
 
 
 def announce_run(book):

@@ -529,7 +529,8 @@ def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, c
     --autoguidance 1 samples the model alone, as does a run without a guide.pt or the guide itself,
     which say so; the guide used is named, with its experiment when it was copied from another. A
     weight asked of a run without a guide (in sample and fid.py) or of a guide not earlier than the
-    checkpoint, a guide of another model, or an unreadable one, is one line."""
+    checkpoint, a guide of another model or whose weights do not fit it, or an unreadable one, is
+    one line that names guide.pt."""
     samples, guide = trained.parents[1] / "samples", trained.parent / "guide.pt"
     sample = lambda *flags: cli(capsys, "sample", "--exp_name", "done", "--num_samples", 3,
                                 "--num_sampling_steps", 3, *flags)
@@ -561,6 +562,11 @@ def test_sample_is_autoguided_by_the_runs_guide_unless_told_otherwise(trained, c
     one_line_error(*sample()[::2], f"{shown}/guide.pt is not of the model of {shown}/last.pt (other model, "
                    "image_size, patch_size, attributes): one of them is another run's; pass --autoguidance 1 to "
                    "sample last.pt without a guide")
+    foreign["args"]["image_size"] = torch.load(trained, weights_only=True)["args"]["image_size"]
+    foreign["ema"] = {k: v[:1] for k, v in foreign["ema"].items()}  # the model's, cut: unfit
+    torch.save(foreign, guide)
+    one_line_error(*sample()[::2], f"{shown}/guide.pt: the checkpoint's weights do not fit the model its "
+                   "arguments describe")
     guide.write_bytes(b"not a checkpoint")
     one_line_error(*sample()[::2], "it guides sampling: pass --autoguidance 1 to sample without it")
     (trained.parent / "kept.pt").rename(guide)  # the run's own guide, sampled: it is not earlier

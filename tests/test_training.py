@@ -225,6 +225,21 @@ def test_a_guide_pt_later_than_the_resumed_checkpoint_is_saved_again(workdir, ca
     assert a["step"] == b["step"] == 2 and all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
 
 
+@pytest.mark.parametrize("longer", [32, 8])
+def test_a_run_extended_by_resume_replaces_a_too_early_guide_pt_while_it_can(workdir, capsys, longer):
+    """A 4-step run saves guide.pt at step 1, 1/32 or 1/8 of the run that --resume --max_steps 32 or 8
+    extends it to: at 32, its 25% (step 8) is still ahead, and guide.pt is saved again there; at 8,
+    step 2 is past, and the step-1 guide.pt stays, with a line that says so."""
+    assert cli(capsys, "train", "--exp_name", "ext", *TOY, "--max_steps", 4, "--eval_every", 100)[0] == 0
+    assert checkpoint("ext", "guide.pt")["step"] == 1
+    code, out, err = cli(capsys, "train", "--exp_name", "ext", "--resume", "--max_steps", longer)
+    shown = Path("experiments/ext/checkpoints/guide.pt")
+    said = {32: f"{shown} was saved at 3% of this run, by a shorter one: it is saved again at 25%",
+            8: f"{shown} was saved at 12% of this run, by a shorter one: 25% is past, so it stays the guide"}
+    assert code == 0 and said[longer] in out, (out, err)
+    assert checkpoint("ext", "guide.pt")["step"] == {32: 8, 8: 1}[longer]
+
+
 def test_the_progress_line_counts_the_models_flops(workdir, capsys, monkeypatch):
     """The TFLOP/s of the progress line is images/s x the model's training FLOPs per image."""
     counted, log_progress = [], cg.log_progress
